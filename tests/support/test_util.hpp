@@ -1,0 +1,84 @@
+// Shared helpers for the test suite: deterministic random data and norm-based comparisons.
+#pragma once
+
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/eigen.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace test {
+
+using basisattn::index_t;
+
+/// Deterministic generator; each test seeds its own.
+inline std::mt19937_64& rng(std::uint64_t seed = 0, bool reseed = false) {
+  static std::mt19937_64 g(12345);
+  if (reseed) g.seed(seed);
+  return g;
+}
+inline void seed(std::uint64_t s) { rng(s, true); }
+
+inline double normal() {
+  static thread_local std::normal_distribution<double> d(0.0, 1.0);
+  return d(rng());
+}
+
+/// rows x cols matrix of N(0, scale^2) values, rounded to T.
+template <class T>
+basisattn::matrix<T> random_matrix(index_t rows, index_t cols, double scale = 1.0) {
+  basisattn::matrix<T> m(rows, cols);
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < cols; ++j) m(i, j) = basisattn::detail::from_compute<T>(scale * normal());
+  return m;
+}
+template <class T>
+std::vector<T> random_vector(index_t n, double scale = 1.0) {
+  std::vector<T> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = basisattn::detail::from_compute<T>(scale * normal());
+  return v;
+}
+
+/// Values of a view as a double matrix.
+template <class T>
+Eigen::MatrixXd to_double(const basisattn::matrix_view<const T>& v) {
+  Eigen::MatrixXd m(v.rows, v.cols);
+  for (index_t i = 0; i < v.rows; ++i)
+    for (index_t j = 0; j < v.cols; ++j) m(i, j) = static_cast<double>(basisattn::detail::to_compute<float>(v(i, j)));
+  return m;
+}
+inline Eigen::MatrixXd to_double(const basisattn::matrix_view<const double>& v) {
+  Eigen::MatrixXd m(v.rows, v.cols);
+  for (index_t i = 0; i < v.rows; ++i)
+    for (index_t j = 0; j < v.cols; ++j) m(i, j) = v(i, j);
+  return m;
+}
+template <class T>
+Eigen::MatrixXd to_double(const basisattn::matrix<T>& m) {
+  return to_double(m.view());
+}
+
+/// ||got - want||_F / ||want||_F; infinity if got has a non-finite entry.
+inline double rel_error(const Eigen::MatrixXd& got, const Eigen::MatrixXd& want) {
+  if (!got.allFinite()) return INFINITY;
+  const double den = want.norm();
+  return den > 0 ? (got - want).norm() / den : (got - want).norm();
+}
+
+/// Unit roundoff of a storage type.
+template <class T>
+constexpr double u() {
+  return basisattn::unit_roundoff(basisattn::dtype_of_v<T>);
+}
+
+/// Fill a matrix with NaN so that unwritten outputs are caught.
+template <class T>
+void poison(basisattn::matrix<T>& m) {
+  for (index_t i = 0; i < m.rows(); ++i)
+    for (index_t j = 0; j < m.cols(); ++j) m(i, j) = basisattn::detail::from_compute<T>(std::nanf(""));
+}
+
+}  // namespace test

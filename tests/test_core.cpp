@@ -1,0 +1,75 @@
+// Core: views, dtypes, errors, backend traits.
+#include <basisattn/core/backend.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/eigen.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using namespace basisattn;
+
+static_assert(is_backend_v<cpu>);
+static_assert(!is_backend_v<int>);
+static_assert(supports_storage_v<cpu, Eigen::half>);
+static_assert(!is_storage_type_v<int>);
+static_assert(std::is_same_v<compute_t<Eigen::bfloat16>, float>);
+static_assert(std::is_same_v<compute_t<double>, double>);
+
+TEST_CASE("matrix_view strides, transpose and blocks address the right elements") {
+  std::vector<float> buf(6 * 5);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = float(i);
+  matrix_view<float> v(buf.data(), 4, 3, 5);  // 4x3 inside a 6x5 row-major buffer
+  CHECK(v(2, 1) == 11.f);
+  auto t = v.t();
+  CHECK(t.rows == 3);
+  CHECK(t(1, 2) == 11.f);
+  auto b = v.block(1, 1, 2, 2);
+  CHECK(b(1, 0) == v(2, 1));
+  CHECK_THROWS_AS(v.checked_block(3, 0, 2, 1), basisattn::error);
+  matrix_view<const float> c = v;  // const conversion
+  CHECK(c(3, 2) == 17.f);
+}
+
+TEST_CASE("tensor3_view slices heads out of a [tokens, heads*dim] matrix") {
+  std::vector<double> buf(4 * 6);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = double(i);
+  matrix_view<double> m(buf.data(), 4, 6);
+  auto t = tensor3_view<double>::from_matrix(m, 3);  // 3 heads of 2
+  CHECK(t.extent[2] == 2);
+  CHECK(t(2, 1, 1) == 2 * 6 + 1 * 2 + 1);
+  auto h = t.slice1(2);
+  CHECK(h(3, 0) == 3 * 6 + 4);
+  CHECK_THROWS_AS(tensor3_view<double>::from_matrix(m, 4), basisattn::error);
+}
+
+TEST_CASE("unit roundoff and conversions follow each storage type") {
+  CHECK(unit_roundoff(dtype::f32) == std::ldexp(1.0, -24));
+  CHECK(unit_roundoff(dtype::f16) == std::ldexp(1.0, -11));
+  CHECK(unit_roundoff(dtype::bf16) == std::ldexp(1.0, -8));
+  // 1 + 2^-11 is exactly halfway between two halves: rounds to even (1.0).
+  CHECK(float(detail::from_compute<Eigen::half>(1.0f + std::ldexp(1.0f, -11))) == 1.0f);
+  CHECK(float(detail::from_compute<Eigen::bfloat16>(3.0f)) == 3.0f);
+}
+
+TEST_CASE("errors carry a code and a message naming the problem") {
+  try {
+    BASISATTN_REQUIRE(1 + 1 == 3, shape_mismatch, "x has ", 3, " columns");
+    FAIL("no throw");
+  } catch (const basisattn::error& e) {
+    CHECK(e.code() == errc::shape_mismatch);
+    CHECK(std::string(e.what()) == "basisattn: shape_mismatch: x has 3 columns");
+  }
+}
+
+TEST_CASE("require_finite finds NaN and Inf in every storage type") {
+  std::vector<float> f = {1.f, 2.f, INFINITY};
+  CHECK_THROWS_AS(detail::require_finite(f.data(), 3, "bias"), basisattn::error);
+  std::vector<Eigen::half> h = {Eigen::half(1.f), Eigen::half(std::nanf(""))};
+  CHECK_THROWS_WITH(detail::require_finite(matrix_view<const Eigen::half>(h.data(), 1, 2), "w"),
+                    Catch::Contains("w has a non-finite value at (0, 1)"));
+  std::vector<double> d = {1.0, 2.0};
+  CHECK_NOTHROW(detail::require_finite(d.data(), 2, "ok"));
+}
