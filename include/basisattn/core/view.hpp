@@ -18,6 +18,12 @@
 
 BASISATTN_BEGIN_NAMESPACE
 
+namespace detail {
+template <class T> struct type_identity { using type = T; };
+/// Blocks template argument deduction, so a matrix_view<T> argument converts to matrix_view<const T>.
+template <class T> using nondeduced_t = typename type_identity<T>::type;
+}  // namespace detail
+
 template <class T>
 struct matrix_view {
   T* data = nullptr;

@@ -13,6 +13,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <exception>
 #include <string>
 
 #if defined(_OPENMP)
@@ -122,6 +123,35 @@ inline int cpu_threads() {
 #else
   return 1;
 #endif
+}
+
+/// for (i = 0; i < n; ++i) f(i) on detail::cpu_threads() OpenMP threads (dynamic schedule). An
+/// exception thrown by f is carried out of the parallel region and rethrown (the first one wins).
+template <class F>
+void parallel_for(index_t n, F&& f) {
+#if defined(_OPENMP)
+  const int threads = cpu_threads();
+  if (threads > 1 && n > 1) {
+#if BASISATTN_HAS_EXCEPTIONS
+    std::exception_ptr err;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (index_t i = 0; i < n; ++i) {
+      try {
+        f(i);
+      } catch (...) {
+#pragma omp critical(basisattn_parallel_for_error)
+        if (!err) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+#else
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (index_t i = 0; i < n; ++i) f(i);
+#endif
+    return;
+  }
+#endif
+  for (index_t i = 0; i < n; ++i) f(i);
 }
 
 }  // namespace detail

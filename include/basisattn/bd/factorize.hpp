@@ -1,0 +1,506 @@
+// basisattn/bd/factorize.hpp - shared-basis BD factorization of a group of heads (CPU, double).
+//
+//   bd::shared_basis bd::factorize<TS>(heads, options)
+//     heads: G matrices A_g (m x r, any storage type, any strides) that will share one basis S.
+//     TS:    the storage type the results will be rounded to (used by strategy::residual_min).
+//   Picks S (bd/options.hpp explains the strategies), then computes, in double, for each head
+//   A_S = A_g[S, :], its LU factorization and condition estimate, and C_g = A_g[~S, :] A_S^-1.
+//   It never forms an m x n product. A singular or near-singular basis (rcond < min_rcond) raises
+//   errc::singular_basis, a head whose A_g has rank < r raises errc::rank_deficient, NaN/Inf
+//   raises errc::non_finite, r >= m or mismatched heads raise invalid_argument / shape_mismatch.
+//
+//   The result transforms the matrices paired with each head, in double, rounding once to TO:
+//     absorb_rows<TO>(g, B)   = A_S B      (B: r x n; e.g. W_O^h for the V/O pair)
+//     absorb_cols<TO>(g, W)   = W A_S^T    (W: n x r; e.g. W_Q^h in y = x W form for the Q/K pair)
+//     inverse_bias<TO>(g, b)  = b A_S^-1   (b: length r; a K or V bias)
+//     coefficients<TO>(g)     = C_g        ((m - r) x r, rows in the order of rest())
+//
+//   bd::factorize_pair<TS>(A, B, options) is the single-head convenience: it returns C and B' already
+//   rounded to TS, with the basis and the report.
+#pragma once
+
+#include <basisattn/bd/options.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/eigen.hpp>
+
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace bd {
+
+namespace detail {
+using ::basisattn::detail::concat;
+using ::basisattn::detail::raise;
+using dmat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using lu_t = Eigen::PartialPivLU<Eigen::MatrixXd>;
+
+/// Rows `idx` of A as a column-major double matrix.
+inline Eigen::MatrixXd gather_rows(const dmat& a, const std::vector<index_t>& idx) {
+  Eigen::MatrixXd out(static_cast<index_t>(idx.size()), a.cols());
+  for (std::size_t i = 0; i < idx.size(); ++i) out.row(static_cast<index_t>(i)) = a.row(idx[i]);
+  return out;
+}
+
+inline std::vector<index_t> complement(index_t m, const std::vector<index_t>& basis) {
+  std::vector<char> in(static_cast<std::size_t>(m), 0);
+  for (index_t s : basis) in[static_cast<std::size_t>(s)] = 1;
+  std::vector<index_t> rest;
+  rest.reserve(static_cast<std::size_t>(m) - basis.size());
+  for (index_t j = 0; j < m; ++j)
+    if (!in[static_cast<std::size_t>(j)]) rest.push_back(j);
+  return rest;
+}
+
+/// Numerical rank of one head (error path only).
+inline index_t numerical_rank(const dmat& a) {
+  Eigen::ColPivHouseholderQR<Eigen::MatrixXd> qr(a);
+  qr.setThreshold(1e-13);
+  return qr.rank();
+}
+
+/// Exact greedy joint-volume pivoting, blocked (see strategy::shared_pivot, step 1). Only the
+/// choice of rows comes out of it, so it runs in the scalar type S (float is enough to rank rows;
+/// everything that is stored is recomputed in double afterwards).
+template <class S>
+std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>& heads) {
+  using mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+  using rmat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using vec = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+  const index_t G = static_cast<index_t>(heads.size());
+  const index_t m = heads[0].rows(), r = heads[0].cols();
+  constexpr double neg_inf = -std::numeric_limits<double>::infinity();
+  const index_t block = 16, max_cand = 2 * block + 8;
+  // Residual squared norms per head and row. A residual below floor_g (relative 100 eps of S)
+  // counts as floor_g, so the log stays finite and rows that add nothing to a head lose.
+  const double rel_floor = 100.0 * std::numeric_limits<S>::epsilon();
+  const S recompute_below = S(1000) * std::numeric_limits<S>::epsilon();
+  mat norm2(m, G), orig2(m, G);
+  std::vector<double> floor2(static_cast<std::size_t>(G)), log_floor(static_cast<std::size_t>(G));
+  std::vector<mat> q(static_cast<std::size_t>(G), mat(r, r));
+  for (index_t g = 0; g < G; ++g) {
+    norm2.col(g) = heads[g].rowwise().squaredNorm();
+    floor2[g] = std::max(static_cast<double>(norm2.col(g).maxCoeff()), static_cast<double>(std::numeric_limits<S>::min())) *
+                rel_floor * rel_floor;
+    log_floor[g] = std::log(floor2[g]);
+  }
+  orig2 = norm2;
+  std::vector<char> taken(static_cast<std::size_t>(m), 0);
+  std::vector<index_t> picked, remaining;
+  picked.reserve(static_cast<std::size_t>(r));
+  std::vector<double> score(static_cast<std::size_t>(m));
+  std::vector<rmat> cand_rows(static_cast<std::size_t>(G), rmat(max_cand, r));
+  mat cn2(G, max_cand), proj(m, block);
+  vec v(r), h(r), d(max_cand);
+  std::vector<char> used(static_cast<std::size_t>(max_cand));
+  std::vector<index_t> cand(static_cast<std::size_t>(max_cand));
+  while (static_cast<index_t>(picked.size()) < r) {
+    const index_t k0 = static_cast<index_t>(picked.size());
+    const index_t b = std::min(block, r - k0);
+    remaining.clear();
+    for (index_t j = 0; j < m; ++j) {
+      if (taken[static_cast<std::size_t>(j)]) continue;
+      double sc = 0;
+      for (index_t g = 0; g < G; ++g) {
+        const double n2 = static_cast<double>(norm2(j, g));
+        sc += n2 > floor2[g] ? std::log(n2) : log_floor[g];
+      }
+      score[static_cast<std::size_t>(j)] = sc;
+      remaining.push_back(j);
+    }
+    const index_t p = std::min<index_t>(static_cast<index_t>(remaining.size()), 2 * b + 8);
+    auto better = [&](index_t x, index_t y) {
+      const double sx = score[static_cast<std::size_t>(x)], sy = score[static_cast<std::size_t>(y)];
+      return sx > sy || (sx == sy && x < y);
+    };
+    std::partial_sort(remaining.begin(), remaining.begin() + p, remaining.end(), better);
+    // Upper bound on the current score of every row outside the candidates (scores only decrease).
+    const double bound = static_cast<index_t>(remaining.size()) > p ? score[static_cast<std::size_t>(remaining[p])] : neg_inf;
+    for (index_t c = 0; c < p; ++c) {
+      cand[c] = remaining[c];
+      used[c] = 0;
+      for (index_t g = 0; g < G; ++g) {
+        cand_rows[g].row(c) = heads[g].row(cand[c]);
+        cn2(g, c) = norm2(cand[c], g);
+      }
+    }
+    index_t t = 0;
+    for (; t < b; ++t) {
+      index_t best = -1;
+      double best_s = neg_inf;
+      for (index_t c = 0; c < p; ++c) {
+        if (used[c]) continue;
+        double sc = 0;
+        for (index_t g = 0; g < G; ++g) {
+          const double n2 = static_cast<double>(cn2(g, c));
+          sc += n2 > floor2[g] ? std::log(n2) : log_floor[g];
+        }
+        if (best < 0 || sc > best_s) best = c, best_s = sc;
+      }
+      // A row outside the candidates could now beat the best candidate: end the block (exactness).
+      if (best < 0 || (t > 0 && best_s < bound)) break;
+      used[best] = 1;
+      const index_t k = k0 + t;
+      for (index_t g = 0; g < G; ++g) {
+        v = cand_rows[g].row(best).transpose();
+        // Classical Gram-Schmidt, repeated only when the first pass cancelled most of the vector
+        // ("twice is enough": a second pass is needed when the norm drops below 1/sqrt(2)).
+        for (int pass = 0; pass < 2 && k > 0; ++pass) {
+          const S before = v.squaredNorm();
+          h.head(k).noalias() = q[g].leftCols(k).transpose() * v;
+          v.noalias() -= q[g].leftCols(k) * h.head(k);
+          if (v.squaredNorm() > S(0.5) * before) break;
+        }
+        const double nv = static_cast<double>(v.norm());
+        if (nv * nv > floor2[g]) {
+          q[g].col(k) = v / static_cast<S>(nv);
+        } else {
+          // The row adds no direction to this head. Any unit vector orthogonal to the previous ones
+          // keeps the bookkeeping consistent; the final double factorization rejects the basis.
+          for (index_t i = 0; i < r; ++i) {
+            v.setZero();
+            v(i) = 1;
+            h.head(k).noalias() = q[g].leftCols(k).transpose() * v;
+            v.noalias() -= q[g].leftCols(k) * h.head(k);
+            if (v.norm() > S(0.5)) break;
+          }
+          q[g].col(k) = v.normalized();
+        }
+        d.head(p).noalias() = cand_rows[g].topRows(p) * q[g].col(k);
+        for (index_t c = 0; c < p; ++c) cn2(g, c) = std::max(cn2(g, c) - d(c) * d(c), S(0));
+      }
+      picked.push_back(cand[best]);
+      taken[static_cast<std::size_t>(cand[best])] = 1;
+    }
+    // Every row's residual norms lose their components on the t new directions: one GEMM per head.
+    const index_t k = k0 + t;
+    for (index_t g = 0; g < G; ++g) {
+      proj.leftCols(t).noalias() = heads[g] * q[g].middleCols(k0, t);
+      norm2.col(g) -= proj.leftCols(t).rowwise().squaredNorm();
+      for (index_t j = 0; j < m; ++j) {
+        if (taken[static_cast<std::size_t>(j)]) continue;
+        // Downdating loses relative accuracy once the residual is small against the original norm
+        // (error ~ eps * orig2): recompute below 1000 eps * orig2, keeping ranks right to ~0.1%.
+        if (norm2(j, g) < recompute_below * orig2(j, g)) {
+          v = heads[g].row(j).transpose();
+          h.head(k).noalias() = q[g].leftCols(k).transpose() * v;
+          v.noalias() -= q[g].leftCols(k) * h.head(k);
+          norm2(j, g) = v.squaredNorm();
+          orig2(j, g) = norm2(j, g);  // the recomputed value is the new reference
+        }
+        if (norm2(j, g) < S(0)) norm2(j, g) = 0;
+      }
+    }
+  }
+  return picked;
+}
+
+/// Per-head factor data for a fixed basis.
+struct head_factor {
+  Eigen::MatrixXd a_s;  ///< r x r
+  lu_t lu;
+  Eigen::MatrixXd coeff;  ///< (m - r) x r, rows follow `rest`
+  double rcond = 0;
+  double log_abs_det = 0;
+};
+
+inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis, const std::vector<index_t>& rest) {
+  head_factor f;
+  f.a_s = gather_rows(a, basis);
+  f.lu.compute(f.a_s);
+  f.rcond = f.lu.rcond();
+  const auto& lu = f.lu.matrixLU();
+  f.log_abs_det = 0;
+  for (index_t i = 0; i < lu.rows(); ++i) f.log_abs_det += std::log(std::abs(lu(i, i)));
+  if (!(f.rcond > 0) || !std::isfinite(f.log_abs_det)) {
+    f.rcond = 0;
+    return f;
+  }
+  // P A_S = L U, so C = A_N A_S^-1 = A_N U^-1 L^-1 P: two triangular solves from the right.
+  Eigen::MatrixXd y = gather_rows(a, rest);
+  lu.template triangularView<Eigen::Upper>().solveInPlace<Eigen::OnTheRight>(y);
+  lu.template triangularView<Eigen::UnitLower>().solveInPlace<Eigen::OnTheRight>(y);
+  f.coeff.noalias() = y * f.lu.permutationP();
+  return f;
+}
+
+template <class TS>
+double round_to(double x) {
+  return static_cast<double>(::basisattn::detail::to_compute<compute_t<TS>>(::basisattn::detail::from_compute<TS>(x)));
+}
+
+}  // namespace detail
+
+class shared_basis;
+/// Choose a basis shared by all heads and factor every head (see the top of this header).
+template <class TS, class TI>
+shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt = {});
+
+/// The shared basis of a group of heads and everything needed to transform their paired weights.
+class shared_basis {
+ public:
+  shared_basis() = default;
+
+  index_t in_dim() const { return m_; }                 ///< m: rows of each A_g (input channels)
+  index_t rank() const { return r_; }                   ///< r: basis size = columns of each A_g
+  index_t heads() const { return static_cast<index_t>(f_.size()); }
+  const std::vector<index_t>& basis() const { return basis_; }  ///< S, ascending
+  const std::vector<index_t>& rest() const { return rest_; }    ///< complement of S, ascending
+  const basis_report& report() const { return report_; }
+  /// A_S of head g in double.
+  const Eigen::MatrixXd& basis_block(index_t g) const { return at(g).a_s; }
+  /// C_g in double: (m - r) x r, rows in the order of rest().
+  const Eigen::MatrixXd& coefficients_double(index_t g) const { return at(g).coeff; }
+
+  /// C_g rounded to TO.
+  template <class TO>
+  matrix<TO> coefficients(index_t g) const {
+    return round_matrix<TO>(at(g).coeff);
+  }
+  /// A_S B for head g (B: r x n), computed in double and rounded once to TO.
+  template <class TO, class TI>
+  matrix<TO> absorb_rows(index_t g, matrix_view<TI> b) const {
+    BASISATTN_REQUIRE(b.rows == r_, shape_mismatch, "absorb_rows: B has ", b.rows, " rows, the basis has rank ", r_);
+    const Eigen::MatrixXd bd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(b));
+    return round_matrix<TO>(at(g).a_s * bd);
+  }
+  /// W A_S^T for head g (W: n x r), computed in double and rounded once to TO.
+  template <class TO, class TI>
+  matrix<TO> absorb_cols(index_t g, matrix_view<TI> w) const {
+    BASISATTN_REQUIRE(w.cols == r_, shape_mismatch, "absorb_cols: W has ", w.cols, " columns, the basis has rank ", r_);
+    const Eigen::MatrixXd wd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(w));
+    return round_matrix<TO>(wd * at(g).a_s.transpose());
+  }
+  /// b A_S^-1 for head g (b: length r), computed in double and rounded once to TO.
+  template <class TO, class TI>
+  std::vector<TO> inverse_bias(index_t g, const TI* b) const {
+    Eigen::VectorXd bv(r_);
+    for (index_t i = 0; i < r_; ++i) bv(i) = static_cast<double>(::basisattn::detail::to_compute<compute_t<TI>>(b[i]));
+    const Eigen::VectorXd x = at(g).lu.transpose().solve(bv);
+    const matrix<TO> m = round_matrix<TO>(x.transpose());
+    return std::vector<TO>(m.data(), m.data() + r_);
+  }
+
+  template <class TS, class TI>
+  friend shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt);
+
+ private:
+  const detail::head_factor& at(index_t g) const {
+    BASISATTN_REQUIRE(g >= 0 && g < heads(), invalid_argument, "head ", g, " out of range [0, ", heads(), ")");
+    return f_[static_cast<std::size_t>(g)];
+  }
+  template <class TO>
+  static matrix<TO> round_matrix(const Eigen::MatrixXd& x) {
+    matrix<TO> out(x.rows(), x.cols());
+    for (index_t i = 0; i < x.rows(); ++i)
+      for (index_t j = 0; j < x.cols(); ++j) {
+        const TO v = ::basisattn::detail::from_compute<TO>(x(i, j));
+        if (!::basisattn::detail::is_finite_value(v))
+          detail::raise(errc::singular_basis,
+                        detail::concat("a transformed weight (", x(i, j), ") does not fit in ", to_string(dtype_of_v<TO>),
+                                       ": the basis is too ill-conditioned for this storage type"));
+        out(i, j) = v;
+      }
+    return out;
+  }
+
+  index_t m_ = 0, r_ = 0;
+  std::vector<index_t> basis_, rest_;
+  std::vector<detail::head_factor> f_;
+  basis_report report_;
+};
+
+template <class TS, class TI>
+shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt) {
+  static_assert(is_storage_type_v<TS> && is_storage_type_v<TI>, "storage types: float, double, Eigen::half, Eigen::bfloat16");
+  using detail::dmat;
+  BASISATTN_REQUIRE(!heads.empty(), invalid_argument, "factorize: no heads given");
+  const index_t m = heads[0].rows, r = heads[0].cols;
+  BASISATTN_REQUIRE(r >= 1 && m >= 1, invalid_argument, "factorize: A is ", m, "x", r, "; both extents must be >= 1");
+  BASISATTN_REQUIRE(r < m, invalid_argument, "factorize: r = ", r, " must be smaller than m = ", m,
+                    " (BD removes r of the m input channels; with r >= m there is nothing to save)");
+  BASISATTN_REQUIRE(opt.min_rcond >= 0 && opt.swap_gain > 1.0, invalid_argument,
+                    "factorize: min_rcond must be >= 0 and swap_gain > 1 (got ", opt.min_rcond, ", ", opt.swap_gain, ")");
+  const index_t G = static_cast<index_t>(heads.size());
+  std::vector<dmat> a(static_cast<std::size_t>(G));
+  for (index_t g = 0; g < G; ++g) {
+    const auto& h = heads[static_cast<std::size_t>(g)];
+    BASISATTN_REQUIRE(h.rows == m && h.cols == r, shape_mismatch, "factorize: head ", g, " is ", h.rows, "x", h.cols,
+                      ", head 0 is ", m, "x", r, " (heads sharing a basis must have equal shapes)");
+    BASISATTN_REQUIRE(h.data != nullptr, invalid_argument, "factorize: head ", g, " has no data");
+    if (opt.check_finite) ::basisattn::detail::require_finite(h, detail::concat("A of head ", g).c_str());
+    a[static_cast<std::size_t>(g)] = ::basisattn::detail::to_dense<double>(h);
+  }
+
+  shared_basis out;
+  out.m_ = m;
+  out.r_ = r;
+  out.report_.used = opt.select;
+
+  auto set_basis = [&](std::vector<index_t> s) {
+    std::sort(s.begin(), s.end());
+    out.basis_ = std::move(s);
+    out.rest_ = detail::complement(m, out.basis_);
+  };
+  auto factor_all = [&]() {
+    out.f_.assign(static_cast<std::size_t>(G), detail::head_factor{});
+    ::basisattn::detail::parallel_for(G, [&](index_t g) {
+      out.f_[static_cast<std::size_t>(g)] = detail::factor_head(a[static_cast<std::size_t>(g)], out.basis_, out.rest_);
+    });
+  };
+  auto first_r = [&]() {
+    std::vector<index_t> s(static_cast<std::size_t>(r));
+    std::iota(s.begin(), s.end(), 0);
+    return s;
+  };
+
+  switch (opt.select) {
+    case strategy::first_r:
+      set_basis(first_r());
+      factor_all();
+      break;
+    case strategy::residual_min: {
+      std::vector<index_t> last(static_cast<std::size_t>(r));
+      std::iota(last.begin(), last.end(), m - r);
+      double best = std::numeric_limits<double>::infinity();
+      std::vector<index_t> best_s;
+      for (const auto& cand : {first_r(), last}) {
+        set_basis(cand);
+        factor_all();
+        double res = 0;
+        bool ok = true;
+        for (index_t g = 0; g < G && ok; ++g) {
+          const auto& f = out.f_[static_cast<std::size_t>(g)];
+          if (f.rcond < opt.min_rcond || f.rcond == 0) { ok = false; break; }
+          Eigen::MatrixXd cr = f.coeff.unaryExpr([](double x) { return detail::round_to<TS>(x); });
+          const Eigen::MatrixXd an = detail::gather_rows(a[static_cast<std::size_t>(g)], out.rest_);
+          const double na = a[static_cast<std::size_t>(g)].norm();
+          res += (an - cr * f.a_s).norm() / (na > 0 ? na : 1.0);
+        }
+        if (ok && res < best) best = res, best_s = out.basis_;
+      }
+      // No usable candidate: keep first-r so that the checks below report the singular basis.
+      set_basis(best_s.empty() ? first_r() : best_s);
+      factor_all();
+      break;
+    }
+    case strategy::shared_pivot: {
+      {
+        std::vector<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> af(static_cast<std::size_t>(G));
+        for (index_t g = 0; g < G; ++g) af[static_cast<std::size_t>(g)] = a[static_cast<std::size_t>(g)].template cast<float>();
+        set_basis(detail::greedy_joint_volume<float>(af));
+      }
+      factor_all();
+      bool all_ok = true;
+      for (const auto& f : out.f_) all_ok = all_ok && f.rcond > 0;
+      if (!all_ok) break;  // reported below
+      // Max-volume swaps on the joint objective, with rank-1 updates of every C_g.
+      std::vector<index_t> basis = out.basis_, rest = out.rest_;
+      std::vector<Eigen::MatrixXd> c(static_cast<std::size_t>(G));
+      for (index_t g = 0; g < G; ++g) c[static_cast<std::size_t>(g)] = out.f_[static_cast<std::size_t>(g)].coeff;
+      const index_t max_swaps = opt.max_swaps < 0 ? 4 * r : opt.max_swaps;
+      const double log_gain = std::log(opt.swap_gain);
+      Eigen::MatrixXd lsum(m - r, r);
+      index_t swaps = 0;
+      bool converged = false;
+      while (true) {
+        lsum.setZero();
+        for (index_t g = 0; g < G; ++g) lsum.array() += c[static_cast<std::size_t>(g)].array().abs().log();
+        index_t j = 0, i = 0;
+        const double best = lsum.maxCoeff(&j, &i);
+        if (!(best > log_gain)) {
+          converged = true;
+          break;
+        }
+        if (swaps >= max_swaps) break;
+        for (index_t g = 0; g < G; ++g) {
+          Eigen::MatrixXd& cg = c[static_cast<std::size_t>(g)];
+          const double piv = cg(j, i);
+          const Eigen::VectorXd col = cg.col(i);
+          Eigen::RowVectorXd row = cg.row(j);
+          // Rows l != j: C[l,k] -= C[l,i] C[j,k] / piv (k != i) and C[l,i] /= piv; the (piv - 1) in
+          // entry i of the row makes the same rank-1 update produce the latter.
+          row(i) = piv - 1.0;
+          cg.noalias() -= (col / piv) * row;
+          // Row j now holds the old basis row: a_old = (a_j - sum_{k != i} C[j,k] a_k) / piv.
+          cg.row(j) = -row / piv;
+          cg(j, i) = 1.0 / piv;
+        }
+        std::swap(basis[static_cast<std::size_t>(i)], rest[static_cast<std::size_t>(j)]);
+        ++swaps;
+      }
+      out.report_.swaps = swaps;
+      out.report_.swap_limit_hit = !converged;
+      if (swaps > 0) {  // recompute exactly for the final basis (updates accumulate rounding)
+        set_basis(basis);
+        factor_all();
+      }
+      break;
+    }
+  }
+
+  // Diagnostics and the singular / rank-deficient checks.
+  out.report_.heads.resize(static_cast<std::size_t>(G));
+  out.report_.log_volume = 0;
+  for (index_t g = 0; g < G; ++g) {
+    const auto& f = out.f_[static_cast<std::size_t>(g)];
+    if (!(f.rcond >= opt.min_rcond) || f.rcond == 0) {
+      const index_t rk = detail::numerical_rank(a[static_cast<std::size_t>(g)]);
+      if (rk < r)
+        detail::raise(errc::rank_deficient,
+                      detail::concat("head ", g, ": A (", m, "x", r, ") has numerical rank ", rk, " < r = ", r,
+                             "; no basis of r rows exists (remove the redundant head dimensions first)"));
+      detail::raise(errc::singular_basis,
+                    detail::concat("head ", g, ": the basis rows chosen by ", to_string(opt.select),
+                           " are singular or too ill-conditioned (estimated rcond ", f.rcond, " < min_rcond ",
+                           opt.min_rcond, ")",
+                           opt.select == strategy::shared_pivot ? "" : "; strategy shared_pivot may find a better basis"));
+    }
+    head_diagnostics d;
+    d.rcond = f.rcond;
+    d.max_abs_coeff = f.coeff.size() ? f.coeff.cwiseAbs().maxCoeff() : 0.0;
+    out.report_.heads[static_cast<std::size_t>(g)] = d;
+    out.report_.min_rcond = std::min(out.report_.min_rcond, d.rcond);
+    out.report_.max_abs_coeff = std::max(out.report_.max_abs_coeff, d.max_abs_coeff);
+    out.report_.log_volume += f.log_abs_det;
+  }
+  return out;
+}
+
+/// Single-pair result: C and B' rounded to T.
+template <class T>
+struct pair_factorization {
+  std::vector<index_t> basis, rest;
+  matrix<T> coeff;    ///< (m - r) x r, rows follow `rest`
+  matrix<T> b_prime;  ///< r x n = A_S B
+  basis_report report;
+};
+
+/// BD of one pair (A: m x r, B: r x n): x A B == (x[S] + x[rest] C) B' up to rounding.
+template <class T, class TA, class TB>
+pair_factorization<T> factorize_pair(matrix_view<TA> a_in, matrix_view<TB> b_in, const prepare_options& opt = {}) {
+  const matrix_view<const std::remove_const_t<TA>> a = a_in;
+  const matrix_view<const std::remove_const_t<TB>> b = b_in;
+  BASISATTN_REQUIRE(b.rows == a.cols, shape_mismatch, "factorize_pair: A is ", a.rows, "x", a.cols, " but B is ", b.rows,
+                    "x", b.cols, " (B must have A's column count as rows)");
+  if (opt.check_finite) ::basisattn::detail::require_finite(b, "B");
+  shared_basis sb = factorize<T>(std::vector<matrix_view<const std::remove_const_t<TA>>>{a}, opt);
+  pair_factorization<T> out;
+  out.basis = sb.basis();
+  out.rest = sb.rest();
+  out.coeff = sb.template coefficients<T>(0);
+  out.b_prime = sb.template absorb_rows<T>(0, b);
+  out.report = sb.report();
+  return out;
+}
+
+}  // namespace bd
+BASISATTN_END_NAMESPACE

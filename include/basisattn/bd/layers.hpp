@@ -1,0 +1,402 @@
+// basisattn/bd/layers.hpp - prepared attention layers, dense or BD: MHA/GQA/MQA and MLA.
+//
+// Weights are given as views in `y = x W` form (W: in x out; a PyTorch (out, in) weight is
+// `matrix_view(ptr, out, in).t()`), in any storage type; the prepared layer owns copies in T.
+//
+// MHA / GQA / MQA (prepare_mha): n_heads query heads, n_kv_heads key/value heads of head_dim.
+//   bd_qk: K side of every kv head g is BD'd: A_g = W_K^g (d_model x d), paired with W_Q^h of
+//          every query head h of the group (W_Q^h <- W_Q^h A_S^T, b_Q^h <- b_Q^h A_S^T,
+//          b_K^g <- b_K^g A_S^-1). Exact only when nothing sits between the projection and q.k:
+//          with RoPE on q/k it is refused (errc::invalid_argument).
+//   bd_vo: V side: A_g = W_V^g, paired with the rows of W_O of every query head of the group
+//          (W_O^h <- A_S W_O^h, b_V^g <- b_V^g A_S^-1). Exact with any positional scheme.
+//   One basis per side is shared by all kv heads, so each of the K and V projections is one GEMM.
+// MLA, DeepSeek-V2 layout (prepare_mla): q_proj (nope | rope slices per head), kv_a_proj_with_mqa
+//   (latent | shared rope key), RMSNorm on the latent, kv_b_proj (k_nope | v per head), o_proj.
+//   BD on the K-nope and V up-projections from the latent: A_h = W_UK^h or W_UV^h (L x d), paired
+//   with the nope columns of q_proj and the rows of o_proj. With basis_sharing::joint (default) one
+//   basis serves all K and V heads and the latent channels are permuted at preparation (columns of
+//   kv_a_proj and the RMSNorm weight), so the basis channels are the first r and the projections
+//   read the latent without any gather. basis_sharing::per_side gives K and V their own basis (the
+//   K side is permuted, the V side gathers).
+//
+// Every prepared layer reports bytes() (its weights) and dense_bytes() (the same layer dense, in
+// T), and shard(first_head, count) returns a self-contained layer for those query heads whose
+// output is a partial sum: summing the shards' outputs gives the layer's output (o's bias is kept
+// by the shard that holds head 0). For GQA a shard must hold whole kv groups.
+// The CPU forward passes are in <basisattn/cpu/layers.hpp>.
+#pragma once
+
+#include <basisattn/attention/rope.hpp>
+#include <basisattn/bd/factorize.hpp>
+#include <basisattn/bd/options.hpp>
+#include <basisattn/bd/projection.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+
+#include <cmath>
+#include <variant>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace bd {
+
+/// A projection that is either dense or BD.
+template <class T>
+using any_projection = std::variant<dense_projection<T>, bd_projection<T>>;
+
+template <class T>
+std::size_t bytes_of(const any_projection<T>& p) {
+  return std::visit([](const auto& q) { return q.bytes(); }, p);
+}
+template <class T>
+bool is_bd(const any_projection<T>& p) {
+  return std::holds_alternative<bd_projection<T>>(p);
+}
+
+// ------------------------------------------------------------------------------------------------
+// MHA / GQA / MQA
+
+/// Shape and attention settings of a multi-head attention layer.
+struct mha_config {
+  index_t d_model = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  bool causal = true;
+  double scale = 0;         ///< softmax scale; 0 selects 1/sqrt(head_dim)
+  bool use_rope = false;    ///< apply RoPE to q and k (then only V/O may be BD)
+  rope_params rope = {};
+};
+
+/// Dense weights of an MHA/GQA layer, y = x W form; biases may be null.
+template <class T>
+struct mha_weights {
+  matrix_view<const T> wq;  ///< d_model x (n_heads head_dim)
+  matrix_view<const T> wk;  ///< d_model x (n_kv_heads head_dim)
+  matrix_view<const T> wv;  ///< d_model x (n_kv_heads head_dim)
+  matrix_view<const T> wo;  ///< (n_heads head_dim) x d_model
+  const T* bq = nullptr;
+  const T* bk = nullptr;
+  const T* bv = nullptr;
+  const T* bo = nullptr;
+};
+
+/// What to BD when preparing an MHA layer.
+struct mha_options {
+  bool bd_qk = true;  ///< BD on the Q/K pair (refused with RoPE)
+  bool bd_vo = true;  ///< BD on the V/O pair
+  prepare_options prepare = {};
+};
+
+/// A prepared MHA/GQA/MQA layer (dense, BD on Q/K, on V/O, or both).
+template <class T>
+struct mha_layer {
+  mha_config config;
+  dense_projection<T> q;   ///< d_model -> n_heads d (transformed when K is BD)
+  any_projection<T> k;     ///< d_model -> n_kv_heads d
+  any_projection<T> v;     ///< d_model -> n_kv_heads d
+  dense_projection<T> o;   ///< n_heads d -> d_model (transformed when V is BD)
+
+  std::size_t bytes() const { return q.bytes() + bytes_of(k) + bytes_of(v) + o.bytes(); }
+  /// Bytes of the same layer stored dense in T (weights and the biases this layer has).
+  std::size_t dense_bytes() const {
+    const index_t dm = config.d_model, hd = config.n_heads * config.head_dim, kd = config.n_kv_heads * config.head_dim;
+    std::size_t n = static_cast<std::size_t>(dm * hd * 2 + dm * kd * 2);
+    n += q.bias.size() + o.bias.size();
+    auto kv_bias = [&](const any_projection<T>& p) {
+      return std::visit([](const auto& x) { return x.bias.size(); }, p);
+    };
+    n += kv_bias(k) + kv_bias(v);
+    return n * sizeof(T);
+  }
+  /// Query heads [first, first + count) as a self-contained layer; outputs of the shards sum to the
+  /// layer's output. first and count must be multiples of n_heads / n_kv_heads.
+  mha_layer shard(index_t first, index_t count) const;
+};
+
+namespace detail {
+template <class T>
+any_projection<T> slice_kv(const any_projection<T>& p, index_t g0, index_t ng, index_t d) {
+  if (const auto* b = std::get_if<bd_projection<T>>(&p)) return slice_heads(*b, g0, ng);
+  return slice_columns(std::get<dense_projection<T>>(p), g0 * d, ng * d);
+}
+template <class T>
+void copy_rows_into(matrix<T>& dst, index_t row0, const matrix<T>& src) {
+  std::copy(src.data(), src.data() + src.size(), dst.data() + row0 * dst.cols());
+}
+template <class T>
+void copy_cols_into(matrix<T>& dst, index_t col0, const matrix<T>& src) {
+  for (index_t i = 0; i < src.rows(); ++i)
+    std::copy(src.data() + i * src.cols(), src.data() + (i + 1) * src.cols(), dst.data() + i * dst.cols() + col0);
+}
+template <class TI>
+std::vector<const TI*> head_pointers(const TI* b, index_t heads, index_t d) {
+  std::vector<const TI*> out;
+  if (b)
+    for (index_t g = 0; g < heads; ++g) out.push_back(b + g * d);
+  return out;
+}
+}  // namespace detail
+
+template <class T>
+mha_layer<T> mha_layer<T>::shard(index_t first, index_t count) const {
+  const index_t H = config.n_heads, Hkv = config.n_kv_heads, d = config.head_dim, grp = H / Hkv;
+  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= H, invalid_argument, "mha shard: heads [", first, ", ",
+                    first + count, ") outside [0, ", H, ")");
+  BASISATTN_REQUIRE(first % grp == 0 && count % grp == 0, invalid_argument, "mha shard: heads [", first, ", ",
+                    first + count, ") split a kv group of ", grp, " query heads");
+  mha_layer s;
+  s.config = config;
+  s.config.n_heads = count;
+  s.config.n_kv_heads = count / grp;
+  s.q = slice_columns(q, first * d, count * d);
+  s.k = detail::slice_kv(k, first / grp, count / grp, d);
+  s.v = detail::slice_kv(v, first / grp, count / grp, d);
+  s.o = slice_rows(o, first * d, count * d, first == 0);
+  return s;
+}
+
+/// Prepare an MHA/GQA/MQA layer: copies the weights into T and applies BD as `opt` asks.
+template <class T, class TI>
+mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const mha_options& opt = {}) {
+  const index_t dm = cfg.d_model, H = cfg.n_heads, Hkv = cfg.n_kv_heads, d = cfg.head_dim;
+  BASISATTN_REQUIRE(dm >= 1 && H >= 1 && Hkv >= 1 && d >= 1, invalid_argument, "prepare_mha: d_model ", dm, ", n_heads ",
+                    H, ", n_kv_heads ", Hkv, ", head_dim ", d, " must all be >= 1");
+  BASISATTN_REQUIRE(H % Hkv == 0, invalid_argument, "prepare_mha: n_heads ", H, " is not a multiple of n_kv_heads ", Hkv);
+  auto expect = [](const matrix_view<const TI>& m, index_t r, index_t c, const char* name) {
+    BASISATTN_REQUIRE(m.data != nullptr, invalid_argument, "prepare_mha: ", name, " is missing");
+    BASISATTN_REQUIRE(m.rows == r && m.cols == c, shape_mismatch, "prepare_mha: ", name, " is ", m.rows, "x", m.cols,
+                      ", expected ", r, "x", c, " (y = x W form)");
+  };
+  expect(w.wq, dm, H * d, "wq");
+  expect(w.wk, dm, Hkv * d, "wk");
+  expect(w.wv, dm, Hkv * d, "wv");
+  expect(w.wo, H * d, dm, "wo");
+  BASISATTN_REQUIRE(!(opt.bd_qk && cfg.use_rope), invalid_argument,
+                    "prepare_mha: BD on Q/K is not exact with RoPE on q and k (the rotation does not commute with the "
+                    "basis change); set bd_qk = false (V/O stays eligible)");
+  BASISATTN_REQUIRE(!((opt.bd_qk || opt.bd_vo) && d >= dm), invalid_argument, "prepare_mha: head_dim ", d,
+                    " >= d_model ", dm, ": BD needs more input channels than the head dimension");
+  const bool fin = opt.prepare.check_finite;
+  mha_layer<T> L;
+  L.config = cfg;
+  L.q = make_dense_projection<T>(w.wq, w.bq, fin);
+  L.o = make_dense_projection<T>(w.wo, w.bo, fin);
+  const index_t grp = H / Hkv;
+  auto side = [&](const matrix_view<const TI>& wa, const TI* ba, bool bd, bool absorb_into_q) -> any_projection<T> {
+    if (!bd) return make_dense_projection<T>(wa, ba, fin);
+    std::vector<matrix_view<const TI>> heads;
+    for (index_t g = 0; g < Hkv; ++g) heads.push_back(wa.block(0, g * d, dm, d));
+    const shared_basis sb = factorize<T>(heads, opt.prepare);
+    if (fin) ::basisattn::detail::require_finite(ba, Hkv * d, "bias");
+    bd_projection<T> p = make_bd_projection<T>(sb, detail::head_pointers(ba, Hkv, d));
+    ::basisattn::detail::parallel_for(H, [&](index_t h) {
+      const index_t g = h / grp;
+      if (absorb_into_q) {  // W_Q^h A_S^T and b_Q^h A_S^T
+        detail::copy_cols_into(L.q.weight, h * d, sb.template absorb_cols<T>(g, w.wq.block(0, h * d, dm, d)));
+        if (w.bq) {
+          const matrix<T> b = sb.template absorb_cols<T>(g, matrix_view<const TI>(w.bq + h * d, 1, d));
+          std::copy(b.data(), b.data() + d, L.q.bias.begin() + h * d);
+        }
+      } else {  // A_S W_O^h
+        detail::copy_rows_into(L.o.weight, h * d, sb.template absorb_rows<T>(g, w.wo.block(h * d, 0, d, dm)));
+      }
+    });
+    return p;
+  };
+  L.k = side(w.wk, w.bk, opt.bd_qk, true);
+  L.v = side(w.wv, w.bv, opt.bd_vo, false);
+  return L;
+}
+
+// ------------------------------------------------------------------------------------------------
+// MLA (DeepSeek-V2 layout)
+
+/// Shape and attention settings of an MLA layer.
+struct mla_config {
+  index_t d_model = 0, n_heads = 0;
+  index_t kv_lora_rank = 0;  ///< L: latent width (512 in DeepSeek-V2-Lite)
+  index_t qk_nope_dim = 0;   ///< 128
+  index_t qk_rope_dim = 0;   ///< 64 (even)
+  index_t v_head_dim = 0;    ///< 128
+  double rms_eps = 1e-6;     ///< RMSNorm epsilon of the latent
+  bool causal = true;
+  double scale = 0;          ///< 0 selects 1/sqrt(qk_nope_dim + qk_rope_dim)
+  rope_params rope = {};
+};
+
+/// Dense MLA weights in y = x W form.
+template <class T>
+struct mla_weights {
+  matrix_view<const T> wq;    ///< d_model x H (nope + rope): head h owns [h (nope+rope), (h+1)(nope+rope)), nope first
+  matrix_view<const T> wkv_a; ///< d_model x (L + rope): latent, then the shared rope key
+  const T* kv_a_norm = nullptr;  ///< L RMSNorm weights of the latent
+  matrix_view<const T> wkv_b; ///< L x H (nope + v): head h owns [h (nope+v), (h+1)(nope+v)), k_nope first
+  matrix_view<const T> wo;    ///< H v x d_model
+};
+
+/// How the K-nope and V up-projections share bases in an MLA layer.
+enum class basis_sharing {
+  joint,     ///< one basis for all K and V heads; latent permuted so no gather is needed
+  per_side,  ///< one basis for the K heads, one for the V heads (V side gathers its basis)
+};
+
+struct mla_options {
+  bool bd = true;
+  basis_sharing sharing = basis_sharing::joint;
+  prepare_options prepare = {};
+};
+
+/// A prepared MLA layer (dense or BD).
+template <class T>
+struct mla_layer {
+  mla_config config;
+  dense_projection<T> q;      ///< d_model -> H (nope + rope), nope columns transformed when BD
+  dense_projection<T> kv_a;   ///< d_model -> L + rope, latent columns permuted when BD
+  std::vector<T> kv_a_norm;   ///< L, permuted like the latent
+  any_projection<T> k_up;     ///< latent -> H nope
+  any_projection<T> v_up;     ///< latent -> H v
+  dense_projection<T> o;      ///< H v -> d_model, rows transformed when BD
+
+  std::size_t bytes() const {
+    return q.bytes() + kv_a.bytes() + kv_a_norm.size() * sizeof(T) + bytes_of(k_up) + bytes_of(v_up) + o.bytes();
+  }
+  std::size_t dense_bytes() const {
+    const auto& c = config;
+    const index_t H = c.n_heads;
+    std::size_t n = static_cast<std::size_t>(c.d_model * H * (c.qk_nope_dim + c.qk_rope_dim) +
+                                             c.d_model * (c.kv_lora_rank + c.qk_rope_dim) + c.kv_lora_rank +
+                                             c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim) +
+                                             H * c.v_head_dim * c.d_model);
+    n += o.bias.size();
+    return n * sizeof(T);
+  }
+  /// Query heads [first, first + count) as a self-contained layer (the latent path is replicated).
+  mla_layer shard(index_t first, index_t count) const {
+    const auto& c = config;
+    BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= c.n_heads, invalid_argument, "mla shard: heads [",
+                      first, ", ", first + count, ") outside [0, ", c.n_heads, ")");
+    mla_layer s;
+    s.config = c;
+    s.config.n_heads = count;
+    const index_t qd = c.qk_nope_dim + c.qk_rope_dim;
+    s.q = slice_columns(q, first * qd, count * qd);
+    s.kv_a = kv_a;
+    s.kv_a_norm = kv_a_norm;
+    s.k_up = detail::slice_kv(k_up, first, count, c.qk_nope_dim);
+    s.v_up = detail::slice_kv(v_up, first, count, c.v_head_dim);
+    s.o = slice_rows(o, first * c.v_head_dim, count * c.v_head_dim, first == 0);
+    return s;
+  }
+};
+
+/// Prepare an MLA layer (see the top of this header).
+template <class T, class TI>
+mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const mla_options& opt = {}) {
+  const index_t dm = cfg.d_model, H = cfg.n_heads, L = cfg.kv_lora_rank, dn = cfg.qk_nope_dim, dr = cfg.qk_rope_dim,
+                dv = cfg.v_head_dim;
+  BASISATTN_REQUIRE(dm >= 1 && H >= 1 && L >= 1 && dn >= 1 && dv >= 1 && dr >= 0, invalid_argument,
+                    "prepare_mla: d_model ", dm, ", n_heads ", H, ", kv_lora_rank ", L, ", qk_nope_dim ", dn,
+                    ", v_head_dim ", dv, " must be >= 1 and qk_rope_dim ", dr, " >= 0");
+  BASISATTN_REQUIRE(dr % 2 == 0, invalid_argument, "prepare_mla: qk_rope_dim ", dr, " must be even");
+  BASISATTN_REQUIRE(cfg.rms_eps > 0 && std::isfinite(cfg.rms_eps), invalid_argument, "prepare_mla: rms_eps ", cfg.rms_eps,
+                    " must be finite and > 0");
+  auto expect = [](const matrix_view<const TI>& m, index_t r, index_t c, const char* name) {
+    BASISATTN_REQUIRE(m.data != nullptr, invalid_argument, "prepare_mla: ", name, " is missing");
+    BASISATTN_REQUIRE(m.rows == r && m.cols == c, shape_mismatch, "prepare_mla: ", name, " is ", m.rows, "x", m.cols,
+                      ", expected ", r, "x", c, " (y = x W form)");
+  };
+  expect(w.wq, dm, H * (dn + dr), "wq");
+  expect(w.wkv_a, dm, L + dr, "wkv_a");
+  expect(w.wkv_b, L, H * (dn + dv), "wkv_b");
+  expect(w.wo, H * dv, dm, "wo");
+  BASISATTN_REQUIRE(w.kv_a_norm != nullptr, invalid_argument, "prepare_mla: kv_a_norm is missing");
+  BASISATTN_REQUIRE(!opt.bd || (dn < L && dv < L), invalid_argument, "prepare_mla: BD needs qk_nope_dim (", dn,
+                    ") and v_head_dim (", dv, ") below kv_lora_rank (", L, ")");
+  const bool fin = opt.prepare.check_finite;
+  if (fin) ::basisattn::detail::require_finite(w.kv_a_norm, L, "kv_a_norm");
+  mla_layer<T> out;
+  out.config = cfg;
+  out.q = make_dense_projection<T>(w.wq, static_cast<const TI*>(nullptr), fin);
+  out.kv_a = make_dense_projection<T>(w.wkv_a, static_cast<const TI*>(nullptr), fin);
+  out.o = make_dense_projection<T>(w.wo, static_cast<const TI*>(nullptr), fin);
+  out.kv_a_norm.resize(static_cast<std::size_t>(L));
+  for (index_t i = 0; i < L; ++i)
+    out.kv_a_norm[static_cast<std::size_t>(i)] =
+        ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<double>(w.kv_a_norm[i]));
+  auto k_head = [&](index_t h) { return w.wkv_b.block(0, h * (dn + dv), L, dn); };
+  auto v_head = [&](index_t h) { return w.wkv_b.block(0, h * (dn + dv) + dn, L, dv); };
+  if (!opt.bd) {
+    if (fin) ::basisattn::detail::require_finite(w.wkv_b, "wkv_b");
+    dense_projection<T> ku, vu;
+    ku.weight = matrix<T>(L, H * dn);
+    vu.weight = matrix<T>(L, H * dv);
+    for (index_t h = 0; h < H; ++h) {
+      ::basisattn::detail::convert_into(ku.weight.view().block(0, h * dn, L, dn), k_head(h));
+      ::basisattn::detail::convert_into(vu.weight.view().block(0, h * dv, L, dv), v_head(h));
+    }
+    out.k_up = std::move(ku);
+    out.v_up = std::move(vu);
+    return out;
+  }
+  if (opt.sharing == basis_sharing::joint)
+    BASISATTN_REQUIRE(dn == dv, invalid_argument, "prepare_mla: basis_sharing::joint needs qk_nope_dim == v_head_dim (",
+                      dn, " vs ", dv, "); use per_side");
+  // Factorize.
+  std::vector<matrix_view<const TI>> kh, vh;
+  for (index_t h = 0; h < H; ++h) kh.push_back(k_head(h)), vh.push_back(v_head(h));
+  shared_basis sk, sv;
+  bd_projection<T> pk, pv;
+  if (opt.sharing == basis_sharing::joint) {
+    std::vector<matrix_view<const TI>> all = kh;
+    all.insert(all.end(), vh.begin(), vh.end());
+    sk = factorize<T>(all, opt.prepare);
+    pk = make_bd_projection<T, TI>(sk, {}, 0, H);
+    pv = make_bd_projection<T, TI>(sk, {}, H, H);
+  } else {
+    sk = factorize<T>(kh, opt.prepare);
+    sv = factorize<T>(vh, opt.prepare);
+    pk = make_bd_projection<T, TI>(sk);
+    pv = make_bd_projection<T, TI>(sv);
+  }
+  const shared_basis& vbasis = opt.sharing == basis_sharing::joint ? sk : sv;
+  const index_t v_offset = opt.sharing == basis_sharing::joint ? H : 0;
+  // Permute the latent so that the K basis comes first: perm[new] = old.
+  std::vector<index_t> perm = sk.basis();
+  perm.insert(perm.end(), sk.rest().begin(), sk.rest().end());
+  std::vector<index_t> pos(static_cast<std::size_t>(L));
+  for (index_t i = 0; i < L; ++i) pos[static_cast<std::size_t>(perm[static_cast<std::size_t>(i)])] = i;
+  {
+    matrix<T> wa(dm, L + dr);
+    for (index_t i = 0; i < dm; ++i) {
+      for (index_t j = 0; j < L; ++j) wa(i, j) = out.kv_a.weight(i, perm[static_cast<std::size_t>(j)]);
+      for (index_t j = L; j < L + dr; ++j) wa(i, j) = out.kv_a.weight(i, j);
+    }
+    out.kv_a.weight = std::move(wa);
+    std::vector<T> g(static_cast<std::size_t>(L));
+    for (index_t j = 0; j < L; ++j) g[static_cast<std::size_t>(j)] = out.kv_a_norm[static_cast<std::size_t>(perm[static_cast<std::size_t>(j)])];
+    out.kv_a_norm = std::move(g);
+  }
+  auto remap = [&](bd_projection<T>& p) {
+    for (auto& c : p.basis) c = pos[static_cast<std::size_t>(c)];
+    for (auto& c : p.rest) c = pos[static_cast<std::size_t>(c)];
+  };
+  remap(pk);
+  remap(pv);
+  // Absorb A_S into the nope columns of q (K side) and the rows of o (V side).
+  const index_t qd = dn + dr;
+  ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
+    if (h < H) {
+      detail::copy_cols_into(out.q.weight, h * qd, sk.template absorb_cols<T>(h, w.wq.block(0, h * qd, dm, dn)));
+    } else {
+      const index_t hv = h - H;
+      detail::copy_rows_into(out.o.weight, hv * dv,
+                             vbasis.template absorb_rows<T>(v_offset + hv, w.wo.block(hv * dv, 0, dv, dm)));
+    }
+  });
+  out.k_up = std::move(pk);
+  out.v_up = std::move(pv);
+  return out;
+}
+
+}  // namespace bd
+BASISATTN_END_NAMESPACE

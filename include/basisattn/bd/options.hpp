@@ -1,0 +1,83 @@
+// basisattn/bd/options.hpp - options and diagnostics of Basis Decomposition (BD) preparation.
+//
+// BD rewrites a pair of weights A (m x r, one per head) and B (r x n) whose product is all a model
+// uses into A' = A A_S^-1 (identity on the r basis rows S, coefficients C = A[~S] A_S^-1 elsewhere)
+// and B' = A_S B. Outputs are unchanged up to rounding; the rounding depends on the choice of S,
+// which `strategy` selects. All heads of a group share one S, so the projection of every head is one
+// GEMM over the m - r non-basis input channels (see bd/projection.hpp).
+#pragma once
+
+#include <basisattn/core/config.hpp>
+
+#include <limits>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace bd {
+
+/// How the shared basis rows S are chosen.
+enum class strategy {
+  /// S = {0, ..., r-1}: what the official BD kernel assumes.
+  first_r,
+  /// The paper's rule: candidates {0..r-1} and {m-r..m-1}; for each, C is computed in double and
+  /// rounded to the storage type, and the candidate with the least mean relative residual
+  /// ||A[~S] - round(C) A[S]||_F / ||A||_F over heads is kept. Candidates whose basis is singular
+  /// for some head are skipped.
+  residual_min,
+  /// Ours (the default): greedy joint volume pivoting refined by max-volume swaps, shared by all
+  /// heads. Step 1 picks rows one at a time, each maximising sum_g log ||residual of row j in head
+  /// g||, the residual being taken against the span of the rows already picked (for each head, this
+  /// is the row that grows prod_g |det A_g[S]| the most). It runs blocked: candidates are advanced
+  /// exactly and all rows are updated with one GEMM per block; a block ends early whenever an
+  /// out-of-block row could have won, so the picks are those of the plain greedy. Step 2 swaps a
+  /// basis row i for a non-basis row j while prod_g |C_g[j, i]| > swap_gain, the exact factor by
+  /// which the swap multiplies prod_g |det A_g[S]|. At the end no single swap can grow the joint
+  /// volume by more than swap_gain, which keeps the coefficients of every head small (for one head:
+  /// every |C_ij| <= swap_gain, unless max_swaps stopped it first; for G heads: the geometric mean over heads of |C_g[j, i]| is at most
+  /// swap_gain^(1/G) for every (j, i)). The swap criterion, like C itself, is invariant to any
+  /// per-head change of basis A_g -> A_g T_g; the greedy start is only a good first guess.
+  shared_pivot,
+};
+
+inline const char* to_string(strategy s) noexcept {
+  switch (s) {
+    case strategy::first_r: return "first_r";
+    case strategy::residual_min: return "residual_min";
+    case strategy::shared_pivot: return "shared_pivot";
+  }
+  return "?";
+}
+
+/// Options of BD preparation.
+struct prepare_options {
+  strategy select = strategy::shared_pivot;
+  /// A basis is rejected (errc::singular_basis, or errc::rank_deficient when A itself lacks rank)
+  /// when the estimated reciprocal 1-norm condition number of some head's A_S is below this.
+  double min_rcond = 1e-8;
+  /// shared_pivot: a swap must multiply the joint volume by more than this (> 1).
+  double swap_gain = 1.01;
+  /// shared_pivot: at most this many swaps (-1: 4 r).
+  index_t max_swaps = -1;
+  /// Raise errc::non_finite when a weight or bias holds NaN or Inf.
+  bool check_finite = true;
+};
+
+/// Per-head diagnostics of a prepared basis.
+struct head_diagnostics {
+  double rcond = 0;          ///< estimated reciprocal 1-norm condition number of A_S
+  double max_abs_coeff = 0;  ///< max |C_ij|
+};
+
+/// What preparation found, kept with every prepared object.
+struct basis_report {
+  strategy used = strategy::shared_pivot;
+  std::vector<head_diagnostics> heads;
+  double min_rcond = std::numeric_limits<double>::infinity();  ///< over heads
+  double max_abs_coeff = 0;                                    ///< over heads
+  double log_volume = 0;  ///< sum_g log |det A_g[S]| (natural log)
+  index_t swaps = 0;      ///< shared_pivot swaps made
+  bool swap_limit_hit = false;  ///< shared_pivot stopped at max_swaps before converging
+};
+
+}  // namespace bd
+BASISATTN_END_NAMESPACE

@@ -1,0 +1,304 @@
+// basisattn/cpu/projection.hpp - CPU runtime of dense and BD projections.
+//
+//   bd::project_workspace_bytes(cpu{}, p, tokens)       workspace for the current thread count
+//   bd::project(cpu{}, p, x, y, workspace, bytes)       allocates nothing (Eigen's GEMM packing aside)
+//   bd::project(cpu{}, p, x, y)                          convenience: allocates the workspace
+// for p a bd::dense_projection<T> or bd::bd_projection<T>; x: tokens x in_dim, y: tokens x out_dim,
+// both with contiguous rows (any row stride). T may be float, double, Eigen::half or
+// Eigen::bfloat16; 16-bit data are converted to float around a float GEMM.
+//
+// Tokens are processed in row chunks, one chunk per thread at a time (OpenMP). Each chunk first
+// writes the bias and, for BD, the r basis channels into every head's slot (a per-row copy), then
+// adds x_rest * C with one Eigen GEMM (y += ..., no extra pass over y). The dense projection runs
+// the same way (bias, then y += x W), so the two differ only in the GEMM's inner dimension.
+// Options: check_finite (default on) scans x for NaN/Inf first (errc::non_finite).
+#pragma once
+
+#include <basisattn/bd/projection.hpp>
+#include <basisattn/core/backend.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/eigen.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace bd {
+
+/// Options of a projection run.
+struct project_options {
+  bool check_finite = true;  ///< scan x for NaN/Inf (errc::non_finite)
+};
+
+namespace detail {
+using ::basisattn::detail::concat;
+using ::basisattn::detail::raise;
+
+constexpr std::size_t ws_align = 64;
+inline std::size_t align_up(std::size_t n) { return (n + ws_align - 1) / ws_align * ws_align; }
+
+/// Carves aligned sub-buffers out of a caller-owned workspace.
+struct arena {
+  unsigned char* p;
+  std::size_t left;
+  template <class C>
+  C* take(index_t n) {
+    const std::size_t need = align_up(static_cast<std::size_t>(n) * sizeof(C));
+    if (need > left) raise(errc::invalid_argument, "internal: workspace arena exhausted");
+    C* out = reinterpret_cast<C*>(p);
+    p += need;
+    left -= need;
+    return out;
+  }
+};
+
+struct chunking {
+  index_t threads, rows;
+};
+inline chunking plan_chunks(index_t tokens) {
+  const index_t threads = std::max<index_t>(1, ::basisattn::detail::cpu_threads());
+  // Enough rows per chunk for an efficient GEMM, enough chunks for every thread.
+  const index_t per_thread = (tokens + threads - 1) / threads;
+  return {threads, std::max<index_t>(1, std::min<index_t>(256, per_thread))};
+}
+
+/// Sizes (in compute-type elements) of the shared and per-thread buffers.
+struct ws_layout {
+  index_t shared_w = 0;   // converted weight (16-bit storage only)
+  index_t thread_x = 0;   // gathered / converted input chunk
+  index_t thread_y = 0;   // compute-type output chunk (16-bit storage only)
+  index_t thread_s = 0;   // one row of basis channels
+};
+
+template <class T, class P>
+ws_layout layout_of(const P& p, const chunking& ch) {
+  constexpr bool narrow = !std::is_same_v<T, compute_t<T>>;
+  ws_layout l;
+  if constexpr (std::is_same_v<P, bd_projection<T>>) {
+    const index_t nr = p.in_dim - p.rank;
+    if (narrow) l.shared_w = nr * p.out_dim();
+    if (narrow || !p.basis_leading()) l.thread_x = ch.rows * nr;
+    if (narrow) l.thread_y = ch.rows * p.out_dim();
+    l.thread_s = p.rank;
+  } else {
+    if (narrow) {
+      l.shared_w = p.in_dim() * p.out_dim();
+      l.thread_x = ch.rows * p.in_dim();
+      l.thread_y = ch.rows * p.out_dim();
+    }
+  }
+  return l;
+}
+
+template <class C>
+std::size_t bytes_of(const ws_layout& l, index_t threads) {
+  auto b = [](index_t n) { return n ? align_up(static_cast<std::size_t>(n) * sizeof(C)) : 0; };
+  return b(l.shared_w) + static_cast<std::size_t>(threads) * (b(l.thread_x) + b(l.thread_y) + b(l.thread_s));
+}
+
+template <class T, class P>
+void check_io(const P& p, const matrix_view<const T>& x, const matrix_view<T>& y, index_t in, index_t out) {
+  (void)p;
+  BASISATTN_REQUIRE(x.cols == in, shape_mismatch, "project: x has ", x.cols, " columns, the projection takes ", in);
+  BASISATTN_REQUIRE(y.cols == out, shape_mismatch, "project: y has ", y.cols, " columns, the projection gives ", out);
+  BASISATTN_REQUIRE(x.rows == y.rows, shape_mismatch, "project: x has ", x.rows, " rows (tokens) but y has ", y.rows);
+  BASISATTN_REQUIRE(x.rows == 0 || (x.data && y.data), invalid_argument, "project: null data");
+  BASISATTN_REQUIRE(x.rows_contiguous() && y.rows_contiguous(), invalid_argument,
+                    "project: x and y rows must be contiguous (col_stride 1)");
+  BASISATTN_REQUIRE(x.rows <= 1 || (x.row_stride >= x.cols && y.row_stride >= y.cols), invalid_argument,
+                    "project: row strides (", x.row_stride, ", ", y.row_stride, ") smaller than the row lengths");
+}
+
+/// Shared driver: for each row chunk, fill(chunk rows, Y chunk, ldY, thread buffers) then Y += X W.
+template <class T, class Fill, class XOperand>
+void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& ar, matrix_view<T> y,
+                const compute_t<T>* w, index_t w_rows, index_t w_cols, Fill&& fill, XOperand&& x_operand) {
+  using C = compute_t<T>;
+  constexpr bool narrow = !std::is_same_v<T, C>;
+  std::vector<C*> bx(static_cast<std::size_t>(ch.threads)), by(static_cast<std::size_t>(ch.threads)),
+      bs(static_cast<std::size_t>(ch.threads));
+  for (index_t t = 0; t < ch.threads; ++t) {
+    bx[static_cast<std::size_t>(t)] = l.thread_x ? ar.take<C>(l.thread_x) : nullptr;
+    by[static_cast<std::size_t>(t)] = l.thread_y ? ar.take<C>(l.thread_y) : nullptr;
+    bs[static_cast<std::size_t>(t)] = l.thread_s ? ar.take<C>(l.thread_s) : nullptr;
+  }
+  const index_t nchunks = (tokens + ch.rows - 1) / ch.rows;
+  using wmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>>;
+  using ymap = Eigen::Map<::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  const wmap wm(w, w_rows, w_cols);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(ch.threads))
+#endif
+  for (index_t c = 0; c < nchunks; ++c) {
+#if defined(_OPENMP)
+    const std::size_t tid = static_cast<std::size_t>(omp_get_thread_num());
+#else
+    const std::size_t tid = 0;
+#endif
+    const index_t t0 = c * ch.rows, nt = std::min(ch.rows, tokens - t0);
+    C* ydst;
+    index_t ldy;
+    if constexpr (narrow) {
+      ydst = by[tid];
+      ldy = w_cols;
+    } else {
+      ydst = y.data + t0 * y.row_stride;
+      ldy = y.row_stride;
+    }
+    fill(t0, nt, ydst, ldy, bx[tid], bs[tid]);
+    ymap ym(ydst, nt, w_cols, Eigen::OuterStride<>(ldy));
+    ym.noalias() += x_operand(t0, nt, bx[tid]) * wm;
+    if constexpr (narrow) {
+      for (index_t t = 0; t < nt; ++t) {
+        T* yr = y.data + (t0 + t) * y.row_stride;
+        const C* src = ydst + t * ldy;
+        for (index_t j = 0; j < w_cols; ++j) yr[j] = ::basisattn::detail::from_compute<T>(src[j]);
+      }
+    }
+  }
+}
+
+template <class C, class T>
+const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
+  if constexpr (std::is_same_v<T, C>) {
+    (void)ar;
+    (void)n;
+    return w.data();
+  } else {
+    C* dst = ar.take<C>(n);
+    const T* src = w.data();
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(::basisattn::detail::cpu_threads())
+#endif
+    for (index_t i = 0; i < n; ++i) dst[i] = ::basisattn::detail::to_compute<C>(src[i]);
+    return dst;
+  }
+}
+
+}  // namespace detail
+
+/// Workspace bytes project(cpu, p, x, y, ...) needs for `tokens` rows with the current thread count.
+template <class T>
+std::size_t project_workspace_bytes(cpu, const bd_projection<T>& p, index_t tokens) {
+  const auto ch = detail::plan_chunks(tokens);
+  return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
+}
+template <class T>
+std::size_t project_workspace_bytes(cpu, const dense_projection<T>& p, index_t tokens) {
+  const auto ch = detail::plan_chunks(tokens);
+  return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
+}
+
+/// BD projection of all heads: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
+template <class T>
+void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
+             std::size_t workspace_bytes, const project_options& opt = {}) {
+  using C = compute_t<T>;
+  constexpr bool narrow = !std::is_same_v<T, C>;
+  detail::check_io<T>(p, x, y, p.in_dim, p.out_dim());
+  if (x.rows == 0) return;
+  if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
+  const auto ch = detail::plan_chunks(x.rows);
+  const auto l = detail::layout_of<T>(p, ch);
+  const std::size_t need = detail::bytes_of<C>(l, ch.threads);
+  BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
+                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
+  detail::arena ar{static_cast<unsigned char*>(workspace), workspace_bytes};
+  const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
+  const bool lead = p.basis_leading();
+  const C* w = detail::weight_in_compute<C>(p.coeff, ar, nr * G * r);
+  const index_t* basis = p.basis.data();
+  const index_t* rest = p.rest.data();
+  const T* bias = p.bias.empty() ? nullptr : p.bias.data();
+
+  auto fill = [&](index_t t0, index_t nt, C* yd, index_t ldy, C* bx, C* bs) {
+    for (index_t t = 0; t < nt; ++t) {
+      const T* xr = x.data + (t0 + t) * x.row_stride;
+      for (index_t k = 0; k < r; ++k) bs[k] = ::basisattn::detail::to_compute<C>(xr[lead ? k : basis[k]]);
+      C* yr = yd + t * ldy;
+      if (bias) {
+        for (index_t g = 0; g < G; ++g)
+          for (index_t k = 0; k < r; ++k) yr[g * r + k] = bs[k] + ::basisattn::detail::to_compute<C>(bias[g * r + k]);
+      } else {
+        for (index_t g = 0; g < G; ++g) std::memcpy(yr + g * r, bs, static_cast<std::size_t>(r) * sizeof(C));
+      }
+      if (narrow || !lead) {
+        C* xo = bx + t * nr;
+        if (lead)
+          for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = ::basisattn::detail::to_compute<C>(xr[r + l2]);
+        else
+          for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = ::basisattn::detail::to_compute<C>(xr[rest[l2]]);
+      }
+    }
+  };
+  auto x_operand = [&](index_t t0, index_t nt, C* bx) {
+    using xmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
+    if constexpr (narrow) {
+      return xmap(bx, nt, nr, Eigen::OuterStride<>(nr));
+    } else {
+      if (!lead) return xmap(bx, nt, nr, Eigen::OuterStride<>(nr));
+      return xmap(x.data + t0 * x.row_stride + r, nt, nr, Eigen::OuterStride<>(x.row_stride));  // no copy
+    }
+  };
+  detail::run_chunks<T>(x.rows, ch, l, ar, y, w, nr, G * r, fill, x_operand);
+}
+
+/// Dense projection y = x W + b, same chunked structure as the BD one.
+template <class T>
+void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
+             std::size_t workspace_bytes, const project_options& opt = {}) {
+  using C = compute_t<T>;
+  constexpr bool narrow = !std::is_same_v<T, C>;
+  detail::check_io<T>(p, x, y, p.in_dim(), p.out_dim());
+  if (x.rows == 0) return;
+  if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
+  const auto ch = detail::plan_chunks(x.rows);
+  const auto l = detail::layout_of<T>(p, ch);
+  const std::size_t need = detail::bytes_of<C>(l, ch.threads);
+  BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
+                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
+  detail::arena ar{static_cast<unsigned char*>(workspace), workspace_bytes};
+  const index_t in = p.in_dim(), out = p.out_dim();
+  const C* w = detail::weight_in_compute<C>(p.weight, ar, in * out);
+  const T* bias = p.bias.empty() ? nullptr : p.bias.data();
+  auto fill = [&](index_t t0, index_t nt, C* yd, index_t ldy, C* bx, C*) {
+    for (index_t t = 0; t < nt; ++t) {
+      C* yr = yd + t * ldy;
+      if (bias)
+        for (index_t j = 0; j < out; ++j) yr[j] = ::basisattn::detail::to_compute<C>(bias[j]);
+      else
+        std::fill(yr, yr + out, C(0));
+      if (narrow) {
+        const T* xr = x.data + (t0 + t) * x.row_stride;
+        for (index_t j = 0; j < in; ++j) bx[t * in + j] = ::basisattn::detail::to_compute<C>(xr[j]);
+      }
+    }
+  };
+  auto x_operand = [&](index_t t0, index_t nt, C* bx) {
+    using xmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
+    if constexpr (narrow) return xmap(bx, nt, in, Eigen::OuterStride<>(in));
+    else return xmap(x.data + t0 * x.row_stride, nt, in, Eigen::OuterStride<>(x.row_stride));
+  };
+  detail::run_chunks<T>(x.rows, ch, l, ar, y, w, in, out, fill, x_operand);
+}
+
+/// Convenience overloads that allocate the workspace.
+template <class T, class P>
+auto project(cpu c, const P& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y,
+             const project_options& opt = {})
+    -> decltype(project_workspace_bytes(c, p, x.rows), void()) {
+  const std::size_t n = project_workspace_bytes(c, p, x.rows);
+  std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n + detail::ws_align] : nullptr);
+  void* base = ws.get();
+  if (base) base = reinterpret_cast<void*>(detail::align_up(reinterpret_cast<std::uintptr_t>(base)));
+  project(c, p, x, y, base, n, opt);
+}
+
+}  // namespace bd
+BASISATTN_END_NAMESPACE
