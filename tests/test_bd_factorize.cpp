@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "bd_test_util.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -49,25 +50,11 @@ heads_fixture<T> make_heads(index_t G, index_t m, index_t r, index_t n, double i
   return f;
 }
 
-/// ||A'B' - AB||_F / ||AB||_F over all heads, with C and B' rounded to T and everything else exact
-/// (double): the error BD adds by storing its weights in T.
 template <class T>
 double product_error(const heads_fixture<T>& f, const bd::shared_basis& sb) {
-  double num = 0, den = 0;
-  const index_t r = sb.rank();
-  for (index_t g = 0; g < sb.heads(); ++g) {
-    const Eigen::MatrixXd p = test::to_double(f.a[g]) * test::to_double(f.b[g]);
-    const Eigen::MatrixXd c = test::to_double(sb.template coefficients<T>(g));
-    const Eigen::MatrixXd bp = test::to_double(sb.template absorb_rows<T>(g, f.b[g].view()));
-    Eigen::MatrixXd q(p.rows(), p.cols());
-    for (index_t i = 0; i < r; ++i) q.row(sb.basis()[i]) = bp.row(i);
-    const Eigen::MatrixXd qn = c * bp;
-    for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[l]) = qn.row(l);
-    if (!q.allFinite()) return INFINITY;
-    num += (q - p).squaredNorm();
-    den += p.squaredNorm();
-  }
-  return std::sqrt(num / den);
+  std::vector<matrix_view<const T>> b;
+  for (const auto& m : f.b) b.push_back(m.view());
+  return test::bd_product_error<T>(f.views(), b, sb);
 }
 
 /// First-order bound of that error: every stored value carries a relative rounding error <= u, and a

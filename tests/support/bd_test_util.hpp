@@ -1,0 +1,56 @@
+// Helpers shared by the BD tests: the product error that BD's storage rounding adds.
+#pragma once
+
+#include <basisattn/bd/factorize.hpp>
+
+#include "test_util.hpp"
+
+#include <cmath>
+#include <vector>
+
+namespace test {
+
+/// ||A'B' - AB||_F / ||AB||_F over all heads of a shared basis, with C and B' = A_S B rounded to T and
+/// everything else exact (double): the error BD adds by storing its weights in T. a[g] is m x r,
+/// b[g] is r x n_g.
+template <class T, class TA, class TB>
+double bd_product_error(const std::vector<basisattn::matrix_view<const TA>>& a,
+                        const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb) {
+  double num = 0, den = 0;
+  const index_t r = sb.rank();
+  for (index_t g = 0; g < sb.heads(); ++g) {
+    const Eigen::MatrixXd p = to_double(a[g]) * to_double(b[g]);
+    const Eigen::MatrixXd c = to_double(sb.template coefficients<T>(g));
+    const Eigen::MatrixXd bp = to_double(sb.template absorb_rows<T>(g, b[g]));
+    Eigen::MatrixXd q(p.rows(), p.cols());
+    for (index_t i = 0; i < r; ++i) q.row(sb.basis()[i]) = bp.row(i);
+    const Eigen::MatrixXd qn = c * bp;
+    for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[l]) = qn.row(l);
+    if (!q.allFinite()) return INFINITY;
+    num += (q - p).squaredNorm();
+    den += p.squaredNorm();
+  }
+  return std::sqrt(num / den);
+}
+
+/// The same measure for the dense pair stored in T: ||round(A) round(B) - AB|| / ||AB||.
+template <class T, class TA, class TB>
+double dense_rounding_error(const std::vector<basisattn::matrix_view<const TA>>& a,
+                            const std::vector<basisattn::matrix_view<const TB>>& b) {
+  double num = 0, den = 0;
+  auto rounded = [](const Eigen::MatrixXd& m) {
+    return m.unaryExpr([](double v) {
+      return static_cast<double>(basisattn::detail::to_compute<float>(basisattn::detail::from_compute<T>(v)));
+    });
+  };
+  for (std::size_t g = 0; g < a.size(); ++g) {
+    const Eigen::MatrixXd ad = to_double(a[g]), bd = to_double(b[g]);
+    const Eigen::MatrixXd p = ad * bd;
+    const Eigen::MatrixXd q = std::is_same_v<T, double> ? p : Eigen::MatrixXd(rounded(ad) * rounded(bd));
+    num += (q - p).squaredNorm();
+    den += p.squaredNorm();
+  }
+  return std::sqrt(num / den);
+}
+
+}  // namespace test
