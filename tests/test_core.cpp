@@ -52,6 +52,14 @@ TEST_CASE("unit roundoff and conversions follow each storage type") {
   // 1 + 2^-11 is exactly halfway between two halves: rounds to even (1.0).
   CHECK(float(detail::from_compute<Eigen::half>(1.0f + std::ldexp(1.0f, -11))) == 1.0f);
   CHECK(float(detail::from_compute<Eigen::bfloat16>(3.0f)) == 3.0f);
+  // From double, rounding is done once: 1 + 2^-11 + 2^-40 is above the midpoint between 1 and
+  // 1 + 2^-10, so it must round up, although rounding first to float would land on the midpoint.
+  const double above = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);
+  CHECK(float(detail::from_compute<Eigen::half>(above)) == 1.0f + std::ldexp(1.0f, -10));
+  CHECK(float(detail::from_compute<Eigen::half>(1.0 + std::ldexp(1.0, -11) - std::ldexp(1.0, -40))) == 1.0f);
+  const double above_bf = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  CHECK(float(detail::from_compute<Eigen::bfloat16>(above_bf)) == 1.0f + std::ldexp(1.0f, -7));
+  CHECK(float(detail::from_compute<Eigen::half>(-above)) == -(1.0f + std::ldexp(1.0f, -10)));
 }
 
 TEST_CASE("errors carry a code and a message naming the problem") {

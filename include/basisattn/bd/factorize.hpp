@@ -78,7 +78,7 @@ std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eige
   const index_t G = static_cast<index_t>(heads.size());
   const index_t m = heads[0].rows(), r = heads[0].cols();
   constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-  const index_t block = 16, max_cand = 2 * block + 8;
+  const index_t block = 32, max_cand = 2 * block + 8;
   // Residual squared norms per head and row. A residual below floor_g (relative 100 eps of S)
   // counts as floor_g, so the log stays finite and rows that add nothing to a head lose.
   const double rel_floor = 100.0 * std::numeric_limits<S>::epsilon();
@@ -116,7 +116,7 @@ std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eige
       score[static_cast<std::size_t>(j)] = sc;
       remaining.push_back(j);
     }
-    const index_t p = std::min<index_t>(static_cast<index_t>(remaining.size()), 2 * b + 8);
+    const index_t p = std::min<index_t>(static_cast<index_t>(remaining.size()), 2 * b + 8);  // <= max_cand
     auto better = [&](index_t x, index_t y) {
       const double sx = score[static_cast<std::size_t>(x)], sy = score[static_cast<std::size_t>(y)];
       return sx > sy || (sx == sy && x < y);
@@ -299,16 +299,18 @@ class shared_basis {
   }
   template <class TO>
   static matrix<TO> round_matrix(const Eigen::MatrixXd& x) {
+    const double mx = x.size() ? x.cwiseAbs().maxCoeff() : 0.0;
+    if (!(mx < ::basisattn::detail::rounds_finite_below<TO>()))
+      detail::raise(errc::singular_basis,
+                    detail::concat("a transformed weight (|value| up to ", mx, ") does not fit in ", to_string(dtype_of_v<TO>),
+                                   ": the basis is too ill-conditioned for this storage type"));
     matrix<TO> out(x.rows(), x.cols());
-    for (index_t i = 0; i < x.rows(); ++i)
-      for (index_t j = 0; j < x.cols(); ++j) {
-        const TO v = ::basisattn::detail::from_compute<TO>(x(i, j));
-        if (!::basisattn::detail::is_finite_value(v))
-          detail::raise(errc::singular_basis,
-                        detail::concat("a transformed weight (", x(i, j), ") does not fit in ", to_string(dtype_of_v<TO>),
-                                       ": the basis is too ill-conditioned for this storage type"));
-        out(i, j) = v;
-      }
+    if constexpr (std::is_same_v<TO, double> || std::is_same_v<TO, float>) {
+      ::basisattn::detail::rm_map<TO>(out.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.cols())) = x.template cast<TO>();
+    } else {
+      for (index_t i = 0; i < x.rows(); ++i)
+        for (index_t j = 0; j < x.cols(); ++j) out(i, j) = ::basisattn::detail::from_compute<TO>(x(i, j));
+    }
     return out;
   }
 

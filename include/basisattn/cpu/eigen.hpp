@@ -13,6 +13,8 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <string>
 
@@ -53,36 +55,80 @@ template <class C, class T>
 inline C to_compute(const T& x) {
   return static_cast<C>(x);
 }
-/// Compute -> storage conversion (round to nearest even).
+/// double -> float rounded toward zero, with the lowest bit set when inexact ("round to odd"): a
+/// following round-to-nearest to a format of at most 22 significant bits then rounds the original
+/// double correctly (no double-rounding error).
+inline float round_to_odd_float(double x) {
+  float f = static_cast<float>(x);
+  if (!std::isfinite(f) || static_cast<double>(f) == x) return f;
+  if (std::abs(static_cast<double>(f)) > std::abs(x)) f = std::nextafter(f, 0.0f);
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits |= 1u;
+  std::memcpy(&f, &bits, sizeof bits);
+  return f;
+}
+
+/// Compute -> storage conversion, correctly rounded to nearest even (also from double to the
+/// 16-bit types).
 template <class T, class C>
 inline T from_compute(C x) {
   if constexpr (std::is_same_v<T, C>) return x;
   else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return static_cast<T>(x);
+  else if constexpr (std::is_same_v<C, double>) return T(round_to_odd_float(x));
   else return T(static_cast<float>(x));
 }
 
-/// Copy a view of any storage type into a dense compute-type matrix.
+/// Copy a view of any storage type into a dense compute-type matrix (vectorised when the source
+/// rows are contiguous).
 template <class C, class T>
 rm_matrix<C> to_dense(const matrix_view<const T>& v) {
   rm_matrix<C> out(v.rows, v.cols);
+  if (v.rows_contiguous()) {
+    if constexpr (std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>)
+      out = map_rows(v).template cast<float>().template cast<C>();
+    else
+      out = map_rows(v).template cast<C>();
+    return out;
+  }
   for (index_t i = 0; i < v.rows; ++i)
     for (index_t j = 0; j < v.cols; ++j) out(i, j) = to_compute<C>(v(i, j));
   return out;
 }
 
-/// Copy (with conversion) src into dst; extents must match.
+/// Copy (with conversion, round to nearest) src into dst; extents must match.
 template <class TD, class TS>
 void convert_into(const matrix_view<TD>& dst, const matrix_view<const TS>& src) {
-  for (index_t i = 0; i < src.rows; ++i) {
-    const TS* s = src.data + i * src.row_stride;
-    TD* d = dst.data + i * dst.row_stride;
-    if (src.col_stride == 1 && dst.col_stride == 1) {
-      for (index_t j = 0; j < src.cols; ++j) d[j] = from_compute<TD>(to_compute<compute_t<TD>>(s[j]));
-    } else {
-      for (index_t j = 0; j < src.cols; ++j)
-        d[j * dst.col_stride] = from_compute<TD>(to_compute<compute_t<TD>>(s[j * src.col_stride]));
+  if (src.rows_contiguous() && dst.rows_contiguous()) {
+    constexpr bool narrowing_from_double =
+        std::is_same_v<TS, double> && (std::is_same_v<TD, Eigen::half> || std::is_same_v<TD, Eigen::bfloat16>);
+    if constexpr (!narrowing_from_double) {  // one rounding at most: Eigen's vectorised casts
+      auto d = map_rows(dst);
+      if constexpr (std::is_same_v<TD, TS>)
+        d = map_rows(src);
+      else if constexpr (std::is_same_v<TS, Eigen::half> || std::is_same_v<TS, Eigen::bfloat16>)
+        d = map_rows(src).template cast<float>().template cast<TD>();
+      else
+        d = map_rows(src).template cast<TD>();
+      return;
     }
   }
+  for (index_t i = 0; i < src.rows; ++i)
+    for (index_t j = 0; j < src.cols; ++j)
+      dst(i, j) = from_compute<TD>(to_compute<compute_t<TD>>(src(i, j)));
+}
+
+/// Largest finite value of a storage type and the bound below which rounding to it stays finite.
+template <class T>
+constexpr double max_finite() {
+  return std::is_same_v<T, double>  ? 1.7976931348623157e308
+         : std::is_same_v<T, float> ? 3.4028234663852886e38
+         : std::is_same_v<T, Eigen::half> ? 65504.0
+                                          : 3.3895313892515355e38;
+}
+template <class T>
+constexpr double rounds_finite_below() {
+  return max_finite<T>() * (1.0 + unit_roundoff(dtype_of_v<T>));
 }
 
 template <class T>
