@@ -1,0 +1,24 @@
+# basisattn_add_header_check(<target>): an object library with one translation unit per public
+# header, each including that header (twice, to test its include guard) and nothing else. Headers
+# under basisattn/cuda/ are checked only when basisattn::cuda exists; *.cuh files need nvcc and are
+# left to the CUDA targets.
+function(basisattn_add_header_check target)
+  file(GLOB_RECURSE headers RELATIVE ${PROJECT_SOURCE_DIR}/include CONFIGURE_DEPENDS
+       ${PROJECT_SOURCE_DIR}/include/basisattn/*.hpp)
+  set(sources)
+  foreach(h IN LISTS headers)
+    if(h MATCHES "^basisattn/cuda/" AND NOT BASISATTN_HAS_CUDA)
+      continue()
+    endif()
+    string(MAKE_C_IDENTIFIER "${h}" id)
+    set(src ${CMAKE_CURRENT_BINARY_DIR}/header_check/${id}.cpp)
+    file(CONFIGURE OUTPUT ${src} CONTENT "#include <${h}>\n#include <${h}>\n")
+    list(APPEND sources ${src})
+  endforeach()
+  add_library(${target} OBJECT ${sources})
+  target_link_libraries(${target} PRIVATE basisattn)
+  if(BASISATTN_HAS_CUDA)
+    target_link_libraries(${target} PRIVATE basisattn_cuda)
+  endif()
+  target_compile_options(${target} PRIVATE $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wno-psabi>)
+endfunction()
