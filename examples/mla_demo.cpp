@@ -5,7 +5,8 @@
 // and V up-projections rewritten over a shared basis of 128 of the 512 latent channels), and prints
 //   - what preparation chose (strategy, conditioning, max |C|) and how long it took,
 //   - weight bytes dense vs BD,
-//   - the BD layer's output error against the dense layer on the same input, fp32 and fp16,
+//   - the output error of the dense and of the BD layer, fp32 and fp16, against the dense layer
+//     computed in double on the same input, and BD against dense,
 //   - the dense vs BD time of the K/V up-projection (the part BD makes cheaper), same run.
 // Usage: mla_demo [tokens_for_timing=4096] [tokens_for_error=256]
 #include <basisattn/basisattn.hpp>
@@ -33,29 +34,36 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-template <class T>
-double rel_diff(const matrix<T>& a, const matrix<T>& b) {
+template <class A, class B>
+double rel_diff(const matrix<A>& a, const matrix<B>& b) {
   double num = 0, den = 0;
   for (index_t i = 0; i < a.size(); ++i) {
-    const double x = static_cast<double>(static_cast<float>(a.data()[i])), y = static_cast<double>(static_cast<float>(b.data()[i]));
+    const double x = static_cast<double>(static_cast<float>(a.data()[i]));
+    const double y = static_cast<double>(b.data()[i]);
     num += (x - y) * (x - y);
     den += y * y;
   }
   return std::sqrt(num / den);
 }
 
+struct layer_errors {
+  double dense, bd, bd_vs_dense;
+};
+
+/// Dense and BD layers in storage T against the dense layer computed in double, same input.
 template <class T>
-double layer_error(const ds::weights& w, index_t tokens, std::mt19937& g) {
+layer_errors layer_error(const ds::weights& w, const matrix<double>& x, const matrix<double>& ref) {
   bd::mla_options dense_opt;
   dense_opt.bd = false;
   const auto dense = bd::prepare_mla<T>(w.views(), ds::config(), dense_opt);
   const auto bdl = bd::prepare_mla<T>(w.views(), ds::config());
-  matrix<T> x(tokens, ds::hidden), yd(tokens, ds::hidden), yb(tokens, ds::hidden);
-  std::normal_distribution<float> nd;
-  for (index_t i = 0; i < x.size(); ++i) x.data()[i] = T(nd(g));
-  bd::forward(cpu{}, dense, x.view(), yd.view());
-  bd::forward(cpu{}, bdl, x.view(), yb.view());
-  return rel_diff(yb, yd);
+  matrix<T> xt(x.rows(), x.cols()), yd(x.rows(), ds::hidden), yb(x.rows(), ds::hidden);
+  for (index_t i = 0; i < x.size(); ++i) xt.data()[i] = T(static_cast<float>(x.data()[i]));
+  bd::forward(cpu{}, dense, xt.view(), yd.view());
+  bd::forward(cpu{}, bdl, xt.view(), yb.view());
+  matrix<double> ydd(yd.rows(), yd.cols());
+  for (index_t i = 0; i < yd.size(); ++i) ydd.data()[i] = static_cast<double>(static_cast<float>(yd.data()[i]));
+  return {rel_diff(yd, ref), rel_diff(yb, ref), rel_diff(yb, ydd)};
 }
 
 }  // namespace
@@ -79,22 +87,34 @@ int main(int argc, char** argv) {
     const double prep_s = seconds_since(t0);
     const auto& k_up = std::get<bd::bd_projection<float>>(layer.k_up);
     const auto& rep = k_up.report;
-    std::printf("\npreparation (fp32, strategy %s, one basis shared by the 16 K and 16 V heads): %.3f s\n",
+    std::printf("\npreparation (fp32, strategy %s, one basis for the 16 K heads, one for the 16 V heads): %.3f s\n",
                 bd::to_string(rep.used), prep_s);
-    std::printf("  basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld max-volume swaps\n",
+    const auto& vrep = std::get<bd::bd_projection<float>>(layer.v_up).report;
+    std::printf("  K basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld max-volume swaps\n",
                 long(k_up.rank), long(k_up.in_dim), rep.min_rcond, rep.max_abs_coeff, long(rep.swaps));
+    std::printf("  V basis: min rcond(A_S) %.3g; max |C| %.3g; %ld max-volume swaps\n", vrep.min_rcond, vrep.max_abs_coeff,
+                long(vrep.swaps));
     std::printf("  weight bytes: dense %.2f MiB, BD %.2f MiB (K/V up-projection %.2f -> %.2f MiB, -25%%)\n",
                 layer.dense_bytes() / 1048576.0, layer.bytes() / 1048576.0,
                 2.0 * ds::kv_lora_rank * ds::heads * ds::qk_nope * 4 / 1048576.0,
                 (bd::bytes_of(layer.k_up) + bd::bytes_of(layer.v_up)) / 1048576.0);
 
     std::mt19937 g(3);
-    const double e32 = layer_error<float>(w, t_err, g);
-    const double e16 = layer_error<Eigen::half>(w, t_err, g);
-    std::printf("\nBD layer vs dense layer, same input (%ld tokens, causal), ||y_bd - y_dense|| / ||y_dense||:\n",
-                long(t_err));
-    std::printf("  fp32 weights: %.3g    (fp32 unit roundoff 6.0e-08)\n", e32);
-    std::printf("  fp16 weights: %.3g    (fp16 unit roundoff 4.9e-04)\n", e16);
+    std::normal_distribution<float> nd;
+    matrix<double> x_err(t_err, ds::hidden), ref(t_err, ds::hidden);
+    for (index_t i = 0; i < x_err.size(); ++i) x_err.data()[i] = static_cast<float>(nd(g));  // exact in every type
+    {
+      bd::mla_options dense_opt;
+      dense_opt.bd = false;
+      const auto dense64 = bd::prepare_mla<double>(w.views(), ds::config(), dense_opt);
+      bd::forward(cpu{}, dense64, x_err.view(), ref.view());
+    }
+    std::printf("\nlayer output error, %ld tokens, causal; relative to the dense layer computed in double:\n", long(t_err));
+    std::printf("  %-5s %14s %14s %14s\n", "dtype", "dense layer", "BD layer", "BD vs dense");
+    const layer_errors e32 = layer_error<float>(w, x_err, ref);
+    std::printf("  %-5s %14.3g %14.3g %14.3g   (unit roundoff 6.0e-08)\n", "fp32", e32.dense, e32.bd, e32.bd_vs_dense);
+    const layer_errors e16 = layer_error<Eigen::half>(w, x_err, ref);
+    std::printf("  %-5s %14.3g %14.3g %14.3g   (unit roundoff 4.9e-04)\n", "fp16", e16.dense, e16.bd, e16.bd_vs_dense);
 
     // Timing: K up-projection, dense (x W, 512 -> 2048) vs BD (basis copy + x_rest C, 384 -> 2048).
     bd::dense_projection<float> dense;
@@ -107,7 +127,6 @@ int main(int argc, char** argv) {
       dense = bd::make_dense_projection<float>(wk.view());
     }
     matrix<float> x(t_time, ds::kv_lora_rank), y(t_time, ds::heads * ds::qk_nope);
-    std::normal_distribution<float> nd;
     for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
     std::vector<unsigned char> ws(std::max(bd::project_workspace_bytes(cpu{}, dense, t_time),
                                            bd::project_workspace_bytes(cpu{}, k_up, t_time)));

@@ -212,7 +212,11 @@ struct head_factor {
   double log_abs_det = 0;
 };
 
-inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis, const std::vector<index_t>& rest) {
+/// Factor one head for a basis. With `coeff` (coefficients obtained by updates), C is taken from it
+/// unless a probe shows C A_S differing from A_rest by more than `probe_tol` relative; then, or
+/// without `coeff`, C is computed from the LU factors.
+inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis, const std::vector<index_t>& rest,
+                               const Eigen::MatrixXd* coeff = nullptr, double probe_tol = 0) {
   head_factor f;
   f.a_s = gather_rows(a, basis);
   f.lu.compute(f.a_s);
@@ -224,8 +228,18 @@ inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis,
     f.rcond = 0;
     return f;
   }
-  // P A_S = L U, so C = A_N A_S^-1 = A_N U^-1 L^-1 P: two triangular solves from the right.
   Eigen::MatrixXd y = gather_rows(a, rest);
+  if (coeff) {
+    Eigen::VectorXd z(a.cols());
+    for (index_t i = 0; i < z.size(); ++i) z(i) = std::cos(1.0 + 0.7 * double(i));  // fixed probe
+    const Eigen::VectorXd want = y * z, sz = f.a_s * z;
+    const double scale = want.norm() + coeff->norm() * sz.norm();
+    if ((*coeff * sz - want).norm() <= probe_tol * scale) {
+      f.coeff = *coeff;
+      return f;
+    }
+  }
+  // P A_S = L U, so C = A_N A_S^-1 = A_N U^-1 L^-1 P: two triangular solves from the right.
   lu.template triangularView<Eigen::Upper>().solveInPlace<Eigen::OnTheRight>(y);
   lu.template triangularView<Eigen::UnitLower>().solveInPlace<Eigen::OnTheRight>(y);
   f.coeff.noalias() = y * f.lu.permutationP();
@@ -263,21 +277,45 @@ class shared_basis {
   /// C_g rounded to TO.
   template <class TO>
   matrix<TO> coefficients(index_t g) const {
-    return round_matrix<TO>(at(g).coeff);
+    matrix<TO> out(m_ - r_, r_);
+    round_into(at(g).coeff, out.view());
+    return out;
   }
   /// A_S B for head g (B: r x n), computed in double and rounded once to TO.
   template <class TO, class TI>
   matrix<TO> absorb_rows(index_t g, matrix_view<TI> b) const {
+    matrix<TO> out(r_, b.cols);
+    absorb_rows_into(g, b, out.view());
+    return out;
+  }
+  /// As absorb_rows, written into dst (r x n, contiguous rows).
+  template <class TO, class TI>
+  void absorb_rows_into(index_t g, matrix_view<TI> b, matrix_view<TO> dst) const {
     BASISATTN_REQUIRE(b.rows == r_, shape_mismatch, "absorb_rows: B has ", b.rows, " rows, the basis has rank ", r_);
-    const Eigen::MatrixXd bd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(b));
-    return round_matrix<TO>(at(g).a_s * bd);
+    BASISATTN_REQUIRE(dst.rows == r_ && dst.cols == b.cols, shape_mismatch, "absorb_rows: destination is ", dst.rows, "x",
+                      dst.cols, ", expected ", r_, "x", b.cols);
+    const auto bd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(b));
+    ::basisattn::detail::rm_matrix<double> prod(r_, b.cols);
+    prod.noalias() = at(g).a_s * bd;
+    round_into(prod, dst);
   }
   /// W A_S^T for head g (W: n x r), computed in double and rounded once to TO.
   template <class TO, class TI>
   matrix<TO> absorb_cols(index_t g, matrix_view<TI> w) const {
+    matrix<TO> out(w.rows, r_);
+    absorb_cols_into(g, w, out.view());
+    return out;
+  }
+  /// As absorb_cols, written into dst (n x r, contiguous rows; may be a block of a wider matrix).
+  template <class TO, class TI>
+  void absorb_cols_into(index_t g, matrix_view<TI> w, matrix_view<TO> dst) const {
     BASISATTN_REQUIRE(w.cols == r_, shape_mismatch, "absorb_cols: W has ", w.cols, " columns, the basis has rank ", r_);
-    const Eigen::MatrixXd wd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(w));
-    return round_matrix<TO>(wd * at(g).a_s.transpose());
+    BASISATTN_REQUIRE(dst.rows == w.rows && dst.cols == r_, shape_mismatch, "absorb_cols: destination is ", dst.rows, "x",
+                      dst.cols, ", expected ", w.rows, "x", r_);
+    const auto wd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(w));
+    ::basisattn::detail::rm_matrix<double> prod(w.rows, r_);
+    prod.noalias() = wd * at(g).a_s.transpose();
+    round_into(prod, dst);
   }
   /// b A_S^-1 for head g (b: length r), computed in double and rounded once to TO.
   template <class TO, class TI>
@@ -285,8 +323,9 @@ class shared_basis {
     Eigen::VectorXd bv(r_);
     for (index_t i = 0; i < r_; ++i) bv(i) = static_cast<double>(::basisattn::detail::to_compute<compute_t<TI>>(b[i]));
     const Eigen::VectorXd x = at(g).lu.transpose().solve(bv);
-    const matrix<TO> m = round_matrix<TO>(x.transpose());
-    return std::vector<TO>(m.data(), m.data() + r_);
+    std::vector<TO> out(static_cast<std::size_t>(r_));
+    round_into(x.transpose(), matrix_view<TO>(out.data(), 1, r_));
+    return out;
   }
 
   template <class TS, class TI>
@@ -297,21 +336,22 @@ class shared_basis {
     BASISATTN_REQUIRE(g >= 0 && g < heads(), invalid_argument, "head ", g, " out of range [0, ", heads(), ")");
     return f_[static_cast<std::size_t>(g)];
   }
-  template <class TO>
-  static matrix<TO> round_matrix(const Eigen::MatrixXd& x) {
+  /// Round a double matrix once into dst (raising singular_basis if a value overflows TO).
+  template <class TO, class X>
+  static void round_into(const Eigen::MatrixBase<X>& x, matrix_view<TO> dst) {
     const double mx = x.size() ? x.cwiseAbs().maxCoeff() : 0.0;
     if (!(mx < ::basisattn::detail::rounds_finite_below<TO>()))
       detail::raise(errc::singular_basis,
                     detail::concat("a transformed weight (|value| up to ", mx, ") does not fit in ", to_string(dtype_of_v<TO>),
                                    ": the basis is too ill-conditioned for this storage type"));
-    matrix<TO> out(x.rows(), x.cols());
     if constexpr (std::is_same_v<TO, double> || std::is_same_v<TO, float>) {
-      ::basisattn::detail::rm_map<TO>(out.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.cols())) = x.template cast<TO>();
+      ::basisattn::detail::map_rows(dst) = x.template cast<TO>();
     } else {
-      for (index_t i = 0; i < x.rows(); ++i)
-        for (index_t j = 0; j < x.cols(); ++j) out(i, j) = ::basisattn::detail::from_compute<TO>(x(i, j));
+      for (index_t i = 0; i < x.rows(); ++i) {
+        TO* row = dst.data + i * dst.row_stride;
+        for (index_t j = 0; j < x.cols(); ++j) row[j] = ::basisattn::detail::from_compute<TO>(x(i, j));
+      }
     }
-    return out;
   }
 
   index_t m_ = 0, r_ = 0;
@@ -441,9 +481,25 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
       }
       out.report_.swaps = swaps;
       out.report_.swap_limit_hit = !converged;
-      if (swaps > 0) {  // recompute exactly for the final basis (updates accumulate rounding)
+      if (swaps > 0) {
+        // Keep the updated coefficients (reordered to an ascending basis and rest) and refactor A_S,
+        // which is cheap; a head whose updated C fails a probe of C A_S = A_rest is recomputed.
+        std::vector<index_t> ob(static_cast<std::size_t>(r)), orr(static_cast<std::size_t>(m - r));
+        std::iota(ob.begin(), ob.end(), 0);
+        std::iota(orr.begin(), orr.end(), 0);
+        std::sort(ob.begin(), ob.end(), [&](index_t x, index_t y) { return basis[static_cast<std::size_t>(x)] < basis[static_cast<std::size_t>(y)]; });
+        std::sort(orr.begin(), orr.end(), [&](index_t x, index_t y) { return rest[static_cast<std::size_t>(x)] < rest[static_cast<std::size_t>(y)]; });
         set_basis(basis);
-        factor_all();
+        out.f_.assign(static_cast<std::size_t>(G), detail::head_factor{});
+        ::basisattn::detail::parallel_for(G, [&](index_t g) {
+          const Eigen::MatrixXd& cg = c[static_cast<std::size_t>(g)];
+          Eigen::MatrixXd sorted(m - r, r);
+          for (index_t l = 0; l < m - r; ++l)
+            for (index_t k = 0; k < r; ++k) sorted(l, k) = cg(orr[static_cast<std::size_t>(l)], ob[static_cast<std::size_t>(k)]);
+          // Updated coefficients are kept when they are accurate to 1e-3 of TS's rounding.
+          out.f_[static_cast<std::size_t>(g)] = detail::factor_head(a[static_cast<std::size_t>(g)], out.basis_, out.rest_,
+                                                                    &sorted, 1e-3 * unit_roundoff(dtype_of_v<TS>));
+        });
       }
       break;
     }

@@ -14,11 +14,12 @@
 // MLA, DeepSeek-V2 layout (prepare_mla): q_proj (nope | rope slices per head), kv_a_proj_with_mqa
 //   (latent | shared rope key), RMSNorm on the latent, kv_b_proj (k_nope | v per head), o_proj.
 //   BD on the K-nope and V up-projections from the latent: A_h = W_UK^h or W_UV^h (L x d), paired
-//   with the nope columns of q_proj and the rows of o_proj. With basis_sharing::joint (default) one
-//   basis serves all K and V heads and the latent channels are permuted at preparation (columns of
-//   kv_a_proj and the RMSNorm weight), so the basis channels are the first r and the projections
-//   read the latent without any gather. basis_sharing::per_side gives K and V their own basis (the
-//   K side is permuted, the V side gathers).
+//   with the nope columns of q_proj and the rows of o_proj. The latent channels are permuted at
+//   preparation (columns of kv_a_proj and the RMSNorm weight) so that the K basis channels come first
+//   and the K projection reads the latent without any gather. basis_sharing::per_side (default)
+//   gives K and V their own basis (the V side gathers its 512 - 128 channels, ~1% of its GEMM);
+//   basis_sharing::joint uses one basis for all K and V heads (no gather at all, but with twice the
+//   heads sharing it the coefficients grow: on DeepSeek-V2-Lite shapes max |C| 23 vs 14-17).
 //
 // Every prepared layer reports bytes() (its weights) and dense_bytes() (the same layer dense, in
 // T), and shard(first_head, count) returns a self-contained layer for those query heads whose
@@ -119,15 +120,6 @@ any_projection<T> slice_kv(const any_projection<T>& p, index_t g0, index_t ng, i
   if (const auto* b = std::get_if<bd_projection<T>>(&p)) return slice_heads(*b, g0, ng);
   return slice_columns(std::get<dense_projection<T>>(p), g0 * d, ng * d);
 }
-template <class T>
-void copy_rows_into(matrix<T>& dst, index_t row0, const matrix<T>& src) {
-  std::copy(src.data(), src.data() + src.size(), dst.data() + row0 * dst.cols());
-}
-template <class T>
-void copy_cols_into(matrix<T>& dst, index_t col0, const matrix<T>& src) {
-  for (index_t i = 0; i < src.rows(); ++i)
-    std::copy(src.data() + i * src.cols(), src.data() + (i + 1) * src.cols(), dst.data() + i * dst.cols() + col0);
-}
 template <class TI>
 std::vector<const TI*> head_pointers(const TI* b, index_t heads, index_t d) {
   std::vector<const TI*> out;
@@ -192,13 +184,11 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     ::basisattn::detail::parallel_for(H, [&](index_t h) {
       const index_t g = h / grp;
       if (absorb_into_q) {  // W_Q^h A_S^T and b_Q^h A_S^T
-        detail::copy_cols_into(L.q.weight, h * d, sb.template absorb_cols<T>(g, w.wq.block(0, h * d, dm, d)));
-        if (w.bq) {
-          const matrix<T> b = sb.template absorb_cols<T>(g, matrix_view<const TI>(w.bq + h * d, 1, d));
-          std::copy(b.data(), b.data() + d, L.q.bias.begin() + h * d);
-        }
+        sb.absorb_cols_into(g, w.wq.block(0, h * d, dm, d), L.q.weight.view().block(0, h * d, dm, d));
+        if (w.bq)
+          sb.absorb_cols_into(g, matrix_view<const TI>(w.bq + h * d, 1, d), matrix_view<T>(L.q.bias.data() + h * d, 1, d));
       } else {  // A_S W_O^h
-        detail::copy_rows_into(L.o.weight, h * d, sb.template absorb_rows<T>(g, w.wo.block(h * d, 0, d, dm)));
+        sb.absorb_rows_into(g, w.wo.block(h * d, 0, d, dm), L.o.weight.view().block(h * d, 0, d, dm));
       }
     });
     return p;
@@ -236,13 +226,13 @@ struct mla_weights {
 
 /// How the K-nope and V up-projections share bases in an MLA layer.
 enum class basis_sharing {
-  joint,     ///< one basis for all K and V heads; latent permuted so no gather is needed
   per_side,  ///< one basis for the K heads, one for the V heads (V side gathers its basis)
+  joint,     ///< one basis for all K and V heads; no gather anywhere, larger coefficients
 };
 
 struct mla_options {
   bool bd = true;
-  basis_sharing sharing = basis_sharing::joint;
+  basis_sharing sharing = basis_sharing::per_side;
   prepare_options prepare = {};
 };
 
@@ -313,12 +303,14 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   BASISATTN_REQUIRE(!opt.bd || (dn < L && dv < L), invalid_argument, "prepare_mla: BD needs qk_nope_dim (", dn,
                     ") and v_head_dim (", dv, ") below kv_lora_rank (", L, ")");
   const bool fin = opt.prepare.check_finite;
-  if (fin) ::basisattn::detail::require_finite(w.kv_a_norm, L, "kv_a_norm");
+  if (fin) {
+    ::basisattn::detail::require_finite(w.kv_a_norm, L, "kv_a_norm");
+    ::basisattn::detail::require_finite(w.wq, "wq");
+    ::basisattn::detail::require_finite(w.wkv_a, "wkv_a");
+    ::basisattn::detail::require_finite(w.wo, "wo");
+  }
   mla_layer<T> out;
   out.config = cfg;
-  out.q = make_dense_projection<T>(w.wq, static_cast<const TI*>(nullptr), fin);
-  out.kv_a = make_dense_projection<T>(w.wkv_a, static_cast<const TI*>(nullptr), fin);
-  out.o = make_dense_projection<T>(w.wo, static_cast<const TI*>(nullptr), fin);
   out.kv_a_norm.resize(static_cast<std::size_t>(L));
   for (index_t i = 0; i < L; ++i)
     out.kv_a_norm[static_cast<std::size_t>(i)] =
@@ -326,6 +318,9 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   auto k_head = [&](index_t h) { return w.wkv_b.block(0, h * (dn + dv), L, dn); };
   auto v_head = [&](index_t h) { return w.wkv_b.block(0, h * (dn + dv) + dn, L, dv); };
   if (!opt.bd) {
+    out.q = make_dense_projection<T>(w.wq, static_cast<const TI*>(nullptr), false);
+    out.kv_a = make_dense_projection<T>(w.wkv_a, static_cast<const TI*>(nullptr), false);
+    out.o = make_dense_projection<T>(w.wo, static_cast<const TI*>(nullptr), false);
     if (fin) ::basisattn::detail::require_finite(w.wkv_b, "wkv_b");
     dense_projection<T> ku, vu;
     ku.weight = matrix<T>(L, H * dn);
@@ -366,12 +361,14 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   std::vector<index_t> pos(static_cast<std::size_t>(L));
   for (index_t i = 0; i < L; ++i) pos[static_cast<std::size_t>(perm[static_cast<std::size_t>(i)])] = i;
   {
-    matrix<T> wa(dm, L + dr);
+    out.kv_a.weight = matrix<T>(dm, L + dr);
     for (index_t i = 0; i < dm; ++i) {
-      for (index_t j = 0; j < L; ++j) wa(i, j) = out.kv_a.weight(i, perm[static_cast<std::size_t>(j)]);
-      for (index_t j = L; j < L + dr; ++j) wa(i, j) = out.kv_a.weight(i, j);
+      for (index_t j = 0; j < L; ++j)
+        out.kv_a.weight(i, j) = ::basisattn::detail::from_compute<T>(
+            ::basisattn::detail::to_compute<compute_t<TI>>(w.wkv_a(i, perm[static_cast<std::size_t>(j)])));
+      for (index_t j = L; j < L + dr; ++j)
+        out.kv_a.weight(i, j) = ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<compute_t<TI>>(w.wkv_a(i, j)));
     }
-    out.kv_a.weight = std::move(wa);
     std::vector<T> g(static_cast<std::size_t>(L));
     for (index_t j = 0; j < L; ++j) g[static_cast<std::size_t>(j)] = out.kv_a_norm[static_cast<std::size_t>(perm[static_cast<std::size_t>(j)])];
     out.kv_a_norm = std::move(g);
@@ -382,15 +379,18 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   };
   remap(pk);
   remap(pv);
-  // Absorb A_S into the nope columns of q (K side) and the rows of o (V side).
+  // Absorb A_S into the nope columns of q (K side) and the rows of o (V side); q's rope columns are
+  // copied as they are.
   const index_t qd = dn + dr;
+  out.q.weight = matrix<T>(dm, H * qd);
+  out.o.weight = matrix<T>(H * dv, dm);
   ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
     if (h < H) {
-      detail::copy_cols_into(out.q.weight, h * qd, sk.template absorb_cols<T>(h, w.wq.block(0, h * qd, dm, dn)));
+      sk.absorb_cols_into(h, w.wq.block(0, h * qd, dm, dn), out.q.weight.view().block(0, h * qd, dm, dn));
+      ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr), w.wq.block(0, h * qd + dn, dm, dr));
     } else {
       const index_t hv = h - H;
-      detail::copy_rows_into(out.o.weight, hv * dv,
-                             vbasis.template absorb_rows<T>(v_offset + hv, w.wo.block(hv * dv, 0, dv, dm)));
+      vbasis.absorb_rows_into(v_offset + hv, w.wo.block(hv * dv, 0, dv, dm), out.o.weight.view().block(hv * dv, 0, dv, dm));
     }
   });
   out.k_up = std::move(pk);

@@ -60,7 +60,7 @@ inline C to_compute(const T& x) {
 /// double correctly (no double-rounding error).
 inline float round_to_odd_float(double x) {
   float f = static_cast<float>(x);
-  if (!std::isfinite(f) || static_cast<double>(f) == x) return f;
+  if (static_cast<double>(f) == x || !std::isfinite(f)) return f;
   if (std::abs(static_cast<double>(f)) > std::abs(x)) f = std::nextafter(f, 0.0f);
   std::uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
