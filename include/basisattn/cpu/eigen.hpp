@@ -69,13 +69,28 @@ inline float round_to_odd_float(double x) {
   return f;
 }
 
+/// double -> 16-bit type T, correctly rounded to nearest even. Rounding to float first is already
+/// correct unless the float lands exactly on a midpoint of T (then the double's own bits decide), or
+/// the value is in T's subnormal range (fewer bits kept): only those take the round-to-odd path.
+template <class T>
+inline T round_double_to_16(double x) {
+  const float f = static_cast<float>(x);
+  std::uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  constexpr bool is_half = std::is_same_v<T, Eigen::half>;
+  constexpr std::uint32_t low = is_half ? 0x1FFFu : 0xFFFFu, mid = is_half ? 0x1000u : 0x8000u;
+  const bool small = is_half ? std::abs(f) < 6.103515625e-05f : std::abs(f) < 1.1754943508222875e-38f;
+  if ((b & low) == mid || small) return T(round_to_odd_float(x));
+  return T(f);
+}
+
 /// Compute -> storage conversion, correctly rounded to nearest even (also from double to the
 /// 16-bit types).
 template <class T, class C>
 inline T from_compute(C x) {
   if constexpr (std::is_same_v<T, C>) return x;
   else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return static_cast<T>(x);
-  else if constexpr (std::is_same_v<C, double>) return T(round_to_odd_float(x));
+  else if constexpr (std::is_same_v<C, double>) return round_double_to_16<T>(x);
   else return T(static_cast<float>(x));
 }
 
