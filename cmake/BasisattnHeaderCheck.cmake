@@ -1,5 +1,6 @@
 # basisattn_add_header_check(<target>): an object library with one translation unit per public
-# header, each including that header (twice, to test its include guard) and nothing else. Headers
+# header, each including that header (twice, to test its include guard) and nothing else, plus the
+# umbrella header compiled with -fno-exceptions. Headers
 # under basisattn/cuda/ are checked only when basisattn::cuda exists; *.cuh files need nvcc and are
 # left to the CUDA targets.
 function(basisattn_add_header_check target)
@@ -15,6 +16,11 @@ function(basisattn_add_header_check target)
     file(CONFIGURE OUTPUT ${src} CONTENT "#include <${h}>\n#include <${h}>\n")
     list(APPEND sources ${src})
   endforeach()
+  # The CPU library must also build without exceptions (errors then print and abort).
+  set(noexc ${CMAKE_CURRENT_BINARY_DIR}/header_check/umbrella_no_exceptions.cpp)
+  file(CONFIGURE OUTPUT ${noexc} CONTENT "#include <basisattn/basisattn.hpp>\n")
+  set_source_files_properties(${noexc} PROPERTIES COMPILE_OPTIONS "-fno-exceptions")
+  list(APPEND sources ${noexc})
   add_library(${target} OBJECT ${sources})
   target_link_libraries(${target} PRIVATE basisattn)
   if(BASISATTN_HAS_CUDA)

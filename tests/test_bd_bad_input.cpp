@@ -69,6 +69,18 @@ TEST_CASE("rank-deficient heads and singular bases are reported, for every strat
     o.select = st;
     expect_error([&] { bd::factorize<double>(v, o); }, errc::rank_deficient, "numerical rank 5 < r = 6");
   }
+  // Columns sin(x), sin(x + 1), sin(x + 2) are linearly dependent (sin(x+2) = 2 cos 1 sin(x+1) - sin x),
+  // but stored in float they are full rank to within float noise. By default such a basis is kept
+  // (BD reproduces the stored values, noise included, to rounding); when a stricter min_rcond refuses
+  // it, the error says why: the head is rank deficient at float precision.
+  std::vector<float> s(40 * 3);
+  for (int i = 0; i < 40; ++i)
+    for (int j = 0; j < 3; ++j) s[i * 3 + j] = std::sin(0.37f * float(i) + float(j));
+  const std::vector<matrix_view<const float>> sv = {matrix_view<const float>(s.data(), 40, 3)};
+  CHECK_NOTHROW(bd::factorize<float>(sv));
+  bd::prepare_options strict;
+  strict.min_rcond = 1e-4;
+  expect_error([&] { bd::factorize<float>(sv, strict); }, errc::rank_deficient, "numerical rank 2 < r = 3");
   // Full-rank A whose first r rows are singular: first_r is refused, shared_pivot works.
   auto c = test::random_matrix<double>(30, 6);
   for (int j = 0; j < 6; ++j) c(4, j) = c(1, j) + c(2, j);
@@ -90,6 +102,10 @@ TEST_CASE("coefficients that overflow the storage type are refused, not stored a
   std::vector<matrix_view<const double>> v = {a.view()};
   bd::prepare_options o;
   o.select = bd::strategy::first_r;
+  // By default such a basis is refused for its error growth already ...
+  expect_error([&] { bd::factorize<Eigen::half>(v, o); }, errc::singular_basis, "error growth");
+  // ... and with that check relaxed, the overflow itself is caught when rounding.
+  o.max_error_growth = 1e30;
   expect_error([&] { bd::factorize<Eigen::half>(v, o).coefficients<Eigen::half>(0); }, errc::singular_basis,
                "does not fit in f16");
   CHECK_NOTHROW(bd::factorize<float>(v, o).coefficients<float>(0));

@@ -5,9 +5,10 @@
 //     TS:    the storage type the results will be rounded to (used by strategy::residual_min).
 //   Picks S (bd/options.hpp explains the strategies), then computes, in double, for each head
 //   A_S = A_g[S, :], its LU factorization and condition estimate, and C_g = A_g[~S, :] A_S^-1.
-//   It never forms an m x n product. A singular or near-singular basis (rcond < min_rcond) raises
-//   errc::singular_basis, a head whose A_g has rank < r raises errc::rank_deficient, NaN/Inf
-//   raises errc::non_finite, r >= m or mismatched heads raise invalid_argument / shape_mismatch.
+//   It never forms an m x n product. A singular or near-singular basis (rcond < min_rcond, or an
+//   estimated error growth above max_error_growth) raises errc::singular_basis, a head whose A_g has
+//   rank < r at the input's precision raises errc::rank_deficient, NaN/Inf raises
+//   errc::non_finite, r >= m or mismatched heads raise invalid_argument / shape_mismatch.
 //
 //   The result transforms the matrices paired with each head, in double, rounding once to TO:
 //     absorb_rows<TO>(g, B)   = A_S B      (B: r x n; e.g. W_O^h for the V/O pair)
@@ -60,10 +61,11 @@ inline std::vector<index_t> complement(index_t m, const std::vector<index_t>& ba
   return rest;
 }
 
-/// Numerical rank of one head (error path only).
-inline index_t numerical_rank(const dmat& a) {
+/// Numerical rank of one head (error path only): singular values below `rel_tol` of the largest
+/// count as zero; the caller passes a tolerance at the input's own rounding level.
+inline index_t numerical_rank(const dmat& a, double rel_tol) {
   Eigen::ColPivHouseholderQR<Eigen::MatrixXd> qr(a);
-  qr.setThreshold(1e-13);
+  qr.setThreshold(rel_tol);
   return qr.rank();
 }
 
@@ -369,8 +371,9 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
   BASISATTN_REQUIRE(r >= 1 && m >= 1, invalid_argument, "factorize: A is ", m, "x", r, "; both extents must be >= 1");
   BASISATTN_REQUIRE(r < m, invalid_argument, "factorize: r = ", r, " must be smaller than m = ", m,
                     " (BD removes r of the m input channels; with r >= m there is nothing to save)");
-  BASISATTN_REQUIRE(opt.min_rcond >= 0 && opt.swap_gain > 1.0, invalid_argument,
-                    "factorize: min_rcond must be >= 0 and swap_gain > 1 (got ", opt.min_rcond, ", ", opt.swap_gain, ")");
+  BASISATTN_REQUIRE(opt.min_rcond >= 0 && opt.swap_gain > 1.0 && opt.max_error_growth > 0, invalid_argument,
+                    "factorize: min_rcond must be >= 0, swap_gain > 1 and max_error_growth > 0 (got ", opt.min_rcond, ", ",
+                    opt.swap_gain, ", ", opt.max_error_growth, ")");
   const index_t G = static_cast<index_t>(heads.size());
   std::vector<dmat> a(static_cast<std::size_t>(G));
   for (index_t g = 0; g < G; ++g) {
@@ -510,21 +513,27 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
   out.report_.log_volume = 0;
   for (index_t g = 0; g < G; ++g) {
     const auto& f = out.f_[static_cast<std::size_t>(g)];
-    if (!(f.rcond >= opt.min_rcond) || f.rcond == 0) {
-      const index_t rk = detail::numerical_rank(a[static_cast<std::size_t>(g)]);
+    const double growth =
+        f.rcond > 0 ? std::sqrt((double(r) + 2.0 * f.coeff.squaredNorm()) / (2.0 * double(m))) : std::numeric_limits<double>::infinity();
+    if (!(f.rcond >= opt.min_rcond) || f.rcond == 0 || !(growth <= opt.max_error_growth)) {
+      // Values stored in TI carry relative noise of its unit roundoff: rank is judged at that level.
+      const double tol = std::max(1e-13, 16.0 * unit_roundoff(dtype_of_v<TI>) * std::sqrt(double(m)));
+      const index_t rk = detail::numerical_rank(a[static_cast<std::size_t>(g)], tol);
       if (rk < r)
         detail::raise(errc::rank_deficient,
                       detail::concat("head ", g, ": A (", m, "x", r, ") has numerical rank ", rk, " < r = ", r,
                              "; no basis of r rows exists (remove the redundant head dimensions first)"));
       detail::raise(errc::singular_basis,
                     detail::concat("head ", g, ": the basis rows chosen by ", to_string(opt.select),
-                           " are singular or too ill-conditioned (estimated rcond ", f.rcond, " < min_rcond ",
-                           opt.min_rcond, ")",
-                           opt.select == strategy::shared_pivot ? "" : "; strategy shared_pivot may find a better basis"));
+                                   " are singular or too ill-conditioned (estimated rcond ", f.rcond, ", min_rcond ",
+                                   opt.min_rcond, "; error growth ", growth, ", max_error_growth ", opt.max_error_growth, ")",
+                                   opt.select == strategy::shared_pivot ? "" : "; strategy shared_pivot may find a better basis"));
     }
     head_diagnostics d;
     d.rcond = f.rcond;
     d.max_abs_coeff = f.coeff.size() ? f.coeff.cwiseAbs().maxCoeff() : 0.0;
+    d.error_growth = growth;
+    out.report_.error_growth = std::max(out.report_.error_growth, growth);
     out.report_.heads[static_cast<std::size_t>(g)] = d;
     out.report_.min_rcond = std::min(out.report_.min_rcond, d.rcond);
     out.report_.max_abs_coeff = std::max(out.report_.max_abs_coeff, d.max_abs_coeff);

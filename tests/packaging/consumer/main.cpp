@@ -10,9 +10,14 @@ int main() {
   static_assert(BASISATTN_VERSION_MAJOR == 0, "version macros are visible");
   const index_t m = 12, r = 3, n = 5;
   std::vector<float> a(m * r), b(r * n), x(2 * m);
-  for (std::size_t i = 0; i < a.size(); ++i) a[i] = std::sin(1.3f * float(i) + 0.2f);
-  for (std::size_t i = 0; i < b.size(); ++i) b[i] = std::cos(0.7f * float(i));
-  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * float(i));
+  unsigned state = 12345u;  // a small LCG: full-rank pseudo-random values in [-1, 1)
+  auto next = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return float(state >> 8) / float(1u << 23) - 1.0f;
+  };
+  for (auto& v : a) v = next();
+  for (auto& v : b) v = next();
+  for (auto& v : x) v = next();
   const matrix_view<const float> av(a.data(), m, r), bv(b.data(), r, n);
   const bd::shared_basis sb = bd::factorize<float>(std::vector<matrix_view<const float>>{av});
   const auto proj = bd::make_bd_projection<float>(sb);
