@@ -64,12 +64,7 @@ struct kv_up {
       }());
       bd = bd::make_bd_projection<float>(sb);
     }
-    matrix<float> wk(ds::kv_lora_rank, ds::heads * ds::qk_nope);
-    const auto v = w.views();
-    for (index_t i = 0; i < ds::kv_lora_rank; ++i)
-      for (index_t h = 0; h < ds::heads; ++h)
-        for (index_t j = 0; j < ds::qk_nope; ++j) wk(i, h * ds::qk_nope + j) = v.wkv_b(i, h * (ds::qk_nope + ds::v_head) + j);
-    dense = bd::make_dense_projection<float>(wk.view());
+    dense = bd::make_dense_projection<float>(w.k_up_weight().view());
   }
 };
 

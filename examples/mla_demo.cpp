@@ -118,15 +118,7 @@ int main(int argc, char** argv) {
     std::printf("  %-5s %14.3g %14.3g %14.3g   (unit roundoff 4.9e-04)\n", "fp16", e16.dense, e16.bd, e16.bd_vs_dense);
 
     // Timing: K up-projection, dense (x W, 512 -> 2048) vs BD (basis copy + x_rest C, 384 -> 2048).
-    bd::dense_projection<float> dense;
-    {
-      matrix<float> wk(ds::kv_lora_rank, ds::heads * ds::qk_nope);
-      const auto v = w.views();
-      for (index_t i = 0; i < ds::kv_lora_rank; ++i)
-        for (index_t h = 0; h < ds::heads; ++h)
-          for (index_t j = 0; j < ds::qk_nope; ++j) wk(i, h * ds::qk_nope + j) = v.wkv_b(i, h * (ds::qk_nope + ds::v_head) + j);
-      dense = bd::make_dense_projection<float>(wk.view());
-    }
+    const auto dense = bd::make_dense_projection<float>(w.k_up_weight().view());
     matrix<float> x(t_time, ds::kv_lora_rank), y(t_time, ds::heads * ds::qk_nope);
     for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
     std::vector<unsigned char> ws(std::max(bd::project_workspace_bytes(cpu{}, dense, t_time),

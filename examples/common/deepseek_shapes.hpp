@@ -4,6 +4,7 @@
 #pragma once
 
 #include <basisattn/bd/layers.hpp>
+#include <basisattn/core/view.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -39,6 +40,15 @@ struct weights {
     std::normal_distribution<float> nd(1.0f, 0.1f);
     norm.resize(kv_lora_rank);
     for (auto& x : norm) x = nd(g);
+  }
+  /// The dense K-nope up-projection of all heads (latent -> heads x qk_nope), cut out of wkv_b.
+  basisattn::matrix<float> k_up_weight() const {
+    using basisattn::index_t;
+    basisattn::matrix<float> wk(kv_lora_rank, heads * qk_nope);
+    for (index_t i = 0; i < kv_lora_rank; ++i)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t j = 0; j < qk_nope; ++j) wk(i, h * qk_nope + j) = wkv_b[std::size_t(i * heads * (qk_nope + v_head) + h * (qk_nope + v_head) + j)];
+    return wk;
   }
   basisattn::bd::mla_weights<float> views() const {
     using basisattn::matrix_view;

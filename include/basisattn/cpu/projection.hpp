@@ -164,6 +164,24 @@ void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& a
   }
 }
 
+/// Common prologue of both projections: validates, scans x when asked, plans the chunks and checks
+/// the workspace. Returns false when there is nothing to do (no tokens).
+template <class T, class P>
+bool begin_run(const P& p, const matrix_view<const T>& x, const matrix_view<T>& y, index_t in, index_t out,
+               void* workspace, std::size_t workspace_bytes, const project_options& opt, chunking& ch, ws_layout& l,
+               arena& ar) {
+  check_io<T>(p, x, y, in, out);
+  if (x.rows == 0) return false;
+  if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
+  ch = plan_chunks(x.rows);
+  l = layout_of<T>(p, ch);
+  const std::size_t need = bytes_of<compute_t<T>>(l, ch.threads);
+  BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
+                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
+  ar = arena{static_cast<unsigned char*>(workspace), workspace_bytes};
+  return true;
+}
+
 template <class C, class T>
 const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
   if constexpr (std::is_same_v<T, C>) {
@@ -201,15 +219,10 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
              std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
   constexpr bool narrow = !std::is_same_v<T, C>;
-  detail::check_io<T>(p, x, y, p.in_dim, p.out_dim());
-  if (x.rows == 0) return;
-  if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
-  const auto ch = detail::plan_chunks(x.rows);
-  const auto l = detail::layout_of<T>(p, ch);
-  const std::size_t need = detail::bytes_of<C>(l, ch.threads);
-  BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
-                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
-  detail::arena ar{static_cast<unsigned char*>(workspace), workspace_bytes};
+  detail::chunking ch;
+  detail::ws_layout l;
+  detail::arena ar{nullptr, 0};
+  if (!detail::begin_run<T>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
   const bool lead = p.basis_leading();
   const C* w = detail::weight_in_compute<C>(p.coeff, ar, nr * G * r);
@@ -255,15 +268,10 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
              std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
   constexpr bool narrow = !std::is_same_v<T, C>;
-  detail::check_io<T>(p, x, y, p.in_dim(), p.out_dim());
-  if (x.rows == 0) return;
-  if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
-  const auto ch = detail::plan_chunks(x.rows);
-  const auto l = detail::layout_of<T>(p, ch);
-  const std::size_t need = detail::bytes_of<C>(l, ch.threads);
-  BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
-                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
-  detail::arena ar{static_cast<unsigned char*>(workspace), workspace_bytes};
+  detail::chunking ch;
+  detail::ws_layout l;
+  detail::arena ar{nullptr, 0};
+  if (!detail::begin_run<T>(p, x, y, p.in_dim(), p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t in = p.in_dim(), out = p.out_dim();
   const C* w = detail::weight_in_compute<C>(p.weight, ar, in * out);
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
