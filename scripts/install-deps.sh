@@ -2,7 +2,7 @@
 # Install what basisattn needs to build, test and benchmark on Debian/Ubuntu, only when missing
 # (idempotent; run as root or with sudo available). CUDA is optional and never installed here.
 set -euo pipefail
-pkgs=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev)
+pkgs=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

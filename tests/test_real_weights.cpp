@@ -7,6 +7,7 @@
 #include <basisattn/cpu/layers.hpp>
 
 #include "bd_test_util.hpp"
+#include "llama_model.hpp"
 #include "reference_layers.hpp"
 #include "test_util.hpp"
 
@@ -27,6 +28,8 @@ const std::string shared_dir = BASISATTN_SHARED_DIR;
 const std::string slm_path = shared_dir + "/models/slm4096/slm4096.f32.bin";
 const std::string slm_corpus = shared_dir + "/models/slm4096/corpus.txt";
 const std::string stories_path = shared_dir + "/models/stories260K/stories260K.bin";
+const std::string stories_tok = shared_dir + "/models/stories260K/tok512.bin";
+const std::string tinystories = shared_dir + "/data/tinystories/tinystories_train_head.txt";
 
 std::vector<char> read_all(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -187,7 +190,7 @@ void side_errors(const pair_side& s, double err[3], double& dense, double* growt
 }  // namespace
 
 bool test_prerequisites(std::string& why) {
-  for (const auto& p : {slm_path, slm_corpus, stories_path})
+  for (const auto& p : {slm_path, slm_corpus, stories_path, stories_tok, tinystories})
     if (!std::ifstream(p)) {
       why = "real model file " + p + " not found (set -DBASISATTN_SHARED_DIR=<folder with models/>)";
       return false;
@@ -307,4 +310,98 @@ TEST_CASE("stories260K layer 0 GQA attention with RoPE on real tokens: BD on V/O
               Lb.dense_bytes());
   CHECK(ed <= 32 * test::u<float>());
   CHECK(eb <= 32 * test::u<float>());
+}
+
+namespace {
+std::vector<std::string> nonempty_lines(const std::string& path) {
+  std::ifstream f(path);
+  std::vector<std::string> out;
+  std::string line;
+  while (std::getline(f, line)) {
+    const auto b = line.find_first_not_of(" \t\r\n"), e = line.find_last_not_of(" \t\r\n");
+    if (b != std::string::npos) out.push_back(line.substr(b, e - b + 1));
+  }
+  return out;
+}
+
+struct ppl_result {
+  double nll_sum = 0;
+  std::int64_t tokens = 0;
+  double mean() const { return nll_sum / double(tokens); }
+};
+
+/// SOURCE.txt's protocol: every non-empty line is a document, [BOS] + encode(line), predict tokens
+/// 1..n-1 without cross-line context.
+/// SOURCE.txt's reference splits multi-byte characters into bytes (98,201 tokens); run.c's own
+/// encoder looks them up whole first (97,590 tokens on this text): `whole_code_points` picks.
+template <class T>
+ppl_result stories_perplexity(const models::llama_model<T>& m, const io::llama2c_tokenizer& tok,
+                              const std::vector<std::string>& lines, std::size_t count, bool whole_code_points = false) {
+  ppl_result r;
+  for (std::size_t i = 0; i < std::min(count, lines.size()); ++i) {
+    const auto ids = tok.encode(lines[i], true, whole_code_points);
+    r.nll_sum += m.sequence_nll(ids);
+    r.tokens += static_cast<std::int64_t>(ids.size()) - 1;
+  }
+  return r;
+}
+}  // namespace
+
+TEST_CASE("stories260K: the llama2.c reader, tokenizer and forward pass reproduce SOURCE.txt") {
+  const auto ck = io::read_llama2c(stories_path);
+  CHECK(ck.config.dim == 64);
+  CHECK(ck.config.n_kv_heads == 4);
+  const auto tok = io::read_llama2c_tokenizer(stories_tok, ck.config.vocab_size);
+  const std::vector<std::int32_t> prompt = tok.encode("Once upon a time", true);
+  CHECK(prompt == std::vector<std::int32_t>{1, 403, 407, 261, 378});
+  const auto m = models::llama_model<float>::from_llama2c(ck, false);
+  const matrix<float> lg = m.logits(prompt);
+  const double want[6] = {-10.13658, -5.32946, -10.13809, -10.13686, -10.13721, -10.13833};
+  for (int v = 0; v < 6; ++v) CHECK(lg(4, v) == Approx(want[v]).margin(2e-4));
+  index_t arg = 0;
+  for (index_t v = 1; v < lg.cols(); ++v)
+    if (lg(4, v) > lg(4, arg)) arg = v;
+  CHECK(arg == 432);
+  // Greedy continuation.
+  std::vector<std::int32_t> ids = prompt;
+  std::string text;
+  for (std::size_t i = 1; i < ids.size(); ++i) text += tok.decode(ids[i]);
+  const std::string want_text =
+      " Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
+  while (text.size() < want_text.size()) {
+    const matrix<float> l = m.logits(ids);
+    index_t best = 0;
+    for (index_t v = 1; v < l.cols(); ++v)
+      if (l(l.rows() - 1, v) > l(l.rows() - 1, best)) best = v;
+    ids.push_back(static_cast<std::int32_t>(best));
+    text += tok.decode(static_cast<std::int32_t>(best));
+  }
+  CHECK(text.substr(0, want_text.size()) == want_text);
+  // Perplexity, first 50 lines: 5,003 tokens, mean NLL 1.480291, ppl 4.3942.
+  const auto lines = nonempty_lines(tinystories);
+  REQUIRE(lines.size() == 1273);
+  const ppl_result r50 = stories_perplexity(m, tok, lines, 50);
+  CHECK(r50.tokens == 5003);
+  CHECK(r50.mean() == Approx(1.480291).margin(2e-6));
+  CHECK(std::exp(r50.mean()) == Approx(4.3942).margin(1e-4));
+}
+
+TEST_CASE("stories260K perplexity on the whole TinyStories sample: dense reproduces 7.6402, BD changes it at rounding level") {
+  const auto ck = io::read_llama2c(stories_path);
+  const auto tok = io::read_llama2c_tokenizer(stories_tok, ck.config.vocab_size);
+  const auto lines = nonempty_lines(tinystories);
+  const auto m32 = models::llama_model<float>::from_llama2c(ck, false);
+  const ppl_result dense = stories_perplexity(m32, tok, lines, lines.size());
+  CHECK(dense.tokens == 98201);
+  CHECK(stories_perplexity(m32, tok, lines, lines.size(), true).tokens == 97590);  // run.c's encoder
+  CHECK(dense.mean() == Approx(2.033424).margin(2e-6));
+  CHECK(std::exp(dense.mean()) == Approx(7.6402).margin(1e-4));
+  const ppl_result bd32 = stories_perplexity(models::llama_model<float>::from_llama2c(ck, true), tok, lines, lines.size());
+  const ppl_result d16 = stories_perplexity(models::llama_model<Eigen::half>::from_llama2c(ck, false), tok, lines, lines.size());
+  const ppl_result b16 = stories_perplexity(models::llama_model<Eigen::half>::from_llama2c(ck, true), tok, lines, lines.size());
+  const double c32 = std::exp(bd32.mean()) / std::exp(dense.mean()) - 1, c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
+  std::printf("stories260K ppl: fp32 dense %.6f, BD %.6f (%+.5f%%); fp16 dense %.6f, BD %.6f (%+.5f%%)\n", std::exp(dense.mean()),
+              std::exp(bd32.mean()), 100 * c32, std::exp(d16.mean()), std::exp(b16.mean()), 100 * c16);
+  CHECK(std::abs(c32) <= 4e-6);  // the paper's FP32 figure: +0.0004%
+  CHECK(std::abs(c16) <= 2e-4);  // and FP16: +0.02%
 }

@@ -20,12 +20,18 @@ inline std::mt19937_64& rng(std::uint64_t seed = 0, bool reseed = false) {
   if (reseed) g.seed(seed);
   return g;
 }
-inline void seed(std::uint64_t s) { rng(s, true); }
-
-inline double normal() {
-  static thread_local std::normal_distribution<double> d(0.0, 1.0);
-  return d(rng());
+inline std::normal_distribution<double>& normal_dist() {
+  static std::normal_distribution<double> d(0.0, 1.0);
+  return d;
 }
+/// Reseed: the same seed gives the same values whatever ran before (the distribution's cached
+/// second value is dropped too).
+inline void seed(std::uint64_t s) {
+  rng(s, true);
+  normal_dist().reset();
+}
+
+inline double normal() { return normal_dist()(rng()); }
 
 /// rows x cols matrix of N(0, scale^2) values, rounded to T.
 template <class T>
