@@ -7,6 +7,7 @@
 #include <basisattn/cpu/layers.hpp>
 
 #include "bd_test_util.hpp"
+#include "gpt2_model.hpp"
 #include "llama_model.hpp"
 #include "reference_layers.hpp"
 #include "test_util.hpp"
@@ -404,4 +405,50 @@ TEST_CASE("stories260K perplexity on the whole TinyStories sample: dense reprodu
               std::exp(bd32.mean()), 100 * c32, std::exp(d16.mean()), std::exp(b16.mean()), 100 * c16);
   CHECK(std::abs(c32) <= 4e-6);  // the paper's FP32 figure: +0.0004%
   CHECK(std::abs(c16) <= 2e-4);  // and FP16: +0.02%
+}
+
+namespace {
+/// slm4096's protocol (SOURCE.txt): ids = characters of corpus.txt; windows start at 0, 128, ...;
+/// each window ids[s : s + 129] predicts w[1:] from w[:-1], positions restarting at 0.
+template <class T>
+ppl_result slm_perplexity(const models::gpt2_model<T>& m, const std::vector<std::int32_t>& ids) {
+  ppl_result r;
+  for (std::size_t s = 0; s + 1 < ids.size(); s += 128) {
+    const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(std::min(s + 129, ids.size())));
+    r.nll_sum += m.sequence_nll(w);
+    r.tokens += static_cast<std::int64_t>(w.size()) - 1;
+  }
+  return r;
+}
+std::vector<std::int32_t> slm_ids() {
+  const std::string vocab = "\n ,-.026:?ABCDEFGHILMOPQRSTWabcdefghijklmnopqrstuvwxyz";
+  const std::vector<char> text = read_all(slm_corpus);
+  std::vector<std::int32_t> ids;
+  for (char ch : text) {
+    const auto id = vocab.find(ch);
+    if (id == std::string::npos) throw std::runtime_error("corpus character outside the vocabulary");
+    ids.push_back(static_cast<std::int32_t>(id));
+  }
+  return ids;
+}
+}  // namespace
+
+TEST_CASE("slm4096: the GPT-2 forward pass reproduces SOURCE.txt; BD on Q/K and V/O changes perplexity at rounding level") {
+  const auto ids = slm_ids();
+  REQUIRE(ids.size() == 4096);
+  const auto dense = models::gpt2_model<float>::from_flat_file(slm_path, false);
+  const matrix<float> lg = dense.logits(std::vector<std::int32_t>(ids.begin(), ids.begin() + 16));
+  const double want[5] = {10.61805, 5.48512, -6.94344, -4.84994, -2.64936};
+  for (int v = 0; v < 5; ++v) CHECK(lg(15, v) == Approx(want[v]).margin(2e-4));
+  const ppl_result d32 = slm_perplexity(dense, ids);
+  CHECK(d32.tokens == 4095);
+  CHECK(std::exp(d32.mean()) == Approx(1.073328).margin(2e-6));
+  const ppl_result b32 = slm_perplexity(models::gpt2_model<float>::from_flat_file(slm_path, true), ids);
+  const ppl_result d16 = slm_perplexity(models::gpt2_model<Eigen::half>::from_flat_file(slm_path, false), ids);
+  const ppl_result b16 = slm_perplexity(models::gpt2_model<Eigen::half>::from_flat_file(slm_path, true), ids);
+  const double c32 = std::exp(b32.mean()) / std::exp(d32.mean()) - 1, c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
+  std::printf("slm4096 ppl: fp32 dense %.6f, BD %.6f (%+.5f%%); fp16 dense %.6f, BD %.6f (%+.5f%%)\n", std::exp(d32.mean()),
+              std::exp(b32.mean()), 100 * c32, std::exp(d16.mean()), std::exp(b16.mean()), 100 * c16);
+  CHECK(std::abs(c32) <= 4e-6);
+  CHECK(std::abs(c16) <= 2e-4);
 }

@@ -42,7 +42,7 @@ void add_into(matrix<float>& x, const matrix<T>& y) {
   for (index_t i = 0; i < x.size(); ++i) x.data()[i] += static_cast<float>(y.data()[i]);
 }
 
-/// Sum over t of -log softmax(logits[t])[next[t]], in double.
+/// Sum over t = 0..n-2 of -log softmax(logits[t])[ids[t + 1]], in double (logits has >= n - 1 rows).
 inline double nll_sum(const matrix<float>& logits, const std::vector<std::int32_t>& ids) {
   double sum = 0;
   for (index_t t = 0; t + 1 < static_cast<index_t>(ids.size()); ++t) {
@@ -123,7 +123,11 @@ struct llama_model {
     return out;
   }
 
-  double sequence_nll(const std::vector<std::int32_t>& ids) const { return nll_sum(logits(ids), ids); }
+  /// -sum log p(ids[t+1] | ids[..t]): the logits of ids without its last token predict ids[1:].
+  double sequence_nll(const std::vector<std::int32_t>& ids) const {
+    if (ids.size() < 2) return 0;
+    return nll_sum(logits(std::vector<std::int32_t>(ids.begin(), ids.end() - 1)), ids);
+  }
 };
 
 }  // namespace models
