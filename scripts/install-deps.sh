@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what basisattn needs to build, test and benchmark on Debian/Ubuntu, only when missing
 # (idempotent; run as root or with sudo available). CUDA is optional and never installed here.
+# `install-deps.sh fuzz` also installs clang and its runtime (libFuzzer, sanitizers).
 set -euo pipefail
 pkgs=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev)
+if [ "${1:-}" = "fuzz" ]; then pkgs+=(clang libclang-rt-14-dev); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -158,6 +158,15 @@ TEST_CASE("safetensors: broken files are refused with a clear error") {
   expect_error([&] { io::read_safetensors("/nonexistent/file.safetensors"); }, errc::io, "cannot open");
 }
 
+TEST_CASE("empty tensors decode to nothing") {
+  const auto bytes = io::serialize_safetensors({{"e", io::tensor_type::f32, {0, 3}, {}}});
+  const auto f = io::parse_safetensors(bytes);
+  CHECK(io::to_float(f.get("e"), f.bytes).empty());
+  CHECK(io::as_matrix(f.get("e"), f.bytes).rows() == 0);
+  const auto g = io::parse_gguf(build::gguf({{"z", 2, {0}, {}}}));
+  CHECK(io::to_float(g.get("z"), g.bytes).empty());
+}
+
 TEST_CASE("safetensors: every truncation and random corruption is handled") {
   const auto good = sample_safetensors().bytes;
   const int parsed = abuse(good, [](std::vector<unsigned char> b) {

@@ -433,7 +433,7 @@ std::vector<std::int32_t> slm_ids() {
 }
 }  // namespace
 
-TEST_CASE("slm4096: the GPT-2 forward pass reproduces SOURCE.txt; BD on Q/K and V/O changes perplexity at rounding level") {
+TEST_CASE("slm4096: the GPT-2 forward pass reproduces SOURCE.txt, and BD on Q/K and V/O changes perplexity at rounding level") {
   const auto ids = slm_ids();
   REQUIRE(ids.size() == 4096);
   const auto dense = models::gpt2_model<float>::from_flat_file(slm_path, false);

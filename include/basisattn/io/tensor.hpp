@@ -107,6 +107,7 @@ T load(const unsigned char* p) {
 /// Decode `count` values of type t starting at p (which must hold bytes_for(t, count) bytes).
 inline void decode_to_float(tensor_type t, const unsigned char* p, std::uint64_t count, float* out) {
   using detail::load;
+  if (count == 0) return;
   switch (t) {
     case tensor_type::f32: std::memcpy(out, p, count * 4); return;
     case tensor_type::f64: for (std::uint64_t i = 0; i < count; ++i) out[i] = static_cast<float>(load<double>(p + 8 * i)); return;

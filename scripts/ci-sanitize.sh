@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test suite once under AddressSanitizer + UndefinedBehaviorSanitizer (g++, -O1), in its own
+# build folder. Benchmarks, examples, the header check and CUDA are left out (they add nothing the
+# tests do not cover, and the CUDA runtime does not run under ASan); the packaging tests are skipped
+# (they build other projects), and so is the whole-file stories260K perplexity (five full model
+# evaluations, over 10 minutes under ASan; its first 50 lines run in another test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-build-sanitize}
+flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=None -DBASISATTN_BUILD_BENCHMARKS=OFF -DBASISATTN_BUILD_EXAMPLES=OFF \
+  -DBASISATTN_HEADER_CHECK=OFF -DBASISATTN_ENABLE_CUDA=OFF -DCMAKE_CXX_FLAGS="-O1 -DNDEBUG $flags" -DCMAKE_EXE_LINKER_FLAGS="$flags"
+cmake --build "$dir" -j2
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir "$dir" --output-on-failure -j2 -E '^packaging\.|whole TinyStories sample'
