@@ -169,10 +169,11 @@ TEST_CASE("residual_min keeps the better of first-r and last-r") {
   CHECK(fr.report().error_growth > 100);
 }
 
-TEST_CASE("shared pivoting ends at a joint max-volume basis") {
+TEST_CASE("shared pivoting without error refinement ends at a joint max-volume basis") {
   SECTION("one head: every coefficient is at most swap_gain in magnitude") {
     const auto f = make_heads<double>(1, 96, 24, 4, 0.0, 5);
     bd::prepare_options o;
+    o.refine_error = false;
     o.swap_gain = 1.01;
     const auto sb = bd::factorize<double>(f.views(), o);
     CHECK_FALSE(sb.report().swap_limit_hit);
@@ -181,6 +182,7 @@ TEST_CASE("shared pivoting ends at a joint max-volume basis") {
   SECTION("several heads: no swap grows prod_g |det A_g[S]| by more than swap_gain") {
     const auto f = make_heads<double>(6, 80, 12, 4, 1e-2, 9);
     bd::prepare_options o;
+    o.refine_error = false;
     const auto sb = bd::factorize<double>(f.views(), o);
     CHECK_FALSE(sb.report().swap_limit_hit);
     Eigen::MatrixXd lsum = Eigen::MatrixXd::Zero(80 - 12, 12);
@@ -196,6 +198,69 @@ TEST_CASE("shared pivoting ends at a joint max-volume basis") {
     const auto fr = bd::factorize<double>(f.views(), o);
     CHECK(sb.report().log_volume >= fr.report().log_volume);
   }
+}
+
+TEST_CASE("error refinement: no single swap lowers sum_g ||C_g||_F^2 by 0.1%, and it is below the max-volume basis's") {
+  const auto f = make_heads<double>(4, 90, 10, 4, 1e-2, 21);
+  bd::prepare_options o;
+  const auto sb = bd::factorize<double>(f.views(), o);
+  o.refine_error = false;
+  const auto mv = bd::factorize<double>(f.views(), o);
+  auto total = [&](const std::vector<index_t>& basis) {  // independent: C recomputed by a solve
+    std::vector<char> in(90, 0);
+    for (index_t s : basis) in[static_cast<std::size_t>(s)] = 1;
+    double t = 0;
+    for (index_t g = 0; g < 4; ++g) {
+      const Eigen::MatrixXd a = test::to_double(f.views()[static_cast<std::size_t>(g)]);
+      Eigen::MatrixXd as(10, 10), an(80, 10);
+      index_t bi = 0, ni = 0;
+      for (index_t j = 0; j < 90; ++j) (in[static_cast<std::size_t>(j)] ? as.row(bi++) : an.row(ni++)) = a.row(j);
+      const Eigen::MatrixXd c = as.transpose().fullPivLu().solve(an.transpose()).transpose();
+      t += 10 + c.squaredNorm();
+    }
+    return t;
+  };
+  const double best = total(sb.basis());
+  CHECK(best <= total(mv.basis()));
+  // Brute force over every single swap.
+  double best_swap = INFINITY;
+  for (index_t i = 0; i < 10; ++i)
+    for (index_t j : sb.rest()) {
+      std::vector<index_t> b = sb.basis();
+      b[static_cast<std::size_t>(i)] = j;
+      best_swap = std::min(best_swap, total(b));
+    }
+  CHECK(best_swap >= best * (1 - 1e-3) - 1e-9);
+}
+
+TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error below rounding each to nearest", "", float,
+                   Eigen::half, Eigen::bfloat16) {
+  const auto f = make_heads<double>(3, 64, 8, 40, 0.0, 31);
+  const auto sb = bd::factorize<TestType>(f.views(), {});
+  double nearest = 0, aware = 0, den = 0;
+  for (index_t g = 0; g < 3; ++g) {
+    const Eigen::MatrixXd b = test::to_double(f.b[static_cast<std::size_t>(g)]);
+    const auto rp = sb.template round_pair<TestType>(g, b);
+    // Oracle: the product in double from the stored values, against A B in double.
+    const Eigen::MatrixXd a = test::to_double(f.views()[static_cast<std::size_t>(g)]);
+    const Eigen::MatrixXd p = a * b;
+    auto product = [&](const Eigen::MatrixXd& c, const Eigen::MatrixXd& bp) {
+      Eigen::MatrixXd q(64, 40);
+      for (index_t i = 0; i < 8; ++i) q.row(sb.basis()[static_cast<std::size_t>(i)]) = bp.row(i);
+      const Eigen::MatrixXd qn = c * bp;
+      for (index_t l = 0; l < 56; ++l) q.row(sb.rest()[static_cast<std::size_t>(l)]) = qn.row(l);
+      return q;
+    };
+    const Eigen::MatrixXd qa = product(test::to_double(rp.coeff), test::to_double(rp.b_prime));
+    const Eigen::MatrixXd qn = product(test::to_double(sb.template coefficients<TestType>(g)),
+                                       test::to_double(sb.template absorb_rows<TestType>(g, f.b[static_cast<std::size_t>(g)].view())));
+    aware += (qa - p).squaredNorm(), nearest += (qn - p).squaredNorm(), den += p.squaredNorm();
+    CHECK(rp.product_error == Approx((qa - p).norm() / p.norm()).epsilon(1e-6));
+  }
+  const double u = test::u<TestType>();
+  INFO("nearest " << std::sqrt(nearest / den) << ", error-aware " << std::sqrt(aware / den));
+  CHECK(std::sqrt(aware / den) < 0.8 * std::sqrt(nearest / den));
+  CHECK(std::sqrt(aware / den) < 10 * u);
 }
 
 TEST_CASE("absorbing transforms match explicit products in double") {

@@ -33,6 +33,27 @@ double bd_product_error(const std::vector<basisattn::matrix_view<const TA>>& a,
   return std::sqrt(num / den);
 }
 
+/// As bd_product_error, with C and B' rounded jointly by shared_basis::round_pair (error-aware).
+template <class T, class TA, class TB>
+double bd_pair_error(const std::vector<basisattn::matrix_view<const TA>>& a,
+                     const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb) {
+  double num = 0, den = 0;
+  const index_t r = sb.rank();
+  for (index_t g = 0; g < sb.heads(); ++g) {
+    const Eigen::MatrixXd p = to_double(a[g]) * to_double(b[g]);
+    const auto rp = sb.template round_pair<T>(g, to_double(b[g]));
+    const Eigen::MatrixXd c = to_double(rp.coeff), bp = to_double(rp.b_prime);
+    Eigen::MatrixXd q(p.rows(), p.cols());
+    for (index_t i = 0; i < r; ++i) q.row(sb.basis()[i]) = bp.row(i);
+    const Eigen::MatrixXd qn = c * bp;
+    for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[l]) = qn.row(l);
+    if (!q.allFinite()) return INFINITY;
+    num += (q - p).squaredNorm();
+    den += p.squaredNorm();
+  }
+  return std::sqrt(num / den);
+}
+
 /// The same measure for the dense pair stored in T: ||round(A) round(B) - AB|| / ||AB||.
 template <class T, class TA, class TB>
 double dense_rounding_error(const std::vector<basisattn::matrix_view<const TA>>& a,

@@ -120,6 +120,33 @@ any_projection<T> slice_kv(const any_projection<T>& p, index_t g0, index_t ng, i
   if (const auto* b = std::get_if<bd_projection<T>>(&p)) return slice_heads(*b, g0, ng);
   return slice_columns(std::get<dense_projection<T>>(p), g0 * d, ng * d);
 }
+/// Error-aware rounding of head g of a basis (shared_basis::round_pair): B_g is the column-wise
+/// concatenation of `src` (each r x n_k); the rounded C_g goes to coeff_dst ((m - r) x r) and the
+/// blocks of B'_g to `dst` (shaped like src; may be strided or transposed views).
+template <class T, class TI>
+void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view<const TI>>& src,
+                const std::vector<matrix_view<T>>& dst, matrix_view<T> coeff_dst, int alternations = 3) {
+  const index_t r = sb.rank();
+  index_t n = 0;
+  for (const auto& v : src) n += v.cols;
+  Eigen::MatrixXd b(r, n);
+  index_t c0 = 0;
+  for (const auto& v : src) {
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = static_cast<double>(::basisattn::detail::to_compute<double>(v(i, j)));
+    c0 += v.cols;
+  }
+  const rounded_pair<T> rp = sb.template round_pair<T>(g, b, alternations);
+  for (index_t i = 0; i < coeff_dst.rows; ++i)
+    for (index_t j = 0; j < r; ++j) coeff_dst(i, j) = rp.coeff(i, j);
+  c0 = 0;
+  for (const auto& v : dst) {
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < v.cols; ++j) v(i, j) = rp.b_prime(i, c0 + j);
+    c0 += v.cols;
+  }
+}
+
 template <class TI>
 std::vector<const TI*> head_pointers(const TI* b, index_t heads, index_t d) {
   std::vector<const TI*> out;
@@ -181,6 +208,30 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     const shared_basis sb = factorize<T>(heads, opt.prepare);
     if (fin) ::basisattn::detail::require_finite(ba, Hkv * d, "bias");
     bd_projection<T> p = make_bd_projection<T>(sb, detail::head_pointers(ba, Hkv, d));
+    if (opt.prepare.round == rounding::error_aware) {
+      // B_g: for the V/O pair the rows of W_O of the group's query heads; for Q/K the transposed
+      // W_Q columns of the group's heads (and their biases, as extra columns: b_Q A_S^T is one more
+      // row of W_Q A_S^T).
+      ::basisattn::detail::parallel_for(Hkv, [&](index_t g) {
+        std::vector<matrix_view<const TI>> src;
+        std::vector<matrix_view<T>> dst;
+        for (index_t h = g * grp; h < (g + 1) * grp; ++h) {
+          if (absorb_into_q) {
+            src.push_back(w.wq.block(0, h * d, dm, d).t());
+            dst.push_back(L.q.weight.view().block(0, h * d, dm, d).t());
+            if (w.bq) {
+              src.push_back(matrix_view<const TI>(w.bq + h * d, 1, d).t());
+              dst.push_back(matrix_view<T>(L.q.bias.data() + h * d, 1, d).t());
+            }
+          } else {
+            src.push_back(w.wo.block(h * d, 0, d, dm));
+            dst.push_back(L.o.weight.view().block(h * d, 0, d, dm));
+          }
+        }
+        detail::round_head(sb, g, src, dst, p.coeff.view().block(0, g * d, dm - d, d));
+      });
+      return p;
+    }
     ::basisattn::detail::parallel_for(H, [&](index_t h) {
       const index_t g = h / grp;
       if (absorb_into_q) {  // W_Q^h A_S^T and b_Q^h A_S^T
@@ -384,6 +435,22 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   const index_t qd = dn + dr;
   out.q.weight = matrix<T>(dm, H * qd);
   out.o.weight = matrix<T>(H * dv, dm);
+  if (opt.prepare.round == rounding::error_aware) {
+    ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
+      if (h < H) {
+        detail::round_head<T, TI>(sk, h, {w.wq.block(0, h * qd, dm, dn).t()}, {out.q.weight.view().block(0, h * qd, dm, dn).t()},
+                                  pk.coeff.view().block(0, h * dn, L - dn, dn));
+        ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr), w.wq.block(0, h * qd + dn, dm, dr));
+      } else {
+        const index_t hv = h - H;
+        detail::round_head<T, TI>(vbasis, v_offset + hv, {w.wo.block(hv * dv, 0, dv, dm)},
+                                  {out.o.weight.view().block(hv * dv, 0, dv, dm)}, pv.coeff.view().block(0, hv * dv, L - dv, dv));
+      }
+    });
+    out.k_up = std::move(pk);
+    out.v_up = std::move(pv);
+    return out;
+  }
   ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
     if (h < H) {
       sk.absorb_cols_into(h, w.wq.block(0, h * qd, dm, dn), out.q.weight.view().block(0, h * qd, dm, dn));

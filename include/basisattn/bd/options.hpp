@@ -48,6 +48,19 @@ inline const char* to_string(strategy s) noexcept {
   return "?";
 }
 
+/// How the prepared layers round BD's weights (the coefficients C and the absorbed B' = A_S B) to
+/// their storage type.
+enum class rounding {
+  /// Each value to nearest: simple, but on real weights the product error is 3-5x that of the
+  /// dense weights rounded to the same type.
+  nearest,
+  /// C and B' of each head rounded together, for the least product error the grid allows
+  /// (shared_basis::round_pair): about 1.6-2x the dense rounding error in fp16/bf16 on real weights.
+  error_aware,
+};
+
+inline const char* to_string(rounding r) noexcept { return r == rounding::nearest ? "nearest" : "error_aware"; }
+
 /// Options of BD preparation.
 struct prepare_options {
   strategy select = strategy::shared_pivot;
@@ -62,6 +75,11 @@ struct prepare_options {
   double swap_gain = 1.01;
   /// shared_pivot: at most this many swaps (-1: 4 r).
   index_t max_swaps = -1;
+  /// shared_pivot: after the volume swaps, swap further while a swap lowers the error estimate
+  /// sum_g ||C_g||_F^2 by at least 0.1% (at most max_swaps more swaps; see strategy::shared_pivot).
+  bool refine_error = true;
+  /// Rounding of the prepared layers' BD weights (prepare_mha, prepare_mla).
+  rounding round = rounding::error_aware;
   /// Raise errc::non_finite when a weight or bias holds NaN or Inf.
   bool check_finite = true;
 };
