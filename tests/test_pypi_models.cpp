@@ -64,11 +64,15 @@ void check_side(const side& s) {
               s.name.c_str(), e32[0], e32[1], e32[2], a32, e16[0] / d16, e16[1] / d16, e16[2] / d16, a16 / d16, eb[0] / db, eb[1] / db,
               eb[2] / db, ab / db, growth);
   INFO(s.name);
-  // The shared pivot is never worse than first-r or residual-min. (Absolute levels are printed, not
-  // asserted here: issue 3's fp32 target of 2e-7 is not met on every MiniLM layer yet, worst 2.4e-7.)
+  // The shared pivot is never worse than first-r or residual-min; with error-aware rounding (what
+  // the prepared layers use) fp32 stays within 2e-7 relative. The 16-bit ratios are printed: about
+  // 1.6-2.1x the dense rounding, above issue 3's 1.5x target.
   CHECK(e32[2] <= std::min(e32[0], e32[1]));
   CHECK(e16[2] <= std::min(e16[0], e16[1]));
   CHECK(eb[2] <= std::min(eb[0], eb[1]));
+  CHECK(a32 <= 2e-7);
+  CHECK(a16 < e16[2]);
+  CHECK(ab < eb[2]);
 }
 }  // namespace
 
@@ -88,8 +92,8 @@ TEST_CASE("SmolLM2-135M GGUF: metadata, tensor directory and BD on the V/O pairs
   CHECK(D == 576);
   CHECK(f.get_strings("tokenizer.ggml.tokens").size() == f.get_u64("llama.vocab_size"));
   const index_t hd = D / H, grp = H / Hkv;
-  std::printf("%-22s | %-31s | %-26s | %-26s |\n", "side (first_r res_min pivot)", "fp32 product error", "fp16 x dense rounding",
-              "bf16 x dense rounding");
+  std::printf("%-22s | %-41s | %-33s | %-33s |\n", "side", "fp32 error: first_r res_min pivot +aware", "fp16 / dense: same columns",
+              "bf16 / dense: same columns");
   // Every fifth layer (0, 5, ..., 25) keeps the test under a minute; the full per-layer table is the
   // fidelity report's job.
   for (index_t l = 0; l < L; l += 5) {

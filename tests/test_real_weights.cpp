@@ -172,7 +172,7 @@ std::vector<pair_side> real_sides() {
 }
 
 template <class T>
-void side_errors(const pair_side& s, double err[3], double& dense, double* growth = nullptr) {
+void side_errors(const pair_side& s, double err[4], double& dense, double* growth = nullptr) {
   std::vector<matrix_view<const float>> a, b;
   for (const auto& m : s.a) a.push_back(m.view());
   for (const auto& m : s.b) b.push_back(m.view());
@@ -183,6 +183,7 @@ void side_errors(const pair_side& s, double err[3], double& dense, double* growt
     o.max_error_growth = INFINITY;  // measure the baselines even where the default would refuse them
     const auto sb = bd::factorize<T>(a, o);
     err[i] = test::bd_product_error<T>(a, b, sb);
+    if (i == 2) err[3] = test::bd_pair_error<T>(a, b, sb);  // error-aware rounding (the prepared layers')
     if (growth && st[i] == bd::strategy::shared_pivot) *growth = sb.report().error_growth;
   }
   dense = test::dense_rounding_error<T>(a, b);
@@ -202,19 +203,20 @@ bool test_prerequisites(std::string& why) {
 TEST_CASE("BD on every eligible pair of the real models: fp32 at rounding level, pivoting best in 16 bits") {
   const auto sides = real_sides();
   REQUIRE(sides.size() == 13);
-  std::printf("%-22s %6s | %10s %10s %10s %10s | (errors relative to ||AB||; 16-bit as x dense rounding;\n", "side",
-              "dtype", "first_r", "res_min", "pivot", "dense");
-  std::printf("%-22s %6s | %10s %10s %10s %10s |  est. = the pivot basis's reported error_growth)\n", "", "", "", "", "", "");
+  std::printf("%-22s %6s | %10s %10s %10s %10s %10s | (errors relative to ||AB||; 16-bit as x dense rounding;\n", "side",
+              "dtype", "first_r", "res_min", "pivot", "+aware", "dense");
+  std::printf("%-22s %6s | %10s %10s %10s %10s %10s |  est. = the pivot basis's error_growth, nearest rounding)\n", "", "", "", "",
+              "", "", "");
   for (const auto& s : sides) {
-    double e32[3], d32, e16[3], d16, eb[3], db, growth = 0;
+    double e32[4], d32, e16[4], d16, eb[4], db, growth = 0;
     side_errors<float>(s, e32, d32);
     side_errors<Eigen::half>(s, e16, d16, &growth);
     side_errors<Eigen::bfloat16>(s, eb, db);
-    std::printf("%-22s %6s | %10.2e %10.2e %10.2e %10.2e |\n", s.name.c_str(), "f32", e32[0], e32[1], e32[2], d32);
-    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %10.2e | est. %.2fx\n", s.name.c_str(), "f16", e16[0] / d16, e16[1] / d16,
-                e16[2] / d16, d16, growth);
-    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %10.2e |\n", s.name.c_str(), "bf16", eb[0] / db, eb[1] / db, eb[2] / db,
-                db);
+    std::printf("%-22s %6s | %10.2e %10.2e %10.2e %10.2e %10.2e |\n", s.name.c_str(), "f32", e32[0], e32[1], e32[2], e32[3], d32);
+    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e | est. %.2fx\n", s.name.c_str(), "f16", e16[0] / d16, e16[1] / d16,
+                e16[2] / d16, e16[3] / d16, d16, growth);
+    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e |\n", s.name.c_str(), "bf16", eb[0] / db, eb[1] / db, eb[2] / db,
+                eb[3] / db, db);
     INFO(s.name << ": f32 " << e32[2] << ", f16 " << e16[0] << " " << e16[1] << " " << e16[2] << ", bf16 " << eb[0] << " "
                 << eb[1] << " " << eb[2]);
     // FP32: at the rounding level of the format (the paper's FP32 claim), 2e-7 relative.
@@ -225,6 +227,13 @@ TEST_CASE("BD on every eligible pair of the real models: fp32 at rounding level,
     CHECK(growth < 1.5 * e16[2] / d16);
     CHECK(growth > e16[2] / d16 / 1.5);
     CHECK(eb[2] <= std::min(eb[0], eb[1]));
+    // Error-aware rounding beats rounding C and B' to nearest, and stays at fp32's rounding level.
+    CHECK(e32[3] <= 2e-7);
+    CHECK(e16[3] < e16[2]);
+    CHECK(eb[3] < eb[2]);
+    // Issue 3's bound: BD costs at most 1.5x the dense weights' own 16-bit rounding error.
+    CHECK(e16[3] <= 1.5 * d16);
+    CHECK(eb[3] <= 1.5 * db);
   }
 }
 

@@ -255,63 +255,79 @@ double round_to(double x) {
   return static_cast<double>(::basisattn::detail::to_compute<compute_t<TS>>(::basisattn::detail::from_compute<TS>(x)));
 }
 
-/// The representable value of TS next to x (which must be representable) towards +inf (dir > 0) or
-/// -inf; NaN when there is none that is finite.
+/// The representable value of TS next to x (which must be representable in TS) towards +inf
+/// (dir > 0) or -inf; NaN when that value would not be finite. Computed from x's
+/// binary exponent (no conversion to TS): the spacing of TS at x is 2^(max(e, e_min) - p).
 template <class TS>
 double grid_neighbor(double x, int dir) {
-  double y;
-  if constexpr (std::is_same_v<TS, double>) {
-    y = std::nextafter(x, dir > 0 ? HUGE_VAL : -HUGE_VAL);
-  } else if constexpr (std::is_same_v<TS, float>) {
-    y = static_cast<double>(std::nextafter(static_cast<float>(x), dir > 0 ? HUGE_VALF : -HUGE_VALF));
-  } else {
-    const TS v = ::basisattn::detail::from_compute<TS>(x);
-    std::uint16_t bits;
-    std::memcpy(&bits, &v, 2);
-    const bool neg = (bits & 0x8000u) != 0, zero = (bits & 0x7fffu) == 0;
-    if (zero) bits = dir > 0 ? 0x0001u : 0x8001u;
-    else if ((dir > 0) != neg) bits = static_cast<std::uint16_t>(bits + 1);  // away from zero
-    else bits = static_cast<std::uint16_t>(bits - 1);                        // towards zero
-    TS w;
-    std::memcpy(static_cast<void*>(&w), &bits, 2);
-    y = static_cast<double>(::basisattn::detail::to_compute<float>(w));
-  }
+  constexpr int p = std::is_same_v<TS, double> ? 52 : std::is_same_v<TS, float> ? 23 : std::is_same_v<TS, Eigen::half> ? 10 : 7;
+  constexpr int emin = std::is_same_v<TS, double> ? -1022 : std::is_same_v<TS, Eigen::half> ? -14 : -126;
+  std::uint64_t bits;
+  std::memcpy(&bits, &x, 8);
+  const int e = static_cast<int>((bits >> 52) & 0x7ffu) - 1023;
+  const bool pow2 = (bits & ((std::uint64_t(1) << 52) - 1)) == 0;
+  auto pow2_of = [](int k) {  // 2^k for the normal range of double, by its bit pattern
+    if constexpr (std::is_same_v<TS, double>) {
+      return std::ldexp(1.0, k);
+    } else {
+      const std::uint64_t b = static_cast<std::uint64_t>(k + 1023) << 52;
+      double v;
+      std::memcpy(&v, &b, 8);
+      return v;
+    }
+  };
+  if (x == 0) return dir > 0 ? pow2_of(emin - p) : -pow2_of(emin - p);
+  const bool away = (dir > 0) == (x > 0);
+  const int eff = std::max(e, emin);
+  const double step = pow2_of((!away && pow2 && e > emin ? eff - 1 : eff) - p);
+  const double y = x + (dir > 0 ? step : -step);
   return std::abs(y) < ::basisattn::detail::rounds_finite_below<TS>() ? y : std::numeric_limits<double>::quiet_NaN();
 }
 
 /// Coordinate descent on the grid of TS: lowers 0.5 x^T H x - rhs^T x column by column, moving one
-/// entry of X to a neighbouring representable value at a time. Z = H X - rhs is kept up to date.
+/// entry of X to a neighbouring representable value at a time (in the direction that the gradient
+/// Z = H X - rhs, kept up to date, says can help).
 template <class TS>
 void grid_descent(const Eigen::MatrixXd& h, Eigen::MatrixXd& x, Eigen::MatrixXd& z, int passes) {
   for (int pass = 0; pass < passes; ++pass) {
     index_t moved = 0;
     for (index_t k = 0; k < x.cols(); ++k)
-      for (index_t i = 0; i < x.rows(); ++i)
-        for (int dir : {1, -1}) {
-          const double y = grid_neighbor<TS>(x(i, k), dir);
-          if (!std::isfinite(y)) continue;
-          const double dl = y - x(i, k);
-          if (2.0 * dl * z(i, k) + dl * dl * h(i, i) < 0) {
-            x(i, k) = y;
-            z.col(k) += h.col(i) * dl;
-            ++moved;
-            break;
-          }
+      for (index_t i = 0; i < x.rows(); ++i) {
+        const double zi = z(i, k), xi = x(i, k);
+        if (zi == 0) continue;
+        // Moving down (dl < 0) can only help when z > 0, and up when z < 0.
+        const double y = grid_neighbor<TS>(xi, zi > 0 ? -1 : 1);
+        if (!std::isfinite(y)) continue;
+        const double dl = y - xi;
+        if (2.0 * dl * zi + dl * dl * h(i, i) < 0) {
+          x(i, k) = y;
+          z.col(k) += h.col(i) * dl;
+          ++moved;
         }
+      }
     if (moved == 0) break;
   }
 }
 
 /// Babai's nearest plane on the grid of TS: column by column, x ~ target minimising ||R (x - target)||
-/// (R upper triangular), rounding the last coordinate first and carrying its error up.
+/// (R upper triangular), rounding the last coordinate first and carrying its error up. Blocked:
+/// the carry from the rows below a block of 32 is one matrix product.
 template <class TS>
 Eigen::MatrixXd nearest_plane(const Eigen::MatrixXd& r, const Eigen::MatrixXd& target) {
-  const index_t n = r.rows();
-  Eigen::MatrixXd x(target.rows(), target.cols());
-  for (index_t i = n - 1; i >= 0; --i) {
-    Eigen::RowVectorXd y = target.row(i);
-    if (i + 1 < n) y.noalias() += (r.row(i).tail(n - i - 1) / r(i, i)) * (target.bottomRows(n - i - 1) - x.bottomRows(n - i - 1));
-    for (index_t k = 0; k < y.size(); ++k) x(i, k) = round_to<TS>(y(k));
+  const index_t n = r.rows(), nb = 32;
+  Eigen::MatrixXd x(target.rows(), target.cols()), err(target.rows(), target.cols());  // err = target - x
+  for (index_t hi = n; hi > 0; hi -= nb) {
+    const index_t lo = std::max<index_t>(0, hi - nb), w = hi - lo;
+    Eigen::MatrixXd y = target.middleRows(lo, w);
+    if (hi < n) {
+      y.noalias() += (r.diagonal().segment(lo, w).cwiseInverse().asDiagonal() * r.block(lo, hi, w, n - hi)) * err.bottomRows(n - hi);
+    }
+    for (index_t i = w - 1; i >= 0; --i) {
+      const index_t gi = lo + i;
+      if (i + 1 < w) y.row(i).noalias() += (r.row(gi).segment(gi + 1, w - i - 1) / r(gi, gi)) * err.middleRows(gi + 1, w - i - 1);
+      for (index_t k = 0; k < y.cols(); ++k) x(gi, k) = round_to<TS>(y(i, k));
+      err.row(gi) = target.row(gi) - x.row(gi);
+    }
   }
   return x;
 }
@@ -411,53 +427,64 @@ class shared_basis {
   /// coordinate descent, on B' with C fixed and on C with B' fixed, each lowering ||M' B' - A B||_F.
   /// TO = double returns the exact values. A value that would overflow TO raises singular_basis.
   template <class TO>
-  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixXd& b, int alternations = 3) const {
+  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixXd& b, int alternations = 2) const {
     BASISATTN_REQUIRE(b.rows() == r_, shape_mismatch, "round_pair: B has ", b.rows(), " rows, the basis has rank ", r_);
     const auto& f = at(g);
     const index_t n = b.cols(), k = m_ - r_;
-    const Eigen::MatrixXd ps = f.a_s * b;         // exact B' = rows S of A B
-    const Eigen::MatrixXd pr = f.coeff * ps;      // rows rest of A B
+    const Eigen::MatrixXd ps = f.a_s * b;  // exact B' = rows S of A B; rows rest are C ps
     rounded_pair<TO> out;
     out.coeff = matrix<TO>(k, r_);
     out.b_prime = matrix<TO>(r_, n);
     round_into(f.coeff, out.coeff.view());  // also the overflow checks
     round_into(ps, out.b_prime.view());
-    const double norm2 = ps.squaredNorm() + pr.squaredNorm();
     if constexpr (std::is_same_v<TO, double>) {
       return out;
     } else {
+      // Everything below costs O(r^2 (n + m)): the (m - r) x n rows C ps are never formed.
+      const Eigen::MatrixXd& c = f.coeff;
       Eigen::MatrixXd m(r_ + k, r_);
       m.topRows(r_).setIdentity();
-      m.bottomRows(k) = f.coeff;
+      m.bottomRows(k) = c;
       const Eigen::HouseholderQR<Eigen::MatrixXd> qr(m);
       const Eigen::MatrixXd rm = qr.matrixQR().topRows(r_).triangularView<Eigen::Upper>();
       Eigen::MatrixXd bh = detail::nearest_plane<TO>(rm, ps);  // r x n
-      Eigen::MatrixXd ct;                                      // C^T: r x k
+      Eigen::MatrixXd ct;                                      // rounded C^T: r x k
+      // C step: rows j of C minimise ||C_j B' - C_j ps||: Hessian K = B' B'^T, rhs (B' ps^T) C^T.
       auto c_step = [&](bool start) {
-        const Eigen::MatrixXd kk = bh * bh.transpose(), rhs = bh * pr.transpose();
+        const Eigen::MatrixXd kk = bh * bh.transpose(), rhs = (bh * ps.transpose()) * c.transpose();
         if (start) {
           const Eigen::LLT<Eigen::MatrixXd> llt(kk);
-          if (llt.info() != Eigen::Success) {  // rounded B' lost rank: keep C rounded to nearest
-            ct = f.coeff.transpose().unaryExpr([](double v) { return detail::round_to<TO>(v); });
-          } else {
-            const Eigen::MatrixXd target = llt.solve(rhs);  // least-squares C for the rounded B'
-            const Eigen::MatrixXd rc = llt.matrixU();
-            ct = detail::nearest_plane<TO>(rc, target);
+          if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
+            ct = c.transpose().unaryExpr([](double v) { return detail::round_to<TO>(v); });
+            return;
           }
+          const Eigen::MatrixXd target = llt.solve(rhs);  // least-squares C for the rounded B'
+          const Eigen::MatrixXd rc = llt.matrixU();
+          ct = detail::nearest_plane<TO>(rc, target);
+          return;
         }
         Eigen::MatrixXd z = kk * ct - rhs;
-        detail::grid_descent<TO>(kk, ct, z, start ? 0 : 4);
+        detail::grid_descent<TO>(kk, ct, z, 2);
       };
       c_step(true);
       for (int a = 0; a < alternations; ++a) {
+        // B step: columns of B' minimise ||M' B'_k - M ps_k|| with M' = [I; C'], M = [I; C].
         const Eigen::MatrixXd gm = Eigen::MatrixXd::Identity(r_, r_) + ct * ct.transpose();
-        const Eigen::MatrixXd rhs = ps + ct * pr;
-        Eigen::MatrixXd z = gm * bh - rhs;
-        detail::grid_descent<TO>(gm, bh, z, 4);
+        Eigen::MatrixXd mix = ct * c;
+        mix.diagonal().array() += 1.0;
+        Eigen::MatrixXd z = gm * bh;
+        z.noalias() -= mix * ps;
+        detail::grid_descent<TO>(gm, bh, z, 2);
         c_step(false);
       }
-      const double err2 = (bh - ps).squaredNorm() + (ct.transpose() * bh - pr).squaredNorm();
-      out.product_error = norm2 > 0 ? std::sqrt(err2 / norm2) : 0.0;
+      // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
+      // r x r Gram matrices (the small differences are formed first: no cancellation).
+      const Eigen::MatrixXd db = bh - ps, dc = ct.transpose() - c;
+      const Eigen::MatrixXd kk = bh * bh.transpose(), kb = bh * db.transpose(), dd = db * db.transpose(), pp = ps * ps.transpose();
+      const double e2 = dd.trace() + ((dc * kk).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
+                        ((c * dd).cwiseProduct(c)).sum();
+      const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();
+      out.product_error = norm2 > 0 ? std::sqrt(std::max(e2, 0.0) / norm2) : 0.0;
       round_into(ct.transpose(), out.coeff.view());  // on the grid already: exact
       round_into(bh, out.b_prime.view());
       return out;

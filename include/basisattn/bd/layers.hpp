@@ -125,7 +125,7 @@ any_projection<T> slice_kv(const any_projection<T>& p, index_t g0, index_t ng, i
 /// blocks of B'_g to `dst` (shaped like src; may be strided or transposed views).
 template <class T, class TI>
 void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view<const TI>>& src,
-                const std::vector<matrix_view<T>>& dst, matrix_view<T> coeff_dst, int alternations = 3) {
+                const std::vector<matrix_view<T>>& dst, matrix_view<T> coeff_dst, int alternations = 2) {
   const index_t r = sb.rank();
   index_t n = 0;
   for (const auto& v : src) n += v.cols;
