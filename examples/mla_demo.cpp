@@ -90,10 +90,10 @@ int main(int argc, char** argv) {
     std::printf("\npreparation (fp32, strategy %s, one basis for the 16 K heads, one for the 16 V heads): %.3f s\n",
                 bd::to_string(rep.used), prep_s);
     const auto& vrep = std::get<bd::bd_projection<float>>(layer.v_up).report;
-    std::printf("  K basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld max-volume swaps;\n"
+    std::printf("  K basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld basis swaps;\n"
                 "           estimated error growth vs dense rounding %.2fx\n",
                 long(k_up.rank), long(k_up.in_dim), rep.min_rcond, rep.max_abs_coeff, long(rep.swaps), rep.error_growth);
-    std::printf("  V basis: min rcond(A_S) %.3g; max |C| %.3g; %ld max-volume swaps; estimated error growth %.2fx\n",
+    std::printf("  V basis: min rcond(A_S) %.3g; max |C| %.3g; %ld basis swaps; estimated error growth %.2fx\n",
                 vrep.min_rcond, vrep.max_abs_coeff, long(vrep.swaps), vrep.error_growth);
     std::printf("  weight bytes: dense %.2f MiB, BD %.2f MiB (K/V up-projection %.2f -> %.2f MiB, -25%%)\n",
                 layer.dense_bytes() / 1048576.0, layer.bytes() / 1048576.0,

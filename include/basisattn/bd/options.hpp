@@ -36,6 +36,9 @@ enum class strategy {
   /// every |C_ij| <= swap_gain, unless max_swaps stopped it first; for G heads: the geometric mean over heads of |C_g[j, i]| is at most
   /// swap_gain^(1/G) for every (j, i)). The swap criterion, like C itself, is invariant to any
   /// per-head change of basis A_g -> A_g T_g; the greedy start is only a good first guess.
+  /// Step 3 (refine_error, on by default) then swaps while a swap lowers sum_g ||C_g||_F^2 (the
+  /// quantity BD's rounding error grows with) by at least 0.1%: A-optimal rather than D-optimal
+  /// exchanges, so the final basis is no longer exactly max-volume.
   shared_pivot,
 };
 
@@ -103,7 +106,7 @@ struct basis_report {
   double max_abs_coeff = 0;                                    ///< over heads
   double error_growth = 0;                                     ///< over heads
   double log_volume = 0;  ///< sum_g log |det A_g[S]| (natural log)
-  index_t swaps = 0;      ///< shared_pivot swaps made
+  index_t swaps = 0;      ///< shared_pivot swaps made (volume and error refinement)
   bool swap_limit_hit = false;  ///< shared_pivot stopped at max_swaps before converging
 };
 
