@@ -22,6 +22,7 @@
 #include <catch2/catch.hpp>
 
 #include "test_util.hpp"
+#include "expect_error.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -194,17 +195,6 @@ Eigen::MatrixXd head(const tensor<T>& t, index_t h) {
   return m;
 }
 
-template <class F>
-void require_error(F&& f, errc code, const std::string& needle) {
-  try {
-    f();
-    FAIL("no basisattn::error thrown; expected " << to_string(code) << " mentioning '" << needle << "'");
-  } catch (const basisattn::error& e) {
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK_THAT(e.what(), Catch::Contains(needle));
-  }
-}
 
 }  // namespace
 
@@ -416,11 +406,11 @@ TEST_CASE("caller-owned workspace gives the same result, and too small a workspa
   attention_options acc;
   acc.accumulate_double = true;
   CHECK(attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc) > bytes);
-  require_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, ws.data(), 256); },
+  test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, ws.data(), 256); },
                 errc::invalid_argument, "workspace of 256 bytes");
-  require_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, nullptr, 0); },
+  test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, nullptr, 0); },
                 errc::invalid_argument, "too small");
-  require_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument, "n_q = 0");
+  test::expect_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument, "n_q = 0");
 }
 
 // ---- argument checks ---------------------------------------------------------------------------------
@@ -433,8 +423,8 @@ TEST_CASE("bad attention arguments raise basisattn::error naming the problem") {
   v.fill_random();
   auto both = [&](auto&& qq, auto&& kk, auto&& vv, auto&& oo, const attention_options& opt, errc code,
                   const std::string& needle) {
-    require_error([&] { attention<float>(cpu{}, qq, kk, vv, oo, opt); }, code, needle);
-    require_error([&] { attention_reference<float, float>(qq, kk, vv, oo, opt); }, code, needle);
+    test::expect_error([&] { attention<float>(cpu{}, qq, kk, vv, oo, opt); }, code, needle);
+    test::expect_error([&] { attention_reference<float, float>(qq, kk, vv, oo, opt); }, code, needle);
   };
   const attention_options def;
   tensor<float> k_d(8, 2, 15), v_n(9, 2, 12), v_h(8, 3, 12), k_h3(8, 3, 16), v_h3(8, 3, 12), out_d(8, 4, 11),
@@ -481,7 +471,7 @@ TEST_CASE("bad attention arguments raise basisattn::error naming the problem") {
     kh.fill_random();
     vh.fill_random();
     kh.v(7, 0, 15) = Eigen::half(std::nanf(""));
-    require_error([&] { attention<Eigen::half>(cpu{}, qh.c(), kh.c(), vh.c(), oh.v); }, errc::non_finite,
+    test::expect_error([&] { attention<Eigen::half>(cpu{}, qh.c(), kh.c(), vh.c(), oh.v); }, errc::non_finite,
                   "k has a non-finite value at (7, 0, 15)");
     attention_options unchecked;
     unchecked.check_finite = false;
@@ -597,10 +587,10 @@ TEST_CASE("apply_rope: token 0 is untouched, position p is undone by offset -p, 
 TEST_CASE("apply_rope rejects an odd head dim and a bad theta") {
   tensor<float> x(4, 2, 7);
   x.fill_random();
-  require_error([&] { apply_rope(x.v); }, errc::invalid_argument, "head dim d = 7");
+  test::expect_error([&] { apply_rope(x.v); }, errc::invalid_argument, "head dim d = 7");
   tensor<float> y(4, 2, 8);
   y.fill_random();
   rope_params p;
   p.theta = 0;
-  require_error([&] { apply_rope(y.v, p); }, errc::invalid_argument, "params.theta = 0");
+  test::expect_error([&] { apply_rope(y.v, p); }, errc::invalid_argument, "params.theta = 0");
 }

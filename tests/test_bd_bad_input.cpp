@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include "test_util.hpp"
+#include "expect_error.hpp"
 
 #include <cmath>
 
@@ -12,17 +13,7 @@ using namespace basisattn;
 using Catch::Contains;
 
 namespace {
-template <class F>
-void expect_error(F&& f, errc code, const std::string& fragment) {
-  try {
-    f();
-    FAIL("no error raised; expected " << to_string(code) << " containing '" << fragment << "'");
-  } catch (const basisattn::error& e) {
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK_THAT(std::string(e.what()), Contains(fragment));
-  }
-}
+using test::expect_error;
 std::vector<matrix_view<const float>> views(const std::vector<matrix<float>>& m) {
   std::vector<matrix_view<const float>> v;
   for (const auto& x : m) v.push_back(x.view());

@@ -244,15 +244,8 @@ TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error b
     // Oracle: the product in double from the stored values, against A B in double.
     const Eigen::MatrixXd a = test::to_double(f.views()[static_cast<std::size_t>(g)]);
     const Eigen::MatrixXd p = a * b;
-    auto product = [&](const Eigen::MatrixXd& c, const Eigen::MatrixXd& bp) {
-      Eigen::MatrixXd q(64, 40);
-      for (index_t i = 0; i < 8; ++i) q.row(sb.basis()[static_cast<std::size_t>(i)]) = bp.row(i);
-      const Eigen::MatrixXd qn = c * bp;
-      for (index_t l = 0; l < 56; ++l) q.row(sb.rest()[static_cast<std::size_t>(l)]) = qn.row(l);
-      return q;
-    };
-    const Eigen::MatrixXd qa = product(test::to_double(rp.coeff), test::to_double(rp.b_prime));
-    const Eigen::MatrixXd qn = product(test::to_double(sb.template coefficients<TestType>(g)),
+    const Eigen::MatrixXd qa = test::bd_product(sb, test::to_double(rp.coeff), test::to_double(rp.b_prime));
+    const Eigen::MatrixXd qn = test::bd_product(sb, test::to_double(sb.template coefficients<TestType>(g)),
                                        test::to_double(sb.template absorb_rows<TestType>(g, f.b[static_cast<std::size_t>(g)].view())));
     aware += (qa - p).squaredNorm(), nearest += (qn - p).squaredNorm(), den += p.squaredNorm();
     CHECK(rp.product_error == Approx((qa - p).norm() / p.norm()).epsilon(1e-6));

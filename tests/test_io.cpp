@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include "file_builders.hpp"
+#include "expect_error.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -17,18 +18,8 @@ using namespace basisattn;
 using Catch::Contains;
 
 namespace {
+using test::expect_error;
 
-template <class F>
-void expect_error(F&& f, errc code, const std::string& fragment) {
-  try {
-    f();
-    FAIL("no error raised; expected " << to_string(code) << " containing '" << fragment << "'");
-  } catch (const basisattn::error& e) {
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK_THAT(std::string(e.what()), Contains(fragment));
-  }
-}
 
 /// Parse every prefix and some byte-flipped copies of a valid file: each must either parse or raise
 /// basisattn::error (io or unsupported); nothing else may happen. Returns the number that parsed.

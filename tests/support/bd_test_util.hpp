@@ -10,22 +10,34 @@
 
 namespace test {
 
+/// The m x n product BD computes for one head from stored C ((m - r) x r, rows in rest() order) and
+/// B' (r x n): rows S are B', the other rows C B'.
+inline Eigen::MatrixXd bd_product(const basisattn::bd::shared_basis& sb, const Eigen::MatrixXd& c, const Eigen::MatrixXd& bp) {
+  Eigen::MatrixXd q(sb.in_dim(), bp.cols());
+  for (index_t i = 0; i < sb.rank(); ++i) q.row(sb.basis()[static_cast<std::size_t>(i)]) = bp.row(i);
+  const Eigen::MatrixXd qn = c * bp;
+  for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[static_cast<std::size_t>(l)]) = qn.row(l);
+  return q;
+}
+
 /// ||A'B' - AB||_F / ||AB||_F over all heads of a shared basis, with C and B' = A_S B rounded to T and
 /// everything else exact (double): the error BD adds by storing its weights in T. a[g] is m x r,
-/// b[g] is r x n_g.
+/// b[g] is r x n_g. With `joint`, C and B' are rounded together by shared_basis::round_pair
+/// (error-aware, as the prepared layers do); otherwise each to nearest.
 template <class T, class TA, class TB>
 double bd_product_error(const std::vector<basisattn::matrix_view<const TA>>& a,
-                        const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb) {
+                        const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb,
+                        bool joint = false) {
   double num = 0, den = 0;
-  const index_t r = sb.rank();
   for (index_t g = 0; g < sb.heads(); ++g) {
     const Eigen::MatrixXd p = to_double(a[g]) * to_double(b[g]);
-    const Eigen::MatrixXd c = to_double(sb.template coefficients<T>(g));
-    const Eigen::MatrixXd bp = to_double(sb.template absorb_rows<T>(g, b[g]));
-    Eigen::MatrixXd q(p.rows(), p.cols());
-    for (index_t i = 0; i < r; ++i) q.row(sb.basis()[i]) = bp.row(i);
-    const Eigen::MatrixXd qn = c * bp;
-    for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[l]) = qn.row(l);
+    Eigen::MatrixXd q;
+    if (joint) {
+      const auto rp = sb.template round_pair<T>(g, to_double(b[g]));
+      q = bd_product(sb, to_double(rp.coeff), to_double(rp.b_prime));
+    } else {
+      q = bd_product(sb, to_double(sb.template coefficients<T>(g)), to_double(sb.template absorb_rows<T>(g, b[g])));
+    }
     if (!q.allFinite()) return INFINITY;
     num += (q - p).squaredNorm();
     den += p.squaredNorm();
@@ -33,25 +45,11 @@ double bd_product_error(const std::vector<basisattn::matrix_view<const TA>>& a,
   return std::sqrt(num / den);
 }
 
-/// As bd_product_error, with C and B' rounded jointly by shared_basis::round_pair (error-aware).
+/// bd_product_error with error-aware rounding.
 template <class T, class TA, class TB>
 double bd_pair_error(const std::vector<basisattn::matrix_view<const TA>>& a,
                      const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb) {
-  double num = 0, den = 0;
-  const index_t r = sb.rank();
-  for (index_t g = 0; g < sb.heads(); ++g) {
-    const Eigen::MatrixXd p = to_double(a[g]) * to_double(b[g]);
-    const auto rp = sb.template round_pair<T>(g, to_double(b[g]));
-    const Eigen::MatrixXd c = to_double(rp.coeff), bp = to_double(rp.b_prime);
-    Eigen::MatrixXd q(p.rows(), p.cols());
-    for (index_t i = 0; i < r; ++i) q.row(sb.basis()[i]) = bp.row(i);
-    const Eigen::MatrixXd qn = c * bp;
-    for (index_t l = 0; l < qn.rows(); ++l) q.row(sb.rest()[l]) = qn.row(l);
-    if (!q.allFinite()) return INFINITY;
-    num += (q - p).squaredNorm();
-    den += p.squaredNorm();
-  }
-  return std::sqrt(num / den);
+  return bd_product_error<T>(a, b, sb, true);
 }
 
 /// The same measure for the dense pair stored in T: ||round(A) round(B) - AB|| / ||AB||.
