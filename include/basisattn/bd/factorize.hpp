@@ -449,9 +449,11 @@ class shared_basis {
       const Eigen::MatrixXd rm = qr.matrixQR().topRows(r_).triangularView<Eigen::Upper>();
       Eigen::MatrixXd bh = detail::nearest_plane<TO>(rm, ps);  // r x n
       Eigen::MatrixXd ct;                                      // rounded C^T: r x k
+      Eigen::MatrixXd kk;                                      // B' B'^T of the current B'
       // C step: rows j of C minimise ||C_j B' - C_j ps||: Hessian K = B' B'^T, rhs (B' ps^T) C^T.
       auto c_step = [&](bool start) {
-        const Eigen::MatrixXd kk = bh * bh.transpose(), rhs = (bh * ps.transpose()) * c.transpose();
+        kk = bh * bh.transpose();
+        const Eigen::MatrixXd rhs = (bh * ps.transpose()) * c.transpose();
         if (start) {
           const Eigen::LLT<Eigen::MatrixXd> llt(kk);
           if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
@@ -480,7 +482,8 @@ class shared_basis {
       // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
       // r x r Gram matrices (the small differences are formed first: no cancellation).
       const Eigen::MatrixXd db = bh - ps, dc = ct.transpose() - c;
-      const Eigen::MatrixXd kk = bh * bh.transpose(), kb = bh * db.transpose(), dd = db * db.transpose(), pp = ps * ps.transpose();
+      // B' is unchanged since the last C step, so kk is current.
+      const Eigen::MatrixXd kb = bh * db.transpose(), dd = db * db.transpose(), pp = ps * ps.transpose();
       const double e2 = dd.trace() + ((dc * kk).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
                         ((c * dd).cwiseProduct(c)).sum();
       const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();

@@ -133,7 +133,7 @@ void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view
   index_t c0 = 0;
   for (const auto& v : src) {
     for (index_t i = 0; i < r; ++i)
-      for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = static_cast<double>(::basisattn::detail::to_compute<double>(v(i, j)));
+      for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = ::basisattn::detail::to_compute<double>(v(i, j));
     c0 += v.cols;
   }
   const rounded_pair<T> rp = sb.template round_pair<T>(g, b, alternations);
@@ -435,29 +435,22 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   const index_t qd = dn + dr;
   out.q.weight = matrix<T>(dm, H * qd);
   out.o.weight = matrix<T>(H * dv, dm);
-  if (opt.prepare.round == rounding::error_aware) {
-    ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
-      if (h < H) {
-        detail::round_head<T, TI>(sk, h, {w.wq.block(0, h * qd, dm, dn).t()}, {out.q.weight.view().block(0, h * qd, dm, dn).t()},
-                                  pk.coeff.view().block(0, h * dn, L - dn, dn));
-        ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr), w.wq.block(0, h * qd + dn, dm, dr));
-      } else {
-        const index_t hv = h - H;
-        detail::round_head<T, TI>(vbasis, v_offset + hv, {w.wo.block(hv * dv, 0, dv, dm)},
-                                  {out.o.weight.view().block(hv * dv, 0, dv, dm)}, pv.coeff.view().block(0, hv * dv, L - dv, dv));
-      }
-    });
-    out.k_up = std::move(pk);
-    out.v_up = std::move(pv);
-    return out;
-  }
+  // With error-aware rounding, each head's C and absorbed block are rounded together (C replaces the
+  // nearest-rounded coefficients that make_bd_projection wrote).
+  const bool aware = opt.prepare.round == rounding::error_aware;
   ::basisattn::detail::parallel_for(2 * H, [&](index_t h) {
     if (h < H) {
-      sk.absorb_cols_into(h, w.wq.block(0, h * qd, dm, dn), out.q.weight.view().block(0, h * qd, dm, dn));
+      const auto src = w.wq.block(0, h * qd, dm, dn);
+      const auto dst = out.q.weight.view().block(0, h * qd, dm, dn);
+      if (aware) detail::round_head<T, TI>(sk, h, {src.t()}, {dst.t()}, pk.coeff.view().block(0, h * dn, L - dn, dn));
+      else sk.absorb_cols_into(h, src, dst);
       ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr), w.wq.block(0, h * qd + dn, dm, dr));
     } else {
       const index_t hv = h - H;
-      vbasis.absorb_rows_into(v_offset + hv, w.wo.block(hv * dv, 0, dv, dm), out.o.weight.view().block(hv * dv, 0, dv, dm));
+      const auto src = w.wo.block(hv * dv, 0, dv, dm);
+      const auto dst = out.o.weight.view().block(hv * dv, 0, dv, dm);
+      if (aware) detail::round_head<T, TI>(vbasis, v_offset + hv, {src}, {dst}, pv.coeff.view().block(0, hv * dv, L - dv, dv));
+      else vbasis.absorb_rows_into(v_offset + hv, src, dst);
     }
   });
   out.k_up = std::move(pk);

@@ -45,16 +45,8 @@ struct gguf_file {
   std::map<std::string, gguf_value> metadata;
   std::vector<tensor_info> tensors;
 
-  const tensor_info* find(const std::string& name) const {
-    for (const auto& t : tensors)
-      if (t.name == name) return &t;
-    return nullptr;
-  }
-  const tensor_info& get(const std::string& name) const {
-    const tensor_info* t = find(name);
-    BASISATTN_REQUIRE(t != nullptr, io, "gguf: no tensor named '", name, "'");
-    return *t;
-  }
+  const tensor_info* find(const std::string& name) const { return find_tensor(tensors, name); }
+  const tensor_info& get(const std::string& name) const { return get_tensor(tensors, name, "gguf"); }
   const gguf_value& value(const std::string& key) const {
     const auto it = metadata.find(key);
     BASISATTN_REQUIRE(it != metadata.end(), io, "gguf: no metadata key '", key, "'");

@@ -37,16 +37,8 @@ struct safetensors_file {
   std::vector<tensor_info> tensors;
   std::map<std::string, std::string> metadata;
 
-  const tensor_info* find(const std::string& name) const {
-    for (const auto& t : tensors)
-      if (t.name == name) return &t;
-    return nullptr;
-  }
-  const tensor_info& get(const std::string& name) const {
-    const tensor_info* t = find(name);
-    BASISATTN_REQUIRE(t != nullptr, io, "safetensors: no tensor named '", name, "'");
-    return *t;
-  }
+  const tensor_info* find(const std::string& name) const { return find_tensor(tensors, name); }
+  const tensor_info& get(const std::string& name) const { return get_tensor(tensors, name, "safetensors"); }
 };
 
 namespace detail {

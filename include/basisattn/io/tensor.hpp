@@ -76,6 +76,19 @@ struct tensor_info {
   }
 };
 
+/// The tensor called `name` in a directory, or nullptr.
+inline const tensor_info* find_tensor(const std::vector<tensor_info>& tensors, const std::string& name) {
+  for (const auto& t : tensors)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+/// The tensor called `name`; errc::io naming the format when there is none.
+inline const tensor_info& get_tensor(const std::vector<tensor_info>& tensors, const std::string& name, const char* format) {
+  const tensor_info* t = find_tensor(tensors, name);
+  BASISATTN_REQUIRE(t != nullptr, io, format, ": no tensor named '", name, "'");
+  return *t;
+}
+
 /// Bytes a tensor of `count` values of type t occupies (errc::io when count does not fill whole blocks).
 inline std::uint64_t bytes_for(tensor_type t, std::uint64_t count, const std::string& name) {
   const type_layout l = layout_of(t);
