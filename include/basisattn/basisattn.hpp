@@ -24,6 +24,7 @@
 
 #include <basisattn/bd/factorize.hpp>
 #include <basisattn/bd/layers.hpp>
+#include <basisattn/bd/measure.hpp>
 #include <basisattn/bd/options.hpp>
 #include <basisattn/bd/projection.hpp>
 
