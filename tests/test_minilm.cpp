@@ -1,0 +1,215 @@
+// all-MiniLM-L6-v2 end to end (scripts/fetch-models.sh puts it in .cache/models/minilm): the
+// WordPiece tokenizer and the dense BERT forward pass against an independent reference, then BD
+// (shared pivot, default preparation, Q/K and V/O of every layer) against dense in fp32, fp16 and
+// bf16. Skipped, with a message, when the model files are absent.
+//
+// The expected numbers below come from an independent oracle, not from this code: the Hugging Face
+// `tokenizers` package (0.23.3) on tokenizer.json, with padding and truncation turned off, and a
+// float64 numpy forward pass written separately (embeddings + LayerNorm, per layer q/k/v linear,
+// softmax(q k^T / sqrt(32)) v, output dense + residual + LayerNorm, erf GELU MLP + residual +
+// LayerNorm, eps 1e-12; then mean over the tokens and division by the L2 norm), run as
+//   python3 -m venv /tmp/bertref && /tmp/bertref/bin/pip install numpy safetensors tokenizers
+//   /tmp/bertref/bin/python ref.py sentences.txt ref.json
+// On these sentences (and five more) the ids agreed exactly and the full 384-wide embeddings of
+// bert_model<float> differed from the reference by at most 1.4e-7.
+#include "skip_main.hpp"
+
+#include "bert_model.hpp"
+#include "expect_error.hpp"
+#include "wordpiece_tokenizer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+using namespace basisattn;
+
+namespace {
+const std::string dir = std::string(BASISATTN_MODEL_CACHE) + "/minilm/";
+
+struct reference {
+  const char* text;
+  std::vector<std::int32_t> ids;
+  std::vector<float> head;  // first 8 embedding components
+};
+
+// 0/1 are a paraphrase pair, 2 is unrelated to both; 3-5 exercise accents, capitals, punctuation,
+// numbers, CJK, Cyrillic and Greek in the tokenizer.
+const std::vector<reference>& refs() {
+  static const std::vector<reference> r = {
+      {"A man is playing a guitar.",
+       {101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102},
+       {2.16640736e-02f, -4.86422750e-03f, -9.64909345e-03f, -6.34012442e-02f, -1.67493523e-01f, 4.67641780e-03f,
+        8.05998082e-02f, -2.41421105e-02f}},
+      {"Someone is playing an instrument.",
+       {101, 2619, 2003, 2652, 2019, 6602, 1012, 102},
+       {3.14371856e-02f, 8.80751618e-03f, 2.50529105e-03f, -9.47113970e-02f, -1.93510343e-01f, 5.60570329e-02f,
+        1.09607515e-01f, 4.61144379e-02f}},
+      {"The stock market fell sharply on Tuesday.",
+       {101, 1996, 4518, 3006, 3062, 9249, 2006, 9857, 1012, 102},
+       {5.17490046e-02f, -2.26436494e-02f, 7.07916805e-02f, 6.27963190e-02f, -3.02354445e-02f, 2.43348236e-02f,
+        -5.92559635e-02f, 6.78843551e-02f}},
+      {"Cr\u00e8me Br\u00fbl\u00e9e in S\u00e3o Paulo: \u00c9COLE, \u0141\u00f3d\u017a, Stra\u00dfe & \u00c6r\u00f8.",
+       {101, 13675, 21382, 7987, 9307, 2063, 1999, 7509, 9094, 1024, 12431, 1010, 17814, 1010, 2358, 27807, 1004, 1097, 2099,
+        16415, 1012, 102},
+       {5.59055626e-02f, 2.91562088e-03f, -2.36425186e-02f, 2.60730222e-02f, -5.89467142e-02f, -1.28243221e-02f,
+        -4.33075551e-02f, 1.86918841e-02f}},
+      {"I paid 1,234.56 USD (approx. \u20ac1,100) on 2023-11-05 at 10:30.",
+       {101, 1045, 3825, 1015, 1010, 22018, 1012, 5179, 13751, 1006, 22480, 1012, 1574, 2487, 1010, 2531, 1007, 2006, 16798, 2509,
+        1011, 2340, 1011, 5709, 2012, 2184, 1024, 2382, 1012, 102},
+       {-1.01565799e-02f, 1.38684004e-02f, -1.21796076e-02f, -5.67986802e-03f, 2.33764103e-02f, -1.11541530e-01f,
+        1.00582108e-02f, 7.50114181e-02f}},
+      {"\u5317\u4eac is the capital of China; \u041c\u043e\u0441\u043a\u0432\u0430 \u2014 of Russia. \u03a9mega "
+       "\u03b1\u03b2\u03b3.",
+       {101, 1781, 1755, 2003, 1996, 3007, 1997, 2859, 1025, 1191, 14150, 29747, 23925, 25529, 10260, 1517, 1997, 3607, 1012, 1179,
+        4168, 3654, 1155, 29720, 29721, 1012, 102},
+       {6.07265589e-02f, 7.92616101e-02f, -1.38469930e-03f, 8.05024931e-03f, -1.54046187e-02f, 1.86234346e-02f,
+        5.25377300e-02f, 2.04395533e-03f}},
+  };
+  return r;
+}
+// Cosines between the reference embeddings of sentences 0-3: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3).
+const double ref_cos[6] = {0.675211544, -0.063422028, 0.012333277, -0.074476881, 0.041971916, -0.026420345};
+
+const models::wordpiece_tokenizer& tokenizer() {
+  static const auto t = models::wordpiece_tokenizer::from_json_file(dir + "tokenizer.json");
+  return t;
+}
+const io::safetensors_file& weights() {
+  static const auto f = io::read_safetensors(dir + "model.safetensors");
+  return f;
+}
+const models::bert_config& config() {
+  static const auto c = models::bert_config::from_json_file(dir + "config.json");
+  return c;
+}
+template <class T>
+const models::bert_model<T>& model(bool use_bd) {
+  static const auto dense = models::bert_model<T>::from_safetensors(weights(), config(), false);
+  static const auto bd = models::bert_model<T>::from_safetensors(weights(), config(), true);  // default prepare_options
+  return use_bd ? bd : dense;
+}
+
+double dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) s += double(a[i]) * double(b[i]);
+  return s;
+}
+double cosine(const std::vector<float>& a, const std::vector<float>& b) { return dot(a, b) / std::sqrt(dot(a, a) * dot(b, b)); }
+
+/// Deviation of a model's outputs from dense fp32 over the reference sentences: the largest
+/// 1 - cos of the embeddings and the largest |delta| of the final hidden states.
+struct deviation {
+  double one_minus_cos = 0, max_abs = 0;
+};
+template <class T>
+deviation deviation_from_dense32(bool use_bd) {
+  deviation d;
+  for (const auto& r : refs()) {
+    const matrix<float> h0 = model<float>(false).hidden(r.ids), h = model<T>(use_bd).hidden(r.ids);
+    for (index_t i = 0; i < h.size(); ++i) d.max_abs = std::max(d.max_abs, double(std::abs(h.data()[i] - h0.data()[i])));
+    d.one_minus_cos = std::max(d.one_minus_cos, 1.0 - cosine(model<float>(false).embed(r.ids), model<T>(use_bd).embed(r.ids)));
+  }
+  return d;
+}
+}  // namespace
+
+bool test_prerequisites(std::string& why) {
+  for (const char* f : {"model.safetensors", "tokenizer.json", "config.json"})
+    if (!std::ifstream(dir + f)) {
+      why = "all-MiniLM-L6-v2 not in " + dir + " (run scripts/fetch-models.sh)";
+      return false;
+    }
+  return true;
+}
+
+TEST_CASE("WordPiece tokenizer: ids match Hugging Face tokenizers") {
+  for (const auto& r : refs()) {
+    INFO(r.text);
+    CHECK(tokenizer().encode(r.text) == r.ids);
+  }
+  CHECK(tokenizer().encode("Hello, world!", false) == std::vector<std::int32_t>{7592, 1010, 2088, 999});
+  CHECK(tokenizer().encode("") == std::vector<std::int32_t>{101, 102});
+  CHECK(tokenizer().encode(std::string(150, 'x')) == std::vector<std::int32_t>{101, 100, 102});  // > 100 characters: [UNK]
+  test::expect_error([] { tokenizer().encode("bad \xC3("); }, errc::invalid_argument, "invalid UTF-8");
+}
+
+TEST_CASE("WordPiece tokenizer: malformed tokenizer.json is refused") {
+  using models::wordpiece_tokenizer;
+  test::expect_error([] { wordpiece_tokenizer::from_json("{\"model\": "); }, errc::io, "not valid JSON");
+  test::expect_error([] { wordpiece_tokenizer::from_json("[]"); }, errc::io, "not a JSON object");
+  test::expect_error([] { wordpiece_tokenizer::from_json("{}"); }, errc::io, "no 'model' object");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}}})"); }, errc::unsupported,
+                     "only WordPiece");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 7}}})"); }, errc::io,
+                     "model.vocab['a']");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0, "b": 0}}})"); },
+                     errc::io, "gives id 0 to two tokens");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})"); }, errc::io,
+                     "'[UNK]' is not in model.vocab");
+  test::expect_error(
+      [] {
+        wordpiece_tokenizer::from_json(
+            R"({"normalizer": {"type": "NFKC"}, "model": {"type": "WordPiece", "vocab": {"[UNK]": 0}}})");
+      },
+      errc::unsupported, "only BertNormalizer");
+  const auto t = wordpiece_tokenizer::from_json(
+      R"({"model": {"type": "WordPiece", "vocab": {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "un": 3, "##aff": 4, "##able": 5}},
+          "normalizer": {"type": "BertNormalizer", "lowercase": true}})");
+  CHECK(t.encode("UNAFFABLE unx") == std::vector<std::int32_t>{1, 3, 4, 5, 0, 2});
+}
+
+TEST_CASE("all-MiniLM-L6-v2 dense fp32: embeddings match the independent reference") {
+  const auto& m = model<float>(false);
+  std::vector<std::vector<float>> e;
+  for (const auto& r : refs()) {
+    e.push_back(m.embed(r.ids));
+    INFO(r.text);
+    REQUIRE(e.back().size() == 384);
+    CHECK(std::abs(dot(e.back(), e.back()) - 1.0) < 1e-6);
+    double err = 0, ref = 0;
+    for (std::size_t j = 0; j < 8; ++j) err += std::pow(e.back()[j] - r.head[j], 2), ref += std::pow(r.head[j], 2);
+    // Measured 1.4e-7 max |delta| over all 384 components; the tolerance leaves room for other
+    // compilers and BLAS orders, far below what a wrong layer (or token) would move.
+    CHECK(std::sqrt(err) <= 1e-5 * std::max(1.0, std::sqrt(ref)));
+  }
+  const int pairs[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+  for (int p = 0; p < 6; ++p) CHECK(std::abs(cosine(e[pairs[p][0]], e[pairs[p][1]]) - ref_cos[p]) < 1e-5);
+  // Semantic sanity: the paraphrase pair is far closer than either sentence to the unrelated one.
+  CHECK(cosine(e[0], e[1]) > 0.5);
+  CHECK(cosine(e[0], e[1]) > cosine(e[0], e[2]) + 0.5);
+  CHECK(cosine(e[0], e[1]) > cosine(e[1], e[2]) + 0.5);
+}
+
+TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact, 16-bit near dense rounding") {
+  const deviation bd32 = deviation_from_dense32<float>(true);
+  const deviation d16 = deviation_from_dense32<Eigen::half>(false), bd16 = deviation_from_dense32<Eigen::half>(true);
+  const deviation db = deviation_from_dense32<Eigen::bfloat16>(false), bdb = deviation_from_dense32<Eigen::bfloat16>(true);
+  std::printf("deviation from dense fp32 over %zu sentences: 1 - cos(embedding) | max |delta| of the last hidden states\n",
+              refs().size());
+  std::printf("  BD   fp32  %10.3e | %10.3e\n", bd32.one_minus_cos, bd32.max_abs);
+  auto row = [](const char* type, const deviation& dense, const deviation& bd) {
+    // 1 - cos grows with the square of the error: sqrt of its ratio (the angle ratio) compares
+    // like with like against the max |delta| ratio.
+    std::printf("  dense %-4s %10.3e | %10.3e     BD %-4s %10.3e | %10.3e   ratio BD/dense: 1-cos %.2f (angle %.2f) | max %.2f\n",
+                type, dense.one_minus_cos, dense.max_abs, type, bd.one_minus_cos, bd.max_abs, bd.one_minus_cos / dense.one_minus_cos,
+                std::sqrt(bd.one_minus_cos / dense.one_minus_cos), bd.max_abs / dense.max_abs);
+  };
+  row("fp16", d16, bd16);
+  row("bf16", db, bdb);
+  // fp32: BD is an exact reparametrisation; what is left is float rounding.
+  CHECK(bd32.one_minus_cos < 1e-10);
+  CHECK(bd32.max_abs < 1e-4);
+  // 16-bit: issue 3's target is BD within 1.5x of what storing the dense model in the same type
+  // costs. Not met on MiniLM (6 sentences: fp16 1-cos 3.4x = angle 1.84x, max |delta| 1.66x; bf16
+  // 1-cos 3.3x, max |delta| 1.49x). The cause is the basis shared by all 12 heads (max |C| 7-12):
+  // per-head bases measure 1.0-1.1x (basisattn-report), but would cost one gather per head.
+  // Asserted: the measured level with a small margin, so a regression in the BD path fails.
+  CHECK(bd16.one_minus_cos <= 4 * d16.one_minus_cos);
+  CHECK(bd16.max_abs <= 2 * d16.max_abs);
+  CHECK(bdb.one_minus_cos <= 4 * db.one_minus_cos);
+  CHECK(bdb.max_abs <= 2 * db.max_abs);
+}
