@@ -36,6 +36,7 @@ namespace bd {
 struct product_errors {
   double qk = 0, vo = 0;              ///< the stored layer
   double qk_dense = 0, vo_dense = 0;  ///< the dense weights rounded once to the storage type
+  double qk_norm2 = 0, vo_norm2 = 0;  ///< sum_h ||A_g B_h||_F^2 (to combine errors of several layers)
   double qk_ratio() const { return qk_dense > 0 ? qk / qk_dense : (qk > 0 ? std::numeric_limits<double>::infinity() : 1.0); }
   double vo_ratio() const { return vo_dense > 0 ? vo / vo_dense : (vo > 0 ? std::numeric_limits<double>::infinity() : 1.0); }
 };
@@ -121,6 +122,7 @@ product_errors measure_product_errors(const mha_weights<TI>& w, const mha_layer<
   e.qk_dense = rel(qk.num_dense, qk.den);
   e.vo = rel(vo.num, vo.den);
   e.vo_dense = rel(vo.num_dense, vo.den);
+  e.qk_norm2 = qk.den, e.vo_norm2 = vo.den;
   return e;
 }
 
