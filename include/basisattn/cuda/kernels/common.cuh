@@ -1,0 +1,56 @@
+// basisattn/cuda/kernels/common.cuh - device-side helpers shared by basisattn's kernels (nvcc only).
+//
+//   device_type_t<T>        the CUDA type with T's bits: float, __half for Eigen::half,
+//                           __nv_bfloat16 for Eigen::bfloat16
+//   as_device(p)            reinterpret a pointer to the public storage type as its device type
+//   load_f(x) / store_f<D>  fp32 widening / round-to-nearest narrowing on the device
+//   grid_for(n, threads)    a 1-D grid for a grid-stride loop over n elements
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "basisattn/cuda/kernels/*.cuh contain CUDA kernels and must be compiled by nvcc (a .cu file)"
+#endif
+
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace detail {
+namespace cuda_kernels {
+
+template <class T> struct device_type { using type = T; };
+template <> struct device_type<Eigen::half> { using type = __half; };
+template <> struct device_type<Eigen::bfloat16> { using type = __nv_bfloat16; };
+template <class T> using device_type_t = typename device_type<T>::type;
+
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit device types");
+
+template <class T>
+inline const device_type_t<T>* as_device(const T* p) { return reinterpret_cast<const device_type_t<T>*>(p); }
+template <class T>
+inline device_type_t<T>* as_device(T* p) { return reinterpret_cast<device_type_t<T>*>(p); }
+
+__device__ __forceinline__ float load_f(float x) { return x; }
+__device__ __forceinline__ float load_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float load_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class D> __device__ __forceinline__ D store_f(float x);
+template <> __device__ __forceinline__ float store_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half store_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+/// Blocks for a grid-stride loop over n elements (at most 65535 * 16 blocks, at least 1).
+inline unsigned grid_for(long long n, int threads) {
+  const long long blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<long long>(1, std::min<long long>(blocks, 65535LL * 16)));
+}
+
+}  // namespace cuda_kernels
+}  // namespace detail
+BASISATTN_END_NAMESPACE

@@ -1,0 +1,2 @@
+// basisattn's CUDA kernels compiled once for the CUDA test programs (see <basisattn/cuda/kernels.cuh>).
+#include <basisattn/cuda/kernels.cuh>
