@@ -24,6 +24,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "gpt2_model.hpp"  // layer_norm, add_into
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,12 +34,6 @@
 #include <vector>
 
 namespace models {
-
-using basisattn::index_t;
-using basisattn::matrix;
-using basisattn::matrix_view;
-namespace bd = basisattn::bd;
-namespace io = basisattn::io;
 
 /// The fields of a Hugging Face BertModel config.json that the forward pass needs.
 struct bert_config {
@@ -158,13 +154,13 @@ struct bert_model {
                         cfg.vocab_size);
       for (index_t j = 0; j < E; ++j) x(t, j) = word(id, j) + pos(t, j) + type(0, j);
     }
-    layer_norm(x, emb_ln_w, emb_ln_b, cfg.layer_norm_eps);
+    x = layer_norm<float>(x, emb_ln_w, emb_ln_b, cfg.layer_norm_eps);
     matrix<T> h(n, E), a(n, E), f(n, F), o(n, E);
     for (std::size_t l = 0; l < attn.size(); ++l) {
       round_into(x, h);
       bd::forward(basisattn::cpu{}, attn[l], std::as_const(h).view(), a.view());
       add_into(x, a);
-      layer_norm(x, attn_ln_w[l], attn_ln_b[l], cfg.layer_norm_eps);
+      x = layer_norm<float>(x, attn_ln_w[l], attn_ln_b[l], cfg.layer_norm_eps);
       round_into(x, h);
       bd::project(basisattn::cpu{}, fc[l], std::as_const(h).view(), f.view());
       for (index_t i = 0; i < f.size(); ++i) {  // GELU, exact erf form
@@ -173,7 +169,7 @@ struct bert_model {
       }
       bd::project(basisattn::cpu{}, proj[l], std::as_const(f).view(), o.view());
       add_into(x, o);
-      layer_norm(x, out_ln_w[l], out_ln_b[l], cfg.layer_norm_eps);
+      x = layer_norm<float>(x, out_ln_w[l], out_ln_b[l], cfg.layer_norm_eps);
     }
     return x;
   }
@@ -193,23 +189,8 @@ struct bert_model {
     return out;
   }
 
-  /// LayerNorm of every row in place (float in and out; statistics in double).
-  static void layer_norm(matrix<float>& x, const std::vector<float>& w, const std::vector<float>& b, double eps) {
-    for (index_t t = 0; t < x.rows(); ++t) {
-      double mean = 0, var = 0;
-      for (index_t j = 0; j < x.cols(); ++j) mean += x(t, j);
-      mean /= double(x.cols());
-      for (index_t j = 0; j < x.cols(); ++j) var += (x(t, j) - mean) * (x(t, j) - mean);
-      var /= double(x.cols());
-      const double inv = 1.0 / std::sqrt(var + eps);
-      for (index_t j = 0; j < x.cols(); ++j) x(t, j) = float((x(t, j) - mean) * inv * w[std::size_t(j)] + b[std::size_t(j)]);
-    }
-  }
   static void round_into(const matrix<float>& x, matrix<T>& h) {
     for (index_t i = 0; i < x.size(); ++i) h.data()[i] = T(x.data()[i]);
-  }
-  static void add_into(matrix<float>& x, const matrix<T>& y) {
-    for (index_t i = 0; i < x.size(); ++i) x.data()[i] += static_cast<float>(y.data()[i]);
   }
 };
 

@@ -22,9 +22,9 @@
 
 namespace models {
 
-/// LayerNorm over each row (eps 1e-5, weight and bias), result rounded to T.
+/// LayerNorm over each row (weight and bias; GPT-2 uses eps 1e-5), result rounded to T.
 template <class T>
-matrix<T> layer_norm(const matrix<float>& x, const std::vector<float>& w, const std::vector<float>& b) {
+matrix<T> layer_norm(const matrix<float>& x, const std::vector<float>& w, const std::vector<float>& b, double eps = 1e-5) {
   matrix<T> out(x.rows(), x.cols());
   for (index_t t = 0; t < x.rows(); ++t) {
     double mean = 0, var = 0;
@@ -32,7 +32,7 @@ matrix<T> layer_norm(const matrix<float>& x, const std::vector<float>& w, const 
     mean /= double(x.cols());
     for (index_t j = 0; j < x.cols(); ++j) var += (x(t, j) - mean) * (x(t, j) - mean);
     var /= double(x.cols());
-    const double inv = 1.0 / std::sqrt(var + 1e-5);
+    const double inv = 1.0 / std::sqrt(var + eps);
     for (index_t j = 0; j < x.cols(); ++j)
       out(t, j) = T(float((x(t, j) - mean) * inv * w[std::size_t(j)] + b[std::size_t(j)]));
   }
