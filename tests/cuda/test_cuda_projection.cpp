@@ -8,6 +8,8 @@
 // different summation order). Without a usable GPU the program exits 77 (CTest: Skipped).
 #include "skip_main.hpp"
 
+#include "cuda_test_util.hpp"
+
 #include <basisattn/attention/attention.hpp>
 #include <basisattn/bd/projection.hpp>
 #include <basisattn/cpu/attention.hpp>
@@ -27,18 +29,12 @@
 
 using namespace basisattn;
 
-bool test_prerequisites(std::string& why) {
-  if (cuda_device_count() > 0) return true;
-  why = "no usable CUDA device (cudaGetDeviceCount reports none or an error)";
-  return false;
-}
-
 namespace {
 
-std::uint64_t fresh_seed() {
-  std::random_device rd;
-  return (std::uint64_t(rd()) << 32) ^ rd();
-}
+using cudatest::comparison;
+using cudatest::compare;
+using cudatest::fresh_seed;
+using cudatest::poison;
 
 template <class T>
 float to_f(T x) {
@@ -66,50 +62,6 @@ std::vector<T> random_padded(std::mt19937_64& g, index_t rows, index_t cols, ind
   return v;
 }
 
-/// All bytes 0xFF: NaN in fp32, fp16 and bf16.
-template <class T>
-void poison(const cuda_context& ctx, device_buffer<T>& b) {
-  BASISATTN_CUDA_CHECK(cudaMemsetAsync(b.data(), 0xFF, b.bytes(), ctx.stream()));
-  ctx.synchronize();
-}
-
-template <class T>
-bool is_poison(const T& x) {
-  unsigned char bytes[sizeof(T)];
-  std::memcpy(bytes, &x, sizeof(T));
-  return std::all_of(bytes, bytes + sizeof(T), [](unsigned char c) { return c == 0xFF; });
-}
-
-struct comparison {
-  double nerr = 0;
-  index_t non_finite = 0;       // elements of the result that are NaN/Inf (unwritten: poison)
-  index_t padding_touched = 0;  // padding elements that lost their poison
-};
-
-/// Compare a rows x ld device result (first cols columns) with the CPU's rows x cols result.
-template <class T>
-comparison compare(const std::vector<T>& got, index_t ld, const matrix<T>& want) {
-  comparison c;
-  double num = 0, den = 0;
-  for (index_t i = 0; i < want.rows(); ++i) {
-    for (index_t j = 0; j < ld; ++j) {
-      const T g = got[static_cast<std::size_t>(i * ld + j)];
-      if (j >= want.cols()) {
-        if (!is_poison(g)) ++c.padding_touched;
-        continue;
-      }
-      const double a = to_f(g), b = to_f(want(i, j));
-      if (!std::isfinite(a)) {
-        ++c.non_finite;
-        continue;
-      }
-      num += (a - b) * (a - b);
-      den += b * b;
-    }
-  }
-  c.nerr = std::sqrt(num / std::max(den, 1e-300));
-  return c;
-}
 
 template <class T>
 bd::bd_projection<T> random_bd(std::mt19937_64& g, index_t m, index_t r, index_t heads, bool leading, bool bias) {
