@@ -8,7 +8,8 @@
 //   core/      config & version, error, dtypes, views, backend tags and traits
 //   attention/ exact attention (naive double oracle, blocked CPU), RoPE
 //   bd/        BD options, factorization (basis selection), projections, prepared layers
-//   cpu/       CPU runtime: projections, layer forward passes, Eigen interop
+//   conv/      conv-basis attention: anchor recovery, FFT application, error control, backward
+//   cpu/       CPU runtime: projections, layer forward passes, conv-basis, Eigen interop
 #pragma once
 
 #include <basisattn/core/backend.hpp>
@@ -27,6 +28,10 @@
 #include <basisattn/bd/measure.hpp>
 #include <basisattn/bd/options.hpp>
 #include <basisattn/bd/projection.hpp>
+
+#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/conv/fft.hpp>
+#include <basisattn/conv/options.hpp>
 
 #include <basisattn/cpu/layers.hpp>
 #include <basisattn/cpu/projection.hpp>

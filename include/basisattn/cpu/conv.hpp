@@ -1,0 +1,775 @@
+// basisattn/cpu/conv.hpp - conv-basis attention on the CPU backend (entry points documented in
+// <basisattn/conv/conv_basis.hpp>; this header holds the implementation).
+//
+// make_plan: per query head (OpenMP over heads), q and k of the head are converted to double, the
+// lower basis (and the upper one when non-causal) is recovered (conv/recovery.hpp), the structure
+// diagnostic is sampled and a checksum of q and k is kept.
+// run, per query head (OpenMP over heads, one workspace slice and one FFT engine per thread):
+//   1. g = the largest kernel entry (one global shift; it cancels in D^-1).
+//   2. Denominators by prefix sums of exp(u_i - g) (no FFT), each row's largest basis logit M_r by a
+//      sliding-window maximum, and a per-row FFT error bound
+//          bound_r = eps * (sum_i log2(N_i) ||a_i||_2 ||V_i||_F / max|v| + sum_i ||a_i||_1) / D_r
+//      (a_i = exp(u_i - g), V_i the block's values, N_i its FFT length; the second sum is the prefix
+//      sums' cancellation). Blocks narrow enough that a direct convolution is cheaper skip the FFT and
+//      add nothing to the bound.
+//   3. f32_checked: float FFTs when every row's bound with float's eps is <= fft_tolerance.
+//   4. Numerators: per block one FFT of the kernel and, per value channel, FFT, product, inverse
+//      (lower: convolution; upper: correlation), accumulated in double.
+//   5. Rows with bound_r > fft_tolerance, D_r <= 0 or a non-finite result are recomputed directly from
+//      the basis with their own shift M_r (O(n d) each) and counted (head_report::repaired_rows).
+//   6. Sampled rows are computed exactly in double: estimated error, uniform-attention baseline.
+//   7. Heads whose estimated error exceeds options.tolerance are recomputed with exact attention.
+// backward (causal): with the anchors held fixed, in double FFTs; see conv_basis.hpp.
+#pragma once
+
+#include <basisattn/attention/attention.hpp>
+#include <basisattn/conv/fft.hpp>
+#include <basisattn/conv/options.hpp>
+#include <basisattn/conv/recovery.hpp>
+#include <basisattn/core/backend.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/eigen.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <memory>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+BASISATTN_BEGIN_NAMESPACE
+namespace conv {
+namespace detail {
+
+/// Rows of head h of x (n x d) in double.
+template <class T>
+mat_d head_to_double(const tensor3_view<const T>& x, index_t h) {
+  mat_d m(x.extent[0], x.extent[2]);
+  for (index_t i = 0; i < x.extent[0]; ++i)
+    for (index_t c = 0; c < x.extent[2]; ++c)
+      m(i, c) = static_cast<double>(basisattn::detail::to_compute<compute_t<T>>(x(i, h, c)));
+  return m;
+}
+
+/// A checksum of q and k of one head: a run refuses q, k other than those its plan was made from.
+inline double qk_checksum(const mat_d& Q, const mat_d& K) {
+  double s = 0;
+  for (const mat_d* m : {&Q, &K})
+    for (index_t i = 0; i < m->rows(); ++i)
+      for (index_t c = 0; c < m->cols(); ++c) {
+        const std::uint64_t hsh = (std::uint64_t(i) * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c + 1) * 0xC2B2AE3D27D4EB4Full);
+        s += (*m)(i, c) * (0.5 + double(hsh >> 40) / double(1ull << 24));
+      }
+  return s;
+}
+
+/// for (i = 0; i < n; ++i) f(i, slot) on `threads` OpenMP threads; slot in [0, threads) is the
+/// thread's. The first exception is rethrown after the loop.
+template <class F>
+void parallel_for_slots(index_t n, int threads, F&& f) {
+#if defined(_OPENMP)
+  if (threads > 1 && n > 1) {
+    std::exception_ptr err;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (index_t i = 0; i < n; ++i) {
+#if BASISATTN_HAS_EXCEPTIONS
+      try {
+        f(i, omp_get_thread_num());
+      } catch (...) {
+#pragma omp critical(basisattn_conv_error)
+        if (!err) err = std::current_exception();
+      }
+#else
+      f(i, omp_get_thread_num());
+#endif
+    }
+    if (err) std::rethrow_exception(err);
+    return;
+  }
+#endif
+  (void)threads;
+  for (index_t i = 0; i < n; ++i) f(i, 0);
+}
+
+inline void check_options(const char* fn, const options& opt, index_t n) {
+  BASISATTN_REQUIRE(opt.k >= 1 && opt.k <= n, invalid_argument, fn, ": options.k = ", opt.k,
+                    " must be in [1, n] (n = ", n, " tokens)");
+  BASISATTN_REQUIRE(opt.probe >= 1, invalid_argument, fn, ": options.probe = ", opt.probe, " must be >= 1");
+  BASISATTN_REQUIRE(std::isfinite(opt.delta) && opt.delta >= 0, invalid_argument, fn, ": options.delta = ", opt.delta,
+                    " must be finite and >= 0");
+  BASISATTN_REQUIRE(opt.rule != anchor_rule::search || opt.delta > 0, invalid_argument, fn,
+                    ": anchor_rule::search needs options.delta > 0 (the l1 threshold per compared logit)");
+  if (opt.rule == anchor_rule::given) {
+    BASISATTN_REQUIRE(!opt.anchors.empty() && opt.anchors.front() == 0, invalid_argument, fn,
+                      ": anchor_rule::given needs options.anchors to start with 0");
+    BASISATTN_REQUIRE(static_cast<index_t>(opt.anchors.size()) <= opt.k, invalid_argument, fn, ": ",
+                      opt.anchors.size(), " anchors given but options.k = ", opt.k);
+    for (std::size_t i = 1; i < opt.anchors.size(); ++i)
+      BASISATTN_REQUIRE(opt.anchors[i] > opt.anchors[i - 1] && opt.anchors[i] < n, invalid_argument, fn,
+                        ": options.anchors must be ascending, distinct and < n = ", n, "; entry ", i, " is ",
+                        opt.anchors[i], " after ", opt.anchors[i - 1]);
+  }
+  BASISATTN_REQUIRE(opt.sample_rows >= 0, invalid_argument, fn, ": options.sample_rows = ", opt.sample_rows,
+                    " must be >= 0");
+  BASISATTN_REQUIRE(!std::isnan(opt.tolerance) && opt.tolerance >= 0, invalid_argument, fn,
+                    ": options.tolerance = ", opt.tolerance, " must be >= 0 (infinity: never fall back)");
+  BASISATTN_REQUIRE(std::isfinite(opt.fft_tolerance) && opt.fft_tolerance > 0, invalid_argument, fn,
+                    ": options.fft_tolerance = ", opt.fft_tolerance, " must be finite and > 0");
+  BASISATTN_REQUIRE(opt.diagnostic_samples >= 0, invalid_argument, fn, ": options.diagnostic_samples = ",
+                    opt.diagnostic_samples, " must be >= 0");
+  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
+                    opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
+}
+
+template <class T>
+void check_qk(const char* fn, const tensor3_view<const T>& q, const tensor3_view<const T>& k) {
+  using basisattn::detail::extents_string;
+  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn,
+                    ": q has extents ", extents_string(q), "; n, H_q and d_qk must be >= 1");
+  BASISATTN_REQUIRE(k.extent[1] >= 1, invalid_argument, fn, ": k has extents ", extents_string(k),
+                    "; H_kv must be >= 1");
+  BASISATTN_REQUIRE(k.extent[0] == q.extent[0], shape_mismatch, fn, ": conv-basis attention is self-attention (n_q == n_kv), but q ",
+                    extents_string(q), " has ", q.extent[0], " tokens and k ", extents_string(k), " has ", k.extent[0]);
+  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q), " has d_qk = ",
+                    q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
+  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q), " has H_q = ",
+                    q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ", extents_string(k));
+  BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
+}
+
+/// Per-thread slice of a run's workspace (all in doubles; float FFTs reuse the same memory).
+struct run_slice {
+  double* v;        // n x d_v values of the head
+  double* num;      // n x d_v numerators
+  double* den;      // n denominators
+  double* rowmax;   // n largest basis logit per row
+  double* bnum;     // n numerator error-bound sums (difference array, then prefix-summed)
+  double* bden;     // n denominator error-bound sums
+  double* prefix;   // n + 1 prefix sums / prefix maxima
+  double* kern;     // fft_n real: the kernel (exp) padded
+  double* xbuf;     // fft_n real
+  double* kspec;    // (fft_n / 2 + 1) complex
+  double* xspec;    // (fft_n / 2 + 1) complex
+  index_t* deque;   // n indices: sliding-window maximum
+  double* exact;    // n + d_v: sampled exact rows
+};
+
+inline index_t run_fft_max(index_t n) { return fft_size(2 * n - 1); }
+
+inline std::size_t run_slice_bytes(index_t n, index_t d_v) {
+  const std::size_t nf = static_cast<std::size_t>(run_fft_max(n));
+  const std::size_t doubles = 2 * std::size_t(n) * std::size_t(d_v) + 4 * std::size_t(n) + (std::size_t(n) + 1) +
+                              2 * nf + 2 * 2 * (nf / 2 + 1) + std::size_t(n) + std::size_t(d_v);
+  return (doubles * sizeof(double) + 4 * 64 + std::size_t(n) * sizeof(index_t) + 63) / 64 * 64;
+}
+
+inline run_slice carve_slice(void* base, index_t n, index_t d_v) {
+  const std::size_t nf = static_cast<std::size_t>(run_fft_max(n));
+  double* p = static_cast<double*>(base);
+  run_slice s;
+  auto take = [&](std::size_t count) {
+    double* r = p;
+    p += count;
+    return r;
+  };
+  auto align64 = [&] {  // FFT buffers on 64-byte boundaries (SIMD FFTs); 4 x 64 bytes are reserved
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    p = reinterpret_cast<double*>((a + 63) / 64 * 64);
+  };
+  s.v = take(std::size_t(n) * std::size_t(d_v));
+  s.num = take(std::size_t(n) * std::size_t(d_v));
+  s.den = take(static_cast<std::size_t>(n));
+  s.rowmax = take(static_cast<std::size_t>(n));
+  s.bnum = take(static_cast<std::size_t>(n));
+  s.bden = take(static_cast<std::size_t>(n));
+  s.prefix = take(std::size_t(n) + 1);
+  align64();
+  s.kern = take(nf);
+  align64();
+  s.xbuf = take(nf);
+  align64();
+  s.kspec = take(2 * (nf / 2 + 1));
+  align64();
+  s.xspec = take(2 * (nf / 2 + 1));
+  s.exact = take(std::size_t(n) + std::size_t(d_v));
+  s.deque = reinterpret_cast<index_t*>(p);
+  return s;
+}
+
+/// A block is applied by direct convolution when that costs less than its FFTs.
+inline bool block_is_direct(index_t L, index_t b, index_t d_v, index_t nfft) {
+  const double direct = double(L) * double(b) * double(d_v);
+  const double fft = 2.5 * double(nfft) * std::log2(double(nfft)) * double(2 * d_v + 1);
+  return direct <= fft;
+}
+
+/// Logit the basis assigns to (r, c) (lower: c <= r; upper: c > r).
+inline double basis_logit(const head_plan& hp, index_t r, index_t c) {
+  if (c <= r) {
+    const index_t i = block_of(hp.lower, c);
+    return hp.lower.kernel(i)[r - c];
+  }
+  const index_t i = block_of(hp.upper, r);
+  return hp.upper.kernel(i)[c - r];
+}
+
+/// Row r of the conv-basis output computed directly from the basis (shift: the row's own maximum).
+inline void direct_row(const head_plan& hp, index_t n, bool causal, const double* v, index_t d_v, index_t r,
+                       double* y) {
+  const index_t c_end = causal ? r + 1 : n;
+  double m = -std::numeric_limits<double>::infinity();
+  for (index_t c = 0; c < c_end; ++c) m = std::max(m, basis_logit(hp, r, c));
+  double den = 0;
+  std::fill(y, y + d_v, 0.0);
+  for (index_t c = 0; c < c_end; ++c) {
+    const double w = std::exp(basis_logit(hp, r, c) - m);
+    den += w;
+    const double* vc = v + c * d_v;
+    for (index_t j = 0; j < d_v; ++j) y[j] += w * vc[j];
+  }
+  for (index_t j = 0; j < d_v; ++j) y[j] /= den;
+}
+
+/// Numerators of one head by FFT in precision Real (accumulated into s.num in double).
+template <class Real, class Engine>
+void fft_numerators(const head_plan& hp, index_t n, bool causal, index_t d_v, double g, const run_slice& s,
+                    Engine& eng) {
+  Real* kern = reinterpret_cast<Real*>(s.kern);
+  Real* xb = reinterpret_cast<Real*>(s.xbuf);
+  auto* ks = reinterpret_cast<std::complex<Real>*>(s.kspec);
+  auto* xs = reinterpret_cast<std::complex<Real>*>(s.xspec);
+  for (int tri = 0; tri < (causal ? 1 : 2); ++tri) {
+    const basis& b = tri == 0 ? hp.lower : hp.upper;
+    for (index_t i = 0; i < b.size(); ++i) {
+      const index_t s0 = b.begin(i), e0 = b.end(i, n), L = n - s0, w = e0 - s0;
+      if (tri == 1 && L < 2) continue;  // the last row sees no key to its right
+      const index_t nf = fft_size(L + w - 1);
+      const double* u = b.kernel(i);
+      if (block_is_direct(L, w, d_v, nf)) {  // direct: numerator rows s0 + t
+        if (tri == 0) {
+          for (index_t m = 0; m < w; ++m) {  // column s0 + m feeds rows s0 + m + t
+            const double* vc = s.v + (s0 + m) * d_v;
+            for (index_t t = 0; s0 + m + t < n; ++t) {
+              const double a = std::exp(u[t] - g);
+              double* nr = s.num + (s0 + m + t) * d_v;
+              for (index_t j = 0; j < d_v; ++j) nr[j] += a * vc[j];
+            }
+          }
+        } else {
+          for (index_t r = s0; r < e0; ++r) {  // row r sees columns r + t, t >= 1
+            double* nr = s.num + r * d_v;
+            for (index_t t = 1; r + t < n; ++t) {
+              const double a = std::exp(u[t] - g);
+              const double* vc = s.v + (r + t) * d_v;
+              for (index_t j = 0; j < d_v; ++j) nr[j] += a * vc[j];
+            }
+          }
+        }
+        continue;
+      }
+      const index_t nb = nf / 2 + 1;
+      for (index_t t = 0; t < nf; ++t) kern[t] = t < L && (tri == 0 || t >= 1) ? Real(std::exp(u[t] - g)) : Real(0);
+      eng.forward(ks, kern, nf);
+      if (tri == 1)
+        for (index_t f = 0; f < nb; ++f) ks[f] = std::conj(ks[f]);  // correlation
+      for (index_t j = 0; j < d_v; ++j) {
+        if (tri == 0)  // convolution with the block's values: outputs s0 + t, t < L
+          for (index_t t = 0; t < nf; ++t) xb[t] = t < w ? Real(s.v[(s0 + t) * d_v + j]) : Real(0);
+        else  // correlation with the values from s0 on: outputs s0 + rho, rho < w
+          for (index_t t = 0; t < nf; ++t) xb[t] = t < L ? Real(s.v[(s0 + t) * d_v + j]) : Real(0);
+        eng.forward(xs, xb, nf);
+        for (index_t f = 0; f < nb; ++f) xs[f] *= ks[f];
+        eng.inverse(xb, xs, nf);
+        const index_t outs = tri == 0 ? L : w;
+        for (index_t t = 0; t < outs; ++t) s.num[(s0 + t) * d_v + j] += double(xb[t]);
+      }
+    }
+  }
+}
+
+/// Bytes of the caller-owned workspace of a run with `threads` slices.
+inline std::size_t run_workspace_bytes(index_t n, index_t d_v, int threads) {
+  return run_slice_bytes(n, d_v) * std::size_t(threads);
+}
+
+inline int run_threads(index_t h_q) {
+  return static_cast<int>(std::max<index_t>(1, std::min<index_t>(basisattn::detail::cpu_threads(), h_q)));
+}
+
+/// Sampled rows of a head: sample_rows distinct rows, the last one always among them, ascending.
+inline std::vector<index_t> sampled_rows(index_t n, index_t count, std::uint64_t seed) {
+  std::vector<index_t> rows;
+  if (count <= 0) return rows;
+  rows.push_back(n - 1);
+  if (count >= n) {
+    rows.resize(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) rows[std::size_t(i)] = i;
+    return rows;
+  }
+  std::mt19937_64 g(seed);
+  std::uniform_int_distribution<index_t> d(0, n - 2);
+  while (static_cast<index_t>(rows.size()) < count) {
+    const index_t r = d(g);
+    if (std::find(rows.begin(), rows.end(), r) == rows.end()) rows.push_back(r);
+  }
+  std::sort(rows.begin(), rows.end());
+  return rows;
+}
+
+/// One head of a run. Writes out's head h and fills rep (except fell_back).
+template <class T, class FFT>
+void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
+              const tensor3_view<const T>& v, const tensor3_view<T>& out, const run_slice& s, head_report& rep) {
+  using basisattn::detail::from_compute;
+  using basisattn::detail::to_compute;
+  const index_t n = p.n, d_v = v.extent[2], hk = h / (p.h_q / p.h_kv);
+  const bool causal = p.opt.causal;
+  const head_plan& hp = p.heads[std::size_t(h)];
+  rep.anchors = hp.lower.size();
+  rep.upper_anchors = causal ? 0 : hp.upper.size();
+  rep.degenerate = hp.lower.degenerate() || (!causal && hp.upper.degenerate());
+  rep.explained = hp.explained;
+
+  double vmax = 0;
+  for (index_t r = 0; r < n; ++r)
+    for (index_t j = 0; j < d_v; ++j) {
+      const double x = static_cast<double>(to_compute<compute_t<T>>(v(r, hk, j)));
+      s.v[r * d_v + j] = x;
+      vmax = std::max(vmax, std::abs(x));
+    }
+  if (vmax == 0) vmax = 1;
+
+  // 1. global shift
+  double g = -std::numeric_limits<double>::infinity();
+  for (index_t i = 0; i < hp.lower.size(); ++i) {
+    const double* u = hp.lower.kernel(i);
+    for (index_t t = 0; t < n - hp.lower.begin(i); ++t) g = std::max(g, u[t]);
+  }
+  if (!causal)
+    for (index_t i = 0; i < hp.upper.size(); ++i) {
+      const double* u = hp.upper.kernel(i);
+      for (index_t t = 1; t < n - hp.upper.begin(i); ++t) g = std::max(g, u[t]);
+    }
+
+  // 2. denominators, row maxima, error-bound sums
+  std::fill(s.num, s.num + n * d_v, 0.0);
+  std::fill(s.den, s.den + n, 0.0);
+  std::fill(s.rowmax, s.rowmax + n, -std::numeric_limits<double>::infinity());
+  std::fill(s.bnum, s.bnum + n, 0.0);
+  std::fill(s.bden, s.bden + n, 0.0);
+  for (index_t i = 0; i < hp.lower.size(); ++i) {
+    const index_t s0 = hp.lower.begin(i), e0 = hp.lower.end(i, n), L = n - s0, w = e0 - s0;
+    const double* u = hp.lower.kernel(i);
+    double* P = s.prefix;
+    P[0] = 0;
+    double n2 = 0;
+    for (index_t t = 0; t < L; ++t) {
+      const double a = std::exp(u[t] - g);
+      P[t + 1] = P[t] + a;
+      n2 += a * a;
+    }
+    // row r sees lags [max(0, r - e0 + 1), r - s0] of this block; sliding-window maximum of u
+    index_t* dq = s.deque;
+    index_t head = 0, tail = 0;
+    for (index_t r = s0; r < n; ++r) {
+      const index_t hi = r - s0, lo = std::max<index_t>(0, r - e0 + 1);
+      s.den[r] += P[hi + 1] - P[lo];
+      while (tail > head && u[dq[tail - 1]] <= u[hi]) --tail;
+      dq[tail++] = hi;
+      while (dq[head] < lo) ++head;
+      s.rowmax[r] = std::max(s.rowmax[r], u[dq[head]]);
+    }
+    const index_t nf = fft_size(L + w - 1);
+    if (!block_is_direct(L, w, d_v, nf)) {
+      double vn = 0;
+      for (index_t r = s0; r < e0; ++r)
+        for (index_t j = 0; j < d_v; ++j) vn += s.v[r * d_v + j] * s.v[r * d_v + j];
+      s.bnum[s0] += std::log2(double(nf)) * std::sqrt(n2) * std::sqrt(vn) / vmax;
+    }
+    s.bden[s0] += P[L];
+  }
+  if (!causal)
+    for (index_t i = 0; i < hp.upper.size(); ++i) {
+      const index_t s0 = hp.upper.begin(i), e0 = hp.upper.end(i, n), L = n - s0, w = e0 - s0;
+      if (L < 2) continue;
+      const double* u = hp.upper.kernel(i);
+      double* P = s.prefix;  // P[m] = sum_{1 <= t < m} exp(u_t - g); the running max reuses the deque buffer as doubles
+      P[0] = P[1] = 0;
+      double n2 = 0;
+      for (index_t t = 1; t < L; ++t) {
+        const double a = std::exp(u[t] - g);
+        P[t + 1] = P[t] + a;
+        n2 += a * a;
+      }
+      // row r in [s0, e0) sees lags 1 .. n - 1 - r
+      double run = -std::numeric_limits<double>::infinity();
+      index_t lag = 0;
+      for (index_t r = e0 - 1; r >= s0; --r) {  // lags grow as r falls
+        const index_t top = n - 1 - r;
+        while (lag < top) run = std::max(run, u[++lag]);
+        if (top >= 1) {
+          s.den[r] += P[top + 1];
+          s.rowmax[r] = std::max(s.rowmax[r], run);
+        }
+      }
+      const index_t nf = fft_size(L + w - 1);
+      if (!block_is_direct(L, w, d_v, nf)) {
+        double vn = 0;
+        for (index_t r = s0 + 1; r < n; ++r)
+          for (index_t j = 0; j < d_v; ++j) vn += s.v[r * d_v + j] * s.v[r * d_v + j];
+        const double c = std::log2(double(nf)) * std::sqrt(n2) * std::sqrt(vn) / vmax;
+        s.bnum[s0] += c;
+        if (e0 < n) s.bnum[e0] -= c;
+      }
+      s.bden[s0] += P[L];
+      if (e0 < n) s.bden[e0] -= P[L];
+    }
+  for (index_t r = 1; r < n; ++r) {
+    s.bnum[r] += s.bnum[r - 1];
+    s.bden[r] += s.bden[r - 1];
+  }
+  // bound_r for a given eps (rows with D_r <= 0 are repaired whatever the precision)
+  auto bound = [&](index_t r, double eps) { return eps * (s.bnum[r] + s.bden[r]) / s.den[r]; };
+  constexpr double eps64 = std::numeric_limits<double>::epsilon();
+  constexpr double eps32 = std::numeric_limits<float>::epsilon();
+
+  // 3. precision
+  bool use_float = false;
+  if (p.opt.precision == fft_precision::f32_checked) {
+    use_float = true;
+    for (index_t r = 0; r < n && use_float; ++r)
+      if (s.den[r] > 0 && std::isfinite(s.den[r]) && !(bound(r, eps32) <= p.opt.fft_tolerance)) use_float = false;
+  }
+  rep.float_fft = use_float;
+  const double eps = use_float ? eps32 : eps64;
+
+  // 4. numerators
+  bool any_fft_row = false;
+  for (index_t r = 0; r < n && !any_fft_row; ++r)
+    any_fft_row = s.den[r] > 0 && std::isfinite(s.den[r]) && bound(r, eps) <= p.opt.fft_tolerance;
+  if (any_fft_row) {
+    if (use_float) {
+      typename fft_traits<FFT>::template engine<float> eng;
+      fft_numerators<float>(hp, n, causal, d_v, g, s, eng);
+    } else {
+      typename fft_traits<FFT>::template engine<double> eng;
+      fft_numerators<double>(hp, n, causal, d_v, g, s, eng);
+    }
+  }
+
+  // 5. outputs, with direct repair of the rows the FFTs cannot be trusted with
+  double* y = s.exact;  // d_v scratch
+  index_t repaired = 0;
+  double worst = 0;
+  for (index_t r = 0; r < n; ++r) {
+    const double dr = s.den[r];
+    bool ok = dr > 0 && std::isfinite(dr) && bound(r, eps) <= p.opt.fft_tolerance;
+    if (ok) {
+      for (index_t j = 0; j < d_v; ++j) {
+        y[j] = s.num[r * d_v + j] / dr;
+        ok = ok && std::isfinite(y[j]);
+      }
+    }
+    if (ok) {
+      worst = std::max(worst, bound(r, eps));
+    } else {
+      direct_row(hp, n, causal, s.v, d_v, r, y);
+      ++repaired;
+    }
+    for (index_t j = 0; j < d_v; ++j) {
+      s.num[r * d_v + j] = y[j];  // keep the double output for the estimate
+      out(r, h, j) = from_compute<T>(y[j]);
+    }
+  }
+  rep.repaired_rows = repaired;
+  rep.fft_error_bound = worst;
+
+  // 6. error estimate on sampled rows
+  const std::vector<index_t> rows = sampled_rows(n, p.opt.sample_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+  rep.sampled_rows = static_cast<index_t>(rows.size());
+  if (!rows.empty()) {
+    double emax = 0, esum = 0, umax = 0;
+    double* pr = s.exact;           // n probabilities
+    double* ye = s.exact + n;       // d_v exact row
+    std::vector<double> yu(static_cast<std::size_t>(d_v));  // tiny; the estimate is off the hot path
+    for (index_t r : rows) {
+      const index_t c_end = causal ? r + 1 : n;
+      double m = -std::numeric_limits<double>::infinity();
+      for (index_t c = 0; c < c_end; ++c) {
+        double dot = 0;
+        for (index_t e = 0; e < p.d_qk; ++e)
+          dot += static_cast<double>(to_compute<compute_t<T>>(q(r, h, e))) *
+                 static_cast<double>(to_compute<compute_t<T>>(k(c, hk, e)));
+        pr[c] = p.scale * dot;
+        m = std::max(m, pr[c]);
+      }
+      double den = 0;
+      std::fill(ye, ye + d_v, 0.0);
+      std::fill(yu.begin(), yu.end(), 0.0);
+      for (index_t c = 0; c < c_end; ++c) {
+        const double w = std::exp(pr[c] - m);
+        den += w;
+        for (index_t j = 0; j < d_v; ++j) {
+          ye[j] += w * s.v[c * d_v + j];
+          yu[std::size_t(j)] += s.v[c * d_v + j];
+        }
+      }
+      double ne = 0, de = 0, du = 0;
+      for (index_t j = 0; j < d_v; ++j) {
+        ye[j] /= den;
+        const double uj = yu[std::size_t(j)] / double(c_end);
+        ne += ye[j] * ye[j];
+        de += (s.num[r * d_v + j] - ye[j]) * (s.num[r * d_v + j] - ye[j]);
+        du += (uj - ye[j]) * (uj - ye[j]);
+      }
+      const double rel = ne > 0 ? std::sqrt(de / ne) : std::sqrt(de);
+      const double relu = ne > 0 ? std::sqrt(du / ne) : std::sqrt(du);
+      emax = std::max(emax, rel);
+      esum += rel;
+      umax = std::max(umax, relu);
+    }
+    rep.estimated_error = emax;
+    rep.mean_estimated_error = esum / double(rows.size());
+    rep.uniform_error = umax;
+  }
+}
+
+}  // namespace detail
+
+/// See <basisattn/conv/conv_basis.hpp>.
+template <class T>
+plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const options& opt = {}) {
+  static_assert(supports_storage_v<cpu, T>, "conv::make_plan: T must be a storage type");
+  const char* fn = "conv::make_plan";
+  detail::check_qk(fn, q, k);
+  const index_t n = q.extent[0];
+  detail::check_options(fn, opt, n);
+  if (opt.check_finite) {
+    basisattn::detail::require_finite(q, "conv::make_plan: q");
+    basisattn::detail::require_finite(k, "conv::make_plan: k");
+  }
+  plan p;
+  p.n = n;
+  p.h_q = q.extent[1];
+  p.h_kv = k.extent[1];
+  p.d_qk = q.extent[2];
+  p.scale = opt.scale > 0 ? opt.scale : 1.0 / std::sqrt(double(p.d_qk));
+  p.opt = opt;
+  p.heads.resize(static_cast<std::size_t>(p.h_q));
+  p.checksums.resize(static_cast<std::size_t>(p.h_q));
+  const index_t group = p.h_q / p.h_kv;
+  detail::parallel_for_slots(p.h_q, detail::run_threads(p.h_q), [&](index_t h, int) {
+    const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, h / group);
+    head_plan& hp = p.heads[std::size_t(h)];
+    hp.lower = detail::recover_basis(Q, K, p.scale, 0, opt);
+    if (!opt.causal) hp.upper = detail::recover_basis(K, Q, p.scale, 1, opt);
+    detail::structure_diagnostic(Q, K, p.scale, opt.causal, opt.diagnostic_samples,
+                                 opt.seed ^ (std::uint64_t(h) * 0x9E3779B97F4A7C15ull), hp);
+    p.checksums[std::size_t(h)] = detail::qk_checksum(Q, K);
+  });
+  return p;
+}
+
+/// Bytes of caller-owned workspace a run of plan p with d_v value channels needs (current thread
+/// count; a smaller workspace that holds at least one slice runs on fewer threads).
+inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
+  BASISATTN_REQUIRE(p.n >= 1 && d_v >= 1, invalid_argument, "conv::workspace_bytes: empty plan or d_v = ", d_v, " < 1");
+  return detail::run_workspace_bytes(p.n, d_v, detail::run_threads(p.h_q));
+}
+
+/// See <basisattn/conv/conv_basis.hpp>.
+template <class T, class FFT = fft_eigen>
+report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+                 tensor3_view<T> out, void* workspace, std::size_t workspace_bytes) {
+  static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::attention: T must be a storage type");
+  static_assert(is_fft_engine_v<FFT>, "conv::attention: unknown FFT engine (include its header)");
+  const char* fn = "conv::attention";
+  attention_options aopt;
+  aopt.causal = p.opt.causal;
+  aopt.scale = p.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
+  detail::check_qk(fn, q, k);
+  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
+  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
+                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
+                    " but q ", basisattn::detail::extents_string(q), " and k ", basisattn::detail::extents_string(k),
+                    " were passed");
+  if (p.opt.check_finite) {
+    basisattn::detail::require_finite(q, "conv::attention: q");
+    basisattn::detail::require_finite(k, "conv::attention: k");
+    basisattn::detail::require_finite(v, "conv::attention: v");
+  }
+  const std::size_t slice = detail::run_slice_bytes(p.n, sh.d_v);
+  BASISATTN_REQUIRE(workspace != nullptr && workspace_bytes >= slice, invalid_argument, fn, ": workspace of ",
+                    workspace_bytes, " bytes; at least ", slice, " needed (conv::workspace_bytes)");
+  const int threads = static_cast<int>(std::min<std::size_t>(std::size_t(detail::run_threads(p.h_q)), workspace_bytes / slice));
+  report rep;
+  rep.heads.resize(static_cast<std::size_t>(p.h_q));
+  detail::parallel_for_slots(p.h_q, threads, [&](index_t h, int slot) {
+    const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, h / sh.group);
+    BASISATTN_REQUIRE(detail::qk_checksum(Q, K) == p.checksums[std::size_t(h)], invalid_argument, fn,
+                      ": q or k of head ", h, " differ from those the plan was made from");
+    const detail::run_slice s = detail::carve_slice(static_cast<unsigned char*>(workspace) + slice * std::size_t(slot), p.n, sh.d_v);
+    detail::run_head<T, FFT>(p, h, q, k, v, out, s, rep.heads[std::size_t(h)]);
+  });
+  // 7. exact fallback per head (each call uses all threads)
+  for (index_t h = 0; h < p.h_q; ++h) {
+    head_report& hr = rep.heads[std::size_t(h)];
+    if (!(hr.estimated_error > p.opt.tolerance)) continue;
+    const index_t hk = h / sh.group;
+    attention_options eo = aopt;
+    eo.check_finite = false;
+    basisattn::attention<T>(cpu{}, q.sub1(h, 1), k.sub1(hk, 1), v.sub1(hk, 1), out.sub1(h, 1), eo);
+    hr.fell_back = true;
+    ++rep.fallbacks;
+  }
+  return rep;
+}
+
+/// Same, allocating the workspace.
+template <class T, class FFT = fft_eigen>
+report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+                 tensor3_view<T> out) {
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::attention: v has d_v = ", v.extent[2], " < 1");
+  BASISATTN_REQUIRE(p.n >= 1, invalid_argument, "conv::attention: the plan is empty (make it with conv::make_plan)");
+  const std::size_t bytes = workspace_bytes(cpu{}, p, v.extent[2]);
+  std::unique_ptr<double[]> ws(new double[(bytes + sizeof(double) - 1) / sizeof(double)]);
+  return attention<T, FFT>(cpu{}, p, q, k, v, out, ws.get(), bytes);
+}
+
+/// Plan and run in one call.
+template <class T, class FFT = fft_eigen>
+report attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v, tensor3_view<T> out,
+                 const options& opt = {}) {
+  const plan p = make_plan<T>(cpu{}, q, k, opt);
+  return attention<T, FFT>(cpu{}, p, q, k, v, out);
+}
+
+/// See <basisattn/conv/conv_basis.hpp>.
+template <class T, class FFT = fft_eigen>
+void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+              tensor3_view<const T> dy, tensor3_view<T> dq, tensor3_view<T> dk, tensor3_view<T> dv) {
+  static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::backward: T must be a storage type");
+  static_assert(is_fft_engine_v<FFT>, "conv::backward: unknown FFT engine (include its header)");
+  using basisattn::detail::extents_string;
+  const char* fn = "conv::backward";
+  BASISATTN_REQUIRE(p.opt.causal, unsupported, fn, ": only causal conv-basis attention has a backward pass");
+  attention_options aopt;
+  aopt.scale = p.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, dy, aopt);
+  detail::check_qk(fn, q, k);
+  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
+                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
+                    " but q ", extents_string(q), " and k ", extents_string(k), " were passed");
+  auto same = [](const auto& a, const auto& b) {
+    return a.extent[0] == b.extent[0] && a.extent[1] == b.extent[1] && a.extent[2] == b.extent[2];
+  };
+  BASISATTN_REQUIRE(same(dq, q) && same(dk, k) && same(dv, v), shape_mismatch, fn, ": dq ", extents_string(dq), ", dk ",
+                    extents_string(dk), ", dv ", extents_string(dv), " must have the extents of q ", extents_string(q),
+                    ", k ", extents_string(k), ", v ", extents_string(v));
+  BASISATTN_REQUIRE(dq.data && dk.data && dv.data, invalid_argument, fn, ": a gradient's data is null");
+  if (p.opt.check_finite) {
+    basisattn::detail::require_finite(q, "conv::backward: q");
+    basisattn::detail::require_finite(k, "conv::backward: k");
+    basisattn::detail::require_finite(v, "conv::backward: v");
+    basisattn::detail::require_finite(dy, "conv::backward: dy");
+  }
+  const index_t n = p.n, d = p.d_qk, d_v = sh.d_v;
+  std::vector<detail::mat_d> gq(std::size_t(p.h_q), detail::mat_d::Zero(n, d)),
+      gk(std::size_t(p.h_kv), detail::mat_d::Zero(n, d)), gv(std::size_t(p.h_kv), detail::mat_d::Zero(n, d_v));
+  std::unique_ptr<double[]> ws(new double[detail::run_slice_bytes(n, d_v) / sizeof(double) + 1]);
+  const detail::run_slice s = detail::carve_slice(ws.get(), n, d_v);
+  const index_t nf_max = detail::run_fft_max(n);
+  std::vector<double> dyb(static_cast<std::size_t>(n * d_v)), dn(static_cast<std::size_t>(n * d_v)), pd(static_cast<std::size_t>(n + 1)), du(static_cast<std::size_t>(n)),
+      a(static_cast<std::size_t>(nf_max)), xb(static_cast<std::size_t>(nf_max));
+  std::vector<std::complex<double>> as(static_cast<std::size_t>(nf_max / 2 + 1)), ys(as.size()), xs(as.size()), cs(as.size());
+  typename fft_traits<FFT>::template engine<double> eng;
+  for (index_t h = 0; h < p.h_q; ++h) {
+    const index_t hk = h / sh.group;
+    const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, hk),
+                        V = detail::head_to_double(v, hk), dY = detail::head_to_double(dy, h);
+    BASISATTN_REQUIRE(detail::qk_checksum(Q, K) == p.checksums[std::size_t(h)], invalid_argument, fn,
+                      ": q or k of head ", h, " differ from those the plan was made from");
+    const basis& b = p.heads[std::size_t(h)].lower;
+    double g = -std::numeric_limits<double>::infinity();
+    for (index_t i = 0; i < b.size(); ++i)
+      for (index_t t = 0; t < n - b.begin(i); ++t) g = std::max(g, b.kernel(i)[t]);
+    // forward: numerators by FFT (double), denominators by prefix sums
+    for (index_t r = 0; r < n; ++r)
+      for (index_t j = 0; j < d_v; ++j) s.v[r * d_v + j] = V(r, j);
+    std::fill(s.num, s.num + n * d_v, 0.0);
+    std::fill(s.den, s.den + n, 0.0);
+    detail::fft_numerators<double>(p.heads[std::size_t(h)], n, true, d_v, g, s, eng);
+    for (index_t i = 0; i < b.size(); ++i) {
+      const index_t s0 = b.begin(i), e0 = b.end(i, n);
+      double* P = s.prefix;
+      P[0] = 0;
+      for (index_t t = 0; t < n - s0; ++t) P[t + 1] = P[t] + std::exp(b.kernel(i)[t] - g);
+      for (index_t r = s0; r < n; ++r) s.den[r] += P[r - s0 + 1] - P[std::max<index_t>(0, r - e0 + 1)];
+    }
+    // dN = dY / D, dD_r = -(dY_r . Y_r) / D_r
+    pd[0] = 0;
+    for (index_t r = 0; r < n; ++r) {
+      double dot = 0;
+      for (index_t j = 0; j < d_v; ++j) {
+        const double y = s.num[r * d_v + j] / s.den[r];
+        dot += dY(r, j) * y;
+        dn[std::size_t(r * d_v + j)] = dY(r, j) / s.den[r];
+      }
+      pd[std::size_t(r + 1)] = pd[std::size_t(r)] - dot / s.den[r];
+    }
+    for (index_t i = 0; i < b.size(); ++i) {
+      const index_t s0 = b.begin(i), e0 = b.end(i, n), L = n - s0, w = e0 - s0;
+      const index_t nf = fft_size(L + w - 1), nb = nf / 2 + 1;
+      const double* u = b.kernel(i);
+      for (index_t t = 0; t < nf; ++t) a[std::size_t(t)] = t < L ? std::exp(u[t] - g) : 0.0;
+      eng.forward(as.data(), a.data(), nf);
+      std::fill(cs.begin(), cs.begin() + nb, std::complex<double>(0));
+      for (index_t j = 0; j < d_v; ++j) {
+        for (index_t t = 0; t < nf; ++t) xb[std::size_t(t)] = t < L ? dn[std::size_t((s0 + t) * d_v + j)] : 0.0;
+        eng.forward(ys.data(), xb.data(), nf);
+        for (index_t t = 0; t < nf; ++t) xb[std::size_t(t)] = t < w ? V(s0 + t, j) : 0.0;
+        eng.forward(xs.data(), xb.data(), nf);
+        for (index_t f = 0; f < nb; ++f) {
+          cs[std::size_t(f)] += std::conj(xs[std::size_t(f)]) * ys[std::size_t(f)];
+          xs[std::size_t(f)] = std::conj(as[std::size_t(f)]) * ys[std::size_t(f)];
+        }
+        eng.inverse(xb.data(), xs.data(), nf);  // dV[s0 + rho] = sum_t a[t] dN[s0 + rho + t]
+        for (index_t r = 0; r < w; ++r) gv[std::size_t(hk)](s0 + r, j) += xb[std::size_t(r)];
+      }
+      eng.inverse(xb.data(), cs.data(), nf);  // sum_m V[s0 + m] . dN[s0 + m + t]
+      for (index_t t = 0; t < L; ++t) {
+        const index_t r_hi = std::min(s0 + t + w, n);
+        du[std::size_t(t)] = a[std::size_t(t)] * (xb[std::size_t(t)] + pd[std::size_t(r_hi)] - pd[std::size_t(s0 + t)]);
+      }
+      // u_i[t] = scale q_{s0 + t} . k_{s0}
+      for (index_t t = 0; t < L; ++t) {
+        gq[std::size_t(h)].row(s0 + t) += (p.scale * du[std::size_t(t)]) * K.row(s0);
+        gk[std::size_t(hk)].row(s0) += (p.scale * du[std::size_t(t)]) * Q.row(s0 + t);
+      }
+    }
+  }
+  using basisattn::detail::from_compute;
+  for (index_t h = 0; h < p.h_q; ++h)
+    for (index_t r = 0; r < n; ++r)
+      for (index_t c = 0; c < d; ++c) dq(r, h, c) = from_compute<T>(gq[std::size_t(h)](r, c));
+  for (index_t h = 0; h < p.h_kv; ++h)
+    for (index_t r = 0; r < n; ++r) {
+      for (index_t c = 0; c < d; ++c) dk(r, h, c) = from_compute<T>(gk[std::size_t(h)](r, c));
+      for (index_t c = 0; c < d_v; ++c) dv(r, h, c) = from_compute<T>(gv[std::size_t(h)](r, c));
+    }
+}
+
+}  // namespace conv
+BASISATTN_END_NAMESPACE

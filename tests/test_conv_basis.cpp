@@ -1,0 +1,540 @@
+// Conv-basis attention: recovery, FFT application, error control, gradients, bad input.
+//
+// Oracle: attention_reference (plain double) and, for gradients, a plain double softmax-attention
+// gradient written below. Tolerances. Where the conv structure holds exactly, the basis logits equal
+// the true ones up to the rounding of a length-d dot product (~ sqrt(d) u64 |s|), and the FFTs add
+// at most options.fft_tolerance (1e-6 by default, a bound relative to max |v| that the run enforces
+// per row, far above what double FFTs of these sizes produce: ~1e-14). We check 1e-9 there, with
+// fft_tolerance lowered to 1e-11 so that the bound itself guarantees it. Storage types other than
+// double add their own output rounding u_T.
+#include <basisattn/attention/reference.hpp>
+#include <basisattn/conv/conv_basis.hpp>
+#if defined(BASISATTN_TEST_FFTW)
+#include <basisattn/conv/fftw.hpp>
+#endif
+
+#include <catch2/catch.hpp>
+
+#include "expect_error.hpp"
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using basisattn::index_t;
+using basisattn::matrix;
+using basisattn::tensor3_view;
+namespace conv = basisattn::conv;
+
+struct qkv {
+  index_t n, hq, hkv, d, dv;
+  std::vector<double> q, k, v;
+  qkv(index_t n_, index_t hq_, index_t hkv_, index_t d_, index_t dv_)
+      : n(n_), hq(hq_), hkv(hkv_), d(d_), dv(dv_), q(static_cast<std::size_t>(n * hq * d)), k(static_cast<std::size_t>(n * hkv * d)),
+        v(std::size_t(n * hkv * dv)) {}
+  tensor3_view<const double> Q() const { return {q.data(), n, hq, d}; }
+  tensor3_view<const double> K() const { return {k.data(), n, hkv, d}; }
+  tensor3_view<const double> V() const { return {v.data(), n, hkv, dv}; }
+  double& qa(index_t i, index_t h, index_t c) { return q[std::size_t((i * hq + h) * d + c)]; }
+  double& ka(index_t i, index_t h, index_t c) { return k[std::size_t((i * hkv + h) * d + c)]; }
+  double& va(index_t i, index_t h, index_t c) { return v[std::size_t((i * hkv + h) * dv + c)]; }
+};
+
+/// Rotate pairs (2i, 2i+1) of x (length d) by pos * theta^(-2i/d).
+void rotate(double* x, index_t d, double pos, double theta = 10000.0) {
+  for (index_t i = 0; i < d / 2; ++i) {
+    const double a = pos * std::pow(theta, -2.0 * double(i) / double(d));
+    const double x0 = x[2 * i], x1 = x[2 * i + 1];
+    x[2 * i] = x0 * std::cos(a) - x1 * std::sin(a);
+    x[2 * i + 1] = x0 * std::sin(a) + x1 * std::cos(a);
+  }
+}
+
+/// RoPE-only heads: q_i = R(i) q0, k_j = R(j) k_seg(j), with key content switching at `switches`
+/// (first entry 0). logit(r, c) depends on r - c and on the segment of c only: a conv basis with
+/// anchors at the switches. Values random.
+qkv switching(index_t n, index_t hq, index_t hkv, index_t d, const std::vector<index_t>& switches, double mag,
+              std::uint64_t seed) {
+  test::seed(seed);
+  qkv x(n, hq, hkv, d, d);
+  for (index_t h = 0; h < hq; ++h) {
+    std::vector<double> q0(static_cast<std::size_t>(d));
+    for (auto& e : q0) e = mag * test::normal();
+    for (index_t i = 0; i < n; ++i) {
+      for (index_t c = 0; c < d; ++c) x.qa(i, h, c) = q0[std::size_t(c)];
+      rotate(&x.qa(i, h, 0), d, double(i));
+    }
+  }
+  for (index_t h = 0; h < hkv; ++h) {
+    std::vector<std::vector<double>> seg(switches.size(), std::vector<double>(std::size_t(d)));
+    for (auto& s : seg)
+      for (auto& e : s) e = mag * test::normal();
+    for (index_t j = 0; j < n; ++j) {
+      const std::size_t si = std::size_t(std::upper_bound(switches.begin(), switches.end(), j) - switches.begin() - 1);
+      for (index_t c = 0; c < d; ++c) x.ka(j, h, c) = seg[si][std::size_t(c)];
+      rotate(&x.ka(j, h, 0), d, double(j));
+    }
+  }
+  for (auto& e : x.v) e = test::normal();
+  return x;
+}
+
+qkv random_qkv(index_t n, index_t hq, index_t hkv, index_t d, index_t dv, double mag, std::uint64_t seed) {
+  test::seed(seed);
+  qkv x(n, hq, hkv, d, dv);
+  for (auto* a : {&x.q, &x.k}) for (auto& e : *a) e = mag * test::normal();
+  for (auto& e : x.v) e = test::normal();
+  return x;
+}
+
+std::vector<double> reference(const qkv& x, bool causal, double scale = 0) {
+  std::vector<double> out(static_cast<std::size_t>(x.n * x.hq * x.dv));
+  basisattn::attention_options o;
+  o.causal = causal;
+  o.scale = scale;
+  basisattn::attention_reference<double, double>(x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, o);
+  return out;
+}
+
+double rel(const std::vector<double>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::vector<double> run(const qkv& x, const conv::options& o, conv::report* rep = nullptr) {
+  std::vector<double> out(std::size_t(x.n * x.hq * x.dv), std::nan(""));
+  const conv::report r = conv::attention<double>(basisattn::cpu{}, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, o);
+  if (rep) *rep = r;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("conv: fft_size gives multiples of 4 with factors 2, 3, 5", "[conv]") {
+  for (index_t m : {1, 3, 4, 5, 17, 97, 1000, 4097}) {
+    const index_t n = conv::fft_size(m);
+    CHECK(n >= m);
+    CHECK(n % 4 == 0);
+    index_t r = n;
+    for (index_t p : {2, 3, 5}) while (r % p == 0) r /= p;
+    CHECK(r == 1);
+  }
+}
+
+TEST_CASE("conv: a RoPE-only head with constant content is a 1-conv basis, recovered exactly", "[conv]") {
+  const qkv x = switching(300, 2, 1, 16, {0}, 1.0, 11);
+  conv::options o;
+  o.k = 1;
+  o.fft_tolerance = 1e-11;
+  conv::report rep;
+  const auto out = run(x, o, &rep);
+  CHECK(rel(out, reference(x, true)) < 1e-9);
+  for (const auto& h : rep.heads) {
+    CHECK(h.anchors == 1);
+    CHECK(h.explained > 1 - 1e-12);
+    CHECK(h.estimated_error < 1e-9);
+    CHECK(!h.fell_back);
+  }
+}
+
+TEST_CASE("conv: anchors land on the switches of the key content (change_scan and search)", "[conv]") {
+  const std::vector<index_t> sw = {0, 37, 90, 151, 230};
+  const qkv x = switching(320, 3, 1, 8, sw, 1.0, 12);
+  const auto want = reference(x, true);
+  for (auto rule : {conv::anchor_rule::change_scan, conv::anchor_rule::search}) {
+    conv::options o;
+    o.k = 5;
+    o.rule = rule;
+    o.delta = rule == conv::anchor_rule::search ? 1e-6 : 0;
+    o.fft_tolerance = 1e-11;
+    const conv::plan p = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);
+    for (const auto& hp : p.heads) {
+      CHECK(hp.lower.anchors == sw);
+      CHECK(!hp.lower.degenerate());
+      CHECK(hp.explained > 1 - 1e-12);
+    }
+    std::vector<double> out(want.size());
+    conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
+    CHECK(rel(out, want) < 1e-9);
+  }
+}
+
+TEST_CASE("conv: error falls as k grows; k = n reproduces exact attention on any data", "[conv]") {
+  const std::vector<index_t> sw = {0, 20, 45, 70, 101, 133, 160, 190};
+  const qkv x = switching(224, 1, 1, 8, sw, 1.2, 13);
+  const auto want = reference(x, true);
+  double prev = INFINITY;
+  for (index_t k : {1, 2, 4, 8}) {
+    conv::options o;
+    o.k = k;
+    o.fft_tolerance = 1e-11;
+    const double e = rel(run(x, o), want);
+    INFO("k = " << k << ": error " << e);
+    CHECK(e <= prev * (1 + 1e-12));
+    prev = e;
+  }
+  CHECK(prev < 1e-9);
+
+  const qkv r = random_qkv(96, 4, 2, 8, 6, 1.0, 14);
+  for (bool causal : {true, false}) {
+    conv::options o;
+    o.k = r.n;
+    o.causal = causal;
+    o.fft_tolerance = 1e-11;
+    conv::report rep;
+    const auto out = run(r, o, &rep);
+    INFO("causal " << causal);
+    CHECK(rel(out, reference(r, causal)) < 1e-9);
+    for (const auto& h : rep.heads) CHECK(h.explained > 1 - 1e-12);
+  }
+}
+
+TEST_CASE("conv: non-causal attention with a second (upper) basis, and GQA", "[conv]") {
+  const qkv x = switching(257, 4, 2, 8, {0}, 1.0, 15);  // logit depends on r - c only: k = 1 per triangle
+  conv::options o;
+  o.k = 1;
+  o.causal = false;
+  o.fft_tolerance = 1e-11;
+  conv::report rep;
+  const auto out = run(x, o, &rep);
+  CHECK(rel(out, reference(x, false)) < 1e-9);
+  for (const auto& h : rep.heads) {
+    CHECK(h.anchors == 1);
+    CHECK(h.upper_anchors == 1);
+  }
+  // a non-1 scale is honoured
+  o.scale = 0.7;
+  CHECK(rel(run(x, o), reference(x, false, 0.7)) < 1e-9);
+}
+
+TEST_CASE("conv: other storage types round once at the end", "[conv]") {
+  const qkv x = switching(200, 2, 2, 8, {0, 64, 130}, 1.0, 16);
+  const auto want = reference(x, true);
+  auto check_type = [&](auto tag, double tol) {
+    using T = decltype(tag);
+    std::vector<T> q(x.q.size()), k(x.k.size()), v(x.v.size()), out(want.size());
+    // store the rounded inputs and compare with the oracle on the same rounded inputs
+    qkv xr = x;
+    for (std::size_t i = 0; i < q.size(); ++i) { q[i] = T(x.q[i]); xr.q[i] = double(float(q[i])); }
+    for (std::size_t i = 0; i < k.size(); ++i) { k[i] = T(x.k[i]); xr.k[i] = double(float(k[i])); }
+    for (std::size_t i = 0; i < v.size(); ++i) { v[i] = T(x.v[i]); xr.v[i] = double(float(v[i])); }
+    conv::options o;
+    o.k = 3;
+    o.fft_tolerance = 1e-11;
+    conv::attention<T>(basisattn::cpu{}, tensor3_view<const T>(q.data(), x.n, x.hq, x.d),
+                       tensor3_view<const T>(k.data(), x.n, x.hkv, x.d), tensor3_view<const T>(v.data(), x.n, x.hkv, x.dv),
+                       tensor3_view<T>(out.data(), x.n, x.hq, x.dv), o);
+    std::vector<double> got(out.size());
+    for (std::size_t i = 0; i < out.size(); ++i) got[i] = double(float(out[i]));
+    // rounded inputs break the exact structure by ~u_T per logit: compare with the oracle on them
+    CHECK(rel(got, reference(xr, true)) < tol);
+  };
+  check_type(float{}, 4 * test::u<float>() + 1e-6);
+  check_type(Eigen::half{}, 8 * test::u<Eigen::half>() + 3e-3);
+  check_type(Eigen::bfloat16{}, 8 * test::u<Eigen::bfloat16>() + 2e-2);
+}
+
+TEST_CASE("conv: float FFTs only behind the dynamic-range check; far-below rows are repaired", "[conv]") {
+  // Narrow range: float FFTs are allowed when the (norm-wise, pessimistic) bound is below the
+  // tolerance, and the result is then as good as float; a tighter tolerance refuses float.
+  const qkv narrow = switching(256, 1, 1, 8, {0, 100}, 0.3, 17);
+  conv::options o;
+  o.k = 2;
+  o.precision = conv::fft_precision::f32_checked;
+  o.fft_tolerance = 1e-2;
+  conv::report rep;
+  auto out = run(narrow, o, &rep);
+  CHECK(rep.heads[0].float_fft);
+  CHECK(rep.heads[0].fft_error_bound <= 1e-2);
+  CHECK(rel(out, reference(narrow, true)) < 1e-5);
+  o.fft_tolerance = 1e-6;
+  out = run(narrow, o, &rep);
+  CHECK(!rep.heads[0].float_fft);
+  CHECK(rel(out, reference(narrow, true)) < 1e-9);
+
+  // Wide range (logits of +-hundreds): float would break rows; the check refuses it, and rows whose
+  // largest logit sits far below the global one are recomputed directly. No non-finite value escapes.
+  const qkv wide = switching(256, 2, 1, 8, {0, 50, 120}, 6.0, 18);
+  o.k = 3;
+  o.fft_tolerance = 1e-6;
+  out = run(wide, o, &rep);
+  for (const auto& h : rep.heads) {
+    CHECK(!h.float_fft);
+    CHECK(h.repaired_rows > 0);
+    CHECK(h.fft_error_bound <= 1e-6);
+  }
+  CHECK(std::all_of(out.begin(), out.end(), [](double e) { return std::isfinite(e); }));
+  CHECK(rel(out, reference(wide, true)) < 1e-6);
+}
+
+TEST_CASE("conv: the error estimate is honest and the fallback returns exact attention", "[conv]") {
+  const qkv x = random_qkv(300, 3, 1, 16, 8, 1.5, 19);  // no conv structure at all
+  const auto want = reference(x, true);
+  conv::options o;
+  o.k = 4;
+  o.sample_rows = 12;
+  conv::report rep;
+  const auto approx = run(x, o, &rep);
+  // the estimate is the exact error of sampled rows: never above the largest row error
+  for (index_t h = 0; h < x.hq; ++h) {
+    double worst = 0;
+    for (index_t r = 0; r < x.n; ++r) {
+      double num = 0, den = 0;
+      for (index_t c = 0; c < x.dv; ++c) {
+        const std::size_t i = std::size_t((r * x.hq + h) * x.dv + c);
+        num += (approx[i] - want[i]) * (approx[i] - want[i]);
+        den += want[i] * want[i];
+      }
+      worst = std::max(worst, std::sqrt(num / den));
+    }
+    const auto& hr = rep.heads[std::size_t(h)];
+    INFO("head " << h << ": estimate " << hr.estimated_error << ", worst row " << worst << ", uniform " << hr.uniform_error);
+    CHECK(hr.sampled_rows == 12);
+    CHECK(hr.estimated_error > 0.05);  // unstructured data: the approximation is poor, and says so
+    CHECK(hr.estimated_error <= worst * (1 + 1e-9));
+    CHECK(hr.mean_estimated_error <= hr.estimated_error);
+    CHECK(hr.uniform_error > 0);
+    CHECK(!hr.fell_back);
+  }
+  o.tolerance = 0.05;
+  const auto fixed = run(x, o, &rep);
+  CHECK(rep.fallbacks == x.hq);
+  for (const auto& h : rep.heads) CHECK(h.fell_back);
+  CHECK(rel(fixed, want) < 1e-12);
+
+  // search with a tiny delta on unstructured data degenerates to the first k columns: reported
+  o.rule = conv::anchor_rule::search;
+  o.delta = 1e-9;
+  o.tolerance = INFINITY;
+  run(x, o, &rep);
+  for (const auto& h : rep.heads) CHECK(h.degenerate);
+}
+
+namespace {
+
+/// Plain double gradients of f = sum(dy * attention(q, k, v)) (causal, scale s): the oracle.
+void exact_grad(const qkv& x, const std::vector<double>& dy, double s, std::vector<double>& dq, std::vector<double>& dk,
+                std::vector<double>& dv) {
+  dq.assign(x.q.size(), 0);
+  dk.assign(x.k.size(), 0);
+  dv.assign(x.v.size(), 0);
+  const index_t g = x.hq / x.hkv;
+  for (index_t h = 0; h < x.hq; ++h) {
+    const index_t hk = h / g;
+    for (index_t i = 0; i < x.n; ++i) {
+      std::vector<double> p(static_cast<std::size_t>(i + 1));
+      double m = -INFINITY;
+      for (index_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (index_t c = 0; c < x.d; ++c) dot += x.q[std::size_t((i * x.hq + h) * x.d + c)] * x.k[std::size_t((j * x.hkv + hk) * x.d + c)];
+        p[std::size_t(j)] = s * dot;
+        m = std::max(m, p[std::size_t(j)]);
+      }
+      double l = 0;
+      for (auto& e : p) l += (e = std::exp(e - m));
+      for (auto& e : p) e /= l;
+      std::vector<double> dp(p.size());
+      double pdp = 0;
+      for (index_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (index_t c = 0; c < x.dv; ++c) {
+          dot += dy[std::size_t((i * x.hq + h) * x.dv + c)] * x.v[std::size_t((j * x.hkv + hk) * x.dv + c)];
+          dv[std::size_t((j * x.hkv + hk) * x.dv + c)] += p[std::size_t(j)] * dy[std::size_t((i * x.hq + h) * x.dv + c)];
+        }
+        dp[std::size_t(j)] = dot;
+        pdp += p[std::size_t(j)] * dot;
+      }
+      for (index_t j = 0; j <= i; ++j) {
+        const double ds = p[std::size_t(j)] * (dp[std::size_t(j)] - pdp) * s;
+        for (index_t c = 0; c < x.d; ++c) {
+          dq[std::size_t((i * x.hq + h) * x.d + c)] += ds * x.k[std::size_t((j * x.hkv + hk) * x.d + c)];
+          dk[std::size_t((j * x.hkv + hk) * x.d + c)] += ds * x.q[std::size_t((i * x.hq + h) * x.d + c)];
+        }
+      }
+    }
+  }
+}
+
+struct grads {
+  std::vector<double> dq, dk, dv;
+};
+
+grads conv_grad(const qkv& x, const std::vector<double>& dy, const conv::options& o) {
+  const conv::plan p = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);
+  grads g{std::vector<double>(x.q.size()), std::vector<double>(x.k.size()), std::vector<double>(x.v.size())};
+  conv::backward<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
+                         {g.dq.data(), x.n, x.hq, x.d}, {g.dk.data(), x.n, x.hkv, x.d}, {g.dv.data(), x.n, x.hkv, x.dv});
+  return g;
+}
+
+double loss(const qkv& x, const std::vector<double>& dy, const conv::options& o) {
+  const auto out = run(x, o);
+  return std::inner_product(out.begin(), out.end(), dy.begin(), 0.0);
+}
+
+}  // namespace
+
+TEST_CASE("conv: backward equals the exact gradient when k = n", "[conv][backward]") {
+  const qkv x = random_qkv(40, 4, 2, 8, 5, 1.0, 20);
+  test::seed(21);
+  std::vector<double> dy(static_cast<std::size_t>(x.n * x.hq * x.dv));
+  for (auto& e : dy) e = test::normal();
+  conv::options o;
+  o.k = x.n;
+  const grads g = conv_grad(x, dy, o);
+  std::vector<double> dq, dk, dv;
+  exact_grad(x, dy, 1.0 / std::sqrt(double(x.d)), dq, dk, dv);
+  CHECK(rel(g.dq, dq) < 1e-10);
+  CHECK(rel(g.dk, dk) < 1e-10);
+  CHECK(rel(g.dv, dv) < 1e-10);
+}
+
+TEST_CASE("conv: backward matches finite differences with the anchors held fixed", "[conv][backward]") {
+  qkv x = random_qkv(30, 2, 1, 4, 3, 0.8, 22);
+  test::seed(23);
+  std::vector<double> dy(static_cast<std::size_t>(x.n * x.hq * x.dv));
+  for (auto& e : dy) e = test::normal();
+  conv::options o;
+  o.rule = conv::anchor_rule::given;
+  o.anchors = {0, 7, 19};
+  o.k = 3;
+  o.sample_rows = 0;
+  const grads g = conv_grad(x, dy, o);
+  const double eps = 1e-5;
+  double worst = 0, scale = 0;
+  auto probe = [&](std::vector<double>& arr, const std::vector<double>& grad) {
+    for (std::size_t i = 0; i < arr.size(); ++i) {
+      const double keep = arr[i];
+      arr[i] = keep + eps;
+      const double fp = loss(x, dy, o);
+      arr[i] = keep - eps;
+      const double fm = loss(x, dy, o);
+      arr[i] = keep;
+      const double fd = (fp - fm) / (2 * eps);
+      worst = std::max(worst, std::abs(fd - grad[i]));
+      scale = std::max(scale, std::abs(grad[i]));
+    }
+  };
+  probe(x.q, g.dq);
+  probe(x.k, g.dk);
+  probe(x.v, g.dv);
+  INFO("largest |finite difference - gradient| " << worst << " against max |gradient| " << scale);
+  CHECK(worst < 1e-7 * std::max(1.0, scale));
+  // non-anchor keys get no gradient
+  for (index_t j = 0; j < x.n; ++j)
+    if (j != 0 && j != 7 && j != 19)
+      for (index_t c = 0; c < x.d; ++c) CHECK(g.dk[std::size_t(j * x.d + c)] == 0);
+}
+
+TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
+  using basisattn::errc;
+  const qkv x = random_qkv(32, 2, 1, 8, 8, 1.0, 24);
+  std::vector<double> out(static_cast<std::size_t>(x.n * x.hq * x.dv));
+  const tensor3_view<double> O(out.data(), x.n, x.hq, x.dv);
+  auto plan_with = [&](conv::options o) { return conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o); };
+  conv::options o;
+  o.k = 33;
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "options.k = 33");
+  o.k = 0;
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "options.k = 0");
+  o = {};
+  o.rule = conv::anchor_rule::search;
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "delta > 0");
+  o = {};
+  o.rule = conv::anchor_rule::given;
+  o.anchors = {1, 5};
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "start with 0");
+  o.anchors = {0, 5, 5};
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "ascending");
+  o = {};
+  o.fft_tolerance = 0;
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "fft_tolerance");
+  o = {};
+  o.tolerance = std::nan("");
+  test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "tolerance");
+
+  qkv bad = x;
+  bad.q[17] = std::nan("");
+  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, bad.Q(), bad.K(), {}); }, errc::non_finite, "q");
+  bad = x;
+  bad.v[3] = INFINITY;
+  const conv::plan p = plan_with({});
+  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, bad.Q(), bad.K(), bad.V(), O); }, errc::non_finite, "v");
+
+  // n_q != n_kv, d mismatch, out of the wrong shape
+  const tensor3_view<const double> q_short(x.q.data(), 31, x.hq, x.d);
+  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, q_short, x.K(), {}); }, errc::shape_mismatch, "self-attention");
+  const tensor3_view<const double> k_narrow(x.k.data(), x.n, x.hkv, 4, x.hkv * x.d, x.d, 1);
+  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, x.Q(), k_narrow, {}); }, errc::shape_mismatch, "d_qk");
+  const tensor3_view<double> o_bad(out.data(), x.n, x.hq, x.dv - 1);
+  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), o_bad); }, errc::shape_mismatch, "out");
+
+  // q or k other than the plan's; a plan of other extents; too small a workspace
+  qkv other = x;
+  other.k[5] += 0.25;
+  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, other.Q(), other.K(), other.V(), O); }, errc::invalid_argument,
+                     "differ from those the plan");
+  const qkv y = random_qkv(32, 4, 1, 8, 8, 1.0, 25);
+  std::vector<double> out4(static_cast<std::size_t>(y.n * y.hq * y.dv));
+  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, y.Q(), y.K(), y.V(), {out4.data(), y.n, y.hq, y.dv}); },
+                     errc::shape_mismatch, "plan was made for");
+  std::vector<double> ws(16);
+  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), O, ws.data(), 128); },
+                     errc::invalid_argument, "workspace");
+
+  // backward: non-causal plans are refused
+  conv::options nc;
+  nc.causal = false;
+  const conv::plan pn = plan_with(nc);
+  std::vector<double> gq(x.q.size()), gk(x.k.size()), gv(x.v.size());
+  test::expect_error([&] {
+    conv::backward<double>(basisattn::cpu{}, pn, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, {gq.data(), x.n, x.hq, x.d},
+                           {gk.data(), x.n, x.hkv, x.d}, {gv.data(), x.n, x.hkv, x.dv});
+  }, errc::unsupported, "causal");
+}
+
+#if defined(BASISATTN_TEST_FFTW)
+TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward, float checked, backward)", "[conv][fftw]") {
+  const qkv x = switching(300, 2, 1, 16, {0, 77, 160}, 1.0, 26);
+  conv::options o;
+  o.k = 3;
+  o.fft_tolerance = 1e-11;
+  const conv::plan p = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);
+  std::vector<double> a(std::size_t(x.n * x.hq * x.dv)), b(a.size());
+  conv::attention<double, conv::fft_eigen>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {a.data(), x.n, x.hq, x.dv});
+  conv::attention<double, conv::fft_fftw>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {b.data(), x.n, x.hq, x.dv});
+  const auto want = reference(x, true);
+  CHECK(rel(a, want) < 1e-9);
+  CHECK(rel(b, want) < 1e-9);
+  CHECK(rel(b, a) < 1e-12);
+  // float FFTs through FFTW
+  o.precision = conv::fft_precision::f32_checked;
+  o.fft_tolerance = 1e-1;
+  const conv::plan pf = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);
+  const conv::report rep =
+      conv::attention<double, conv::fft_fftw>(basisattn::cpu{}, pf, x.Q(), x.K(), x.V(), {b.data(), x.n, x.hq, x.dv});
+  CHECK(rep.heads[0].float_fft);
+  CHECK(rel(b, want) < 1e-5);
+  // backward
+  test::seed(27);
+  std::vector<double> dy(a.size());
+  for (auto& e : dy) e = test::normal();
+  std::vector<double> g1q(x.q.size()), g1k(x.k.size()), g1v(x.v.size()), g2q(g1q.size()), g2k(g1k.size()), g2v(g1v.size());
+  conv::backward<double, conv::fft_eigen>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
+                                          {g1q.data(), x.n, x.hq, x.d}, {g1k.data(), x.n, x.hkv, x.d}, {g1v.data(), x.n, x.hkv, x.dv});
+  conv::backward<double, conv::fft_fftw>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
+                                         {g2q.data(), x.n, x.hq, x.d}, {g2k.data(), x.n, x.hkv, x.d}, {g2v.data(), x.n, x.hkv, x.dv});
+  CHECK(rel(g2q, g1q) < 1e-12);
+  CHECK(rel(g2k, g1k) < 1e-12);
+  CHECK(rel(g2v, g1v) < 1e-12);
+}
+#endif
