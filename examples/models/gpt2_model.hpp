@@ -4,6 +4,7 @@
 //
 //   auto m = gpt2_model<T>::from_flat_file(path, use_bd, prepare_options);
 //   m.logits(ids) -> tokens x vocab (float), positions 0..n-1;  m.sequence_nll(ids)
+//   m.logits(ids, observe) -> the same, with an attention_observer (llama_model.hpp) per layer
 // The weights come from the "GPT2" flat float32 re-encoding described in
 // ../shared/models/slm4096/SOURCE.txt (magic, 7 int32 fields, then the tensors in PyTorch layout),
 // read with bounds and size checks.
@@ -103,7 +104,7 @@ struct gpt2_model {
     return m;
   }
 
-  matrix<float> logits(const std::vector<std::int32_t>& ids) const {
+  matrix<float> logits(const std::vector<std::int32_t>& ids, const attention_observer<T>& observe = {}) const {
     const index_t n = static_cast<index_t>(ids.size()), E = n_embd;
     BASISATTN_REQUIRE(n >= 1 && n <= block, invalid_argument, "gpt2: ", n, " tokens, the model's context is ", block);
     matrix<float> x(n, E);
@@ -116,6 +117,7 @@ struct gpt2_model {
       const matrix<T> h = layer_norm<T>(x, ln1_w[l], ln1_b[l]);
       matrix<T> a(n, E);
       bd::forward(basisattn::cpu{}, attn[l], h.view(), a.view());
+      if (observe) observe(l, h, a);
       add_into(x, a);
       const matrix<T> h2 = layer_norm<T>(x, ln2_w[l], ln2_b[l]);
       matrix<T> f(n, n_ff), o(n, E);

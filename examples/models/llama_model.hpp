@@ -7,6 +7,8 @@
 //   auto m = llama_model<T>::from_gguf(gguf_file, use_bd, prepare_options);       // llama.cpp GGUF
 //   m.logits(ids)            -> tokens x vocab logits (float) for a whole sequence (positions 0..n-1)
 //   m.sequence_nll(ids)      -> sum of -log p(ids[t+1] | ids[..t]) over t = 0..n-2 (double)
+//   m.logits(ids, observe)   -> the same, calling observe(layer, h, a) after each attention block
+//                               (h: its normed input, a: its output before the residual add)
 // Weights are stored in T (float, Eigen::half or Eigen::bfloat16); the residual stream is float and
 // each block's input is rounded to T, as a T engine would see it.
 // GGUF (general.architecture "llama"): shapes, RoPE base and RMSNorm eps come from the llama.*
@@ -22,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,6 +48,12 @@ matrix<T> rms_norm(const matrix<float>& x, const std::vector<float>& w, double e
   }
   return out;
 }
+
+/// Optional observer of a forward pass: called after the attention block of layer `layer` with the
+/// block's input h (normed, tokens x d_model) and its output a (tokens x d_model, before the
+/// residual add); both are valid during the call only. It changes nothing in the forward pass.
+template <class T>
+using attention_observer = std::function<void(std::size_t layer, const matrix<T>& h, const matrix<T>& a)>;
 
 template <class T>
 void add_into(matrix<float>& x, const matrix<T>& y) {
@@ -192,7 +201,7 @@ struct llama_model {
     return m;
   }
 
-  matrix<float> logits(const std::vector<std::int32_t>& ids) const {
+  matrix<float> logits(const std::vector<std::int32_t>& ids, const attention_observer<T>& observe = {}) const {
     const index_t n = static_cast<index_t>(ids.size()), D = cfg.dim, H = cfg.hidden_dim;
     matrix<float> x(n, D);
     for (index_t t = 0; t < n; ++t) {
@@ -204,6 +213,7 @@ struct llama_model {
       const matrix<T> h = rms_norm<T>(x, rms_att[l], rms_eps);
       matrix<T> a(n, D);
       bd::forward(basisattn::cpu{}, attn[l], h.view(), a.view());
+      if (observe) observe(l, h, a);
       add_into(x, a);
       const matrix<T> h2 = rms_norm<T>(x, rms_ffn[l], rms_eps);
       matrix<T> g(n, H), u(n, H), f(n, D);
