@@ -214,6 +214,21 @@ inline bool block_is_direct(index_t L, index_t b, index_t d_v, index_t nfft) {
   return direct <= fft;
 }
 
+/// The one global shift of a head: its largest kernel entry (the upper kernels' unused entry 0 left out).
+inline double global_shift(const head_plan& hp, index_t n, bool causal) {
+  double g = -std::numeric_limits<double>::infinity();
+  for (index_t i = 0; i < hp.lower.size(); ++i) {
+    const double* u = hp.lower.kernel(i);
+    for (index_t t = 0; t < n - hp.lower.begin(i); ++t) g = std::max(g, u[t]);
+  }
+  if (!causal)
+    for (index_t i = 0; i < hp.upper.size(); ++i) {
+      const double* u = hp.upper.kernel(i);
+      for (index_t t = 1; t < n - hp.upper.begin(i); ++t) g = std::max(g, u[t]);
+    }
+  return g;
+}
+
 /// Logit the basis assigns to (r, c) (lower: c <= r; upper: c > r).
 inline double basis_logit(const head_plan& hp, index_t r, index_t c) {
   if (c <= r) {
@@ -351,16 +366,7 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
   if (vmax == 0) vmax = 1;
 
   // 1. global shift
-  double g = -std::numeric_limits<double>::infinity();
-  for (index_t i = 0; i < hp.lower.size(); ++i) {
-    const double* u = hp.lower.kernel(i);
-    for (index_t t = 0; t < n - hp.lower.begin(i); ++t) g = std::max(g, u[t]);
-  }
-  if (!causal)
-    for (index_t i = 0; i < hp.upper.size(); ++i) {
-      const double* u = hp.upper.kernel(i);
-      for (index_t t = 1; t < n - hp.upper.begin(i); ++t) g = std::max(g, u[t]);
-    }
+  const double g = global_shift(hp, n, causal);
 
   // 2. denominators, row maxima, error-bound sums
   std::fill(s.num, s.num + n * d_v, 0.0);
@@ -702,9 +708,7 @@ void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T>
     BASISATTN_REQUIRE(detail::qk_checksum(Q, K) == p.checksums[std::size_t(h)], invalid_argument, fn,
                       ": q or k of head ", h, " differ from those the plan was made from");
     const basis& b = p.heads[std::size_t(h)].lower;
-    double g = -std::numeric_limits<double>::infinity();
-    for (index_t i = 0; i < b.size(); ++i)
-      for (index_t t = 0; t < n - b.begin(i); ++t) g = std::max(g, b.kernel(i)[t]);
+    const double g = detail::global_shift(p.heads[std::size_t(h)], n, true);
     // forward: numerators by FFT (double), denominators by prefix sums
     for (index_t r = 0; r < n; ++r)
       for (index_t j = 0; j < d_v; ++j) s.v[r * d_v + j] = V(r, j);
