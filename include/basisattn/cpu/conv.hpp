@@ -6,8 +6,7 @@
 // diagnostic is sampled and a checksum of q and k is kept.
 // run, per query head (OpenMP over heads, one workspace slice and one FFT engine per thread):
 //   1. g = the largest kernel entry (one global shift; it cancels in D^-1).
-//   2. Denominators by prefix sums of exp(u_i - g) (no FFT), each row's largest basis logit M_r by a
-//      sliding-window maximum, and a per-row FFT error bound
+//   2. Denominators by prefix sums of exp(u_i - g) (no FFT) and a per-row FFT error bound
 //          bound_r = eps * (sum_i log2(N_i) ||a_i||_2 ||V_i||_F / max|v| + sum_i ||a_i||_1) / D_r
 //      (a_i = exp(u_i - g), V_i the block's values, N_i its FFT length; the second sum is the prefix
 //      sums' cancellation). Blocks narrow enough that a direct convolution is cheaper skip the FFT and
@@ -62,16 +61,10 @@ mat_d head_to_double(const tensor3_view<const T>& x, index_t h) {
   return m;
 }
 
-/// A checksum of q and k of one head: a run refuses q, k other than those its plan was made from.
-inline double qk_checksum(const mat_d& Q, const mat_d& K) {
-  double s = 0;
-  for (const mat_d* m : {&Q, &K})
-    for (index_t i = 0; i < m->rows(); ++i)
-      for (index_t c = 0; c < m->cols(); ++c) {
-        const std::uint64_t hsh = (std::uint64_t(i) * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c + 1) * 0xC2B2AE3D27D4EB4Full);
-        s += (*m)(i, c) * (0.5 + double(hsh >> 40) / double(1ull << 24));
-      }
-  return s;
+/// The checksum of q and k of query head h (kv head hk) a plan keeps: a run refuses other q, k.
+template <class T>
+double qk_checksum(const tensor3_view<const T>& q, const tensor3_view<const T>& k, index_t h, index_t hk) {
+  return basisattn::detail::head_checksum(q, h) + basisattn::detail::head_checksum(k, hk);
 }
 
 /// for (i = 0; i < n; ++i) f(i, slot) on `threads` OpenMP threads; slot in [0, threads) is the
@@ -153,15 +146,13 @@ struct run_slice {
   double* v;        // n x d_v values of the head
   double* num;      // n x d_v numerators
   double* den;      // n denominators
-  double* rowmax;   // n largest basis logit per row
   double* bnum;     // n numerator error-bound sums (difference array, then prefix-summed)
   double* bden;     // n denominator error-bound sums
-  double* prefix;   // n + 1 prefix sums / prefix maxima
+  double* prefix;   // n + 1 prefix sums
   double* kern;     // fft_n real: the kernel (exp) padded
   double* xbuf;     // fft_n real
   double* kspec;    // (fft_n / 2 + 1) complex
   double* xspec;    // (fft_n / 2 + 1) complex
-  index_t* deque;   // n indices: sliding-window maximum
   double* exact;    // n + d_v: sampled exact rows
 };
 
@@ -169,9 +160,9 @@ inline index_t run_fft_max(index_t n) { return fft_size(2 * n - 1); }
 
 inline std::size_t run_slice_bytes(index_t n, index_t d_v) {
   const std::size_t nf = static_cast<std::size_t>(run_fft_max(n));
-  const std::size_t doubles = 2 * std::size_t(n) * std::size_t(d_v) + 4 * std::size_t(n) + (std::size_t(n) + 1) +
+  const std::size_t doubles = 2 * std::size_t(n) * std::size_t(d_v) + 3 * std::size_t(n) + (std::size_t(n) + 1) +
                               2 * nf + 2 * 2 * (nf / 2 + 1) + std::size_t(n) + std::size_t(d_v);
-  return (doubles * sizeof(double) + 4 * 64 + std::size_t(n) * sizeof(index_t) + 63) / 64 * 64;
+  return (doubles * sizeof(double) + 4 * 64 + 63) / 64 * 64;
 }
 
 inline run_slice carve_slice(void* base, index_t n, index_t d_v) {
@@ -190,7 +181,6 @@ inline run_slice carve_slice(void* base, index_t n, index_t d_v) {
   s.v = take(std::size_t(n) * std::size_t(d_v));
   s.num = take(std::size_t(n) * std::size_t(d_v));
   s.den = take(static_cast<std::size_t>(n));
-  s.rowmax = take(static_cast<std::size_t>(n));
   s.bnum = take(static_cast<std::size_t>(n));
   s.bden = take(static_cast<std::size_t>(n));
   s.prefix = take(std::size_t(n) + 1);
@@ -203,7 +193,6 @@ inline run_slice carve_slice(void* base, index_t n, index_t d_v) {
   align64();
   s.xspec = take(2 * (nf / 2 + 1));
   s.exact = take(std::size_t(n) + std::size_t(d_v));
-  s.deque = reinterpret_cast<index_t*>(p);
   return s;
 }
 
@@ -368,10 +357,9 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
   // 1. global shift
   const double g = global_shift(hp, n, causal);
 
-  // 2. denominators, row maxima, error-bound sums
+  // 2. denominators, error-bound sums
   std::fill(s.num, s.num + n * d_v, 0.0);
   std::fill(s.den, s.den + n, 0.0);
-  std::fill(s.rowmax, s.rowmax + n, -std::numeric_limits<double>::infinity());
   std::fill(s.bnum, s.bnum + n, 0.0);
   std::fill(s.bden, s.bden + n, 0.0);
   for (index_t i = 0; i < hp.lower.size(); ++i) {
@@ -385,16 +373,10 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
       P[t + 1] = P[t] + a;
       n2 += a * a;
     }
-    // row r sees lags [max(0, r - e0 + 1), r - s0] of this block; sliding-window maximum of u
-    index_t* dq = s.deque;
-    index_t head = 0, tail = 0;
+    // row r sees lags [max(0, r - e0 + 1), r - s0] of this block
     for (index_t r = s0; r < n; ++r) {
       const index_t hi = r - s0, lo = std::max<index_t>(0, r - e0 + 1);
       s.den[r] += P[hi + 1] - P[lo];
-      while (tail > head && u[dq[tail - 1]] <= u[hi]) --tail;
-      dq[tail++] = hi;
-      while (dq[head] < lo) ++head;
-      s.rowmax[r] = std::max(s.rowmax[r], u[dq[head]]);
     }
     const index_t nf = fft_size(L + w - 1);
     if (!block_is_direct(L, w, d_v, nf)) {
@@ -410,7 +392,7 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
       const index_t s0 = hp.upper.begin(i), e0 = hp.upper.end(i, n), L = n - s0, w = e0 - s0;
       if (L < 2) continue;
       const double* u = hp.upper.kernel(i);
-      double* P = s.prefix;  // P[m] = sum_{1 <= t < m} exp(u_t - g); the running max reuses the deque buffer as doubles
+      double* P = s.prefix;  // P[m] = sum_{1 <= t < m} exp(u_t - g)
       P[0] = P[1] = 0;
       double n2 = 0;
       for (index_t t = 1; t < L; ++t) {
@@ -419,16 +401,8 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
         n2 += a * a;
       }
       // row r in [s0, e0) sees lags 1 .. n - 1 - r
-      double run = -std::numeric_limits<double>::infinity();
-      index_t lag = 0;
-      for (index_t r = e0 - 1; r >= s0; --r) {  // lags grow as r falls
-        const index_t top = n - 1 - r;
-        while (lag < top) run = std::max(run, u[++lag]);
-        if (top >= 1) {
-          s.den[r] += P[top + 1];
-          s.rowmax[r] = std::max(s.rowmax[r], run);
-        }
-      }
+      for (index_t r = s0; r < e0; ++r)
+        if (n - 1 - r >= 1) s.den[r] += P[n - r];
       const index_t nf = fft_size(L + w - 1);
       if (!block_is_direct(L, w, d_v, nf)) {
         double vn = 0;
@@ -582,7 +556,7 @@ plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const opti
     if (!opt.causal) hp.upper = detail::recover_basis(K, Q, p.scale, 1, opt);
     detail::structure_diagnostic(Q, K, p.scale, opt.causal, opt.diagnostic_samples,
                                  opt.seed ^ (std::uint64_t(h) * 0x9E3779B97F4A7C15ull), hp);
-    p.checksums[std::size_t(h)] = detail::qk_checksum(Q, K);
+    p.checksums[std::size_t(h)] = detail::qk_checksum(q, k, h, h / group);
   });
   return p;
 }
@@ -623,8 +597,8 @@ report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const
   report rep;
   rep.heads.resize(static_cast<std::size_t>(p.h_q));
   detail::parallel_for_slots(p.h_q, threads, [&](index_t h, int slot) {
-    const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, h / sh.group);
-    BASISATTN_REQUIRE(detail::qk_checksum(Q, K) == p.checksums[std::size_t(h)], invalid_argument, fn,
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
+                      invalid_argument, fn,
                       ": q or k of head ", h, " differ from those the plan was made from");
     const detail::run_slice s = detail::carve_slice(static_cast<unsigned char*>(workspace) + slice * std::size_t(slot), p.n, sh.d_v);
     detail::run_head<T, FFT>(p, h, q, k, v, out, s, rep.heads[std::size_t(h)]);
@@ -705,7 +679,8 @@ void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T>
     const index_t hk = h / sh.group;
     const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, hk),
                         V = detail::head_to_double(v, hk), dY = detail::head_to_double(dy, h);
-    BASISATTN_REQUIRE(detail::qk_checksum(Q, K) == p.checksums[std::size_t(h)], invalid_argument, fn,
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
+                      invalid_argument, fn,
                       ": q or k of head ", h, " differ from those the plan was made from");
     const basis& b = p.heads[std::size_t(h)].lower;
     const double g = detail::global_shift(p.heads[std::size_t(h)], n, true);

@@ -176,6 +176,22 @@ void require_finite(const tensor3_view<const T>& t, const char* what) {
   }
 }
 
+/// A checksum of head h of x (an index-weighted sum of its entries, in double). The plan/run pairs of
+/// the approximate methods (conv-basis, support-basis) keep it from their plan, so a run on q or k
+/// other than those the plan was made from is refused instead of silently using stale supports.
+template <class T>
+double head_checksum(const tensor3_view<const T>& x, index_t h) {
+  double s = 0;
+  for (index_t i = 0; i < x.extent[0]; ++i)
+    for (index_t c = 0; c < x.extent[2]; ++c) {
+      const std::uint64_t hsh = (std::uint64_t(i) * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c + 1) * 0xC2B2AE3D27D4EB4Full);
+      s += static_cast<double>(to_compute<compute_t<T>>(x(i, h, c))) * (0.5 + double(hsh >> 40) / double(1ull << 24));
+    }
+  return s;
+}
+/// Whether two checksums agree (NaN agrees with NaN: data with NaN planned with check_finite = false).
+inline bool same_checksum(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
 /// Number of threads the CPU backend uses for its own parallel loops (OpenMP's current setting,
 /// which is also what Eigen's GEMM uses unless Eigen::setNbThreads was called).
 inline int cpu_threads() {
