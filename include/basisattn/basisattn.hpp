@@ -1,7 +1,8 @@
 // basisattn/basisattn.hpp - umbrella header for the CPU library.
 //
 // basisattn makes transformer attention cheaper: an exact Basis Decomposition (BD) of attention
-// projection weights, and exact reference attention to check every method against. Everything is
+// projection weights, two approximate attentions (conv-basis, support-basis) with per-head error
+// reports, and exact reference attention to check every method against. Everything is
 // in namespace basisattn (inline namespace v0); backends are tag types (basisattn::cpu, and
 // basisattn::cuda via <basisattn/cuda/backend.hpp> with the basisattn::cuda target).
 //
@@ -9,6 +10,7 @@
 //   attention/ exact attention (naive double oracle, blocked CPU), RoPE
 //   bd/        BD options, factorization (basis selection), projections, prepared layers
 //   conv/      conv-basis attention: anchor recovery, FFT application, error control, backward
+//   support/   support-basis attention: exact supports of large rows, polynomial (linear-attention) rest
 //   cpu/       CPU runtime: projections, layer forward passes, conv-basis, Eigen interop
 #pragma once
 
@@ -32,6 +34,8 @@
 #include <basisattn/conv/conv_basis.hpp>
 #include <basisattn/conv/fft.hpp>
 #include <basisattn/conv/options.hpp>
+
+#include <basisattn/support/support_basis.hpp>
 
 #include <basisattn/cpu/layers.hpp>
 #include <basisattn/cpu/projection.hpp>

@@ -1,0 +1,642 @@
+// basisattn/support/cpu.hpp - support-basis attention on the CPU backend (Eigen, OpenMP over heads).
+//
+// Public entry points (namespace basisattn::support; documented in <basisattn/support/support_basis.hpp>):
+//   workspace_bytes(cpu{}, plan, d_v)
+//   run(cpu{}, plan, q, k, v, out, workspace, workspace_bytes, report = nullptr)
+//
+// Per query head h (kv head hk), in compute type C (float; double for double storage or
+// options.accumulate_double), with s_ij = scale q_i.k_j and P the plan's pair polynomials:
+//   accumulators per row i: num_i (d_v), den_i, shift m_i.
+//   1. polynomial part, rows i not in R, keys j not in C (bq = bucket of i, bk = bucket of j):
+//        num_i = sum_j P_{bq,bk}(s_ij) e^{-M_bq} v_j, den_i = same with 1, m_i = M_bq
+//      as linear attention: key features phi(k_j) (chunks of options.block rows, never n x r at once)
+//      build per key bucket the state S_bk = sum_j phi(k_j) [v_j, 1]^T (r x (d_v + 1)); queries read
+//      (c_{bq,bk} o phi(q_i))^T S_bk. Causal: blocks of options.block keys in order; a query whose
+//      position i + n_kv - n_q falls in block b reads the states of blocks < b, plus exact products
+//      P(s_ij) for the visible non-top keys of block b; then block b's keys enter the states.
+//   2. exact part, flash-style on the same accumulators (online max: m_i only grows, and num, den are
+//      rescaled by e^{m_old - m_new}, so the polynomial part is rescaled by e^{M_bq - m_i} <= 1 and no
+//      exp overflows): rows not in R against the keys in C; rows in R (m_i = -inf, num = den = 0)
+//      against every visible key.
+//   3. rows whose polynomial denominator is <= 0 (while the row has visible polynomial keys) or whose
+//      final denominator is <= 0 or non-finite are recomputed exactly and counted (report.bad_rows).
+//   4. out_i = num_i / den_i. Error estimate: options.check_rows rows i_j = floor((j+1) n_q / s) - 1
+//      (evenly spread, the last row always in) are recomputed in double from the storage values;
+//      relative l2 row errors against the stored out give est_error_max / est_error_mean. Above
+//      options.tolerance the head is recomputed with the exact blocked CPU attention (flagged).
+// Heads are spread over detail::cpu_threads() OpenMP threads, each with its own workspace slice;
+// GQA heads of one kv head each rebuild the key states (their polynomials differ).
+#pragma once
+
+#include <basisattn/attention/options.hpp>
+#include <basisattn/core/backend.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/attention.hpp>
+#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/support/features.hpp>
+#include <basisattn/support/options.hpp>
+#include <basisattn/support/plan.hpp>
+#include <basisattn/support/polynomial.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <type_traits>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+BASISATTN_BEGIN_NAMESPACE
+namespace support {
+namespace detail {
+
+inline constexpr std::size_t ws_align = 64;
+
+inline std::size_t align_up(std::size_t x) { return (x + ws_align - 1) / ws_align * ws_align; }
+
+/// Byte offsets of one thread's workspace slice.
+struct slice_layout {
+  index_t blk = 0, r = 0, g = 0, nl = 0;
+  std::size_t q = 0, k = 0, v = 0, num = 0, den = 0, m = 0, dpoly = 0;
+  std::size_t xg = 0, phi = 0, psi = 0, sk = 0, vx = 0, tmp = 0, st = 0, sc = 0;
+  std::size_t s = 0, qg = 0, kg = 0, vg = 0, o = 0, l = 0, mm = 0, coef = 0;
+  std::size_t rows = 0, pos = 0, kidx = 0, est = 0, exact = 0, exact_bytes = 0;
+  std::size_t slice = 0;
+};
+
+template <class C>
+slice_layout make_slice_layout(const plan& p, index_t dv) {
+  const auto& sh = p.shape;
+  slice_layout lay;
+  lay.blk = std::min<index_t>(static_cast<index_t>(p.options.block), std::max(sh.n_q, sh.n_kv));
+  lay.r = p.max_width;
+  lay.g = p.features.max_degree;
+  lay.nl = p.levels;
+  const index_t b = lay.blk, d = sh.d_qk, r = lay.r, ms = p.features.sketch ? p.features.m : 0;
+  std::size_t end = 0;
+  auto take = [&](std::size_t bytes) {
+    const std::size_t at = end;
+    end += align_up(bytes);
+    return at;
+  };
+  auto c = [&](index_t n) { return take(static_cast<std::size_t>(n) * sizeof(C)); };
+  lay.q = c(sh.n_q * d);
+  lay.k = c(sh.n_kv * d);
+  lay.v = c(sh.n_kv * dv);
+  lay.num = c(sh.n_q * dv);
+  lay.den = c(sh.n_q);
+  lay.m = c(sh.n_q);
+  lay.dpoly = c(sh.n_q);
+  lay.xg = c(b * d);
+  lay.phi = c(b * r);
+  lay.psi = c(b * r);
+  lay.sk = c(b * ms);
+  lay.vx = c(b * (dv + 1));
+  lay.tmp = c(b * (dv + 1));
+  lay.st = c(lay.nl * r * (dv + 1));
+  lay.sc = c(r * (dv + 1));
+  lay.s = c(b * b);
+  lay.qg = c(b * d);
+  lay.kg = c(b * d);
+  lay.vg = c(b * dv);
+  lay.o = c(b * dv);
+  lay.l = c(b);
+  lay.mm = c(b);
+  lay.coef = c(lay.nl * lay.nl * (lay.g + 1));
+  lay.rows = take(static_cast<std::size_t>(sh.n_q) * sizeof(index_t));
+  lay.pos = take(static_cast<std::size_t>(b) * sizeof(index_t));
+  lay.kidx = take(static_cast<std::size_t>(b) * sizeof(index_t));
+  lay.est = take(static_cast<std::size_t>(sh.n_kv + dv) * sizeof(double));
+  lay.exact_bytes = basisattn::detail::make_attention_cpu_layout<C>(sh.n_q, sh.n_kv, d, dv).slice +
+                    basisattn::detail::attention_cpu_traits<C>::align;
+  lay.exact = take(lay.exact_bytes);
+  lay.slice = end;
+  return lay;
+}
+
+/// Threads (and slices) run uses at most.
+inline index_t support_threads(const plan& p) {
+  return std::max<index_t>(1, std::min<index_t>(basisattn::detail::cpu_threads(), p.shape.h_q));
+}
+
+/// State of one head's computation.
+template <class C, class T>
+struct head_ctx {
+  using rmat = basisattn::detail::rm_matrix<C>;
+  using rmap = Eigen::Map<rmat>;
+  using cmap = cm_map<C>;
+
+  const plan* p = nullptr;
+  const slice_layout* lay = nullptr;
+  unsigned char* base = nullptr;
+  index_t h = 0, hk = 0, nq = 0, nkv = 0, d = 0, dv = 0, off = 0, blk = 0, nl = 0, g = 0;
+  bool causal = true;
+
+  template <class U>
+  U* at(std::size_t o) const { return reinterpret_cast<U*>(base + o); }
+  rmap Q() const { return rmap(at<C>(lay->q), nq, d); }
+  rmap K() const { return rmap(at<C>(lay->k), nkv, d); }
+  rmap V() const { return rmap(at<C>(lay->v), nkv, dv); }
+  rmap num() const { return rmap(at<C>(lay->num), nq, dv); }
+  C* den() const { return at<C>(lay->den); }
+  C* m() const { return at<C>(lay->m); }
+  C* dpoly() const { return at<C>(lay->dpoly); }
+  index_t pos(index_t i) const { return causal ? i + off : std::numeric_limits<index_t>::max(); }
+  const C* coef(int bq, int bk) const { return at<C>(lay->coef) + (bq * nl + bk) * (g + 1); }
+};
+
+/// x (n x d, column-major) = rows idx[0..n) of src (row-major).
+template <class C, class M>
+void gather_cm(const M& src, const index_t* idx, index_t n, cm_map<C> x) {
+  for (index_t c = 0; c < src.cols(); ++c)
+    for (index_t i = 0; i < n; ++i) x(i, c) = src(idx[i], c);
+}
+
+/// Exact flash-style update of the accumulators of rows[0..nrows) against keys (ascending global
+/// indices; nullptr: all keys 0..nkeys-1), causal mask by position.
+template <class C, class T>
+void exact_rows(const head_ctx<C, T>& c, const index_t* rows, index_t nrows, const index_t* keys, index_t nkeys) {
+  using rmap = typename head_ctx<C, T>::rmap;
+  const auto Q = c.Q();
+  const auto K = c.K();
+  const auto V = c.V();
+  auto num = c.num();
+  for (index_t r0 = 0; r0 < nrows; r0 += c.blk) {
+    const index_t nr = std::min(c.blk, nrows - r0);
+    rmap qg(c.template at<C>(c.lay->qg), nr, c.d);
+    rmap o(c.template at<C>(c.lay->o), nr, c.dv);
+    C* const l = c.template at<C>(c.lay->l);
+    C* const mm = c.template at<C>(c.lay->mm);
+    index_t pmax = -1;
+    for (index_t i = 0; i < nr; ++i) {
+      const index_t row = rows[r0 + i];
+      qg.row(i) = Q.row(row);
+      o.row(i) = num.row(row);
+      l[i] = c.den()[row];
+      mm[i] = c.m()[row];
+      pmax = std::max(pmax, c.pos(row));
+    }
+    for (index_t k0 = 0; k0 < nkeys; k0 += c.blk) {
+      const index_t nk = std::min(c.blk, nkeys - k0);
+      const index_t first = keys ? keys[k0] : k0;
+      if (c.causal && first > pmax) break;
+      rmap kg(c.template at<C>(c.lay->kg), nk, c.d);
+      rmap vg(c.template at<C>(c.lay->vg), nk, c.dv);
+      rmap s(c.template at<C>(c.lay->s), nr, nk);
+      if (keys) {
+        for (index_t j = 0; j < nk; ++j) {
+          kg.row(j) = K.row(keys[k0 + j]);
+          vg.row(j) = V.row(keys[k0 + j]);
+        }
+        s.noalias() = qg * kg.transpose();
+      } else {
+        s.noalias() = qg * K.middleRows(k0, nk).transpose();
+      }
+      for (index_t i = 0; i < nr; ++i) {
+        index_t visible = nk;
+        if (c.causal) {
+          const index_t pi = c.pos(rows[r0 + i]);
+          visible = keys ? static_cast<index_t>(std::upper_bound(keys + k0, keys + k0 + nk, pi) - (keys + k0))
+                         : std::clamp<index_t>(pi - k0 + 1, 0, nk);
+        }
+        auto row = s.row(i);
+        if (visible < nk) row.tail(nk - visible).setZero();
+        if (visible == 0) continue;
+        auto sv = row.head(visible).array();
+        const C m_new = std::max(mm[i], sv.maxCoeff());
+        const C alpha = std::exp(mm[i] - m_new);
+        sv = (sv - m_new).exp();
+        l[i] = alpha * l[i] + sv.sum();
+        mm[i] = m_new;
+        if (alpha != C(1)) o.row(i) *= alpha;
+      }
+      if (keys)
+        o.noalias() += s * vg;
+      else
+        o.noalias() += s * V.middleRows(k0, nk);
+    }
+    for (index_t i = 0; i < nr; ++i) {
+      const index_t row = rows[r0 + i];
+      num.row(row) = o.row(i);
+      c.den()[row] = l[i];
+      c.m()[row] = mm[i];
+    }
+  }
+}
+
+/// psi[:, :w] = phi[:, :w] scaled per row i and column col by coef(bucket of row i, bk)[degree(col)].
+template <class C, class T>
+void scale_query_features(const head_ctx<C, T>& c, const index_t* rows, index_t n, int bk, index_t w,
+                          const cm_map<C>& phi, cm_map<C> psi) {
+  const auto& qb = c.p->q_bucket[static_cast<std::size_t>(c.h)];
+  const auto& deg = c.p->features.degree_of;
+  for (index_t col = 0; col < w; ++col) {
+    const int t = deg[static_cast<std::size_t>(col)];
+    for (index_t i = 0; i < n; ++i) psi(i, col) = phi(i, col) * c.coef(qb[static_cast<std::size_t>(rows[i])], bk)[t];
+  }
+}
+
+/// Add the keys rows[0..n) (all of bucket bk) to the state of bucket bk.
+template <class C, class T>
+void add_keys(const head_ctx<C, T>& c, const index_t* keys, index_t n, int bk) {
+  const index_t w = c.p->key_width[static_cast<std::size_t>(c.h)][static_cast<std::size_t>(bk)];
+  if (w == 0 || n == 0) return;
+  const auto K = c.K();
+  const auto V = c.V();
+  cm_map<C> st(c.template at<C>(c.lay->st) + bk * c.lay->r * (c.dv + 1), w, c.dv + 1);
+  for (index_t j0 = 0; j0 < n; j0 += c.blk) {
+    const index_t nb = std::min(c.blk, n - j0);
+    cm_map<C> x(c.template at<C>(c.lay->xg), nb, c.d);
+    cm_map<C> vx(c.template at<C>(c.lay->vx), nb, c.dv + 1);
+    cm_map<C> phi(c.template at<C>(c.lay->phi), nb, w);
+    gather_cm<C>(K, keys + j0, nb, x);
+    gather_cm<C>(V, keys + j0, nb, cm_map<C>(vx.data(), nb, c.dv));
+    vx.col(c.dv).setOnes();
+    compute_features<C>(c.p->features, w, x, phi, c.template at<C>(c.lay->sk));
+    st.noalias() += phi.transpose() * vx;
+  }
+}
+
+/// Polynomial part, non-causal.
+template <class C, class T>
+void poly_noncausal(const head_ctx<C, T>& c) {
+  const auto& pl = *c.p;
+  const auto hu = static_cast<std::size_t>(c.h), hku = static_cast<std::size_t>(c.hk);
+  const index_t r = c.lay->r;
+  for (int bk = 0; bk < c.nl; ++bk) {
+    const auto& keys = pl.k_rows[hku][static_cast<std::size_t>(bk)];
+    const index_t w = pl.key_width[hu][static_cast<std::size_t>(bk)];
+    if (w == 0) continue;
+    cm_map<C>(c.template at<C>(c.lay->st) + bk * r * (c.dv + 1), w, c.dv + 1).setZero();
+    add_keys(c, keys.data(), static_cast<index_t>(keys.size()), bk);
+  }
+  const auto Q = c.Q();
+  auto num = c.num();
+  for (int bq = 0; bq < c.nl; ++bq) {
+    const auto& rows = pl.q_rows[hu][static_cast<std::size_t>(bq)];
+    index_t w = 0;
+    for (int bk = 0; bk < c.nl; ++bk) w = std::max(w, pl.pairs[hu][static_cast<std::size_t>(bq * c.nl + bk)].width);
+    if (w == 0 || rows.empty()) continue;
+    // Combined state: sum_bk diag(coef_{bq,bk}) S_bk.
+    cm_map<C> sc(c.template at<C>(c.lay->sc), w, c.dv + 1);
+    sc.setZero();
+    for (int bk = 0; bk < c.nl; ++bk) {
+      const index_t pw = pl.pairs[hu][static_cast<std::size_t>(bq * c.nl + bk)].width;
+      if (pw == 0) continue;
+      cm_map<C> st(c.template at<C>(c.lay->st) + bk * r * (c.dv + 1), pl.key_width[hu][static_cast<std::size_t>(bk)],
+                   c.dv + 1);
+      const C* cf = c.coef(bq, bk);
+      for (index_t col = 0; col < pw; ++col)
+        sc.row(col) += cf[pl.features.degree_of[static_cast<std::size_t>(col)]] * st.row(col);
+    }
+    const index_t n = static_cast<index_t>(rows.size());
+    for (index_t i0 = 0; i0 < n; i0 += c.blk) {
+      const index_t nb = std::min(c.blk, n - i0);
+      cm_map<C> x(c.template at<C>(c.lay->xg), nb, c.d);
+      cm_map<C> phi(c.template at<C>(c.lay->phi), nb, w);
+      cm_map<C> out(c.template at<C>(c.lay->tmp), nb, c.dv + 1);
+      gather_cm<C>(Q, rows.data() + i0, nb, x);
+      compute_features<C>(pl.features, w, x, phi, c.template at<C>(c.lay->sk));
+      out.noalias() = phi * sc;
+      for (index_t i = 0; i < nb; ++i) {
+        const index_t row = rows[static_cast<std::size_t>(i0 + i)];
+        num.row(row) = out.row(i).head(c.dv);
+        c.dpoly()[row] = out(i, c.dv);
+      }
+    }
+  }
+}
+
+/// Polynomial part, causal (block lower-triangular).
+template <class C, class T>
+void poly_causal(const head_ctx<C, T>& c) {
+  using rmap = typename head_ctx<C, T>::rmap;
+  const auto& pl = *c.p;
+  const auto hu = static_cast<std::size_t>(c.h), hku = static_cast<std::size_t>(c.hk);
+  const auto& qb = pl.q_bucket[hu];
+  const auto& kb = pl.k_bucket[hku];
+  const index_t r = c.lay->r, hw = pl.head_width[hu];
+  if (hw == 0) return;
+  for (int bk = 0; bk < c.nl; ++bk)
+    cm_map<C>(c.template at<C>(c.lay->st) + bk * r * (c.dv + 1), pl.key_width[hu][static_cast<std::size_t>(bk)],
+              c.dv + 1)
+        .setZero();
+  const auto Q = c.Q();
+  const auto K = c.K();
+  const auto V = c.V();
+  auto num = c.num();
+  index_t* const sel = c.template at<index_t>(c.lay->pos);
+  index_t* const kidx = c.template at<index_t>(c.lay->kidx);  // per block: the keys of one bucket
+  index_t seen = 0;  // keys already in the states
+  for (index_t k0 = 0; k0 < c.nkv; k0 += c.blk) {
+    const index_t k1 = std::min(c.nkv, k0 + c.blk), nk = k1 - k0;
+    const index_t i0 = std::max<index_t>(0, k0 - c.off), i1 = std::min<index_t>(c.nq, k1 - c.off);
+    index_t ni = 0;
+    for (index_t i = i0; i < i1; ++i)
+      if (qb[static_cast<std::size_t>(i)] < c.nl) sel[ni++] = i;
+    if (ni > 0) {
+      cm_map<C> tmp(c.template at<C>(c.lay->tmp), ni, c.dv + 1);
+      tmp.setZero();
+      if (seen > 0) {
+        cm_map<C> x(c.template at<C>(c.lay->xg), ni, c.d);
+        cm_map<C> phi(c.template at<C>(c.lay->phi), ni, hw);
+        gather_cm<C>(Q, sel, ni, x);
+        compute_features<C>(pl.features, hw, x, phi, c.template at<C>(c.lay->sk));
+        for (int bk = 0; bk < c.nl; ++bk) {
+          const index_t w = pl.key_width[hu][static_cast<std::size_t>(bk)];
+          if (w == 0) continue;
+          cm_map<C> psi(c.template at<C>(c.lay->psi), ni, w);
+          scale_query_features(c, sel, ni, bk, w, phi, psi);
+          cm_map<C> st(c.template at<C>(c.lay->st) + bk * r * (c.dv + 1), w, c.dv + 1);
+          tmp.noalias() += psi * st;
+        }
+      }
+      // Inside the block: exact products P(s_ij) for visible non-top keys.
+      rmap qg(c.template at<C>(c.lay->qg), ni, c.d);
+      for (index_t i = 0; i < ni; ++i) qg.row(i) = Q.row(sel[i]);
+      rmap s(c.template at<C>(c.lay->s), ni, nk);
+      s.noalias() = qg * K.middleRows(k0, nk).transpose();
+      for (index_t i = 0; i < ni; ++i) {
+        const index_t pi = sel[i] + c.off;
+        const int bq = qb[static_cast<std::size_t>(sel[i])];
+        for (index_t j = 0; j < nk; ++j) {
+          const int bk = kb[static_cast<std::size_t>(k0 + j)];
+          s(i, j) = (k0 + j <= pi && bk < c.nl) ? horner<C>(c.coef(bq, bk), static_cast<int>(c.g), s(i, j)) : C(0);
+        }
+      }
+      tmp.leftCols(c.dv).noalias() += s * V.middleRows(k0, nk);
+      tmp.col(c.dv) += s.rowwise().sum();
+      for (index_t i = 0; i < ni; ++i) {
+        num.row(sel[i]) = tmp.row(i).head(c.dv);
+        c.dpoly()[sel[i]] = tmp(i, c.dv);
+      }
+    }
+    // Keys of this block enter the states.
+    for (int bk = 0; bk < c.nl; ++bk) {
+      if (pl.key_width[hu][static_cast<std::size_t>(bk)] == 0) continue;
+      index_t n = 0;
+      for (index_t j = k0; j < k1; ++j)
+        if (kb[static_cast<std::size_t>(j)] == bk) kidx[n++] = j;
+      add_keys(c, kidx, n, bk);
+      seen += n;
+    }
+  }
+}
+
+/// Exact output row i in double from the storage values (the error estimate).
+template <class T>
+void exact_row_double(const plan& pl, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
+                      const tensor3_view<const T>& v, index_t h, index_t i, double* s, double* y) {
+  const auto& sh = pl.shape;
+  const index_t hk = h / sh.group, dv = v.extent[2];
+  const index_t visible = pl.options.causal ? i + sh.causal_offset + 1 : sh.n_kv;
+  auto ld = [](const T& x) { return static_cast<double>(basisattn::detail::to_compute<compute_t<T>>(x)); };
+  double mx = -INFINITY;
+  for (index_t j = 0; j < visible; ++j) {
+    double dot = 0;
+    for (index_t e = 0; e < sh.d_qk; ++e) dot += ld(q(i, h, e)) * ld(k(j, hk, e));
+    s[j] = sh.scale * dot;
+    mx = std::max(mx, s[j]);
+  }
+  double l = 0;
+  for (index_t e = 0; e < dv; ++e) y[e] = 0;
+  for (index_t j = 0; j < visible; ++j) {
+    const double w = std::exp(s[j] - mx);
+    l += w;
+    for (index_t e = 0; e < dv; ++e) y[e] += w * ld(v(j, hk, e));
+  }
+  for (index_t e = 0; e < dv; ++e) y[e] /= l;
+}
+
+/// One query head.
+template <class C, class T>
+void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, index_t h, const tensor3_view<const T>& q,
+              const tensor3_view<const T>& k, const tensor3_view<const T>& v, const tensor3_view<T>& out,
+              head_report& rep) {
+  const auto& sh = pl.shape;
+  head_ctx<C, T> c;
+  c.p = &pl;
+  c.lay = &lay;
+  c.base = base;
+  c.h = h;
+  c.hk = h / sh.group;
+  c.nq = sh.n_q;
+  c.nkv = sh.n_kv;
+  c.d = sh.d_qk;
+  c.dv = v.extent[2];
+  c.off = sh.causal_offset;
+  c.blk = lay.blk;
+  c.nl = pl.levels;
+  c.g = lay.g;
+  c.causal = pl.options.causal;
+  const auto hu = static_cast<std::size_t>(h), hku = static_cast<std::size_t>(c.hk);
+
+  // Load the head (q scaled) in the compute type.
+  auto Q = c.Q();
+  auto K = c.K();
+  auto V = c.V();
+  const C scale = static_cast<C>(sh.scale);
+  for (index_t i = 0; i < c.nq; ++i)
+    for (index_t e = 0; e < c.d; ++e) Q(i, e) = scale * basisattn::detail::to_compute<C>(q(i, h, e));
+  for (index_t j = 0; j < c.nkv; ++j) {
+    for (index_t e = 0; e < c.d; ++e) K(j, e) = basisattn::detail::to_compute<C>(k(j, c.hk, e));
+    for (index_t e = 0; e < c.dv; ++e) V(j, e) = basisattn::detail::to_compute<C>(v(j, c.hk, e));
+  }
+  C* const cf = c.template at<C>(lay.coef);
+  for (int bq = 0; bq < c.nl; ++bq)
+    for (int bk = 0; bk < c.nl; ++bk) {
+      const pair_poly& pp = pl.pairs[hu][static_cast<std::size_t>(bq * c.nl + bk)];
+      for (index_t t = 0; t <= c.g; ++t)
+        cf[(bq * c.nl + bk) * (c.g + 1) + t] =
+            pp.degree > 0 ? static_cast<C>(pp.coef[static_cast<std::size_t>(t)]) : C(0);
+    }
+
+  // Accumulators.
+  auto num = c.num();
+  num.setZero();
+  const auto& qb = pl.q_bucket[hu];
+  for (index_t i = 0; i < c.nq; ++i) {
+    const int b = qb[static_cast<std::size_t>(i)];
+    c.dpoly()[i] = 0;
+    c.m()[i] = b < c.nl ? static_cast<C>(pl.shift[hu][static_cast<std::size_t>(b)]) : -std::numeric_limits<C>::infinity();
+  }
+  if (pl.head_width[hu] > 0) {
+    if (c.causal)
+      poly_causal(c);
+    else
+      poly_noncausal(c);
+  }
+  for (index_t i = 0; i < c.nq; ++i) c.den()[i] = c.dpoly()[i];
+
+  // Exact part.
+  index_t* const rows = c.template at<index_t>(lay.rows);
+  index_t n = 0;
+  for (index_t i = 0; i < c.nq; ++i)
+    if (qb[static_cast<std::size_t>(i)] < c.nl) rows[n++] = i;
+  const auto& ckeys = pl.k_rows[hku][static_cast<std::size_t>(c.nl)];
+  if (n > 0 && !ckeys.empty()) exact_rows(c, rows, n, ckeys.data(), static_cast<index_t>(ckeys.size()));
+  const auto& rrows = pl.q_rows[hu][static_cast<std::size_t>(c.nl)];
+  if (!rrows.empty()) exact_rows(c, rrows.data(), static_cast<index_t>(rrows.size()), nullptr, c.nkv);
+
+  // Rows with non-positive denominators: recompute exactly.
+  const auto& pre = pl.k_poly_prefix[hku];
+  n = 0;
+  for (index_t i = 0; i < c.nq; ++i) {
+    const index_t vis = c.causal ? std::min(c.nkv, i + c.off + 1) : c.nkv;
+    const bool has_poly = qb[static_cast<std::size_t>(i)] < c.nl && pre[static_cast<std::size_t>(vis)] > 0;
+    const C dd = c.den()[i];
+    bool bad = (has_poly && !(c.dpoly()[i] > 0)) || !(dd > 0) || !std::isfinite(dd);
+    if (!bad) bad = !num.row(i).allFinite();
+    if (bad) {
+      rows[n++] = i;
+      num.row(i).setZero();
+      c.den()[i] = 0;
+      c.m()[i] = -std::numeric_limits<C>::infinity();
+    }
+  }
+  rep.bad_rows = n;
+  if (n > 0) exact_rows(c, rows, n, nullptr, c.nkv);
+
+  for (index_t i = 0; i < c.nq; ++i) {
+    const C inv = C(1) / c.den()[i];
+    for (index_t e = 0; e < c.dv; ++e) out(i, h, e) = basisattn::detail::from_compute<T>(num(i, e) * inv);
+  }
+
+  // Error estimate and fallback.
+  const index_t s = std::min<index_t>(static_cast<index_t>(pl.options.check_rows), c.nq);
+  rep.checked_rows = s;
+  rep.est_error_max = rep.est_error_mean = 0;
+  rep.fallback = false;
+  if (s == 0) return;
+  double* const sbuf = c.template at<double>(lay.est);
+  double* const y = sbuf + c.nkv;
+  double sum = 0;
+  for (index_t j = 0; j < s; ++j) {
+    const index_t i = ((j + 1) * c.nq) / s - 1;
+    exact_row_double(pl, q, k, v, h, i, sbuf, y);
+    double e2 = 0, y2 = 0;
+    for (index_t e = 0; e < c.dv; ++e) {
+      const double got = static_cast<double>(basisattn::detail::to_compute<compute_t<T>>(out(i, h, e)));
+      e2 += (got - y[e]) * (got - y[e]);
+      y2 += y[e] * y[e];
+    }
+    const double err = std::isfinite(e2) ? (y2 > 0 ? std::sqrt(e2 / y2) : std::sqrt(e2)) : INFINITY;
+    rep.est_error_max = std::max(rep.est_error_max, err);
+    sum += err;
+  }
+  rep.est_error_mean = sum / double(s);
+  if (rep.est_error_max > pl.options.tolerance) {
+    attention_options ao;
+    ao.causal = c.causal;
+    ao.scale = sh.scale;
+    ao.accumulate_double = std::is_same_v<C, double>;
+    ao.check_finite = false;
+    basisattn::attention(cpu{}, q.sub1(h, 1), k.sub1(c.hk, 1), v.sub1(c.hk, 1), out.sub1(h, 1), ao, base + lay.exact,
+              lay.exact_bytes);
+    rep.fallback = true;
+  }
+}
+
+template <class C, class T>
+void run_impl(const plan& pl, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+              tensor3_view<T> out, void* workspace, std::size_t bytes, head_report* report) {
+  const slice_layout lay = make_slice_layout<C>(pl, v.extent[2]);
+  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(workspace);
+  const std::size_t pad = static_cast<std::size_t>(align_up(raw) - raw);
+  const std::size_t slices = workspace && bytes >= pad ? (bytes - pad) / lay.slice : 0;
+  BASISATTN_REQUIRE(slices >= 1, invalid_argument, "support::run: workspace of ", bytes, " bytes",
+                    workspace ? "" : " (null)", " is too small; this problem needs at least ", lay.slice + ws_align,
+                    " bytes (see support::workspace_bytes)");
+  unsigned char* const base = static_cast<unsigned char*>(workspace) + pad;
+  const index_t h_q = pl.shape.h_q;
+  const index_t threads = std::min<index_t>(support_threads(pl), static_cast<index_t>(slices));
+  auto head = [&](index_t h, unsigned char* slice) {
+    head_report rep = pl.report[static_cast<std::size_t>(h)];
+    run_head<C, T>(pl, lay, slice, h, q, k, v, out, rep);
+    if (report) report[h] = rep;
+  };
+#if defined(_OPENMP)
+  if (threads > 1) {
+#if BASISATTN_HAS_EXCEPTIONS
+    std::exception_ptr err;
+#pragma omp parallel for schedule(dynamic) num_threads(static_cast<int>(threads))
+    for (index_t h = 0; h < h_q; ++h) {
+      try {
+        head(h, base + static_cast<std::size_t>(omp_get_thread_num()) * lay.slice);
+      } catch (...) {
+#pragma omp critical(basisattn_support_run_error)
+        if (!err) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+#else
+#pragma omp parallel for schedule(dynamic) num_threads(static_cast<int>(threads))
+    for (index_t h = 0; h < h_q; ++h) head(h, base + static_cast<std::size_t>(omp_get_thread_num()) * lay.slice);
+#endif
+    return;
+  }
+#endif
+  (void)threads;
+  for (index_t h = 0; h < h_q; ++h) head(h, base);
+}
+
+}  // namespace detail
+
+/// Bytes of caller-owned workspace that run(cpu{}, plan, ...) needs with value head dim d_v, with the
+/// current thread count (one slice per thread, at most one thread per query head).
+inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
+  BASISATTN_REQUIRE(d_v >= 1, invalid_argument, "support::workspace_bytes: d_v = ", d_v, " must be >= 1");
+  const bool dbl = p.storage == dtype::f64 || p.options.accumulate_double;
+  const std::size_t slice = dbl ? detail::make_slice_layout<double>(p, d_v).slice
+                                : detail::make_slice_layout<float>(p, d_v).slice;
+  return static_cast<std::size_t>(detail::support_threads(p)) * slice + detail::ws_align;
+}
+
+/// Run support-basis attention with a plan made from the same q and k (extents, storage type and a
+/// checksum of the values are checked: errc::invalid_argument for other q or k). v [n_kv, H_kv, d_v],
+/// out [n_q, H_q, d_v]. Allocates nothing itself (Eigen's GEMM may allocate packing buffers for large
+/// products). `report`, when not null, receives
+/// H_q head reports.
+template <class T>
+void run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+         tensor3_view<T> out, void* workspace, std::size_t workspace_bytes, head_report* report = nullptr) {
+  static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "support::run: T must be a storage type");
+  constexpr const char* fn = "support::run";
+  attention_options ao;
+  ao.causal = p.options.causal;
+  ao.scale = p.options.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, ao);
+  BASISATTN_REQUIRE(sh.n_q == p.shape.n_q && sh.n_kv == p.shape.n_kv && sh.h_q == p.shape.h_q &&
+                        sh.h_kv == p.shape.h_kv && sh.d_qk == p.shape.d_qk,
+                    shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q), " and k ",
+                    basisattn::detail::extents_string(k), " do not match the plan's q [", p.shape.n_q, ", ",
+                    p.shape.h_q, ", ", p.shape.d_qk, "] and k [", p.shape.n_kv, ", ", p.shape.h_kv, ", ",
+                    p.shape.d_qk, "]");
+  BASISATTN_REQUIRE(dtype_of_v<T> == p.storage, invalid_argument, fn, ": the plan was made for ", to_string(p.storage),
+                    " storage, run got ", to_string(dtype_of_v<T>));
+  for (index_t h = 0; h < sh.h_q; ++h)
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(q, h), p.q_checksum[static_cast<std::size_t>(h)]),
+                      invalid_argument, fn, ": q of head ", h, " differs from the q the plan was made from");
+  for (index_t h = 0; h < sh.h_kv; ++h)
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(k, h), p.k_checksum[static_cast<std::size_t>(h)]),
+                      invalid_argument, fn, ": k of head ", h, " differs from the k the plan was made from");
+  if (p.options.check_finite) basisattn::detail::require_finite(v, "support::run: v");
+  if constexpr (std::is_same_v<compute_t<T>, double>)
+    detail::run_impl<double>(p, q, k, v, out, workspace, workspace_bytes, report);
+  else if (p.options.accumulate_double)
+    detail::run_impl<double>(p, q, k, v, out, workspace, workspace_bytes, report);
+  else
+    detail::run_impl<float>(p, q, k, v, out, workspace, workspace_bytes, report);
+}
+
+}  // namespace support
+BASISATTN_END_NAMESPACE

@@ -1,0 +1,596 @@
+// Support-basis attention (basisattn::support) against the double-precision oracle attention_reference.
+//
+// Tolerances. The method's only approximation is the polynomial weight p(s) e^{-M} in place of
+// e^{s - M} for the (query, key) pairs outside the supports; exact pairs have weight error 0. If every
+// weight has relative error <= eps < 1, then for each row (y = exact output, y' = computed one)
+//   ||y' - y|| = ||sum_j w_j e_j (v_j - y)|| / sum_j w_j (1 + e_j) <= eps / (1 - eps) max_j ||v_j - y||
+// over the visible keys j. With exact features eps is the plan's poly_error (the max relative error
+// of the fit on a 2001-point grid of [-B, B]; the grid may miss the true maximum by a relative 1e-3 at
+// most for these smooth functions: factor 1.001), plus rounding: the feature sums are evaluated in the
+// compute type (double here unless stated) with condition number ~ e^{2B} sum_t |c_t| B^t, which we
+// cover by an absolute slack of 1e3 u_C max ||v||. Tests that are exact by construction (every pair
+// exact) use the bound of tests/test_attention.cpp: u_T + u_C (kappa sqrt(d) + sqrt(n) + 4).
+
+#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention/reference.hpp>
+#include <basisattn/support/support_basis.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "expect_error.hpp"
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+using namespace basisattn;
+using test::rel_error;
+
+namespace {
+
+/// Owning contiguous [e0, e1, e2] tensor.
+template <class T>
+struct tens {
+  std::vector<T> buf;
+  tensor3_view<T> v;
+  tens(index_t e0, index_t e1, index_t e2) : buf(static_cast<std::size_t>(e0 * e1 * e2)), v(buf.data(), e0, e1, e2) {}
+  tens(const tens&) = delete;
+  tens& operator=(const tens&) = delete;
+  tensor3_view<const T> c() const { return v; }
+  double at(index_t i, index_t j, index_t k) const {
+    return static_cast<double>(detail::to_compute<compute_t<T>>(v(i, j, k)));
+  }
+  void set(index_t i, index_t j, index_t k, double x) { v(i, j, k) = detail::from_compute<T>(x); }
+  /// Rows of N(0, scale^2) entries; a fraction `outliers` of rows (chosen at random) gets scale * big.
+  void fill(double scale, double outliers = 0, double big = 1) {
+    std::uniform_real_distribution<double> u(0, 1);
+    for (index_t i = 0; i < v.extent[0]; ++i)
+      for (index_t j = 0; j < v.extent[1]; ++j) {
+        const double sc = u(test::rng()) < outliers ? scale * big : scale;
+        for (index_t k = 0; k < v.extent[2]; ++k) set(i, j, k, sc * test::normal());
+      }
+  }
+  /// Values as a (e0 * e1) x e2 double matrix.
+  Eigen::MatrixXd to_double() const {
+    Eigen::MatrixXd m(v.extent[0] * v.extent[1], v.extent[2]);
+    for (index_t i = 0; i < v.extent[0]; ++i)
+      for (index_t j = 0; j < v.extent[1]; ++j)
+        for (index_t k = 0; k < v.extent[2]; ++k) m(i * v.extent[1] + j, k) = at(i, j, k);
+    return m;
+  }
+};
+
+struct problem {
+  index_t n_q = 96, n_kv = 96, h_q = 2, h_kv = 2, d = 16, d_v = 8;
+};
+
+/// Exact outputs (double oracle) of a problem.
+template <class T>
+Eigen::MatrixXd oracle(const tens<T>& q, const tens<T>& k, const tens<T>& v, const support::support_options& o) {
+  tens<double> ref(q.v.extent[0], q.v.extent[1], v.v.extent[2]);
+  attention_options ao;
+  ao.causal = o.causal;
+  ao.scale = o.scale;
+  attention_reference<T, double>(q.c(), k.c(), v.c(), ref.v, ao);
+  return ref.to_double();
+}
+
+/// Largest ratio ||y'_i - y_i|| / (eps / (1 - eps) max_j ||v_j - y_i|| + slack) over all rows and heads
+/// (<= 1 when the per-row bound of the header comment holds).
+template <class T>
+double bound_ratio(const tens<T>& out, const Eigen::MatrixXd& want, const tens<T>& v, const support::plan& p,
+                   const std::vector<support::head_report>& rep, double u_c) {
+  const auto& sh = p.shape;
+  const index_t hq = sh.h_q, dv = v.v.extent[2];
+  double worst = 0, vmax = 0;
+  for (index_t j = 0; j < sh.n_kv; ++j)
+    for (index_t h = 0; h < sh.h_kv; ++h) {
+      double s = 0;
+      for (index_t e = 0; e < dv; ++e) s += v.at(j, h, e) * v.at(j, h, e);
+      vmax = std::max(vmax, std::sqrt(s));
+    }
+  for (index_t h = 0; h < hq; ++h) {
+    const double eps = 1.001 * rep[static_cast<std::size_t>(h)].poly_error;
+    REQUIRE(eps < 1);
+    const index_t hk = h / sh.group;
+    for (index_t i = 0; i < sh.n_q; ++i) {
+      const index_t vis = p.options.causal ? i + sh.causal_offset + 1 : sh.n_kv;
+      double spread = 0, err = 0;
+      for (index_t j = 0; j < vis; ++j) {
+        double s = 0;
+        for (index_t e = 0; e < dv; ++e) {
+          const double dlt = v.at(j, hk, e) - want(i * hq + h, e);
+          s += dlt * dlt;
+        }
+        spread = std::max(spread, std::sqrt(s));
+      }
+      for (index_t e = 0; e < dv; ++e) {
+        const double dlt = out.at(i, h, e) - want(i * hq + h, e);
+        err += dlt * dlt;
+      }
+      const double allowed = eps / (1 - eps) * spread + 1e3 * u_c * vmax;
+      worst = std::max(worst, std::sqrt(err) / allowed);
+    }
+  }
+  return worst;
+}
+
+struct run_result {
+  support::plan plan;
+  std::vector<support::head_report> rep;
+};
+
+template <class T>
+run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, tens<T>& out,
+                       const support::support_options& o) {
+  run_result r;
+  r.plan = support::make_plan(cpu{}, q.c(), k.c(), o);
+  r.rep = support::run(cpu{}, r.plan, q.c(), k.c(), v.c(), out.v);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("support: Chebyshev fits of exp and the feature map", "[support]") {
+  // Errors fall with the degree and match the Chebyshev estimate B^{g+1} / (2^g (g+1)!) to a factor ~2.
+  const double b = 0.5;
+  double prev = INFINITY;
+  double fact = 1;
+  for (int g = 1; g <= 6; ++g) {
+    fact *= (g + 1);
+    const support::exp_poly p = support::fit_exp(b, g);
+    CHECK(p.max_rel_error < prev);
+    const double cheb = std::pow(b, g + 1) / (std::pow(2.0, g) * fact);
+    CHECK(p.max_rel_error < 3 * std::exp(b) * cheb);
+    CHECK(p.max_rel_error > 0.1 * cheb);
+    prev = p.max_rel_error;
+  }
+  const support::exp_poly a = support::fit_exp_auto(0.1, 8, 1e-6);
+  CHECK(a.max_rel_error <= 1e-6);
+  CHECK(support::fit_exp(0.1, a.degree - 1).max_rel_error > 1e-6);
+  CHECK(support::fit_exp(0, 2).max_rel_error < 1e-15);  // widened range, still exact at 0
+
+  CHECK(support::monomial_feature_count(64, 2) == 2145);
+  CHECK(support::monomial_feature_count(64, 3) == 47905);
+  // <phi(q), c o phi(k)> = sum_t c_t (q.k)^t for the exact monomial features.
+  const index_t d = 5, n = 3;
+  const support::feature_map fm = support::make_feature_map(d, 4, false, 0, 0);
+  CHECK(fm.features(4) == support::monomial_feature_count(d, 4));
+  test::seed(1);
+  Eigen::MatrixXd x = Eigen::MatrixXd::Random(n, d);
+  Eigen::MatrixXd phi(n, fm.features(4));
+  support::detail::compute_features<double>(fm, fm.features(4), support::detail::cm_map<double>(x.data(), n, d),
+                                            support::detail::cm_map<double>(phi.data(), n, phi.cols()), nullptr);
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < n; ++j)
+      for (int t = 0; t <= 4; ++t) {
+        const index_t a0 = fm.offset[static_cast<std::size_t>(t)], a1 = fm.offset[static_cast<std::size_t>(t + 1)];
+        const double got = phi.row(i).segment(a0, a1 - a0).dot(phi.row(j).segment(a0, a1 - a0));
+        CHECK(got == Approx(std::pow(x.row(i).dot(x.row(j)), t)).epsilon(1e-12).margin(1e-14));
+      }
+}
+
+TEST_CASE("support: polynomial part alone is within its fitted error", "[support]") {
+  for (const bool causal : {false, true})
+    for (const int deg : {1, 2}) {
+      problem pr;
+      test::seed(10 + deg);
+      tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+      q.fill(0.3);
+      k.fill(0.3);
+      v.fill(1.0);
+      support::support_options o;
+      o.causal = causal;
+      o.threshold = 100;  // nothing in the supports
+      o.max_degree = deg;
+      o.target_error = 1e-14;  // forces the maximal degree
+      o.tolerance = INFINITY;
+      o.block = 40;  // several causal blocks, partial last block
+      const run_result r = run_support(q, k, v, out, o);
+      INFO("causal=" << causal << " degree=" << deg << " B=" << r.rep[0].bound << " eps=" << r.rep[0].poly_error);
+      for (const auto& h : r.rep) {
+        CHECK(h.query_support == 0);
+        CHECK(h.key_support == 0);
+        CHECK(h.degree == deg);
+        CHECK(h.features == support::monomial_feature_count(pr.d, deg));
+        CHECK(h.bad_rows == 0);
+        CHECK(!h.fallback);
+        CHECK(h.poly_error > 1e-7);  // a real approximation
+      }
+      const Eigen::MatrixXd want = oracle(q, k, v, o);
+      const double ratio = bound_ratio(out, want, v, r.plan, r.rep, test::u<double>());
+      CHECK(ratio <= 1.0);
+      CHECK(ratio > 1e-3);  // the bound is not vacuous: the error is of the fitted order
+    }
+}
+
+TEST_CASE("support: threshold 0 puts every row in the supports: exact to rounding", "[support]") {
+  problem pr;
+  test::seed(3);
+  for (const bool causal : {false, true}) {
+    tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+    q.fill(1.0);
+    k.fill(1.0);
+    v.fill(1.0);
+    support::support_options o;
+    o.causal = causal;
+    o.threshold = 0;
+    const run_result r = run_support(q, k, v, out, o);
+    for (const auto& h : r.rep) {
+      CHECK(h.query_support == 1.0);
+      CHECK(h.key_support == 1.0);
+      CHECK(h.degree == 0);
+      CHECK(h.est_error_max < 1e-13);
+    }
+    const double kappa = 4;  // scores of N(0,1) data with d = 16: |s| <= ~4
+    const double tol = test::u<double>() * (1 + kappa * std::sqrt(16.0) + std::sqrt(96.0) + 4);
+    CHECK(rel_error(out.to_double(), oracle(q, k, v, o)) <= tol);
+  }
+  // float and half storage (float arithmetic).
+  {
+    tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+    q.fill(1.0);
+    k.fill(1.0);
+    v.fill(1.0);
+    support::support_options o;
+    o.threshold = 0;
+    run_support(q, k, v, out, o);
+    const double tol = test::u<float>() + test::u<float>() * (4 * 4 + std::sqrt(96.0) + 4);
+    CHECK(rel_error(out.to_double(), oracle(q, k, v, o)) <= tol);
+  }
+  {
+    tens<Eigen::half> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+        out(pr.n_q, pr.h_q, pr.d_v);
+    q.fill(1.0);
+    k.fill(1.0);
+    v.fill(1.0);
+    support::support_options o;
+    o.threshold = 0;
+    run_support(q, k, v, out, o);
+    const double tol = test::u<Eigen::half>() + test::u<float>() * (4 * 4 + std::sqrt(96.0) + 4);
+    CHECK(rel_error(out.to_double(), oracle(q, k, v, o)) <= tol);
+  }
+}
+
+TEST_CASE("support: mixed supports, causal (end-aligned) and non-causal, GQA", "[support]") {
+  struct cfg {
+    index_t n_q, n_kv, h_q, h_kv;
+    bool causal;
+  };
+  for (const cfg c : {cfg{96, 96, 2, 2, true}, cfg{96, 96, 2, 2, false}, cfg{70, 130, 2, 2, true},
+                      cfg{64, 100, 4, 2, false}, cfg{100, 100, 4, 1, true}}) {
+    test::seed(static_cast<std::uint64_t>(c.n_q * 7 + c.h_q));
+    const index_t d = 16, dv = 8;
+    tens<double> q(c.n_q, c.h_q, d), k(c.n_kv, c.h_kv, d), v(c.n_kv, c.h_kv, dv), out(c.n_q, c.h_q, dv);
+    q.fill(0.1, 0.15, 20);  // 15% of rows are outliers: entries ~2
+    k.fill(0.1, 0.15, 20);
+    v.fill(1.0);
+    support::support_options o;
+    o.causal = c.causal;
+    o.threshold = 0.5;
+    o.max_degree = 2;
+    o.target_error = 1e-14;
+    o.tolerance = INFINITY;
+    o.block = 32;
+    const run_result r = run_support(q, k, v, out, o);
+    INFO("n_q=" << c.n_q << " n_kv=" << c.n_kv << " h_q=" << c.h_q << " h_kv=" << c.h_kv << " causal=" << c.causal);
+    for (const auto& h : r.rep) {
+      CHECK(h.query_support > 0.03);
+      CHECK(h.query_support < 0.4);
+      CHECK(h.key_support > 0.03);
+      CHECK(h.key_support < 0.4);
+      CHECK(h.degree == 2);
+      CHECK(h.bad_rows == 0);
+    }
+    const Eigen::MatrixXd want = oracle(q, k, v, o);
+    CHECK(bound_ratio(out, want, v, r.plan, r.rep, test::u<double>()) <= 1.0);
+    // Outlier scores are large (|s| ~ 2 * 2 * 16 / 4): without the exact part the error would be O(1).
+    CHECK(rel_error(out.to_double(), want) < 1e-3);
+  }
+}
+
+TEST_CASE("support: float storage with the same data stays within the fitted error", "[support]") {
+  problem pr;
+  test::seed(21);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+  q.fill(0.1, 0.15, 20);
+  k.fill(0.1, 0.15, 20);
+  v.fill(1.0);
+  support::support_options o;
+  o.threshold = 0.5;
+  o.target_error = 1e-14;
+  const run_result r = run_support(q, k, v, out, o);
+  // float arithmetic and the final rounding to float: u_C = u_float.
+  CHECK(bound_ratio(out, oracle(q, k, v, o), v, r.plan, r.rep, test::u<float>()) <= 1.0);
+  // the double path (accumulate_double) gives the same up to float rounding
+  tens<float> out2(pr.n_q, pr.h_q, pr.d_v);
+  o.accumulate_double = true;
+  run_support(q, k, v, out2, o);
+  CHECK(rel_error(out2.to_double(), out.to_double()) < 1e-5);
+}
+
+TEST_CASE("support: multi-threshold error falls as levels are added", "[support]") {
+  const index_t n = 128, h = 2, d = 16, dv = 8;
+  test::seed(5);
+  tens<double> q(n, h, d), k(n, h, d), v(n, h, dv);
+  // Row magnitudes spread over two decades: max |entry| from ~0.01 to ~1.
+  std::uniform_real_distribution<double> u(-2, 0);
+  for (auto* t : {&q, &k})
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < h; ++j) {
+        const double sc = 0.4 * std::pow(10.0, u(test::rng()));  // two decades of row scales
+        for (index_t e = 0; e < d; ++e) t->set(i, j, e, sc * test::normal());
+      }
+  v.fill(1.0);
+  support::support_options o;
+  o.causal = true;
+  o.max_degree = 2;  // a fixed degree (target unreachable) makes the effect of the bounds visible
+  o.target_error = 1e-14;
+  o.tolerance = INFINITY;
+  o.block = 32;
+  const Eigen::MatrixXd want = oracle(q, k, v, o);
+  std::vector<double> errs;
+  for (const std::vector<double>& lv : {std::vector<double>{1.2}, std::vector<double>{0.3, 1.2},
+                                        std::vector<double>{0.02, 0.05, 0.1, 0.3, 0.6, 1.2}}) {
+    tens<double> out(n, h, dv);
+    o.levels = lv;
+    const run_result r = run_support(q, k, v, out, o);
+    errs.push_back(rel_error(out.to_double(), want));
+    CHECK(bound_ratio(out, want, v, r.plan, r.rep, test::u<double>()) <= 1.0);
+    for (const auto& hr : r.rep) CHECK(hr.bad_rows == 0);
+  }
+  // Note: at degree 1 the measured error *rises* when levels are added on this data (the interpolants
+  // of different pairs have different biases p(0) - 1, which no longer cancel in the normalisation);
+  // the per-row bound above still holds.
+  INFO("errors: " << errs[0] << " " << errs[1] << " " << errs[2]);
+  CHECK(errs[0] > 1e-5);
+  // At degree 2 the effect is real but modest on this data (about 15% from 1 to 6 levels).
+  CHECK(errs[1] < errs[0]);
+  CHECK(errs[2] < errs[1]);
+  CHECK(errs[2] < 0.9 * errs[0]);
+}
+
+TEST_CASE("support: sketching error falls with the sketch size", "[support]") {
+  const index_t n = 128, h = 2, d = 16, dv = 8;
+  test::seed(8);
+  tens<double> q(n, h, d), k(n, h, d), v(n, h, dv);
+  q.fill(0.35);
+  k.fill(0.35);
+  v.fill(1.0);
+  support::support_options o;
+  o.causal = false;
+  o.threshold = 100;
+  o.max_degree = 2;
+  o.target_error = 1e-14;
+  o.tolerance = INFINITY;
+  const Eigen::MatrixXd want = oracle(q, k, v, o);
+  double exact_features = 0;
+  {
+    tens<double> out(n, h, dv);
+    run_support(q, k, v, out, o);
+    exact_features = rel_error(out.to_double(), want);
+  }
+  o.sketch = true;
+  std::vector<double> mean;
+  for (const std::int64_t m : {4, 32, 256}) {
+    double sum = 0;
+    for (std::uint64_t seed = 0; seed < 4; ++seed) {
+      tens<double> out(n, h, dv);
+      o.sketch_size = m;
+      o.seed = seed;
+      const run_result r = run_support(q, k, v, out, o);
+      CHECK(r.rep[0].features == 1 + d + m);
+      sum += rel_error(out.to_double(), want);
+    }
+    mean.push_back(sum / 4);
+  }
+  INFO("exact features " << exact_features << ", sketch 4/32/256: " << mean[0] << " " << mean[1] << " " << mean[2]);
+  CHECK(mean[1] < 0.6 * mean[0]);
+  CHECK(mean[2] < 0.6 * mean[1]);
+  CHECK(mean[2] > exact_features * 0.5);  // the sketch never beats the polynomial it approximates by much
+}
+
+TEST_CASE("support: error estimate and exact fallback on bad data", "[support]") {
+  problem pr;
+  test::seed(13);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v);
+  q.fill(1.0);  // large entries...
+  k.fill(1.0);
+  v.fill(1.0);
+  support::support_options o;
+  o.threshold = 100;  // ...with a threshold that puts nothing in the supports
+  o.max_degree = 2;
+  o.target_error = 1e-3;
+  o.check_rows = 8;
+  // Without the fallback: a large estimated error, consistent with the real one.
+  o.tolerance = INFINITY;
+  tens<float> bad(pr.n_q, pr.h_q, pr.d_v);
+  const run_result r0 = run_support(q, k, v, bad, o);
+  const Eigen::MatrixXd want = oracle(q, k, v, o);
+  for (index_t h = 0; h < pr.h_q; ++h) {
+    const auto& hr = r0.rep[static_cast<std::size_t>(h)];
+    CHECK(hr.poly_error > 1e-3);  // the target could not be met at degree 2
+    CHECK(hr.checked_rows == 8);
+    CHECK(hr.est_error_max > 0.05);
+    CHECK(hr.est_error_mean <= hr.est_error_max);
+    CHECK(!hr.fallback);
+    // the estimate's rows are real rows: their errors are at most the worst row's
+    double worst = 0;
+    for (index_t i = 0; i < pr.n_q; ++i) {
+      Eigen::VectorXd g(pr.d_v), w(pr.d_v);
+      for (index_t e = 0; e < pr.d_v; ++e) {
+        g(e) = bad.at(i, h, e);
+        w(e) = want(i * pr.h_q + h, e);
+      }
+      worst = std::max(worst, (g - w).norm() / w.norm());
+    }
+    CHECK(hr.est_error_max <= worst * (1 + 1e-6));
+  }
+  // With the fallback: flagged, and equal to the exact CPU attention bit for bit.
+  o.tolerance = 0.05;
+  tens<float> out(pr.n_q, pr.h_q, pr.d_v), exact(pr.n_q, pr.h_q, pr.d_v);
+  const run_result r1 = run_support(q, k, v, out, o);
+  for (const auto& hr : r1.rep) CHECK(hr.fallback);
+  attention_options ao;
+  ao.causal = o.causal;
+  attention(cpu{}, q.c(), k.c(), v.c(), exact.v, ao);
+  CHECK(out.buf == exact.buf);
+  // A tolerance the approximation meets leaves it alone.
+  tens<float> good_q(pr.n_q, pr.h_q, pr.d), good_k(pr.n_kv, pr.h_kv, pr.d), out2(pr.n_q, pr.h_q, pr.d_v);
+  good_q.fill(0.1);
+  good_k.fill(0.1);
+  const run_result r2 = run_support(good_q, good_k, v, out2, o);
+  for (const auto& hr : r2.rep) {
+    CHECK(!hr.fallback);
+    CHECK(hr.est_error_max < 1e-3);
+  }
+}
+
+TEST_CASE("support: non-positive denominators are detected and recomputed exactly", "[support]") {
+  // d = 1, scale 5, keys all +1: scores are +5 for queries +1 and -5 for queries -1. Degree 1 on [-5, 5]
+  // interpolates exp at +-3.54: p(x) ~ 17.2 + 4.85 x, so p(-5) < 0: every -1 query has a negative
+  // polynomial denominator.
+  for (const bool causal : {false, true}) {
+    const index_t n = 40, dv = 3;
+    test::seed(17);
+    tens<double> q(n, 1, 1), k(n, 1, 1), v(n, 1, dv), out(n, 1, dv);
+    index_t negatives = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const bool neg = i % 3 != 0;
+      negatives += neg;
+      q.set(i, 0, 0, neg ? -1.0 : 1.0);
+      k.set(i, 0, 0, 1.0);
+      for (index_t e = 0; e < dv; ++e) v.set(i, 0, e, test::normal());
+    }
+    support::support_options o;
+    o.causal = causal;
+    o.scale = 5;
+    o.threshold = 2;
+    o.max_degree = 1;
+    o.tolerance = INFINITY;
+    o.block = 16;
+    const run_result r = run_support(q, k, v, out, o);
+    CHECK(r.rep[0].degree == 1);
+    CHECK(r.rep[0].bound == Approx(5.0));
+    CHECK(r.rep[0].bad_rows == negatives);
+    const Eigen::MatrixXd want = oracle(q, k, v, o);
+    for (index_t i = 0; i < n; ++i) {
+      if (i % 3 == 0) continue;
+      for (index_t e = 0; e < dv; ++e) CHECK(out.at(i, 0, e) == Approx(want(i, e)).epsilon(1e-12).margin(1e-13));
+    }
+    CHECK(out.to_double().allFinite());
+  }
+}
+
+TEST_CASE("support: caller-owned workspace gives the same result as the allocating overload", "[support]") {
+  problem pr;
+  test::seed(29);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), a(pr.n_q, pr.h_q, pr.d_v),
+      b(pr.n_q, pr.h_q, pr.d_v);
+  q.fill(0.1, 0.1, 20);
+  k.fill(0.1, 0.1, 20);
+  v.fill(1.0);
+  support::support_options o;
+  const support::plan p = support::make_plan(cpu{}, q.c(), k.c(), o);
+  const auto rep_a = support::run(cpu{}, p, q.c(), k.c(), v.c(), a.v);
+  const std::size_t bytes = support::workspace_bytes(cpu{}, p, pr.d_v);
+  std::vector<unsigned char> ws(bytes);
+  std::vector<support::head_report> rep_b(static_cast<std::size_t>(pr.h_q));
+  support::run(cpu{}, p, q.c(), k.c(), v.c(), b.v, ws.data(), ws.size(), rep_b.data());
+  CHECK(a.buf == b.buf);
+  CHECK(rep_a[1].est_error_max == rep_b[1].est_error_max);
+  // the one-call form too
+  tens<float> c(pr.n_q, pr.h_q, pr.d_v);
+  support::attention(cpu{}, q.c(), k.c(), v.c(), c.v, o);
+  CHECK(a.buf == c.buf);
+}
+
+TEST_CASE("support: bad input", "[support]") {
+  problem pr;
+  test::seed(31);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+  q.fill(0.1);
+  k.fill(0.1);
+  v.fill(1.0);
+  using test::expect_error;
+  auto plan_with = [&](const support::support_options& o) { return support::make_plan(cpu{}, q.c(), k.c(), o); };
+  auto opt = [](auto f) {
+    support::support_options o;
+    f(o);
+    return o;
+  };
+  expect_error([&] { plan_with(opt([](auto& o) { o.threshold = -1; })); }, errc::invalid_argument, "threshold");
+  expect_error([&] { plan_with(opt([](auto& o) { o.threshold = NAN; })); }, errc::invalid_argument, "threshold");
+  expect_error([&] { plan_with(opt([](auto& o) { o.levels = {0.5, 0.5}; })); }, errc::invalid_argument,
+               "strictly increasing");
+  expect_error([&] { plan_with(opt([](auto& o) { o.levels = {-0.5, 0.5}; })); }, errc::invalid_argument, "levels[0]");
+  expect_error([&] { plan_with(opt([](auto& o) { o.max_degree = 0; })); }, errc::invalid_argument, "max_degree");
+  expect_error([&] { plan_with(opt([](auto& o) { o.max_degree = 9; })); }, errc::invalid_argument, "max_degree");
+  expect_error([&] { plan_with(opt([](auto& o) { o.target_error = 0; })); }, errc::invalid_argument, "target_error");
+  expect_error([&] { plan_with(opt([](auto& o) { o.sketch = true; o.sketch_size = 0; })); }, errc::invalid_argument,
+               "sketch_size");
+  expect_error([&] { plan_with(opt([](auto& o) { o.tolerance = NAN; })); }, errc::invalid_argument, "tolerance");
+  expect_error([&] { plan_with(opt([](auto& o) { o.tolerance = -1; })); }, errc::invalid_argument, "tolerance");
+  expect_error([&] { plan_with(opt([](auto& o) { o.block = 0; })); }, errc::invalid_argument, "block");
+  expect_error([&] { plan_with(opt([](auto& o) { o.check_rows = -1; })); }, errc::invalid_argument, "check_rows");
+  expect_error([&] { plan_with(opt([](auto& o) { o.scale = -1; })); }, errc::invalid_argument, "scale");
+  expect_error([&] { plan_with(opt([](auto& o) { o.max_features = 10; })); }, errc::invalid_argument, "max_features");
+
+  // shapes
+  tens<float> k_bad_d(pr.n_kv, pr.h_kv, pr.d + 1), k3(pr.n_kv, 3, pr.d), q_long(pr.n_kv + 5, pr.h_q, pr.d);
+  k_bad_d.fill(0.1);
+  k3.fill(0.1);
+  q_long.fill(0.1);
+  expect_error([&] { support::make_plan(cpu{}, q.c(), k_bad_d.c()); }, errc::shape_mismatch, "d_qk");
+  expect_error([&] { support::make_plan(cpu{}, q.c(), k3.c()); }, errc::shape_mismatch, "not a multiple");
+  expect_error([&] { support::make_plan(cpu{}, q_long.c(), k.c()); }, errc::invalid_argument, "n_q <= n_kv");
+  const support::plan p = support::make_plan(cpu{}, q.c(), k.c());
+  tens<float> out_bad(pr.n_q, pr.h_q, pr.d_v + 1), v_short(pr.n_kv - 1, pr.h_kv, pr.d_v);
+  v_short.fill(1.0);
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out_bad.v); }, errc::shape_mismatch, "out has extents");
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v_short.c(), out.v); }, errc::shape_mismatch, "n_kv");
+  {
+    tens<float> q2(pr.n_q - 1, pr.h_q, pr.d), out2(pr.n_q - 1, pr.h_q, pr.d_v);
+    q2.fill(0.1);
+    expect_error([&] { support::run(cpu{}, p, q2.c(), k.c(), v.c(), out2.v); }, errc::shape_mismatch,
+                 "do not match the plan");
+  }
+  {
+    tens<double> qd(pr.n_q, pr.h_q, pr.d), kd(pr.n_kv, pr.h_kv, pr.d), vd(pr.n_kv, pr.h_kv, pr.d_v),
+        od(pr.n_q, pr.h_q, pr.d_v);
+    qd.fill(0.1);
+    kd.fill(0.1);
+    vd.fill(1.0);
+    expect_error([&] { support::run(cpu{}, p, qd.c(), kd.c(), vd.c(), od.v); }, errc::invalid_argument,
+                 "plan was made for f32");
+  }
+  // workspace
+  std::vector<unsigned char> small(100);
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v, small.data(), small.size()); },
+               errc::invalid_argument, "workspace");
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v, nullptr, 0); }, errc::invalid_argument,
+               "(null)");
+  // q or k other than the plan's (the supports would be stale)
+  const float q312 = q.v(3, 1, 2), k501 = k.v(5, 0, 1);
+  q.v(3, 1, 2) = q312 + 1.f;
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v); }, errc::invalid_argument,
+               "q of head 1 differs");
+  q.v(3, 1, 2) = q312;
+  k.v(5, 0, 1) = k501 * 0.5f;
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v); }, errc::invalid_argument,
+               "k of head 0 differs");
+  k.v(5, 0, 1) = k501;
+  CHECK_NOTHROW(support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v));
+  // non-finite values
+  q.v(3, 1, 2) = NAN;
+  expect_error([&] { support::make_plan(cpu{}, q.c(), k.c()); }, errc::non_finite, "q has a non-finite value");
+  q.v(3, 1, 2) = q312;
+  k.v(5, 0, 1) = INFINITY;
+  expect_error([&] { support::make_plan(cpu{}, q.c(), k.c()); }, errc::non_finite, "k has a non-finite value");
+  k.v(5, 0, 1) = k501;
+  v.v(7, 1, 0) = NAN;
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v); }, errc::non_finite, "v has a non-finite value");
+}
