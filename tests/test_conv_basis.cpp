@@ -15,6 +15,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "conv_cases.hpp"
 #include "expect_error.hpp"
 #include "test_util.hpp"
 
@@ -30,66 +31,9 @@ using basisattn::matrix;
 using basisattn::tensor3_view;
 namespace conv = basisattn::conv;
 
-struct qkv {
-  index_t n, hq, hkv, d, dv;
-  std::vector<double> q, k, v;
-  qkv(index_t n_, index_t hq_, index_t hkv_, index_t d_, index_t dv_)
-      : n(n_), hq(hq_), hkv(hkv_), d(d_), dv(dv_), q(static_cast<std::size_t>(n * hq * d)), k(static_cast<std::size_t>(n * hkv * d)),
-        v(std::size_t(n * hkv * dv)) {}
-  tensor3_view<const double> Q() const { return {q.data(), n, hq, d}; }
-  tensor3_view<const double> K() const { return {k.data(), n, hkv, d}; }
-  tensor3_view<const double> V() const { return {v.data(), n, hkv, dv}; }
-  double& qa(index_t i, index_t h, index_t c) { return q[std::size_t((i * hq + h) * d + c)]; }
-  double& ka(index_t i, index_t h, index_t c) { return k[std::size_t((i * hkv + h) * d + c)]; }
-  double& va(index_t i, index_t h, index_t c) { return v[std::size_t((i * hkv + h) * dv + c)]; }
-};
-
-/// Rotate pairs (2i, 2i+1) of x (length d) by pos * theta^(-2i/d).
-void rotate(double* x, index_t d, double pos, double theta = 10000.0) {
-  for (index_t i = 0; i < d / 2; ++i) {
-    const double a = pos * std::pow(theta, -2.0 * double(i) / double(d));
-    const double x0 = x[2 * i], x1 = x[2 * i + 1];
-    x[2 * i] = x0 * std::cos(a) - x1 * std::sin(a);
-    x[2 * i + 1] = x0 * std::sin(a) + x1 * std::cos(a);
-  }
-}
-
-/// RoPE-only heads: q_i = R(i) q0, k_j = R(j) k_seg(j), with key content switching at `switches`
-/// (first entry 0). logit(r, c) depends on r - c and on the segment of c only: a conv basis with
-/// anchors at the switches. Values random.
-qkv switching(index_t n, index_t hq, index_t hkv, index_t d, const std::vector<index_t>& switches, double mag,
-              std::uint64_t seed) {
-  test::seed(seed);
-  qkv x(n, hq, hkv, d, d);
-  for (index_t h = 0; h < hq; ++h) {
-    std::vector<double> q0(static_cast<std::size_t>(d));
-    for (auto& e : q0) e = mag * test::normal();
-    for (index_t i = 0; i < n; ++i) {
-      for (index_t c = 0; c < d; ++c) x.qa(i, h, c) = q0[std::size_t(c)];
-      rotate(&x.qa(i, h, 0), d, double(i));
-    }
-  }
-  for (index_t h = 0; h < hkv; ++h) {
-    std::vector<std::vector<double>> seg(switches.size(), std::vector<double>(std::size_t(d)));
-    for (auto& s : seg)
-      for (auto& e : s) e = mag * test::normal();
-    for (index_t j = 0; j < n; ++j) {
-      const std::size_t si = std::size_t(std::upper_bound(switches.begin(), switches.end(), j) - switches.begin() - 1);
-      for (index_t c = 0; c < d; ++c) x.ka(j, h, c) = seg[si][std::size_t(c)];
-      rotate(&x.ka(j, h, 0), d, double(j));
-    }
-  }
-  for (auto& e : x.v) e = test::normal();
-  return x;
-}
-
-qkv random_qkv(index_t n, index_t hq, index_t hkv, index_t d, index_t dv, double mag, std::uint64_t seed) {
-  test::seed(seed);
-  qkv x(n, hq, hkv, d, dv);
-  for (auto* a : {&x.q, &x.k}) for (auto& e : *a) e = mag * test::normal();
-  for (auto& e : x.v) e = test::normal();
-  return x;
-}
+using test::qkv;
+using test::random_qkv;
+using test::switching;
 
 std::vector<double> reference(const qkv& x, bool causal, double scale = 0) {
   std::vector<double> out(static_cast<std::size_t>(x.n * x.hq * x.dv));

@@ -40,6 +40,10 @@
 //       lies far below the head's global maximum (beyond ~30 nats) lose accuracy. Allocates.
 //       Non-causal plans raise errc::unsupported.
 //
+// CUDA backend: conv::workspace_bytes(ctx, plan, d_v) and conv::attention<T>(ctx, plan, q, k, v, out, ...)
+// in <basisattn/cuda/conv.hpp> run the same plan (made on the host) on device tensors with cuFFT; no
+// backward pass there.
+//
 // FFT engines (template argument FFT): fft_eigen (default, header-only) and fft_fftw (opt-in, GPL;
 // <basisattn/conv/fftw.hpp>). See <basisattn/conv/fft.hpp>.
 #pragma once

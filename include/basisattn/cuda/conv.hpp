@@ -1,0 +1,491 @@
+// basisattn/cuda/conv.hpp - conv-basis attention on the CUDA backend (cuFFT + basisattn's kernels).
+//
+// Host-side header (g++ compiles it). Programs using it link basisattn::cuda (which brings cuFFT) and
+// include <basisattn/cuda/kernels.cuh> in exactly one .cu file (see <basisattn/cuda/kernel_launch.hpp>).
+// What conv-basis attention computes, and when it is accurate: <basisattn/conv/options.hpp> and
+// <basisattn/conv/conv_basis.hpp>. This is the GPU twin of the CPU run (<basisattn/cpu/conv.hpp>):
+// same plan, same semantics, same report.
+//
+// The plan is made on the host: the recovery needs q and k of every head, so copy them to the host
+// and call conv::make_plan(cpu{}, q_host, k_host, opt) there (the CPU recovery costs O(k n d) per
+// head plus the anchor search). A plan is reusable for any number of runs with the same q and k.
+//
+//   std::size_t conv::workspace_bytes(ctx, plan, d_v, max_chunk_bytes = 1 GiB)
+//       Device bytes of the caller-owned workspace of a run with d_v value channels. The blocks of a
+//       head are transformed in chunks; a chunk of c blocks needs c (d_v + 1) (nf + 2) reals of FFT
+//       buffer (nf = fft_size(2 n - 1)), and this size takes the largest c with that buffer (in
+//       double) <= max_chunk_bytes (at least one block, at most all blocks of a head). The rest is
+//       O(n d_v + k n) per head, reused from head to head. Any alignment of the pointer is accepted.
+//   report conv::attention<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes, fft_plans)
+//   report conv::attention<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes)   temporary plans
+//   report conv::attention<T>(ctx, plan, q, k, v, out)             allocates workspace and plans
+//       q [n, H_q, d_qk], k [n, H_kv, d_qk], v [n, H_kv, d_v], out [n, H_q, d_v]: device memory, any
+//       element strides; self-attention (n_q == n_kv), GQA/MQA (query head h reads kv head
+//       h / (H_q / H_kv)), causal or not as the plan says. T = float, Eigen::half or Eigen::bfloat16;
+//       all arithmetic in double (FFTs in double, or in float behind the dynamic-range check of
+//       fft_precision::f32_checked), one rounding of each output to T. d_qk and d_v must be <= 256
+//       (the limit of the exact attention kernel the fallback uses; errc::unsupported).
+//       A workspace smaller than workspace_bytes(...) but holding one block runs with smaller chunks.
+//       fft_plans (cufft_plan_cache, <basisattn/cuda/cufft.hpp>): the cuFFT plans of the run are made
+//       on first use and kept there; reuse one cache across runs and a run allocates nothing. The
+//       overloads without it create the plans for this call (cuFFT allocates).
+//       Writes out in full and returns the per-head report (conv::report), like the CPU run.
+//       Synchronises ctx's stream: once after scanning q, k, v (checksums and NaN/Inf), once per head
+//       with fft_precision::f32_checked (the precision decision), and once at the end (the report and
+//       the fallback decision come back to the host); exact fallbacks are then enqueued and the call
+//       returns without waiting for them. Not for CUDA graphs.
+//   No backward pass on the GPU: conv::backward runs on the CPU only (<basisattn/cpu/conv.hpp>).
+//
+// Errors: the CPU run's, with the same codes and messages (shapes, the plan's extents, q or k other
+// than the plan's, NaN/Inf when the plan's options.check_finite is set, too small a workspace), plus
+// errc::unsupported for head dims above 256 and errc::backend for CUDA / cuFFT failures.
+// The q/k check: a checksum of q and k per head is computed on the device (in double, the weights of
+// basisattn::detail::head_checksum) and compared with the plan's within the rounding of the two
+// summation orders (|difference| <= 2 N eps sum|terms|, N the number of terms), so any real change
+// of q or k is refused, but a change at the level of rounding is not.
+//
+// How a run goes (per query head, on ctx's stream; cf. the CPU steps in <basisattn/cpu/conv.hpp>):
+//   0. (once) q, k, v scanned on the device: checksums, NaN/Inf counts.
+//   1. The head's kernels (logits, double) and its block table are copied from the plan to the
+//      workspace; v of its kv head is converted to double, channel-major (vd), with squared row norms
+//      and max |v|.
+//   2. Per block, one CUDA block: the global shift g (the largest kernel entry of the head), the
+//      prefix sums P of exp(u - g) and the block's error-bound constants. Per row: the denominator
+//      D_r from the prefix sums (no FFT) and the same bound as the CPU's,
+//          bound_r = eps (sum_i log2(nf) ||a_i||_2 ||V_i||_F / max|v| + sum_i ||a_i||_1) / D_r,
+//      except that every block uses the one FFT length nf (the CPU uses the block's own length and
+//      applies narrow blocks directly, without FFT): the GPU's bound is never smaller than the CPU's,
+//      so it may repair a few more rows.
+//   3. f32_checked: float FFTs when eps_float * max_r (bound_r / eps) <= fft_tolerance (rows with
+//      D_r > 0), else double. Read back to the host.
+//   4. Numerators, in chunks of blocks: a fill kernel writes per block the kernel exp(u - g) and the
+//      d_v value signals (lower: the block's values; upper: the values from its first row on), one
+//      batched in-place R2C/D2Z cufftPlanMany transform of all of them (length nf = fft_size(2n - 1)
+//      for every block, so one plan serves every block and head), a product kernel (lower:
+//      convolution; upper: correlation, with the conjugate), one batched C2R/Z2D of the value
+//      signals, and a gather kernel adding each block's outputs (lower: rows >= s0; upper: the
+//      block's rows) to the double numerators; no atomics, deterministic.
+//   5. Outputs num / D per row; rows with bound_r > fft_tolerance, D_r <= 0 / non-finite or a
+//      non-finite output are recomputed directly from the basis with their own shift (one CUDA block
+//      per row, O(n d_v)) and counted (head_report::repaired_rows).
+//   6. The sampled rows (the CPU's choice: conv::detail::sampled_rows with the same seed) are
+//      computed exactly on the device in double from q . k (one CUDA block per row, O(n (d_qk + d_v));
+//      the exact attention kernel is fp32 and would measure its own rounding), giving the estimated
+//      error and the uniform-attention baseline.
+//   7. After the last head the report is read back; heads whose estimated error exceeds
+//      options.tolerance are recomputed with the CUDA exact attention kernel (fp32 arithmetic, where
+//      the CPU fallback uses its own exact attention).
+//
+// Cost: per head O(k (2 d_v + 1) nf log nf) for the FFTs, with nf ~ 2n for every block (about twice
+// the CPU's FFT work for evenly spread anchors: the price of one plan for everything), plus O(k n)
+// for the prefix sums and denominators. The plan's kernels (up to 2 k n doubles per head) are copied
+// from pageable host memory every run.
+//
+// Workspace (each piece 256-byte aligned, in this order): scan results of q, k, v; per-head results
+// (repaired rows, largest bound, bound ratio, sampled-row errors); per-head scalars (g, max |v|);
+// vd and num (d_v x n doubles each, channel-major); D and the bound (n doubles each); the repair flags
+// (n ints); v's row norms / prefix sums (n + 1 doubles); the kernels; their prefix sums; the block
+// table; per-block maxima and bound constants; the sampled rows; the FFT chunk buffer.
+#pragma once
+
+#include <basisattn/attention/options.hpp>
+#include <basisattn/conv/fft.hpp>
+#include <basisattn/conv/options.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cpu/conv.hpp>  // conv::detail::check_qk, sampled_rows (shared with the CPU run)
+#include <basisattn/cuda/attention.hpp>
+#include <basisattn/cuda/backend.hpp>
+#include <basisattn/cuda/context.hpp>
+#include <basisattn/cuda/cufft.hpp>
+#include <basisattn/cuda/kernel_launch.hpp>
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace conv {
+namespace detail {
+
+/// Sizes of a plan that fix the workspace of a CUDA run.
+struct cuda_run_sizes {
+  index_t n = 0, d_v = 0, h_q = 0, h_kv = 0;
+  index_t nf = 0, signal = 0;  ///< FFT length and the distance of two signals in the chunk buffer (reals)
+  index_t samples = 0;         ///< sampled rows per head
+  index_t max_items = 0;       ///< most FFT blocks of a head (lower + upper)
+  index_t max_kernel_values = 0, max_prefix = 0;
+};
+
+/// The FFT blocks of one head: the lower blocks, then the upper ones that see a key (n - s0 >= 2).
+inline void head_items(const plan& p, index_t h, std::vector<basisattn::detail::cuda_kernels::conv_item>& items,
+                       index_t* prefix_total = nullptr) {
+  const head_plan& hp = p.heads[static_cast<std::size_t>(h)];
+  items.clear();
+  long long poff = 0;
+  for (int tri = 0; tri < (p.opt.causal ? 1 : 2); ++tri) {
+    const basis& b = tri == 0 ? hp.lower : hp.upper;
+    for (index_t i = 0; i < b.size(); ++i) {
+      const index_t s0 = b.begin(i), L = p.n - s0;
+      if (tri == 1 && L < 2) continue;  // the last row sees no key to its right
+      basisattn::detail::cuda_kernels::conv_item it;
+      it.s0 = s0;
+      it.e0 = b.end(i, p.n);
+      it.koff = static_cast<long long>(b.offsets[static_cast<std::size_t>(i)] + (tri == 1 ? hp.lower.values.size() : 0));
+      it.poff = poff;
+      it.upper = tri;
+      poff += L + 1;
+      items.push_back(it);
+    }
+  }
+  if (prefix_total) *prefix_total = static_cast<index_t>(poff);
+}
+
+inline cuda_run_sizes cuda_sizes(const plan& p, index_t d_v) {
+  cuda_run_sizes s;
+  s.n = p.n;
+  s.d_v = d_v;
+  s.h_q = p.h_q;
+  s.h_kv = p.h_kv;
+  s.nf = fft_size(2 * p.n - 1);
+  s.signal = 2 * (s.nf / 2 + 1);
+  s.samples = std::min(p.opt.sample_rows, p.n);
+  std::vector<basisattn::detail::cuda_kernels::conv_item> items;
+  for (index_t h = 0; h < p.h_q; ++h) {
+    index_t prefix = 0;
+    head_items(p, h, items, &prefix);
+    const head_plan& hp = p.heads[static_cast<std::size_t>(h)];
+    const std::size_t values = hp.lower.values.size() + (p.opt.causal ? 0 : hp.upper.values.size());
+    s.max_items = std::max(s.max_items, static_cast<index_t>(items.size()));
+    s.max_prefix = std::max(s.max_prefix, prefix);
+    s.max_kernel_values = std::max(s.max_kernel_values, static_cast<index_t>(values));
+  }
+  return s;
+}
+
+/// Where each piece of a CUDA run's workspace lies (byte offsets from the 256-byte aligned base).
+struct cuda_layout {
+  static constexpr std::size_t align = 256;
+  std::size_t checks = 0, results = 0, scalars = 0, vd = 0, num = 0, den = 0, bnd = 0, flags = 0, vrow = 0,
+              kernels = 0, prefix = 0, items = 0, item_stats = 0, rows = 0, chunk = 0;
+  std::size_t total = 0;  ///< bytes, including the slack for aligning the caller's pointer
+  index_t chunk_items = 0;
+  index_t result_words = 0;  ///< 8-byte words of results per head: repaired, worst, ratio, err[s], uerr[s]
+};
+
+inline cuda_layout make_cuda_layout(const cuda_run_sizes& s, index_t chunk_items) {
+  cuda_layout l;
+  std::size_t off = 0;
+  auto take = [&](std::size_t bytes) {
+    const std::size_t at = off;
+    off += (bytes + cuda_layout::align - 1) / cuda_layout::align * cuda_layout::align;
+    return at;
+  };
+  const std::size_t n = static_cast<std::size_t>(s.n), dv = static_cast<std::size_t>(s.d_v);
+  l.result_words = 3 + 2 * s.samples;
+  l.checks = take(8 * (2 * std::size_t(s.h_q) + 4 * std::size_t(s.h_kv) + 3));
+  l.results = take(8 * std::size_t(s.h_q) * std::size_t(l.result_words));
+  l.scalars = take(8 * 2);
+  l.vd = take(8 * n * dv);
+  l.num = take(8 * n * dv);
+  l.den = take(8 * n);
+  l.bnd = take(8 * n);
+  l.flags = take(sizeof(int) * n);
+  l.vrow = take(8 * (n + 1));
+  l.kernels = take(8 * std::size_t(s.max_kernel_values));
+  l.prefix = take(8 * std::size_t(s.max_prefix));
+  l.items = take(sizeof(basisattn::detail::cuda_kernels::conv_item) * std::size_t(s.max_items));
+  l.item_stats = take(8 * 3 * std::size_t(s.max_items));
+  l.rows = take(8 * std::size_t(s.samples));
+  l.chunk = take(8 * std::size_t(chunk_items) * (dv + 1) * std::size_t(s.signal));
+  l.chunk_items = chunk_items;
+  l.total = off + cuda_layout::align - 1;  // room for aligning any pointer the caller passes
+  return l;
+}
+
+/// Bytes of FFT buffer one block needs (double precision; float uses half of it).
+inline std::size_t cuda_chunk_item_bytes(const cuda_run_sizes& s) {
+  return 8 * (std::size_t(s.d_v) + 1) * std::size_t(s.signal);
+}
+
+inline void check_cuda_dims(const char* fn, index_t d_qk, index_t d_v) {
+  constexpr index_t dmax = basisattn::detail::cuda_kernels::attention_kernel_max_dim;
+  BASISATTN_REQUIRE(d_qk <= dmax && d_v <= dmax, unsupported, fn, ": head dims d_qk = ", d_qk, ", d_v = ", d_v,
+                    " exceed the CUDA backend's limit of ", dmax);
+}
+
+inline double bits_to_double(std::uint64_t b) {
+  double x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+/// Checksums of the plan and of the device data agree within the rounding of both summation orders.
+inline bool cuda_checksum_agrees(double device_sum, double abs_sum, double plan_sum, index_t terms) {
+  if (std::isnan(device_sum) || std::isnan(plan_sum)) return std::isnan(device_sum) && std::isnan(plan_sum);
+  const double tol = 2.0 * double(terms) * std::numeric_limits<double>::epsilon() * abs_sum;
+  return std::abs(device_sum - plan_sum) <= tol;
+}
+
+}  // namespace detail
+
+/// See the top of this header.
+inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v,
+                                   std::size_t max_chunk_bytes = std::size_t(1) << 30) {
+  const char* fn = "conv::workspace_bytes(cuda)";
+  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty() && d_v >= 1, invalid_argument, fn, ": empty plan or d_v = ", d_v, " < 1");
+  detail::check_cuda_dims(fn, p.d_qk, d_v);
+  const detail::cuda_run_sizes s = detail::cuda_sizes(p, d_v);
+  const index_t per = static_cast<index_t>(max_chunk_bytes / detail::cuda_chunk_item_bytes(s));
+  const index_t c = std::max<index_t>(1, std::min(per, std::max<index_t>(1, s.max_items)));
+  return detail::make_cuda_layout(s, c).total;
+}
+
+/// See the top of this header.
+template <class T>
+report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+                 std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+                "conv::attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  namespace ck = basisattn::detail::cuda_kernels;
+  using basisattn::detail::extents_string;
+  const char* fn = "conv::attention(cuda)";
+  attention_options aopt;
+  aopt.causal = p.opt.causal;
+  aopt.scale = p.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
+  detail::check_qk(fn, q, k);
+  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
+  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
+                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
+                    " but q ", extents_string(q), " and k ", extents_string(k), " were passed");
+  BASISATTN_REQUIRE(out.data != nullptr && v.data != nullptr, invalid_argument, fn, ": v or out data is null");
+  detail::check_cuda_dims(fn, sh.d_qk, sh.d_v);
+
+  const index_t n = p.n, d_v = sh.d_v;
+  const detail::cuda_run_sizes sz = detail::cuda_sizes(p, d_v);
+  const detail::cuda_layout one = detail::make_cuda_layout(sz, 1);
+  BASISATTN_REQUIRE(workspace != nullptr && workspace_bytes >= one.total, invalid_argument, fn, ": workspace of ",
+                    workspace_bytes, " bytes; at least ", one.total, " needed (conv::workspace_bytes)");
+  index_t chunk = std::max<index_t>(1, sz.max_items);
+  chunk = std::min<index_t>(chunk, 1 + static_cast<index_t>((workspace_bytes - one.total) / detail::cuda_chunk_item_bytes(sz)));
+  while (chunk > 1 && detail::make_cuda_layout(sz, chunk).total > workspace_bytes) --chunk;
+  const detail::cuda_layout lay = detail::make_cuda_layout(sz, chunk);
+  unsigned char* base = static_cast<unsigned char*>(workspace);
+  base += (detail::cuda_layout::align - reinterpret_cast<std::uintptr_t>(base) % detail::cuda_layout::align) %
+          detail::cuda_layout::align;
+  auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
+  const cudaStream_t st = ctx.stream();
+  auto strides = [](const auto& t) {
+    std::vector<long long> s = {t.stride[0], t.stride[1], t.stride[2]};
+    return s;
+  };
+  const std::vector<long long> qs = strides(q), ks = strides(k), vs = strides(v), os = strides(out);
+
+  // 0. checksums of q and k, NaN/Inf in q, k, v
+  {
+    double* c = static_cast<double*>(at(lay.checks));
+    const index_t hq = p.h_q, hkv = p.h_kv;
+    double *qsum = c, *qabs = c + hq, *ksum = c + 2 * hq, *kabs = ksum + hkv, *vsum = kabs + hkv, *vabs = vsum + hkv;
+    auto* bad = reinterpret_cast<unsigned long long*>(vabs + hkv);
+    BASISATTN_CUDA_CHECK(cudaMemsetAsync(bad, 0, 3 * sizeof(unsigned long long), st));
+    ck::launch_conv_checksum(q.data, n, hq, p.d_qk, qs.data(), qsum, qabs, bad, st);
+    ck::launch_conv_checksum(k.data, n, hkv, p.d_qk, ks.data(), ksum, kabs, bad + 1, st);
+    ck::launch_conv_checksum(v.data, n, hkv, d_v, vs.data(), vsum, vabs, bad + 2, st);
+    std::vector<double> h(static_cast<std::size_t>(2 * hq + 4 * hkv + 3));
+    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(h.data(), c, h.size() * sizeof(double), cudaMemcpyDeviceToHost, st));
+    ctx.synchronize();
+    std::uint64_t nonfinite[3];
+    std::memcpy(nonfinite, h.data() + 2 * hq + 4 * hkv, sizeof nonfinite);
+    if (p.opt.check_finite) {
+      const char* names[3] = {"q", "k", "v"};
+      for (int t = 0; t < 3; ++t)
+        BASISATTN_REQUIRE(nonfinite[t] == 0, non_finite, fn, ": ", names[t], " has ", nonfinite[t], " non-finite value(s)");
+    }
+    for (index_t hh = 0; hh < hq; ++hh) {
+      const index_t hk = hh / sh.group;
+      const double s = h[std::size_t(hh)] + h[std::size_t(2 * hq + hk)];
+      const double a = h[std::size_t(hq + hh)] + h[std::size_t(2 * hq + hkv + hk)];
+      BASISATTN_REQUIRE(detail::cuda_checksum_agrees(s, a, p.checksums[std::size_t(hh)], 2 * n * p.d_qk),
+                        invalid_argument, fn, ": q or k of head ", hh, " differ from those the plan was made from");
+    }
+  }
+
+  // per-head buffers
+  ck::conv_head_params hp;
+  hp.n = n;
+  hp.d_v = d_v;
+  hp.nf = sz.nf;
+  hp.signal = sz.signal;
+  auto* items_dev = static_cast<ck::conv_item*>(at(lay.items));
+  auto* kernels_dev = static_cast<double*>(at(lay.kernels));
+  hp.items = items_dev;
+  hp.kernels = kernels_dev;
+  hp.prefix = static_cast<double*>(at(lay.prefix));
+  hp.item_max = static_cast<double*>(at(lay.item_stats));
+  hp.item_cnum = hp.item_max + sz.max_items;
+  hp.item_cden = hp.item_cnum + sz.max_items;
+  hp.shift = static_cast<double*>(at(lay.scalars));
+  hp.vmax_bits = reinterpret_cast<unsigned long long*>(hp.shift + 1);
+  hp.vd = static_cast<double*>(at(lay.vd));
+  hp.num = static_cast<double*>(at(lay.num));
+  hp.den = static_cast<double*>(at(lay.den));
+  hp.bnd = static_cast<double*>(at(lay.bnd));
+  hp.flags = static_cast<int*>(at(lay.flags));
+  hp.vrow = static_cast<double*>(at(lay.vrow));
+  auto* results = static_cast<unsigned long long*>(at(lay.results));
+  auto* rows_dev = static_cast<long long*>(at(lay.rows));
+  BASISATTN_CUDA_CHECK(cudaMemsetAsync(results, 0, 8 * std::size_t(p.h_q) * std::size_t(lay.result_words), st));
+
+  report rep;
+  rep.heads.resize(static_cast<std::size_t>(p.h_q));
+  std::vector<ck::conv_item> items;
+  std::vector<long long> rows;
+  constexpr double eps64 = std::numeric_limits<double>::epsilon();
+  constexpr double eps32 = std::numeric_limits<float>::epsilon();
+  for (index_t h = 0; h < p.h_q; ++h) {
+    const index_t hk = h / sh.group;
+    const head_plan& pl = p.heads[std::size_t(h)];
+    head_report& hr = rep.heads[std::size_t(h)];
+    hr.anchors = pl.lower.size();
+    hr.upper_anchors = p.opt.causal ? 0 : pl.upper.size();
+    hr.degenerate = pl.lower.degenerate() || (!p.opt.causal && pl.upper.degenerate());
+    hr.explained = pl.explained;
+
+    // 1. the head's kernels and blocks; its values
+    detail::head_items(p, h, items);
+    hp.n_items = static_cast<int>(items.size());
+    hp.n_lower = static_cast<int>(pl.lower.size());
+    unsigned long long* res = results + std::size_t(h) * std::size_t(lay.result_words);
+    hp.repaired = res;
+    hp.worst_bits = res + 1;
+    hp.ratio_bits = res + 2;
+    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev, pl.lower.values.data(), pl.lower.values.size() * sizeof(double),
+                                         cudaMemcpyHostToDevice, st));
+    if (!p.opt.causal && !pl.upper.values.empty())
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev + pl.lower.values.size(), pl.upper.values.data(),
+                                           pl.upper.values.size() * sizeof(double), cudaMemcpyHostToDevice, st));
+    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(items_dev, items.data(),
+                                         items.size() * sizeof(ck::conv_item), cudaMemcpyHostToDevice, st));
+    BASISATTN_CUDA_CHECK(cudaMemsetAsync(hp.num, 0, sizeof(double) * std::size_t(n) * std::size_t(d_v), st));
+    ck::launch_conv_load_values(hp, v.data, hk, vs.data(), st);
+
+    // 2. shift, prefix sums, denominators, bounds
+    ck::launch_conv_head_prefix(hp, st);
+    ck::launch_conv_rows(hp, st);
+
+    // 3. precision
+    bool use_float = false;
+    if (p.opt.precision == fft_precision::f32_checked) {
+      std::uint64_t ratio = 0;
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(&ratio, hp.ratio_bits, sizeof ratio, cudaMemcpyDeviceToHost, st));
+      ctx.synchronize();
+      use_float = eps32 * detail::bits_to_double(ratio) <= p.opt.fft_tolerance;
+    }
+    hr.float_fft = use_float;
+
+    // 4. numerators, chunk by chunk
+    for (int i0 = 0; i0 < hp.n_items; i0 += static_cast<int>(lay.chunk_items)) {
+      const int b = static_cast<int>(std::min<index_t>(lay.chunk_items, hp.n_items - i0));
+      auto run_chunk = [&](auto* buf) {
+        ck::launch_conv_fill(hp, i0, b, buf, st);
+        fft_plans.forward(ctx, sz.nf, index_t(b) * (d_v + 1), buf);
+        ck::launch_conv_multiply(hp, i0, b, buf, st);
+        fft_plans.inverse(ctx, sz.nf, index_t(b) * d_v, buf + std::size_t(b) * std::size_t(sz.signal));
+        ck::launch_conv_gather(hp, i0, b, static_cast<const std::remove_pointer_t<decltype(buf)>*>(buf), st);
+      };
+      if (use_float)
+        run_chunk(static_cast<float*>(at(lay.chunk)));
+      else
+        run_chunk(static_cast<double*>(at(lay.chunk)));
+    }
+
+    // 5. outputs, repaired rows
+    ck::launch_conv_finalize(hp, use_float ? eps32 : eps64, p.opt.fft_tolerance, out.data, h, os.data(), st);
+    ck::launch_conv_repair(hp, p.opt.causal, out.data, h, os.data(), st);
+
+    // 6. sampled rows, exactly
+    const std::vector<index_t> picked = detail::sampled_rows(n, p.opt.sample_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+    rows.assign(picked.begin(), picked.end());
+    hr.sampled_rows = static_cast<index_t>(rows.size());
+    if (!rows.empty()) {
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
+      double* err = reinterpret_cast<double*>(res + 3);
+      ck::launch_conv_exact_rows(hp, q.data, qs.data(), k.data, ks.data(), h, hk, p.d_qk, p.scale, p.opt.causal,
+                                 rows_dev, static_cast<int>(rows.size()), err, err + sz.samples, st);
+    }
+  }
+
+  // 7. the report; exact fallback per head
+  std::vector<std::uint64_t> res(std::size_t(p.h_q) * std::size_t(lay.result_words));
+  BASISATTN_CUDA_CHECK(cudaMemcpyAsync(res.data(), results, res.size() * 8, cudaMemcpyDeviceToHost, st));
+  ctx.synchronize();
+  for (index_t h = 0; h < p.h_q; ++h) {
+    head_report& hr = rep.heads[std::size_t(h)];
+    const std::uint64_t* r = res.data() + std::size_t(h) * std::size_t(lay.result_words);
+    hr.repaired_rows = static_cast<index_t>(r[0]);
+    hr.fft_error_bound = detail::bits_to_double(r[1]);
+    if (hr.sampled_rows > 0) {
+      double emax = 0, esum = 0, umax = 0;
+      for (index_t i = 0; i < hr.sampled_rows; ++i) {
+        const double e = detail::bits_to_double(r[3 + i]), u = detail::bits_to_double(r[3 + sz.samples + i]);
+        emax = std::max(emax, e);
+        esum += e;
+        umax = std::max(umax, u);
+      }
+      hr.estimated_error = emax;
+      hr.mean_estimated_error = esum / double(hr.sampled_rows);
+      hr.uniform_error = umax;
+    }
+  }
+  for (index_t h = 0; h < p.h_q; ++h) {
+    head_report& hr = rep.heads[std::size_t(h)];
+    if (!(hr.estimated_error > p.opt.tolerance)) continue;
+    const index_t hk = h / sh.group;
+    basisattn::attention<T>(ctx, q.sub1(h, 1), k.sub1(hk, 1), v.sub1(hk, 1), out.sub1(h, 1), aopt);
+    hr.fell_back = true;
+    ++rep.fallbacks;
+  }
+  return rep;
+}
+
+/// Same, with cuFFT plans made for this call only.
+template <class T>
+report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+                 std::size_t workspace_bytes) {
+  cufft_plan_cache plans;
+  report r = attention<T>(ctx, p, q, k, v, out, workspace, workspace_bytes, plans);
+  ctx.synchronize();  // the plans are destroyed on return (a fallback may still be running: harmless, it uses none)
+  return r;
+}
+
+/// Same, allocating the workspace (and the cuFFT plans) for this call.
+template <class T>
+report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::attention(cuda): v has d_v = ", v.extent[2], " < 1");
+  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty(), invalid_argument,
+                    "conv::attention(cuda): the plan is empty (make it with conv::make_plan)");
+  const std::size_t bytes = workspace_bytes(ctx, p, v.extent[2]);
+  device_buffer<unsigned char> ws(static_cast<index_t>(bytes));
+  report r = attention<T>(ctx, p, q, k, v, out, ws.data(), bytes);
+  ctx.synchronize();  // the workspace is freed on return
+  return r;
+}
+
+}  // namespace conv
+BASISATTN_END_NAMESPACE

@@ -1,0 +1,567 @@
+// basisattn/cuda/support.hpp - support-basis attention on the CUDA backend.
+//
+// Host-side header (g++ compiles it; needs the basisattn::cuda target). The kernels are in
+// <basisattn/cuda/kernels/support.cuh>, compiled into the program by including
+// <basisattn/cuda/kernels.cuh> in one .cu file; the products of features and states are cuBLAS GEMMs
+// (fp32, CUBLAS_COMPUTE_32F: no TF32).
+//
+// Public entry points (namespace basisattn::support):
+//   workspace_bytes(ctx, plan, d_v)        device workspace bytes run(ctx, ...) needs
+//   run(ctx, plan, q, k, v, out, workspace, bytes, report = nullptr)
+//                                          support-basis attention of device tensors; allocates nothing
+//   run(ctx, plan, q, k, v, out) -> std::vector<head_report>
+//                                          the same with a workspace it allocates (cudaMalloc)
+//
+// The plan. There is no GPU make_plan: make the plan with the CPU one, support::make_plan(cpu{}, q, k,
+// opt), from HOST copies of the q and k the GPU run will get (same values, same storage type; RoPE
+// applied). The plan is what decides R, C, the buckets and the polynomials, so a run on other q or k
+// is silently wrong: unlike the CPU run, run(ctx, ...) cannot compare checksums of device data with
+// the plan's (the summation order of a device checksum would differ), so extents and storage type are
+// checked and the values are the caller's responsibility. Each run uploads what it needs of the plan
+// (row buckets, the C key lists, the k_poly_prefix counts, the pair coefficients and shifts, the
+// feature tables and sketch sign matrices) into the first part of the caller's workspace, with
+// cudaMemcpyAsync from the plan's (pageable) host vectors: those copies wait for the stream, so the
+// plan may be destroyed as soon as run returns. The plan is not modified.
+//
+// Layout and mask as on the CPU (<basisattn/support/support_basis.hpp>): q [n_q, H_q, d], k [n_kv, H_kv, d],
+// v [n_kv, H_kv, d_v], out [n_q, H_q, d_v], device memory, any element strides; GQA (query head h uses
+// kv head h / (H_q / H_kv)); causal mask end-aligned. T = float, Eigen::half or Eigen::bfloat16, fp32
+// arithmetic (options.accumulate_double raises errc::unsupported).
+//
+// Algorithm, per query head (heads one after the other on ctx's stream; the workspace holds one head's
+// buffers), as the CPU run (<basisattn/support/cpu.hpp>):
+//   0. the head's q, k, v are copied to fp32 row-major buffers; accumulators num (n_q x d_v), den, m,
+//      dpoly start at 0, 0, M_bq (-inf for rows in R), 0.
+//   1. polynomial part as streamed linear attention, options.block rows at a time (never n x r features):
+//      features phi (block x r, column-major): degree 0 and 1 copied, exact monomials one degree at a
+//      time from the plan's parent/var/ratio tables (phi[:, c] = phi[:, parent] * x[:, var] * ratio),
+//      sketched degrees by cuBLAS GEMMs with the plan's sign matrices and elementwise products.
+//      Key states S_bk = sum_{j in bucket bk} phi(k_j) [v_j, 1]^T (r x (d_v + 1), one per key bucket)
+//      by GEMMs phi^T [V, 1] with the keys of other buckets masked to zero rows; queries read
+//      sum_bk (c_{bq,bk} o phi(q_i))^T S_bk (coefficients by degree, zero for rows in R).
+//      Non-causal: all keys into the states, then all queries read them. Causal (block lower-triangular):
+//      for each block of keys, the queries whose position falls in the block read the states of the
+//      previous blocks plus the exact products P_{bq,bk}(s_ij) e^{-M_bq} of the block's visible
+//      non-top keys (one GEMM for the scores, one for the products with [V, 1]), then the block's keys
+//      enter the states.
+//   2. exact part, flash-style on the same accumulators with the shared shift (one warp per query row,
+//      online max: m only grows and num, den are rescaled): rows in R against every visible key, the
+//      others against the visible keys in C.
+//   3. rows whose polynomial denominator is <= 0 (while they have visible polynomial keys) or whose final
+//      denominator is <= 0 or non-finite (or numerator non-finite) are recomputed exactly from scratch
+//      and counted (head_report::bad_rows).
+//   4. out = num / den, rounded once to T.
+//   5. error estimate (options.check_rows > 0): the CPU's rows i_j = floor((j + 1) n_q / s) - 1 are
+//      recomputed on the GPU in double from the storage values of q, k, v and compared with the stored
+//      out (relative l2 row errors -> est_error_max / est_error_mean).
+// After the last head, when options.check_rows > 0 or `report` is not null, run waits for the stream
+// (ctx.synchronize()) and reads the per-head error summaries and bad-row counts back (a few bytes per
+// head, into local variables). Heads whose est_error_max exceeds options.tolerance are then recomputed
+// exactly with this file's own exact kernel (step 2 with every row against every visible key: no head
+// dim limit, fp32) and flagged (head_report::fallback). With check_rows = 0 and no report, run returns
+// without waiting.
+//
+// Errors: the CPU run's argument checks (errc::shape_mismatch / invalid_argument with the same messages,
+// the plan's extents and storage type, a too small or null workspace); options.check_finite scans v on
+// the device for NaN/Inf (errc::non_finite; this waits for the stream); CUDA and cuBLAS failures raise
+// errc::backend (sticky CUDA errors abort, see <basisattn/cuda/context.hpp>).
+#pragma once
+
+#include <basisattn/attention/options.hpp>
+#include <basisattn/core/config.hpp>
+#include <basisattn/core/dtype.hpp>
+#include <basisattn/core/error.hpp>
+#include <basisattn/core/view.hpp>
+#include <basisattn/cuda/backend.hpp>
+#include <basisattn/cuda/context.hpp>
+#include <basisattn/cuda/support_launch.hpp>
+#include <basisattn/support/options.hpp>
+#include <basisattn/support/plan.hpp>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+BASISATTN_BEGIN_NAMESPACE
+namespace support {
+namespace detail {
+
+/// Alignment of every region of the CUDA workspace.
+inline constexpr std::size_t cuda_ws_align = 256;
+
+inline std::size_t cuda_align_up(std::size_t x) { return (x + cuda_ws_align - 1) / cuda_ws_align * cuda_ws_align; }
+
+/// Byte offsets of the regions of the CUDA workspace: the uploaded plan tables and results of all
+/// heads, then one head's fp32 buffers.
+struct cuda_layout {
+  index_t blk = 0, r = 0, g = 0, nl = 0, samples = 0, dv = 0, coef_stride = 0;
+  // plan tables (all heads) and per-head results
+  std::size_t qb = 0, kb = 0, kpre = 0, ckeys = 0, coef = 0, shift = 0;
+  std::size_t parent = 0, var = 0, ratio = 0, degree_of = 0, proj = 0;
+  std::size_t err = 0, y = 0, summary = 0, bad = 0, nonfinite = 0;
+  std::size_t tables_end = 0;  ///< bytes zeroed at the start of a run
+  // one head's buffers (fp32 unless noted)
+  std::size_t Q = 0, K = 0, V = 0, num = 0, den = 0, m = 0, dpoly = 0, flags = 0;
+  std::size_t xq = 0, xk = 0, phi = 0, psi = 0, sk = 0, vx = 0, tmp = 0, st = 0, s = 0;
+  std::size_t total = 0;
+};
+
+inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
+  const auto& sh = p.shape;
+  const feature_map& fm = p.features;
+  cuda_layout L;
+  L.blk = std::min<index_t>(static_cast<index_t>(p.options.block), std::max(sh.n_q, sh.n_kv));
+  L.r = p.max_width;
+  L.g = fm.max_degree;
+  L.nl = p.levels;
+  L.dv = dv;
+  L.samples = std::min<index_t>(static_cast<index_t>(p.options.check_rows), sh.n_q);
+  L.coef_stride = (L.nl + 1) * L.nl * (L.g + 1);
+  const index_t b = L.blk, d = sh.d_qk, r = L.r, ms = fm.sketch ? fm.m : 0;
+  const index_t nfeat = static_cast<index_t>(fm.degree_of.size());
+  std::size_t end = 0;
+  auto take = [&](std::size_t bytes) {
+    const std::size_t at = end;
+    end += cuda_align_up(std::max<std::size_t>(bytes, 1));
+    return at;
+  };
+  auto n_of = [](index_t n, std::size_t size) { return static_cast<std::size_t>(n) * size; };
+  L.qb = take(n_of(sh.h_q * sh.n_q, 1));
+  L.kb = take(n_of(sh.h_kv * sh.n_kv, 1));
+  L.kpre = take(n_of(sh.h_kv * (sh.n_kv + 1), sizeof(index_t)));
+  L.ckeys = take(n_of(sh.h_kv * sh.n_kv, sizeof(index_t)));
+  L.coef = take(n_of(sh.h_q * L.coef_stride, sizeof(double)));
+  L.shift = take(n_of(sh.h_q * L.nl, sizeof(double)));
+  L.parent = take(n_of(static_cast<index_t>(fm.parent.size()), sizeof(index_t)));
+  L.var = take(n_of(static_cast<index_t>(fm.var.size()), sizeof(index_t)));
+  L.ratio = take(n_of(static_cast<index_t>(fm.ratio.size()), sizeof(double)));
+  L.degree_of = take(n_of(nfeat, sizeof(int)));
+  L.proj = take(n_of(static_cast<index_t>(fm.proj_f.size()), sizeof(float)));
+  L.err = take(n_of(L.samples, sizeof(double)));
+  L.y = take(n_of(L.samples * dv, sizeof(double)));
+  L.summary = take(n_of(2 * sh.h_q, sizeof(double)));
+  L.bad = take(n_of(sh.h_q, sizeof(unsigned long long)));
+  L.nonfinite = take(sizeof(unsigned long long));
+  L.tables_end = end;
+  auto f = [&](index_t n) { return take(n_of(n, sizeof(float))); };
+  L.Q = f(sh.n_q * d);
+  L.K = f(sh.n_kv * d);
+  L.V = f(sh.n_kv * dv);
+  L.num = f(sh.n_q * dv);
+  L.den = f(sh.n_q);
+  L.m = f(sh.n_q);
+  L.dpoly = f(sh.n_q);
+  L.flags = take(n_of(sh.n_q, sizeof(int)));
+  L.xq = f(b * d);
+  L.xk = f(b * d);
+  L.phi = f(b * r);
+  L.psi = f(b * r);
+  L.sk = f(b * ms);
+  L.vx = f(b * (dv + 1));
+  L.tmp = f(b * (dv + 1));
+  L.st = f(L.nl * r * (dv + 1));
+  L.s = f(b * b);
+  L.total = end;
+  return L;
+}
+
+/// Column-major C (m x n) = alpha op(A) op(B) + beta C in fp32 (CUBLAS_COMPUTE_32F).
+inline void cuda_sgemm(const cuda_context& ctx, bool ta, bool tb, index_t m, index_t n, index_t k, float alpha,
+                       const float* a, index_t lda, const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  BASISATTN_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a,
+                                      CUDA_R_32F, static_cast<int>(lda), b, CUDA_R_32F, static_cast<int>(ldb), &beta, c,
+                                      CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/// Host -> device copy of n elements on ctx's stream (nothing for n = 0).
+template <class U>
+void cuda_upload(const cuda_context& ctx, void* dst, const U* src, std::size_t n) {
+  if (n == 0) return;
+  BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyHostToDevice, ctx.stream()));
+}
+
+/// Device -> host copy of n elements on ctx's stream, then wait.
+template <class U>
+void cuda_download(const cuda_context& ctx, U* dst, const void* src, std::size_t n) {
+  BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToHost, ctx.stream()));
+  ctx.synchronize();
+}
+
+/// One run's state: the context, the plan, the layout and the workspace base.
+struct cuda_run {
+  const cuda_context* ctx = nullptr;
+  const plan* p = nullptr;
+  cuda_layout L;
+  unsigned char* base = nullptr;
+  index_t h = 0, hk = 0;  // current query head and its kv head
+
+  template <class U>
+  U* at(std::size_t off) const { return reinterpret_cast<U*>(base + off); }
+  cudaStream_t stream() const { return ctx->stream(); }
+  const std::uint8_t* qb() const { return at<std::uint8_t>(L.qb) + h * p->shape.n_q; }
+  const std::uint8_t* kb() const { return at<std::uint8_t>(L.kb) + hk * p->shape.n_kv; }
+  const double* coef() const { return at<double>(L.coef) + h * L.coef_stride; }
+  float* state(int bk) const { return at<float>(L.st) + static_cast<index_t>(bk) * L.r * (L.dv + 1); }
+  index_t key_width(int bk) const {
+    return p->key_width[static_cast<std::size_t>(h)][static_cast<std::size_t>(bk)];
+  }
+};
+
+/// Upload the plan's tables (all heads) and zero the result counters.
+inline void upload_plan(const cuda_run& c) {
+  const plan& p = *c.p;
+  const auto& sh = p.shape;
+  const cuda_layout& L = c.L;
+  const int nl = static_cast<int>(L.nl);
+  BASISATTN_CUDA_CHECK(cudaMemsetAsync(c.base, 0, L.tables_end, c.stream()));
+  for (index_t h = 0; h < sh.h_q; ++h) {
+    const auto hu = static_cast<std::size_t>(h);
+    cuda_upload(*c.ctx, c.at<std::uint8_t>(L.qb) + h * sh.n_q, p.q_bucket[hu].data(), p.q_bucket[hu].size());
+    cuda_upload(*c.ctx, c.at<double>(L.shift) + h * L.nl, p.shift[hu].data(), p.shift[hu].size());
+    for (int bq = 0; bq < nl; ++bq)
+      for (int bk = 0; bk < nl; ++bk) {
+        const pair_poly& pp = p.pairs[hu][static_cast<std::size_t>(bq * nl + bk)];
+        if (pp.degree == 0) continue;  // zero coefficients (the memset)
+        cuda_upload(*c.ctx, c.at<double>(L.coef) + h * L.coef_stride + (bq * L.nl + bk) * (L.g + 1), pp.coef.data(),
+                    std::min<std::size_t>(pp.coef.size(), static_cast<std::size_t>(L.g + 1)));
+      }
+  }
+  for (index_t hk = 0; hk < sh.h_kv; ++hk) {
+    const auto hu = static_cast<std::size_t>(hk);
+    cuda_upload(*c.ctx, c.at<std::uint8_t>(L.kb) + hk * sh.n_kv, p.k_bucket[hu].data(), p.k_bucket[hu].size());
+    cuda_upload(*c.ctx, c.at<index_t>(L.kpre) + hk * (sh.n_kv + 1), p.k_poly_prefix[hu].data(),
+                p.k_poly_prefix[hu].size());
+    const auto& ck = p.k_rows[hu][static_cast<std::size_t>(nl)];
+    cuda_upload(*c.ctx, c.at<index_t>(L.ckeys) + hk * sh.n_kv, ck.data(), ck.size());
+  }
+  const feature_map& fm = p.features;
+  cuda_upload(*c.ctx, c.at<index_t>(L.parent), fm.parent.data(), fm.parent.size());
+  cuda_upload(*c.ctx, c.at<index_t>(L.var), fm.var.data(), fm.var.size());
+  cuda_upload(*c.ctx, c.at<double>(L.ratio), fm.ratio.data(), fm.ratio.size());
+  cuda_upload(*c.ctx, c.at<int>(L.degree_of), fm.degree_of.data(), fm.degree_of.size());
+  cuda_upload(*c.ctx, c.at<float>(L.proj), fm.proj_f.data(), fm.proj_f.size());
+}
+
+/// phi (cm nb x width) = features of degrees 0.. of the rows of x (cm nb x d); width = features(g').
+inline void cuda_features(const cuda_run& c, const float* x, index_t nb, index_t width, float* phi) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const feature_map& fm = c.p->features;
+  const index_t d = fm.d;
+  ck::launch_support_features_base(x, nb, d, phi, c.stream());
+  for (int t = 2; t <= fm.max_degree && fm.offset[static_cast<std::size_t>(t)] < width; ++t) {
+    const index_t c0 = fm.offset[static_cast<std::size_t>(t)];
+    if (!fm.sketch) {
+      const index_t c1 = std::min(width, fm.offset[static_cast<std::size_t>(t + 1)]);
+      ck::launch_support_monomials(x, nb, c.at<index_t>(c.L.parent), c.at<index_t>(c.L.var), c.at<double>(c.L.ratio), c0,
+                                   c1, phi, c.stream());
+      continue;
+    }
+    // phi_t = (x G_{t,0}) o ... o (x G_{t,t-1}) / sqrt(m), G column-major d x m
+    const index_t m = fm.m;
+    float* const blk = phi + c0 * nb;
+    float* const sk = c.at<float>(c.L.sk);
+    const float norm = 1.0f / std::sqrt(static_cast<float>(m));
+    for (int l = 0; l < t; ++l) {
+      const float* g = c.at<float>(c.L.proj) + fm.proj_offset[static_cast<std::size_t>(t)] + l * d * m;
+      if (l == 0) {
+        cuda_sgemm(*c.ctx, false, false, nb, m, d, norm, x, nb, g, d, 0.0f, blk, nb);
+      } else {
+        cuda_sgemm(*c.ctx, false, false, nb, m, d, 1.0f, x, nb, g, d, 0.0f, sk, nb);
+        ck::launch_support_mul(blk, sk, nb * m, c.stream());
+      }
+    }
+  }
+}
+
+/// Add keys [k0, k0 + nk) (features already in phi, width >= every key_width) to their buckets' states.
+inline void cuda_add_keys(const cuda_run& c, index_t k0, index_t nk, const float* phi) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const index_t dv = c.L.dv;
+  float* const vx = c.at<float>(c.L.vx);
+  for (int bk = 0; bk < static_cast<int>(c.L.nl); ++bk) {
+    const index_t w = c.key_width(bk);
+    if (w == 0) continue;
+    ck::launch_support_key_values(c.at<float>(c.L.V), k0, nk, dv, c.kb() + k0, bk, vx, c.stream());
+    cuda_sgemm(*c.ctx, true, false, w, dv + 1, nk, 1.0f, phi, nk, vx, nk, 1.0f, c.state(bk), c.L.r);
+  }
+}
+
+/// tmp (cm ni x (dv + 1)) = sum_bk (c_{bq,bk} o phi(q_i))^T S_bk for queries [i0, i0 + ni) (features in phi).
+inline void cuda_read_states(const cuda_run& c, index_t i0, index_t ni, const float* phi, float* tmp) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const index_t dv = c.L.dv;
+  float* const psi = c.at<float>(c.L.psi);
+  BASISATTN_CUDA_CHECK(cudaMemsetAsync(tmp, 0, static_cast<std::size_t>(ni * (dv + 1)) * sizeof(float), c.stream()));
+  for (int bk = 0; bk < static_cast<int>(c.L.nl); ++bk) {
+    const index_t w = c.key_width(bk);
+    if (w == 0) continue;
+    ck::launch_support_scale_features(phi, ni, w, c.qb() + i0, c.coef(), static_cast<int>(c.L.nl),
+                                      static_cast<int>(c.L.g), bk, c.at<int>(c.L.degree_of), psi, c.stream());
+    cuda_sgemm(*c.ctx, false, false, ni, dv + 1, w, 1.0f, psi, ni, c.state(bk), c.L.r, 1.0f, tmp, ni);
+  }
+}
+
+/// Polynomial part of the current head (see the header comment, step 1).
+inline void cuda_poly(const cuda_run& c) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const auto& sh = c.p->shape;
+  const index_t hw = c.p->head_width[static_cast<std::size_t>(c.h)];
+  if (hw == 0) return;
+  const index_t blk = c.L.blk, d = sh.d_qk, dv = c.L.dv, off = sh.causal_offset;
+  const float scale = static_cast<float>(sh.scale);
+  float* const Q = c.at<float>(c.L.Q);
+  float* const K = c.at<float>(c.L.K);
+  float* const xq = c.at<float>(c.L.xq);
+  float* const xk = c.at<float>(c.L.xk);
+  float* const phi = c.at<float>(c.L.phi);
+  float* const tmp = c.at<float>(c.L.tmp);
+  float* const num = c.at<float>(c.L.num);
+  float* const dpoly = c.at<float>(c.L.dpoly);
+  BASISATTN_CUDA_CHECK(
+      cudaMemsetAsync(c.state(0), 0, static_cast<std::size_t>(c.L.nl * c.L.r * (dv + 1)) * sizeof(float), c.stream()));
+  if (!c.p->options.causal) {
+    for (index_t k0 = 0; k0 < sh.n_kv; k0 += blk) {
+      const index_t nk = std::min(blk, sh.n_kv - k0);
+      ck::launch_support_gather_cm(K, d, k0, nk, d, 1.0f, xk, c.stream());
+      cuda_features(c, xk, nk, hw, phi);
+      cuda_add_keys(c, k0, nk, phi);
+    }
+    for (index_t i0 = 0; i0 < sh.n_q; i0 += blk) {
+      const index_t ni = std::min(blk, sh.n_q - i0);
+      ck::launch_support_gather_cm(Q, d, i0, ni, d, scale, xq, c.stream());
+      cuda_features(c, xq, ni, hw, phi);
+      cuda_read_states(c, i0, ni, phi, tmp);
+      ck::launch_support_scatter_poly(tmp, ni, i0, dv, num, dpoly, c.stream());
+    }
+    return;
+  }
+  // Causal, block lower-triangular.
+  float* const s = c.at<float>(c.L.s);
+  float* const vx = c.at<float>(c.L.vx);
+  for (index_t k0 = 0; k0 < sh.n_kv; k0 += blk) {
+    const index_t k1 = std::min(sh.n_kv, k0 + blk), nk = k1 - k0;
+    const index_t i0 = std::max<index_t>(0, k0 - off), i1 = std::min<index_t>(sh.n_q, k1 - off);
+    ck::launch_support_gather_cm(K, d, k0, nk, d, 1.0f, xk, c.stream());
+    if (i1 > i0) {
+      const index_t ni = i1 - i0;
+      ck::launch_support_gather_cm(Q, d, i0, ni, d, scale, xq, c.stream());
+      if (k0 > 0) {  // the states of the previous blocks
+        cuda_features(c, xq, ni, hw, phi);
+        cuda_read_states(c, i0, ni, phi, tmp);
+      } else {
+        BASISATTN_CUDA_CHECK(
+            cudaMemsetAsync(tmp, 0, static_cast<std::size_t>(ni * (dv + 1)) * sizeof(float), c.stream()));
+      }
+      // Inside the block: exact products P(s_ij) e^{-M} for visible non-top keys.
+      cuda_sgemm(*c.ctx, false, true, ni, nk, d, 1.0f, xq, ni, xk, nk, 0.0f, s, ni);
+      ck::launch_support_block_poly(s, ni, nk, i0, k0, off, c.qb() + i0, c.kb() + k0, c.coef(),
+                                    static_cast<int>(c.L.nl), static_cast<int>(c.L.g), c.stream());
+      ck::launch_support_key_values(c.at<float>(c.L.V), k0, nk, dv, c.kb() + k0, -1, vx, c.stream());
+      cuda_sgemm(*c.ctx, false, false, ni, dv + 1, nk, 1.0f, s, ni, vx, nk, 1.0f, tmp, ni);
+      ck::launch_support_scatter_poly(tmp, ni, i0, dv, num, dpoly, c.stream());
+    }
+    // The block's keys enter the states.
+    cuda_features(c, xk, nk, hw, phi);
+    cuda_add_keys(c, k0, nk, phi);
+  }
+}
+
+/// Exact-part parameters of the current head in `mode` (see support_exact_params).
+inline ::basisattn::detail::cuda_kernels::support_exact_params exact_params(const cuda_run& c, int mode) {
+  const auto& sh = c.p->shape;
+  ::basisattn::detail::cuda_kernels::support_exact_params e;
+  e.Q = c.at<float>(c.L.Q);
+  e.K = c.at<float>(c.L.K);
+  e.V = c.at<float>(c.L.V);
+  e.n_q = sh.n_q, e.n_kv = sh.n_kv, e.d = sh.d_qk, e.dv = c.L.dv, e.causal_offset = sh.causal_offset;
+  e.scale = static_cast<float>(sh.scale);
+  e.causal = c.p->options.causal;
+  e.qb = c.qb();
+  e.nl = static_cast<int>(c.L.nl);
+  e.ckeys = c.at<index_t>(c.L.ckeys) + c.hk * sh.n_kv;
+  e.n_ckeys = static_cast<index_t>(
+      c.p->k_rows[static_cast<std::size_t>(c.hk)][static_cast<std::size_t>(c.L.nl)].size());
+  e.num = c.at<float>(c.L.num);
+  e.den = c.at<float>(c.L.den);
+  e.m = c.at<float>(c.L.m);
+  e.dpoly = c.at<float>(c.L.dpoly);
+  e.flags = c.at<int>(c.L.flags);
+  e.mode = mode;
+  return e;
+}
+
+/// Copy head h's q, k, v into the fp32 head buffers.
+template <class T>
+void load_head(const cuda_run& c, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
+               const tensor3_view<const T>& v) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const auto& sh = c.p->shape;
+  ck::launch_support_load_head(q.data + c.h * q.stride[1], sh.n_q, sh.d_qk, q.stride[0], q.stride[2],
+                               c.at<float>(c.L.Q), c.stream());
+  ck::launch_support_load_head(k.data + c.hk * k.stride[1], sh.n_kv, sh.d_qk, k.stride[0], k.stride[2],
+                               c.at<float>(c.L.K), c.stream());
+  ck::launch_support_load_head(v.data + c.hk * v.stride[1], sh.n_kv, c.L.dv, v.stride[0], v.stride[2],
+                               c.at<float>(c.L.V), c.stream());
+}
+
+template <class T>
+void store_head(const cuda_run& c, const tensor3_view<T>& out) {
+  ::basisattn::detail::cuda_kernels::launch_support_store(c.at<float>(c.L.num), c.at<float>(c.L.den), c.p->shape.n_q,
+                                                          c.L.dv, out.data + c.h * out.stride[1], out.stride[0],
+                                                          out.stride[2], c.stream());
+}
+
+/// Steps 0-5 of the header comment for query head c.h.
+template <class T>
+void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
+                   const tensor3_view<const T>& v, const tensor3_view<T>& out) {
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  const auto& sh = c.p->shape;
+  const cuda_layout& L = c.L;
+  load_head(c, q, k, v);
+  ck::launch_support_init(c.qb(), c.at<double>(L.shift) + c.h * L.nl, static_cast<int>(L.nl), sh.n_q, L.dv,
+                          c.at<float>(L.num), c.at<float>(L.dpoly), c.at<float>(L.m), c.stream());
+  cuda_poly(c);
+  ck::launch_support_exact(exact_params(c, 0), c.stream());
+  ck::launch_support_detect(c.qb(), static_cast<int>(L.nl), c.at<index_t>(L.kpre) + c.hk * (sh.n_kv + 1),
+                            c.at<float>(L.dpoly), c.at<float>(L.den), c.at<float>(L.num), sh.n_q, sh.n_kv, L.dv,
+                            c.p->options.causal, sh.causal_offset, c.at<int>(L.flags),
+                            c.at<unsigned long long>(L.bad) + c.h, c.stream());
+  ck::launch_support_exact(exact_params(c, 1), c.stream());
+  store_head(c, out);
+  if (L.samples > 0) {
+    ck::support_estimate_params<T> e;
+    e.q = q.data + c.h * q.stride[1];
+    e.k = k.data + c.hk * k.stride[1];
+    e.v = v.data + c.hk * v.stride[1];
+    e.out = out.data + c.h * out.stride[1];
+    e.q_s0 = q.stride[0], e.q_s2 = q.stride[2], e.k_s0 = k.stride[0], e.k_s2 = k.stride[2];
+    e.v_s0 = v.stride[0], e.v_s2 = v.stride[2], e.o_s0 = out.stride[0], e.o_s2 = out.stride[2];
+    e.n_q = sh.n_q, e.n_kv = sh.n_kv, e.d = sh.d_qk, e.dv = L.dv, e.samples = L.samples;
+    e.causal_offset = sh.causal_offset;
+    e.causal = c.p->options.causal;
+    e.scale = sh.scale;
+    e.y = c.at<double>(L.y);
+    e.err = c.at<double>(L.err);
+    ck::launch_support_estimate(e, c.stream());
+    ck::launch_support_summarize(c.at<double>(L.err), L.samples, c.at<double>(L.summary) + 2 * c.h, c.stream());
+  }
+}
+
+}  // namespace detail
+
+/// Device workspace bytes run(ctx, plan, ...) needs with value head dim d_v (plan tables of all heads,
+/// one head's fp32 buffers, alignment slack).
+inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v) {
+  BASISATTN_REQUIRE(d_v >= 1, invalid_argument, "support::workspace_bytes(cuda): d_v = ", d_v, " must be >= 1");
+  return detail::make_cuda_layout(p, d_v).total + detail::cuda_ws_align;
+}
+
+/// Support-basis attention of device tensors with a plan made by make_plan(cpu{}, ...) from host copies
+/// of the same q and k (see the header comment). `report`, when not null, receives H_q head reports.
+template <class T>
+void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+         std::size_t workspace_bytes, head_report* report = nullptr) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+                "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  namespace ck = ::basisattn::detail::cuda_kernels;
+  constexpr const char* fn = "support::run(cuda)";
+  attention_options ao;
+  ao.causal = p.options.causal;
+  ao.scale = p.options.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, ao);
+  BASISATTN_REQUIRE(sh.n_q == p.shape.n_q && sh.n_kv == p.shape.n_kv && sh.h_q == p.shape.h_q &&
+                        sh.h_kv == p.shape.h_kv && sh.d_qk == p.shape.d_qk,
+                    shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q), " and k ",
+                    basisattn::detail::extents_string(k), " do not match the plan's q [", p.shape.n_q, ", ",
+                    p.shape.h_q, ", ", p.shape.d_qk, "] and k [", p.shape.n_kv, ", ", p.shape.h_kv, ", ",
+                    p.shape.d_qk, "]");
+  BASISATTN_REQUIRE(dtype_of_v<T> == p.storage, invalid_argument, fn, ": the plan was made for ", to_string(p.storage),
+                    " storage, run got ", to_string(dtype_of_v<T>));
+  BASISATTN_REQUIRE(!p.options.accumulate_double, unsupported, fn,
+                    ": options.accumulate_double is not supported on the GPU (fp32 arithmetic)");
+  const detail::cuda_layout L = detail::make_cuda_layout(p, sh.d_v);
+  BASISATTN_REQUIRE(L.r < INT_MAX && L.blk * std::max<index_t>(L.r, sh.d_qk) < INT_MAX && sh.d_v < INT_MAX,
+                    unsupported, fn, ": ", L.r, " features x ", L.blk, " rows per block exceed cuBLAS's 32-bit range");
+  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(workspace);
+  const std::size_t pad = static_cast<std::size_t>(detail::cuda_align_up(raw) - raw);
+  BASISATTN_REQUIRE(workspace && workspace_bytes >= pad && workspace_bytes - pad >= L.total, invalid_argument, fn,
+                    ": workspace of ", workspace_bytes, " bytes", workspace ? "" : " (null)",
+                    " is too small; this problem needs ", L.total + detail::cuda_ws_align,
+                    " bytes (see support::workspace_bytes)");
+
+  detail::cuda_run c;
+  c.ctx = &ctx;
+  c.p = &p;
+  c.L = L;
+  c.base = static_cast<unsigned char*>(workspace) + pad;
+  detail::upload_plan(c);
+  if (p.options.check_finite) {
+    auto* const cnt = c.at<unsigned long long>(L.nonfinite);
+    ck::launch_support_count_nonfinite(v.data, v.extent[0], v.extent[1], v.extent[2], v.stride[0], v.stride[1],
+                                       v.stride[2], cnt, ctx.stream());
+    unsigned long long bad = 0;
+    detail::cuda_download(ctx, &bad, cnt, 1);
+    BASISATTN_REQUIRE(bad == 0, non_finite, fn, ": v has a non-finite value (", bad, " NaN/Inf entries)");
+  }
+  for (index_t h = 0; h < sh.h_q; ++h) {
+    c.h = h;
+    c.hk = h / sh.group;
+    detail::run_head_cuda<T>(c, q, k, v, out);
+  }
+  if (L.samples == 0 && !report) return;
+
+  // Reports and the exact fallback.
+  for (index_t h = 0; h < sh.h_q; ++h) {
+    c.h = h;
+    c.hk = h / sh.group;
+    head_report rep = p.report[static_cast<std::size_t>(h)];
+    unsigned long long bad = 0;
+    detail::cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);  // waits for the whole head loop
+    rep.bad_rows = static_cast<std::int64_t>(bad);
+    rep.checked_rows = L.samples;
+    if (L.samples > 0) {
+      double summary[2] = {0, 0};
+      detail::cuda_download(ctx, summary, c.at<double>(L.summary) + 2 * h, 2);
+      rep.est_error_max = summary[0];
+      rep.est_error_mean = summary[1];
+      if (rep.est_error_max > p.options.tolerance) {
+        detail::load_head(c, q, k, v);
+        ck::launch_support_exact(detail::exact_params(c, 2), ctx.stream());
+        detail::store_head(c, out);
+        rep.fallback = true;
+      }
+    }
+    if (report) report[h] = rep;
+  }
+}
+
+/// run(ctx, ...) with a device workspace it allocates (and frees after waiting for the stream);
+/// returns the H_q head reports.
+template <class T>
+std::vector<head_report> run(const cuda_context& ctx, const plan& p,
+                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run(cuda): v has d_v = ", v.extent[2],
+                    "; must be >= 1");
+  device_buffer<unsigned char> ws(static_cast<index_t>(workspace_bytes(ctx, p, v.extent[2])));
+  std::vector<head_report> rep(static_cast<std::size_t>(p.shape.h_q));
+  run<T>(ctx, p, q, k, v, out, ws.data(), ws.bytes(), rep.data());
+  ctx.synchronize();  // the workspace is freed on return
+  return rep;
+}
+
+}  // namespace support
+BASISATTN_END_NAMESPACE
