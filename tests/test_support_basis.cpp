@@ -485,6 +485,70 @@ TEST_CASE("support: non-positive denominators are detected and recomputed exactl
   }
 }
 
+TEST_CASE("support: a loose bound in float storage gives no non-finite output", "[support]") {
+  // Entries N(0, 5^2), d = 8, scale 1: B = scale max||q|| max||k|| > 300, so the degree-1 polynomial's
+  // coefficients times e^{-B} (about e^{-0.29 B} / 2) underflow in float and its sums are 0 or denormal. Every such row must be
+  // caught (bad_rows) and recomputed exactly; nothing non-finite may escape. Key 0 is large (in C): row
+  // 0 of the causal mask sees only it, so its output must be v_0 exactly, though its shift starts at B.
+  const index_t n = 64, d = 8, dv = 4;
+  test::seed(41);
+  tens<float> q(n, 1, d), k(n, 1, d), v(n, 1, dv), out(n, 1, dv);
+  q.fill(5.0);
+  k.fill(5.0);
+  v.fill(1.0);
+  for (index_t e = 0; e < d; ++e) k.set(0, 0, e, 100.0);
+  support::support_options o;
+  o.threshold = 60;  // only key 0 is above it
+  o.scale = 1;
+  o.max_degree = 1;
+  o.tolerance = INFINITY;
+  o.block = 16;
+  const run_result r = run_support(q, k, v, out, o);
+  const support::head_report& h = r.rep[0];
+  INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows " << h.bad_rows << ", poly rows "
+                << h.poly_rows);
+  REQUIRE(h.bound > 300);
+  CHECK(h.key_support == Approx(1.0 / n));
+  CHECK(h.bad_rows > 0);
+  CHECK(h.bad_rows + h.poly_rows <= n);
+  CHECK(h.checked_rows == std::min<std::int64_t>(16, h.poly_rows));
+  CHECK(out.to_double().allFinite());
+  for (index_t e = 0; e < dv; ++e) CHECK(out.at(0, 0, e) == Approx(v.at(0, 0, e)).epsilon(1e-6));
+  // The polynomial guarantees nothing here (poly_error >= 1): with a finite tolerance the head falls back.
+  REQUIRE(h.poly_error >= 1);
+  o.tolerance = 1e9;
+  tens<float> out2(n, 1, dv);
+  const run_result r2 = run_support(q, k, v, out2, o);
+  CHECK(r2.rep[0].fallback);
+  const Eigen::MatrixXd want = oracle(q, k, v, o);
+  CHECK(rel_error(out2.to_double(), want) < 1e-5);
+
+  // d = 1, every q and k entry 1, scale 320: every score is B = 320. The degree-1 fit interpolates exp
+  // at +-B/sqrt(2), so p(B) e^{-B} ~ 1.2 e^{-94} ~ 1.8e-41: a positive float denormal, whose inverse
+  // overflows. Every row must be recomputed exactly: the mean of the visible values (equal scores).
+  for (const bool causal : {true, false}) {
+    tens<float> q1(n, 1, 1), k1(n, 1, 1), o1(n, 1, dv);
+    for (index_t i = 0; i < n; ++i) {
+      q1.set(i, 0, 0, 1.0);
+      k1.set(i, 0, 0, 1.0);
+    }
+    support::support_options o3;
+    o3.causal = causal;
+    o3.scale = 320;
+    o3.threshold = 2;
+    o3.max_degree = 1;
+    o3.tolerance = INFINITY;
+    o3.block = 16;
+    const run_result r3 = run_support(q1, k1, v, o1, o3);
+    CHECK(r3.rep[0].bound == Approx(320.0));
+    CHECK(r3.rep[0].bad_rows == n);
+    CHECK(r3.rep[0].poly_rows == 0);
+    CHECK(r3.rep[0].checked_rows == 0);
+    CHECK(o1.to_double().allFinite());
+    CHECK(rel_error(o1.to_double(), oracle(q1, k1, v, o3)) < 1e-5);
+  }
+}
+
 TEST_CASE("support: caller-owned workspace gives the same result as the allocating overload", "[support]") {
   problem pr;
   test::seed(29);

@@ -14,16 +14,22 @@
 //      (c_{bq,bk} o phi(q_i))^T S_bk. Causal: blocks of options.block keys in order; a query whose
 //      position i + n_kv - n_q falls in block b reads the states of blocks < b, plus exact products
 //      P(s_ij) for the visible non-top keys of block b; then block b's keys enter the states.
-//   2. exact part, flash-style on the same accumulators (online max: m_i only grows, and num, den are
-//      rescaled by e^{m_old - m_new}, so the polynomial part is rescaled by e^{M_bq - m_i} <= 1 and no
-//      exp overflows): rows not in R against the keys in C; rows in R (m_i = -inf, num = den = 0)
-//      against every visible key.
-//   3. rows whose polynomial denominator is <= 0 (while the row has visible polynomial keys) or whose
-//      final denominator is <= 0 or non-finite are recomputed exactly and counted (report.bad_rows).
-//   4. out_i = num_i / den_i. Error estimate: options.check_rows rows i_j = floor((j+1) n_q / s) - 1
-//      (evenly spread, the last row always in) are recomputed in double from the storage values;
-//      relative l2 row errors against the stored out give est_error_max / est_error_mean. Above
-//      options.tolerance the head is recomputed with the exact blocked CPU attention (flagged).
+//   2. rows after the polynomial part: a row with no visible polynomial key restarts its shift at -inf
+//      (the loose M_bq would push its exact weights to 0 in float); a row whose polynomial sum dpoly is
+//      not a normal positive number, or whose numerator is not finite, is bad (step 4); the others are
+//      renormalised to dpoly = 1 (m += log dpoly, num /= dpoly).
+//   3. exact part, flash-style on the same accumulators (online max: m_i only grows, and num, den are
+//      rescaled by e^{m_old - m_new}, so no exp overflows): rows not in R against the keys in C; rows
+//      in R (m_i = -inf, num = den = 0) against every visible key.
+//   4. bad rows (step 2, or a final denominator that is not a normal positive number, or a non-finite
+//      numerator) are recomputed exactly and counted (report.bad_rows); out_i = num_i / den_i, and a
+//      row whose output still overflows is recomputed exactly too (and counted).
+//   5. error estimate over the approximated rows A (not in R, not bad, with a visible polynomial key;
+//      report.poly_rows = |A|): s = min(options.check_rows, |A|) rows A[floor((j+1) |A| / s) - 1] (evenly
+//      spread, the last always in) are recomputed in double from the storage values; relative l2 row
+//      errors against the stored out give est_error_max / est_error_mean. When that max exceeds
+//      options.tolerance, or poly_error >= 1 with a finite tolerance (the polynomial guarantees
+//      nothing), the head is recomputed with the exact blocked CPU attention (flagged).
 // Heads are spread over detail::cpu_threads() OpenMP threads, each with its own workspace slice;
 // GQA heads of one kv head each rebuild the key states (their polynomials differ).
 #pragma once
@@ -69,7 +75,7 @@ struct slice_layout {
   std::size_t q = 0, k = 0, v = 0, num = 0, den = 0, m = 0, dpoly = 0;
   std::size_t xg = 0, phi = 0, psi = 0, sk = 0, vx = 0, tmp = 0, st = 0, sc = 0;
   std::size_t s = 0, qg = 0, kg = 0, vg = 0, o = 0, l = 0, mm = 0, coef = 0;
-  std::size_t rows = 0, pos = 0, kidx = 0, est = 0, exact = 0, exact_bytes = 0;
+  std::size_t rows = 0, flag = 0, pos = 0, kidx = 0, est = 0, exact = 0, exact_bytes = 0;
   std::size_t slice = 0;
 };
 
@@ -113,6 +119,7 @@ slice_layout make_slice_layout(const plan& p, index_t dv) {
   lay.mm = c(b);
   lay.coef = c(lay.nl * lay.nl * (lay.g + 1));
   lay.rows = take(static_cast<std::size_t>(sh.n_q) * sizeof(index_t));
+  lay.flag = take(static_cast<std::size_t>(sh.n_q));
   lay.pos = take(static_cast<std::size_t>(b) * sizeof(index_t));
   lay.kidx = take(static_cast<std::size_t>(b) * sizeof(index_t));
   lay.est = take(static_cast<std::size_t>(sh.n_kv + dv) * sizeof(double));
@@ -475,53 +482,103 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
     else
       poly_noncausal(c);
   }
+
+  // Rows after the polynomial part (flag: 0 exact only, 1 approximated, 2 bad). A row with no visible
+  // polynomial key restarts its shift at -inf (the loose M_bq would push its exact weights to 0 in
+  // float); a row whose polynomial sum is not a normal positive number (or whose numerator is not
+  // finite) is bad; the others are renormalised to dpoly = 1 (m += log dpoly, num /= dpoly: the same
+  // value), so the exact part's online max starts from the row's real magnitude.
+  const auto& pre = pl.k_poly_prefix[hku];
+  std::uint8_t* const flag = c.template at<std::uint8_t>(lay.flag);
+  constexpr C tiny = std::numeric_limits<C>::min();
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  for (index_t i = 0; i < c.nq; ++i) {
+    flag[i] = 0;
+    if (qb[static_cast<std::size_t>(i)] >= c.nl) continue;  // in R
+    const index_t vis = c.causal ? std::min(c.nkv, i + c.off + 1) : c.nkv;
+    if (pre[static_cast<std::size_t>(vis)] == 0) {
+      c.m()[i] = neg_inf;
+      continue;
+    }
+    const C dp = c.dpoly()[i];
+    if (!(dp >= tiny) || !std::isfinite(dp) || !num.row(i).allFinite()) {
+      flag[i] = 2;
+      continue;
+    }
+    c.m()[i] += std::log(dp);
+    num.row(i) /= dp;
+    c.dpoly()[i] = 1;
+    flag[i] = 1;
+  }
   for (index_t i = 0; i < c.nq; ++i) c.den()[i] = c.dpoly()[i];
 
-  // Exact part.
+  // Exact part (bad rows are recomputed from scratch below).
   index_t* const rows = c.template at<index_t>(lay.rows);
   index_t n = 0;
   for (index_t i = 0; i < c.nq; ++i)
-    if (qb[static_cast<std::size_t>(i)] < c.nl) rows[n++] = i;
+    if (qb[static_cast<std::size_t>(i)] < c.nl && flag[i] != 2) rows[n++] = i;
   const auto& ckeys = pl.k_rows[hku][static_cast<std::size_t>(c.nl)];
   if (n > 0 && !ckeys.empty()) exact_rows(c, rows, n, ckeys.data(), static_cast<index_t>(ckeys.size()));
   const auto& rrows = pl.q_rows[hu][static_cast<std::size_t>(c.nl)];
   if (!rrows.empty()) exact_rows(c, rrows.data(), static_cast<index_t>(rrows.size()), nullptr, c.nkv);
 
-  // Rows with non-positive denominators: recompute exactly.
-  const auto& pre = pl.k_poly_prefix[hku];
-  n = 0;
-  for (index_t i = 0; i < c.nq; ++i) {
-    const index_t vis = c.causal ? std::min(c.nkv, i + c.off + 1) : c.nkv;
-    const bool has_poly = qb[static_cast<std::size_t>(i)] < c.nl && pre[static_cast<std::size_t>(vis)] > 0;
-    const C dd = c.den()[i];
-    bool bad = (has_poly && !(c.dpoly()[i] > 0)) || !(dd > 0) || !std::isfinite(dd);
-    if (!bad) bad = !num.row(i).allFinite();
-    if (bad) {
-      rows[n++] = i;
+  // Bad rows (flagged above, or a denominator that is not a normal positive number, or a non-finite
+  // numerator): recomputed exactly. Then out = num / den; a row that still overflows is recomputed too.
+  auto recompute = [&](index_t count) {
+    for (index_t r = 0; r < count; ++r) {
+      const index_t i = rows[r];
+      flag[i] = 2;
       num.row(i).setZero();
       c.den()[i] = 0;
-      c.m()[i] = -std::numeric_limits<C>::infinity();
+      c.m()[i] = neg_inf;
     }
-  }
-  rep.bad_rows = n;
-  if (n > 0) exact_rows(c, rows, n, nullptr, c.nkv);
-
+    if (count > 0) exact_rows(c, rows, count, nullptr, c.nkv);
+  };
+  n = 0;
   for (index_t i = 0; i < c.nq; ++i) {
-    const C inv = C(1) / c.den()[i];
-    for (index_t e = 0; e < c.dv; ++e) out(i, h, e) = basisattn::detail::from_compute<T>(num(i, e) * inv);
+    const C dd = c.den()[i];
+    if (flag[i] == 2 || !(dd >= tiny) || !std::isfinite(dd) || !num.row(i).allFinite()) rows[n++] = i;
+  }
+  recompute(n);
+  rep.bad_rows = n;
+  auto write_rows = [&](bool all) {
+    index_t over = 0;
+    for (index_t i = 0; i < c.nq; ++i) {
+      if (!all && flag[i] != 2) continue;
+      const C inv = C(1) / c.den()[i];
+      bool finite = true;
+      for (index_t e = 0; e < c.dv; ++e) {
+        const C y = num(i, e) * inv;
+        finite = finite && std::isfinite(y);
+        out(i, h, e) = basisattn::detail::from_compute<T>(y);
+      }
+      if (!finite && flag[i] != 2) rows[over++] = i;
+    }
+    return over;
+  };
+  n = write_rows(true);
+  if (n > 0) {
+    recompute(n);
+    rep.bad_rows += n;
+    write_rows(false);
   }
 
-  // Error estimate and fallback.
-  const index_t s = std::min<index_t>(static_cast<index_t>(pl.options.check_rows), c.nq);
+  // Error estimate over the approximated rows (not in R, not bad, with a visible polynomial key):
+  // check_rows of them evenly spread, the last one always in. Rows computed exactly have no error.
+  index_t na = 0;
+  for (index_t i = 0; i < c.nq; ++i)
+    if (flag[i] == 1) rows[na++] = i;
+  rep.poly_rows = na;
+  const index_t s = std::min<index_t>(static_cast<index_t>(pl.options.check_rows), na);
   rep.checked_rows = s;
   rep.est_error_max = rep.est_error_mean = 0;
   rep.fallback = false;
-  if (s == 0) return;
+  if (pl.options.check_rows == 0) return;
   double* const sbuf = c.template at<double>(lay.est);
   double* const y = sbuf + c.nkv;
   double sum = 0;
   for (index_t j = 0; j < s; ++j) {
-    const index_t i = ((j + 1) * c.nq) / s - 1;
+    const index_t i = rows[((j + 1) * na) / s - 1];
     exact_row_double(pl, q, k, v, h, i, sbuf, y);
     double e2 = 0, y2 = 0;
     for (index_t e = 0; e < c.dv; ++e) {
@@ -533,8 +590,11 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
     rep.est_error_max = std::max(rep.est_error_max, err);
     sum += err;
   }
-  rep.est_error_mean = sum / double(s);
-  if (rep.est_error_max > pl.options.tolerance) {
+  if (s > 0) rep.est_error_mean = sum / double(s);
+  // The fallback: the estimate is above the tolerance, or the polynomial guarantees nothing on its
+  // range (poly_error >= 1: its weights may be off by 100% or change sign) while a tolerance is set.
+  const bool no_guarantee = rep.poly_error >= 1 && std::isfinite(pl.options.tolerance);
+  if (rep.est_error_max > pl.options.tolerance || no_guarantee) {
     attention_options ao;
     ao.causal = c.causal;
     ao.scale = sh.scale;

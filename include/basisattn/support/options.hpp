@@ -55,11 +55,14 @@ struct support_options {
   bool sketch = false;
   std::int64_t sketch_size = 256;  ///< features per sketched degree; >= 1 when sketch is set
   std::uint64_t seed = 0;          ///< seed of the sketch's random signs
-  /// Rows per head computed exactly (in double) by run to estimate the output error (spread evenly,
-  /// always including the last row). 0 disables the estimate and the fallback.
+  /// Rows per head computed exactly (in double) by run to estimate the output error, taken among the
+  /// rows whose output came from the polynomial (head_report::poly_rows; spread evenly, the last of
+  /// them always in): rows computed exactly have no error to estimate. 0 disables the estimate and
+  /// the fallback.
   std::int64_t check_rows = 16;
-  /// When the estimate's max relative row error exceeds this, run recomputes the head with the exact
-  /// CPU attention and flags it. Infinity disables the fallback. Must be >= 0 (NaN not allowed).
+  /// When the estimate's max relative row error exceeds this, or when the head's polynomial guarantees
+  /// nothing (head_report::poly_error >= 1), run recomputes the head with exact attention and flags
+  /// it. Infinity disables the fallback. Must be >= 0 (NaN not allowed).
   double tolerance = 1e-2;
   /// Rows per feature chunk and per causal block (>= 1).
   std::int64_t block = 256;
@@ -79,11 +82,15 @@ struct head_report {
   double bound = 0;          ///< largest score bound B over the polynomial pairs (scores lie in [-B, B])
   double poly_error = 0;     ///< largest max relative error of a pair's polynomial on its [-B, B]
   // ---- filled by run ----
-  std::int64_t checked_rows = 0;  ///< rows of the error estimate
+  std::int64_t poly_rows = 0;     ///< rows whose output came (partly) from the polynomial; the others are exact
+  std::int64_t checked_rows = 0;  ///< rows of the error estimate (min(check_rows, poly_rows))
   double est_error_max = 0;       ///< max over the checked rows of ||y - y_exact|| / ||y_exact||
   double est_error_mean = 0;      ///< mean of the same
-  bool fallback = false;          ///< est_error_max > tolerance: the head was recomputed exactly
-  std::int64_t bad_rows = 0;      ///< rows whose denominators were <= 0 or non-finite, recomputed exactly
+  bool fallback = false;          ///< est_error_max > tolerance, or poly_error >= 1 with a finite tolerance:
+                                  ///< the head was recomputed exactly
+  std::int64_t bad_rows = 0;      ///< rows whose polynomial sum or denominator was not a normal positive
+                                  ///< number, or whose numerator or output was not finite: recomputed
+                                  ///< exactly (a share near 1 means the polynomial failed on this head)
 };
 
 namespace detail {
