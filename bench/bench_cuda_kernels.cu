@@ -1,2 +1,2 @@
-// basisattn's CUDA kernels compiled once for bench_cuda (see <basisattn/cuda/kernels.cuh>).
+// basisattn's CUDA kernels compiled once for bench_cuda and bench_cuda_approx (see <basisattn/cuda/kernels.cuh>).
 #include <basisattn/cuda/kernels.cuh>
