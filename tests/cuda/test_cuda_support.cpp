@@ -8,8 +8,9 @@
 // whose padding holds NaN (a kernel reading it would make the output non-finite); the output and the
 // whole workspace are poisoned (all bytes 0xFF: NaN in fp32, fp16 and bf16) before each run, so an
 // unwritten output element or a workspace buffer read before it is written shows up as non-finite,
-// and the output's padding must keep its poison. Reports must agree: bad_rows, fallback and
-// checked_rows exactly, est_error_max to the comparison tolerance.
+// and the output's padding must keep its poison. Reports must agree: bad_rows, poly_rows, fallback and
+// checked_rows exactly (both backends follow the same row rules: see <basisattn/cuda/support.hpp>),
+// est_error_max to the comparison tolerance (the estimate rows are the same approximated rows).
 //
 // Bound on nerr = ||y_gpu - y_cpu||_F / ||y_cpu||_F: both backends evaluate the same approximation
 // (same plan, same polynomials, same sign matrices) in fp32 and differ only in the order of the fp32
@@ -196,8 +197,10 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       INFO("head " << h << ": est_error_max gpu " << a.est_error_max << " cpu " << b.est_error_max << ", bad rows "
                    << a.bad_rows << "/" << b.bad_rows << ", fallback " << a.fallback << "/" << b.fallback);
       CHECK(a.bad_rows == b.bad_rows);
+      CHECK(a.poly_rows == b.poly_rows);
       CHECK(a.fallback == b.fallback);
       CHECK(a.checked_rows == b.checked_rows);
+      CHECK(a.checked_rows == std::min<std::int64_t>(o.check_rows, a.poly_rows));
       CHECK(a.degree == b.degree);  // make_plan's part is copied from the plan
       CHECK(a.features == b.features);
       CHECK(a.query_support == b.query_support);
@@ -356,6 +359,8 @@ TEST_CASE("CUDA support-basis: non-positive denominators are detected and recomp
     index_t non_finite = 0, padding_touched = 0;
     dout.download(ctx, got, non_finite, padding_touched);
     CHECK(gpu_rep[0].bad_rows == negatives);
+    CHECK(gpu_rep[0].poly_rows == cpu_rep[0].poly_rows);
+    CHECK(gpu_rep[0].checked_rows == cpu_rep[0].checked_rows);
     CHECK(non_finite == 0);
     CHECK(padding_touched == 0);
     CHECK(nerr(got, want) <= tolerance<float>());
@@ -394,6 +399,7 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
     CHECK(padding_touched == 0);
     for (std::size_t h = 0; h < gpu_rep.size(); ++h) {
       CHECK(gpu_rep[h].checked_rows == 8);
+      CHECK(cpu_rep[h].checked_rows == 8);
       CHECK(cpu_rep[h].est_error_max > 0.05);
       CHECK(gpu_rep[h].est_error_max > 0.05);
       CHECK(gpu_rep[h].est_error_mean <= gpu_rep[h].est_error_max);
@@ -419,6 +425,103 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
     CHECK(non_finite == 0);
     CHECK(padding_touched == 0);
     CHECK(nerr(got, exact) <= 64 * unit_roundoff(dtype::f32));  // fp32 exact attention on both sides
+  }
+}
+
+TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output, as on the CPU") {
+  // The CPU test's data (tests/test_support_basis.cpp): entries N(0, 5^2), d = 8, scale 1, degree 1:
+  // B > 300, so the polynomial sums are 0, denormal or barely normal in fp32. Which rows end up bad
+  // then depends on fp32 rounding (and on denormal flushing in cuBLAS), so bad_rows is not compared
+  // with the CPU here; the row rules' invariants are. Key 0 is large (in C): causal row 0 sees only it,
+  // has no visible polynomial key, so its shift restarts at -inf and its output is v_0 (not bad).
+  cuda_context ctx;
+  std::mt19937_64 g(fresh_seed());
+  const index_t n = 64, d = 8, dv = 4;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  host_tensor<float> q(n, 1, d), k(n, 1, d), v(n, 1, dv), want(n, 1, dv), got(n, 1, dv);
+  q.fill(g, 5.0);
+  k.fill(g, 5.0);
+  v.fill(g, 1.0);
+  for (index_t e = 0; e < d; ++e) k.at(0, 0, e) = 100.0f;
+  support::support_options o;
+  o.threshold = 60;  // only key 0 is above it
+  o.scale = 1;
+  o.max_degree = 1;
+  o.tolerance = INFINITY;
+  o.block = 16;
+  const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dv_(ctx, v, nan);
+  device_tensor<float> dout(ctx, want, 0.0);
+  index_t non_finite = 0, padding_touched = 0;
+  {
+    const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
+    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
+    poison(ctx, dout.buf);
+    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
+    dout.download(ctx, got, non_finite, padding_touched);
+    const support::head_report& h = gpu_rep[0];
+    INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows gpu " << h.bad_rows << " cpu "
+                  << cpu_rep[0].bad_rows << ", poly rows gpu " << h.poly_rows << " cpu " << cpu_rep[0].poly_rows);
+    REQUIRE(h.bound > 300);
+    CHECK(non_finite == 0);
+    CHECK(padding_touched == 0);
+    CHECK(h.bad_rows + h.poly_rows <= n);
+    CHECK(h.checked_rows == std::min<std::int64_t>(o.check_rows, h.poly_rows));
+    CHECK(!h.fallback);
+    for (index_t e = 0; e < dv; ++e) CHECK(std::abs(got.at(0, 0, e) - v.at(0, 0, e)) <= 1e-6 * std::abs(v.at(0, 0, e)) + 1e-30);
+    // The polynomial guarantees nothing here (poly_error >= 1): with a finite tolerance the head falls
+    // back on both backends, and both outputs are exact fp32 attention.
+    REQUIRE(h.poly_error >= 1);
+  }
+  o.tolerance = 1e9;
+  {
+    const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
+    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
+    poison(ctx, dout.buf);
+    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
+    dout.download(ctx, got, non_finite, padding_touched);
+    CHECK(cpu_rep[0].fallback);
+    CHECK(gpu_rep[0].fallback);
+    CHECK(non_finite == 0);
+    CHECK(padding_touched == 0);
+    // scores up to ~|q_0| ||k_0|| ~ 1e3: fp32 score rounding of ~1e-4 absolute, in either order of sums
+    CHECK(nerr(got, want) <= 1e-3);
+  }
+
+  // d = 1, every q and k entry 1, scale 320: every score is B = 320 and the degree-1 polynomial sums
+  // are ~1e-41 or less, far below FLT_MIN on both backends: every row is bad and recomputed exactly,
+  // none is approximated, nothing is checked.
+  for (const bool causal : {true, false}) {
+    INFO("equal scores, causal " << causal);
+    host_tensor<float> q1(n, 1, 1), k1(n, 1, 1), w1(n, 1, dv), g1(n, 1, dv);
+    for (index_t i = 0; i < n; ++i) {
+      q1.at(i, 0, 0) = 1.0f;
+      k1.at(i, 0, 0) = 1.0f;
+    }
+    support::support_options o3;
+    o3.causal = causal;
+    o3.scale = 320;
+    o3.threshold = 2;
+    o3.max_degree = 1;
+    o3.tolerance = INFINITY;
+    o3.block = 16;
+    const support::plan plan = support::make_plan(cpu{}, q1.cview(), k1.cview(), o3);
+    const auto cpu_rep = support::run(cpu{}, plan, q1.cview(), k1.cview(), v.cview(), w1.view());
+    const device_tensor<float> dq1(ctx, q1, nan), dk1(ctx, k1, nan);
+    device_tensor<float> do1(ctx, w1, 0.0);
+    poison(ctx, do1.buf);
+    const auto gpu_rep = support::run<float>(ctx, plan, dq1.cview(), dk1.cview(), dv_.cview(), do1.view());
+    do1.download(ctx, g1, non_finite, padding_touched);
+    REQUIRE(cpu_rep[0].bad_rows == n);
+    CHECK(gpu_rep[0].bad_rows == n);
+    CHECK(gpu_rep[0].poly_rows == 0);
+    CHECK(cpu_rep[0].poly_rows == 0);
+    CHECK(gpu_rep[0].checked_rows == 0);
+    CHECK(gpu_rep[0].est_error_max == 0);
+    CHECK(gpu_rep[0].est_error_mean == 0);
+    CHECK(!gpu_rep[0].fallback);
+    CHECK(non_finite == 0);
+    CHECK(padding_touched == 0);
+    CHECK(nerr(g1, w1) <= tolerance<float>());
   }
 }
 

@@ -44,22 +44,38 @@
 //      previous blocks plus the exact products P_{bq,bk}(s_ij) e^{-M_bq} of the block's visible
 //      non-top keys (one GEMM for the scores, one for the products with [V, 1]), then the block's keys
 //      enter the states.
-//   2. exact part, flash-style on the same accumulators with the shared shift (one warp per query row,
+//   2. rows after the polynomial part (before the exact part), each row i not in R with vis visible
+//      keys (row flags: 0 exact only, 1 approximated, 2 bad):
+//        - no visible polynomial key (plan.k_poly_prefix[hk][vis] == 0, so no polynomial term): m_i = -inf,
+//          so the exact part's online max starts fresh instead of at the loose M_bq (whose weights
+//          e^{s - M_bq} can underflow to 0 or a denormal in fp32 and give inf outputs);
+//        - else dpoly_i not a normal positive finite number (!(dpoly_i >= FLT_MIN): <= 0, denormal, NaN;
+//          or inf) or num_i with a non-finite entry: the row is bad (step 4), the exact part skips it;
+//        - else renormalised: m_i += log dpoly_i, num_i /= dpoly_i, dpoly_i = 1 (the same num e^m).
+//      Rows in R keep m = -inf, num = dpoly = 0.
+//   3. exact part, flash-style on the same accumulators (den starts at dpoly; one warp per query row,
 //      online max: m only grows and num, den are rescaled): rows in R against every visible key, the
-//      others against the visible keys in C.
-//   3. rows whose polynomial denominator is <= 0 (while they have visible polynomial keys) or whose final
-//      denominator is <= 0 or non-finite (or numerator non-finite) are recomputed exactly from scratch
-//      and counted (head_report::bad_rows).
-//   4. out = num / den, rounded once to T.
-//   5. error estimate (options.check_rows > 0): the CPU's rows i_j = floor((j + 1) n_q / s) - 1 are
-//      recomputed on the GPU in double from the storage values of q, k, v and compared with the stored
-//      out (relative l2 row errors -> est_error_max / est_error_mean).
+//      other non-bad rows against the visible keys in C.
+//   4. bad rows (step 2, or a final den not in [FLT_MIN, finite], or a non-finite num entry) are
+//      recomputed exactly from scratch; out = num / den, rounded once to T; a row whose fp32 output
+//      num * (1 / den) is still non-finite is recomputed exactly too and stored again.
+//      head_report::bad_rows counts the distinct recomputed rows of both rounds.
+//   5. error estimate over the approximated rows A (ascending: not in R, not bad, with a visible
+//      polynomial key; head_report::poly_rows = |A|, listed on the device by a one-block scan):
+//      s = min(options.check_rows, |A|) rows A[floor((j + 1) |A| / s) - 1], j < s (evenly spread, the
+//      last approximated row always in), recomputed on the GPU in double from the storage values of q,
+//      k, v and compared with the stored out (relative l2 row errors -> est_error_max / est_error_mean);
+//      checked_rows = s; with |A| = 0 (every row exact) checked_rows = 0 and both estimates are 0.
+// These are the CPU run's rules (<basisattn/support/cpu.hpp>, detail::run_head), so on the same plan
+// both backends give the same bad_rows, poly_rows and checked_rows and the same rows' estimates (up to
+// fp32 rounding order).
 // After the last head, when options.check_rows > 0 or `report` is not null, run waits for the stream
-// (ctx.synchronize()) and reads the per-head error summaries and bad-row counts back (a few bytes per
-// head, into local variables). Heads whose est_error_max exceeds options.tolerance are then recomputed
-// exactly with this file's own exact kernel (step 2 with every row against every visible key: no head
-// dim limit, fp32) and flagged (head_report::fallback). With check_rows = 0 and no report, run returns
-// without waiting.
+// (ctx.synchronize()) and reads the per-head bad-row counts, |A| and error summaries back (a few bytes
+// per head, into local variables). With options.check_rows > 0, a head whose est_error_max exceeds
+// options.tolerance, or whose plan has poly_error >= 1 while options.tolerance is finite (the
+// polynomial guarantees nothing on [-B, B]), is then recomputed exactly with this file's own exact
+// kernel (step 3 with every row against every visible key: no head dim limit, fp32) and flagged
+// (head_report::fallback). With check_rows = 0 and no report, run returns without waiting.
 //
 // Errors: the CPU run's argument checks (errc::shape_mismatch / invalid_argument with the same messages,
 // the plan's extents and storage type, a too small or null workspace); options.check_finite scans v on
@@ -105,10 +121,10 @@ struct cuda_layout {
   // plan tables (all heads) and per-head results
   std::size_t qb = 0, kb = 0, kpre = 0, ckeys = 0, coef = 0, shift = 0;
   std::size_t parent = 0, var = 0, ratio = 0, degree_of = 0, proj = 0;
-  std::size_t err = 0, y = 0, summary = 0, bad = 0, nonfinite = 0;
+  std::size_t err = 0, y = 0, summary = 0, bad = 0, na = 0, nonfinite = 0;
   std::size_t tables_end = 0;  ///< bytes zeroed at the start of a run
   // one head's buffers (fp32 unless noted)
-  std::size_t Q = 0, K = 0, V = 0, num = 0, den = 0, m = 0, dpoly = 0, flags = 0;
+  std::size_t Q = 0, K = 0, V = 0, num = 0, den = 0, m = 0, dpoly = 0, flags = 0, arows = 0;
   std::size_t xq = 0, xk = 0, phi = 0, psi = 0, sk = 0, vx = 0, tmp = 0, st = 0, s = 0;
   std::size_t total = 0;
 };
@@ -148,6 +164,7 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   L.y = take(n_of(L.samples * dv, sizeof(double)));
   L.summary = take(n_of(2 * sh.h_q, sizeof(double)));
   L.bad = take(n_of(sh.h_q, sizeof(unsigned long long)));
+  L.na = take(n_of(sh.h_q, sizeof(unsigned long long)));
   L.nonfinite = take(sizeof(unsigned long long));
   L.tables_end = end;
   auto f = [&](index_t n) { return take(n_of(n, sizeof(float))); };
@@ -159,6 +176,7 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   L.m = f(sh.n_q);
   L.dpoly = f(sh.n_q);
   L.flags = take(n_of(sh.n_q, sizeof(int)));
+  L.arows = take(n_of(sh.n_q, sizeof(index_t)));
   L.xq = f(b * d);
   L.xk = f(b * d);
   L.phi = f(b * r);
@@ -413,11 +431,13 @@ void load_head(const cuda_run& c, const tensor3_view<const T>& q, const tensor3_
                                c.at<float>(c.L.V), c.stream());
 }
 
+/// out of head c.h = num / den rounded to T: every row (bad_only false) or the rows flagged 2.
 template <class T>
-void store_head(const cuda_run& c, const tensor3_view<T>& out) {
+void store_head(const cuda_run& c, const tensor3_view<T>& out, bool bad_only = false) {
   ::basisattn::detail::cuda_kernels::launch_support_store(c.at<float>(c.L.num), c.at<float>(c.L.den), c.p->shape.n_q,
                                                           c.L.dv, out.data + c.h * out.stride[1], out.stride[0],
-                                                          out.stride[2], c.stream());
+                                                          out.stride[2], bad_only ? c.at<int>(c.L.flags) : nullptr,
+                                                          c.stream());
 }
 
 /// Steps 0-5 of the header comment for query head c.h.
@@ -431,13 +451,20 @@ void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tens
   ck::launch_support_init(c.qb(), c.at<double>(L.shift) + c.h * L.nl, static_cast<int>(L.nl), sh.n_q, L.dv,
                           c.at<float>(L.num), c.at<float>(L.dpoly), c.at<float>(L.m), c.stream());
   cuda_poly(c);
+  int* const flags = c.at<int>(L.flags);
+  unsigned long long* const bad = c.at<unsigned long long>(L.bad) + c.h;
+  ck::launch_support_post_poly(c.qb(), static_cast<int>(L.nl), c.at<index_t>(L.kpre) + c.hk * (sh.n_kv + 1), sh.n_q,
+                               sh.n_kv, L.dv, c.p->options.causal, sh.causal_offset, c.at<float>(L.num),
+                               c.at<float>(L.dpoly), c.at<float>(L.m), flags, c.stream());
   ck::launch_support_exact(exact_params(c, 0), c.stream());
-  ck::launch_support_detect(c.qb(), static_cast<int>(L.nl), c.at<index_t>(L.kpre) + c.hk * (sh.n_kv + 1),
-                            c.at<float>(L.dpoly), c.at<float>(L.den), c.at<float>(L.num), sh.n_q, sh.n_kv, L.dv,
-                            c.p->options.causal, sh.causal_offset, c.at<int>(L.flags),
-                            c.at<unsigned long long>(L.bad) + c.h, c.stream());
+  ck::launch_support_detect(c.at<float>(L.den), c.at<float>(L.num), sh.n_q, L.dv, flags, bad, c.stream());
   ck::launch_support_exact(exact_params(c, 1), c.stream());
   store_head(c, out);
+  // Rows whose output still overflows: recomputed exactly too (counted), and stored again.
+  ck::launch_support_check_output(c.at<float>(L.num), c.at<float>(L.den), sh.n_q, L.dv, flags, bad, c.stream());
+  ck::launch_support_exact(exact_params(c, 1), c.stream());
+  store_head(c, out, true);
+  ck::launch_support_compact(flags, sh.n_q, c.at<index_t>(L.arows), c.at<unsigned long long>(L.na) + c.h, c.stream());
   if (L.samples > 0) {
     ck::support_estimate_params<T> e;
     e.q = q.data + c.h * q.stride[1];
@@ -450,10 +477,13 @@ void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tens
     e.causal_offset = sh.causal_offset;
     e.causal = c.p->options.causal;
     e.scale = sh.scale;
+    e.rows = c.at<index_t>(L.arows);
+    e.n_rows = c.at<unsigned long long>(L.na) + c.h;
     e.y = c.at<double>(L.y);
     e.err = c.at<double>(L.err);
     ck::launch_support_estimate(e, c.stream());
-    ck::launch_support_summarize(c.at<double>(L.err), L.samples, c.at<double>(L.summary) + 2 * c.h, c.stream());
+    ck::launch_support_summarize(c.at<double>(L.err), L.samples, c.at<unsigned long long>(L.na) + c.h,
+                                 c.at<double>(L.summary) + 2 * c.h, c.stream());
   }
 }
 
@@ -520,28 +550,37 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
     c.hk = h / sh.group;
     detail::run_head_cuda<T>(c, q, k, v, out);
   }
-  if (L.samples == 0 && !report) return;
+  const std::int64_t check_rows = p.options.check_rows;
+  if (check_rows == 0 && !report) return;
 
-  // Reports and the exact fallback.
+  // Reports and the exact fallback (the first download waits for the whole head loop).
+  const double tol = p.options.tolerance;
   for (index_t h = 0; h < sh.h_q; ++h) {
     c.h = h;
     c.hk = h / sh.group;
     head_report rep = p.report[static_cast<std::size_t>(h)];
-    unsigned long long bad = 0;
-    detail::cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);  // waits for the whole head loop
+    unsigned long long bad = 0, na = 0;
+    detail::cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);
+    detail::cuda_download(ctx, &na, c.at<unsigned long long>(L.na) + h, 1);
     rep.bad_rows = static_cast<std::int64_t>(bad);
-    rep.checked_rows = L.samples;
-    if (L.samples > 0) {
+    rep.poly_rows = static_cast<std::int64_t>(na);
+    rep.checked_rows = std::min<std::int64_t>(check_rows, rep.poly_rows);
+    rep.est_error_max = rep.est_error_mean = 0;
+    if (rep.checked_rows > 0) {
       double summary[2] = {0, 0};
       detail::cuda_download(ctx, summary, c.at<double>(L.summary) + 2 * h, 2);
       rep.est_error_max = summary[0];
       rep.est_error_mean = summary[1];
-      if (rep.est_error_max > p.options.tolerance) {
-        detail::load_head(c, q, k, v);
-        ck::launch_support_exact(detail::exact_params(c, 2), ctx.stream());
-        detail::store_head(c, out);
-        rep.fallback = true;
-      }
+    }
+    rep.fallback = false;
+    // As the CPU: the estimate is above the tolerance, or the polynomial guarantees nothing on its
+    // range (poly_error >= 1) while a tolerance is set; only with the estimate enabled.
+    const bool no_guarantee = rep.poly_error >= 1 && std::isfinite(tol);
+    if (check_rows > 0 && (rep.est_error_max > tol || no_guarantee)) {
+      detail::load_head(c, q, k, v);
+      ck::launch_support_exact(detail::exact_params(c, 2), ctx.stream());
+      detail::store_head(c, out);
+      rep.fallback = true;
     }
     if (report) report[h] = rep;
   }

@@ -11,6 +11,13 @@
 // the plan's uint8 buckets (bucket nl = the exact top bucket); `coef` points at one query head's
 // coefficient table, (nl + 1) x nl x (g + 1) doubles indexed [(bq * nl + bk) * (g + 1) + t], whose
 // row bq = nl (queries in R) is all zeros.
+//
+// Row flags (int per query row of the current head), as the CPU run's flags (<basisattn/support/cpu.hpp>):
+//   0  computed exactly only (in R, or no visible polynomial key)
+//   1  approximated (not in R, a visible polynomial key, renormalised to dpoly = 1)
+//   2  bad: recomputed (or to be recomputed) exactly from scratch; skipped by the exact part's mode 0
+//   3  bad, recompute pending (set by launch_support_detect / launch_support_check_output; the exact
+//      part's mode 1 recomputes these rows and sets them to 2)
 #pragma once
 
 #include <basisattn/core/config.hpp>
@@ -31,18 +38,20 @@ template <class T>
 void launch_support_load_head(const T* x, index_t n, index_t d, index_t s0, index_t s2, float* dst,
                               cudaStream_t stream);
 
-/// out[i s0 + c s2] = num[i, c] * (1 / den[i]) rounded to T (num rm n x dv; out points at the head).
+/// out[i s0 + c s2] = num[i, c] * (1 / den[i]) rounded to T (num rm n x dv; out points at the head);
+/// flags not null: only the rows with flags[i] == 2.
 template <class T>
 void launch_support_store(const float* num, const float* den, index_t n, index_t dv, T* out, index_t s0, index_t s2,
-                          cudaStream_t stream);
+                          const int* flags, cudaStream_t stream);
 
 /// Adds to *count the number of NaN/Inf entries of x [e0, e1, e2] (any strides); *count must be zeroed first.
 template <class T>
 void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t e2, index_t s0, index_t s1,
                                     index_t s2, unsigned long long* count, cudaStream_t stream);
 
-/// Parameters of the sampled-row error estimate of one query head: rows i_j = floor((j + 1) n_q / s) - 1,
-/// j < s, computed exactly in double from the storage values, against the stored out.
+/// Parameters of the sampled-row error estimate of one query head: with na = *n_rows approximated rows
+/// rows[0, na) (ascending) and s = min(samples, na), rows i_j = rows[floor((j + 1) na / s) - 1], j < s,
+/// computed exactly in double from the storage values, against the stored out.
 template <class T>
 struct support_estimate_params {
   const T* q = nullptr;  ///< q at head h (strides q_s0 tokens, q_s2 features)
@@ -53,11 +62,13 @@ struct support_estimate_params {
   index_t n_q = 0, n_kv = 0, d = 0, dv = 0, samples = 0, causal_offset = 0;
   bool causal = true;
   double scale = 1;
+  const index_t* rows = nullptr;                ///< the approximated rows, ascending (device)
+  const unsigned long long* n_rows = nullptr;   ///< their number na (device)
   double* y = nullptr;    ///< scratch, samples x dv doubles
   double* err = nullptr;  ///< samples relative l2 row errors (inf when non-finite)
 };
 
-/// One block per sampled row; writes p.err[0, samples).
+/// One block per possible sampled row (p.samples blocks, an upper bound of s); writes p.err[0, s).
 template <class T>
 void launch_support_estimate(const support_estimate_params<T>& p, cudaStream_t stream);
 
@@ -120,25 +131,44 @@ struct support_exact_params {
   float* den = nullptr;
   float* m = nullptr;
   const float* dpoly = nullptr;
-  const int* flags = nullptr;  ///< mode 1: rows to recompute
-  /// 0: continue the polynomial accumulators (m, dpoly, num): rows in R against every visible key, the
-  ///    others against the visible keys in C; writes m, den, num.
-  /// 1: rows with flags[i] != 0 from scratch against every visible key.
+  int* flags = nullptr;  ///< row flags (see the top of this file); modes 0 and 1
+  /// 0: continue the polynomial accumulators (m, dpoly, num) of the rows with flags != 2: rows in R
+  ///    against every visible key, the others against the visible keys in C; writes m, den, num.
+  /// 1: rows with flags[i] == 3 from scratch against every visible key; sets their flags to 2.
   /// 2: every row from scratch against every visible key (the exact fallback).
   int mode = 0;
 };
 
 void launch_support_exact(const support_exact_params& p, cudaStream_t stream);
 
-/// Flags rows whose polynomial denominator is <= 0 while the row has visible polynomial keys
-/// (qb < nl and kpre[visible] > 0), or whose final denominator is <= 0 or non-finite, or whose
-/// numerator has a non-finite entry; adds their number to *count.
-void launch_support_detect(const std::uint8_t* qb, int nl, const index_t* kpre, const float* dpoly, const float* den,
-                           const float* num, index_t n_q, index_t n_kv, index_t dv, bool causal, index_t off,
-                           int* flags, unsigned long long* count, cudaStream_t stream);
+/// Rows after the polynomial part, before the exact part; for each row i not in R (qb[i] < nl) with
+/// vis visible keys (kpre: the kv head's k_poly_prefix, n_kv + 1 counts):
+///   kpre[vis] == 0 (no visible polynomial key): m[i] = -inf, flags 0;
+///   else dpoly[i] not in [FLT_MIN, finite] or num[i, :] not finite: flags 2 (bad);
+///   else m[i] += log dpoly[i], num[i, :] /= dpoly[i], dpoly[i] = 1, flags 1.
+/// Rows in R: flags 0. Writes flags[0, n_q).
+void launch_support_post_poly(const std::uint8_t* qb, int nl, const index_t* kpre, index_t n_q, index_t n_kv,
+                              index_t dv, bool causal, index_t off, float* num, float* dpoly, float* m, int* flags,
+                              cudaStream_t stream);
 
-/// summary[0] = max, summary[1] = mean of err[0, s) (s >= 1; one thread).
-void launch_support_summarize(const double* err, index_t s, double* summary, cudaStream_t stream);
+/// After the exact part: rows with flags 2, or a den not in [FLT_MIN, finite], or a non-finite num
+/// entry, get flags 3; adds their number to *count.
+void launch_support_detect(const float* den, const float* num, index_t n_q, index_t dv, int* flags,
+                           unsigned long long* count, cudaStream_t stream);
+
+/// After the store: rows with flags 0 or 1 whose output num[i, c] * (1 / den[i]) (fp32, as the store
+/// computes it) has a non-finite entry get flags 3; adds their number to *count.
+void launch_support_check_output(const float* num, const float* den, index_t n_q, index_t dv, int* flags,
+                                 unsigned long long* count, cudaStream_t stream);
+
+/// rows[0, na) = the rows with flags 1, ascending; *count = na (one block; n_q may be 0).
+void launch_support_compact(const int* flags, index_t n_q, index_t* rows, unsigned long long* count,
+                            cudaStream_t stream);
+
+/// With s = min(samples, *n_rows): summary[0] = max, summary[1] = mean of err[0, s); both 0 when s = 0
+/// (one thread; nothing is launched for samples <= 0).
+void launch_support_summarize(const double* err, index_t samples, const unsigned long long* n_rows, double* summary,
+                              cudaStream_t stream);
 
 }  // namespace cuda_kernels
 }  // namespace detail

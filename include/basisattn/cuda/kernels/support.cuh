@@ -11,6 +11,7 @@
 #include <basisattn/cuda/kernels/common.cuh>
 #include <basisattn/cuda/support_launch.hpp>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -84,10 +85,12 @@ void launch_support_load_head(const T* x, index_t n, index_t d, index_t s0, inde
 
 template <class D>
 __global__ void support_store_kernel(const float* __restrict__ num, const float* __restrict__ den, long long n,
-                                     long long dv, D* __restrict__ out, long long s0, long long s2) {
+                                     long long dv, D* __restrict__ out, long long s0, long long s2,
+                                     const int* __restrict__ flags) {
   for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < n * dv;
        e += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long i = e / dv, c = e - i * dv;
+    if (flags && flags[i] != 2) continue;
     const float inv = 1.0f / den[i];
     out[i * s0 + c * s2] = store_f<D>(num[e] * inv);
   }
@@ -95,11 +98,11 @@ __global__ void support_store_kernel(const float* __restrict__ num, const float*
 
 template <class T>
 void launch_support_store(const float* num, const float* den, index_t n, index_t dv, T* out, index_t s0, index_t s2,
-                          cudaStream_t stream) {
+                          const int* flags, cudaStream_t stream) {
   using tr = support_kernel_traits;
   if (n <= 0 || dv <= 0) return;
   support_store_kernel<<<grid_for(n * dv, tr::threads), tr::threads, 0, stream>>>(num, den, n, dv, as_device(out), s0,
-                                                                                 s2);
+                                                                                 s2, flags);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -127,16 +130,20 @@ void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t 
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
-/// One block per sampled row: two passes over the visible keys (max, then weights in chunks of the
-/// block size kept in shared memory), all in double.
+/// One block per sampled row j < s = min(p.samples, *p.n_rows) (blocks j >= s return at once): row
+/// i = p.rows[floor((j + 1) na / s) - 1] of the na approximated rows; two passes over the visible keys
+/// (max, then weights in chunks of the block size kept in shared memory), all in double.
 template <class D>
 __global__ void __launch_bounds__(support_kernel_traits::estimate_threads)
     support_estimate_kernel(support_estimate_params<D> p) {
   constexpr int nt = support_kernel_traits::estimate_threads;
   __shared__ double w[nt];
   __shared__ double red[nt];
+  const long long na = static_cast<long long>(*p.n_rows);
+  const long long s = p.samples < na ? p.samples : na;
   const long long j = blockIdx.x;
-  const long long i = ((j + 1) * p.n_q) / p.samples - 1;
+  if (j >= s) return;  // block-uniform, before any barrier
+  const long long i = static_cast<long long>(p.rows[((j + 1) * na) / s - 1]);
   const long long vis = p.causal ? i + p.causal_offset + 1 : p.n_kv;
   const int t = threadIdx.x;
   auto score = [&](long long key) {
@@ -194,6 +201,8 @@ void launch_support_estimate(const support_estimate_params<T>& p, cudaStream_t s
   dp.causal_offset = p.causal_offset;
   dp.causal = p.causal;
   dp.scale = p.scale;
+  dp.rows = p.rows;
+  dp.n_rows = p.n_rows;
   dp.y = p.y;
   dp.err = p.err;
   support_estimate_kernel<D><<<static_cast<unsigned>(p.samples), support_kernel_traits::estimate_threads, 0, stream>>>(dp);
@@ -368,6 +377,45 @@ void launch_support_init(const std::uint8_t* qb, const double* shift, int nl, in
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
+/// Rows after the polynomial part (header comment of support_launch.hpp, launch_support_post_poly).
+__global__ void support_post_poly_kernel(const std::uint8_t* __restrict__ qb, int nl, const long long* __restrict__ kpre,
+                                         long long n_q, long long n_kv, long long dv, bool causal, long long off,
+                                         float* __restrict__ num, float* __restrict__ dpoly, float* __restrict__ m,
+                                         int* __restrict__ flags) {
+  BASISATTN_SUPPORT_GRID_LOOP(i, n_q) {
+    int f = 0;
+    if (qb[i] < nl) {
+      const long long vis = causal ? (i + off + 1 < n_kv ? i + off + 1 : n_kv) : n_kv;
+      if (kpre[vis] == 0) {
+        m[i] = -INFINITY;  // no visible polynomial key: the exact part's online max starts fresh
+      } else {
+        const float dp = dpoly[i];
+        bool bad = !(dp >= FLT_MIN) || !isfinite(dp);
+        for (long long c = 0; c < dv && !bad; ++c) bad = !isfinite(num[i * dv + c]);
+        if (bad) {
+          f = 2;
+        } else {  // the same value num e^m with dpoly = 1
+          m[i] += logf(dp);
+          for (long long c = 0; c < dv; ++c) num[i * dv + c] /= dp;
+          dpoly[i] = 1.0f;
+          f = 1;
+        }
+      }
+    }
+    flags[i] = f;
+  }
+}
+
+void launch_support_post_poly(const std::uint8_t* qb, int nl, const index_t* kpre, index_t n_q, index_t n_kv,
+                              index_t dv, bool causal, index_t off, float* num, float* dpoly, float* m, int* flags,
+                              cudaStream_t stream) {
+  using tr = support_kernel_traits;
+  if (n_q <= 0) return;
+  support_post_poly_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(
+      qb, nl, reinterpret_cast<const long long*>(kpre), n_q, n_kv, dv, causal, off, num, dpoly, m, flags);
+  BASISATTN_CUDA_CHECK(cudaGetLastError());
+}
+
 /// One warp per query row; lane t scores key t of each chunk of 32 keys; the row's (m, den, num) are
 /// updated flash-style in place (num in global memory, columns spread over the lanes).
 __global__ void __launch_bounds__(32 * support_kernel_traits::exact_warps)
@@ -377,7 +425,8 @@ __global__ void __launch_bounds__(32 * support_kernel_traits::exact_warps)
   const long long first = static_cast<long long>(blockIdx.x) * support_kernel_traits::exact_warps + (threadIdx.x >> 5);
   const long long* const ckeys = reinterpret_cast<const long long*>(p.ckeys);
   for (long long i = first; i < p.n_q; i += warps_total) {  // warp-uniform
-    if (p.mode == 1 && p.flags[i] == 0) continue;
+    if (p.mode == 0 && p.flags[i] == 2) continue;  // bad after the polynomial part: recomputed in mode 1
+    if (p.mode == 1 && p.flags[i] != 3) continue;
     float* const num = p.num + i * p.dv;
     float mrow, l;
     if (p.mode == 0) {
@@ -425,9 +474,11 @@ __global__ void __launch_bounds__(32 * support_kernel_traits::exact_warps)
         if (c < p.dv) num[c] = acc;
       }
     }
+    __syncwarp();  // every lane has read flags[i] before lane 0 may rewrite it
     if (lane == 0) {
       p.m[i] = mrow;
       p.den[i] = l;
+      if (p.mode == 1) p.flags[i] = 2;
     }
   }
 }
@@ -441,34 +492,91 @@ void launch_support_exact(const support_exact_params& p, cudaStream_t stream) {
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
-__global__ void support_detect_kernel(const std::uint8_t* __restrict__ qb, int nl, const long long* __restrict__ kpre,
-                                      const float* __restrict__ dpoly, const float* __restrict__ den,
-                                      const float* __restrict__ num, long long n_q, long long n_kv, long long dv,
-                                      bool causal, long long off, int* __restrict__ flags,
-                                      unsigned long long* count) {
+__global__ void support_detect_kernel(const float* __restrict__ den, const float* __restrict__ num, long long n_q,
+                                      long long dv, int* __restrict__ flags, unsigned long long* count) {
   BASISATTN_SUPPORT_GRID_LOOP(i, n_q) {
-    const long long vis = causal ? (i + off + 1 < n_kv ? i + off + 1 : n_kv) : n_kv;
-    const bool has_poly = qb[i] < nl && kpre[vis] > 0;
     const float dd = den[i];
-    bool bad = (has_poly && !(dpoly[i] > 0.0f)) || !(dd > 0.0f) || !isfinite(dd);
+    bool bad = flags[i] == 2 || !(dd >= FLT_MIN) || !isfinite(dd);
     for (long long c = 0; c < dv && !bad; ++c) bad = !isfinite(num[i * dv + c]);
-    flags[i] = bad ? 1 : 0;
-    if (bad) atomicAdd(count, 1ull);
+    if (bad) {
+      flags[i] = 3;
+      atomicAdd(count, 1ull);
+    }
   }
 }
 
-void launch_support_detect(const std::uint8_t* qb, int nl, const index_t* kpre, const float* dpoly, const float* den,
-                           const float* num, index_t n_q, index_t n_kv, index_t dv, bool causal, index_t off,
-                           int* flags, unsigned long long* count, cudaStream_t stream) {
+void launch_support_detect(const float* den, const float* num, index_t n_q, index_t dv, int* flags,
+                           unsigned long long* count, cudaStream_t stream) {
   using tr = support_kernel_traits;
   if (n_q <= 0) return;
-  support_detect_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(
-      qb, nl, reinterpret_cast<const long long*>(kpre), dpoly, den, num, n_q, n_kv, dv, causal, off, flags, count);
+  support_detect_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(den, num, n_q, dv, flags, count);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
-__global__ void support_summarize_kernel(const double* __restrict__ err, long long s, double* __restrict__ summary) {
+__global__ void support_check_output_kernel(const float* __restrict__ num, const float* __restrict__ den, long long n_q,
+                                            long long dv, int* __restrict__ flags, unsigned long long* count) {
+  BASISATTN_SUPPORT_GRID_LOOP(i, n_q) {
+    if (flags[i] >= 2) continue;  // already recomputed exactly
+    const float inv = 1.0f / den[i];  // as support_store_kernel
+    bool finite = true;
+    for (long long c = 0; c < dv && finite; ++c) finite = isfinite(num[i * dv + c] * inv);
+    if (!finite) {
+      flags[i] = 3;
+      atomicAdd(count, 1ull);
+    }
+  }
+}
+
+void launch_support_check_output(const float* num, const float* den, index_t n_q, index_t dv, int* flags,
+                                 unsigned long long* count, cudaStream_t stream) {
+  using tr = support_kernel_traits;
+  if (n_q <= 0) return;
+  support_check_output_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(num, den, n_q, dv, flags,
+                                                                                      count);
+  BASISATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+/// One block: an inclusive scan of (flags == 1) per chunk of blockDim.x rows.
+__global__ void support_compact_kernel(const int* __restrict__ flags, long long n_q, long long* __restrict__ rows,
+                                       unsigned long long* __restrict__ count) {
+  constexpr int nt = support_kernel_traits::threads;
+  __shared__ long long sc[nt];
+  const int t = threadIdx.x;
+  long long base = 0;
+  for (long long c0 = 0; c0 < n_q; c0 += nt) {
+    const long long i = c0 + t;
+    const long long v = (i < n_q && flags[i] == 1) ? 1 : 0;
+    sc[t] = v;
+    __syncthreads();
+    for (int o = 1; o < nt; o <<= 1) {
+      const long long add = t >= o ? sc[t - o] : 0;
+      __syncthreads();
+      sc[t] += add;
+      __syncthreads();
+    }
+    if (v) rows[base + sc[t] - 1] = i;
+    base += sc[nt - 1];
+    __syncthreads();  // sc is rewritten by the next chunk
+  }
+  if (t == 0) *count = static_cast<unsigned long long>(base);
+}
+
+void launch_support_compact(const int* flags, index_t n_q, index_t* rows, unsigned long long* count,
+                            cudaStream_t stream) {
+  using tr = support_kernel_traits;
+  support_compact_kernel<<<1, tr::threads, 0, stream>>>(flags, n_q, reinterpret_cast<long long*>(rows), count);
+  BASISATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+__global__ void support_summarize_kernel(const double* __restrict__ err, long long samples,
+                                         const unsigned long long* __restrict__ n_rows, double* __restrict__ summary) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const long long na = static_cast<long long>(*n_rows);
+  const long long s = samples < na ? samples : na;
+  if (s == 0) {  // no approximated row: every row was exact
+    summary[0] = summary[1] = 0;
+    return;
+  }
   double mx = 0, sum = 0;
   for (long long j = 0; j < s; ++j) {
     mx = fmax(mx, err[j]);
@@ -478,9 +586,10 @@ __global__ void support_summarize_kernel(const double* __restrict__ err, long lo
   summary[1] = sum / static_cast<double>(s);
 }
 
-void launch_support_summarize(const double* err, index_t s, double* summary, cudaStream_t stream) {
-  if (s <= 0) return;
-  support_summarize_kernel<<<1, 1, 0, stream>>>(err, s, summary);
+void launch_support_summarize(const double* err, index_t samples, const unsigned long long* n_rows, double* summary,
+                              cudaStream_t stream) {
+  if (samples <= 0) return;
+  support_summarize_kernel<<<1, 1, 0, stream>>>(err, samples, n_rows, summary);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -489,7 +598,7 @@ void launch_support_summarize(const double* err, index_t s, double* summary, cud
 #define BASISATTN_INSTANTIATE_SUPPORT_KERNELS(T)                                                                    \
   template void launch_support_load_head<T>(const T*, index_t, index_t, index_t, index_t, float*, cudaStream_t);    \
   template void launch_support_store<T>(const float*, const float*, index_t, index_t, T*, index_t, index_t,         \
-                                        cudaStream_t);                                                             \
+                                        const int*, cudaStream_t);                                                 \
   template void launch_support_count_nonfinite<T>(const T*, index_t, index_t, index_t, index_t, index_t, index_t,   \
                                                   unsigned long long*, cudaStream_t);                              \
   template void launch_support_estimate<T>(const support_estimate_params<T>&, cudaStream_t);
