@@ -32,6 +32,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "cuda_bench_util.hpp"
+
 #include "deepseek_shapes.hpp"
 
 #include <algorithm>
@@ -45,43 +47,9 @@ namespace ds = deepseek_v2_lite;
 
 namespace {
 
-bool have_device(benchmark::State& state) {
-  if (cuda_device_count() > 0) return true;
-  state.SkipWithError("no usable CUDA device");
-  return false;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-/// A pair of CUDA events timing work enqueued between start() and stop() on one stream.
-class event_timer {
- public:
-  event_timer() {
-    BASISATTN_CUDA_CHECK(cudaEventCreate(&a_));
-    BASISATTN_CUDA_CHECK(cudaEventCreate(&b_));
-  }
-  event_timer(const event_timer&) = delete;
-  event_timer& operator=(const event_timer&) = delete;
-  ~event_timer() {
-    cudaEventDestroy(a_);
-    cudaEventDestroy(b_);
-  }
-  void start(cudaStream_t s) { BASISATTN_CUDA_CHECK(cudaEventRecord(a_, s)); }
-  void stop(cudaStream_t s) { BASISATTN_CUDA_CHECK(cudaEventRecord(b_, s)); }
-  /// Seconds between the two events (waits for the second).
-  double seconds() {
-    BASISATTN_CUDA_CHECK(cudaEventSynchronize(b_));
-    float ms = 0;
-    BASISATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
-    return ms * 1e-3;
-  }
-
- private:
-  cudaEvent_t a_ = nullptr, b_ = nullptr;
-};
+using cudabench::event_timer;
+using cudabench::have_device;
+using cudabench::median;
 
 template <class T>
 T from_f(float x) {

@@ -34,24 +34,8 @@ namespace {
 using basisattn::index_t;
 namespace conv = basisattn::conv;
 
-double quantile(std::vector<double> x, double q) {
-  if (x.empty()) return std::nan("");
-  std::sort(x.begin(), x.end());
-  const std::size_t i = std::min(x.size() - 1, static_cast<std::size_t>(q * double(x.size() - 1) + 0.5));
-  return x[i];
-}
-
-/// Relative Frobenius error of head h of got against want (both [n, H, d_v]).
-double head_error(const std::vector<float>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv, index_t h) {
-  double num = 0, den = 0;
-  for (index_t i = 0; i < n; ++i)
-    for (index_t c = 0; c < dv; ++c) {
-      const std::size_t j = std::size_t((i * H + h) * dv + c);
-      num += double(got[j] - want[j]) * double(got[j] - want[j]);
-      den += double(want[j]) * double(want[j]);
-    }
-  return std::sqrt(num / den);
-}
+using capture::head_error;
+using capture::quantile;
 
 struct row {
   std::string rule;
@@ -72,18 +56,7 @@ void report_model(const capture::model_capture& mc, std::ostream& md) {
   for (const char* rule : {"change_scan", "search"})
     for (index_t k : ks) rows.push_back({rule, k, {}, {}, {}, 0, 0});
   for (const auto& L : mc.layers) {
-    // uniform causal attention per head
-    std::vector<float> uni(L.out.size());
-    const index_t group = L.h_q / L.h_kv;
-    for (index_t h = 0; h < L.h_q; ++h) {
-      std::vector<double> sum(std::size_t(L.d_v), 0.0);
-      for (index_t i = 0; i < L.n; ++i) {
-        for (index_t c = 0; c < L.d_v; ++c) {
-          sum[std::size_t(c)] += L.v[std::size_t((i * L.h_kv + h / group) * L.d_v + c)];
-          uni[std::size_t((i * L.h_q + h) * L.d_v + c)] = float(sum[std::size_t(c)] / double(i + 1));
-        }
-      }
-    }
+    const std::vector<float> uni = capture::uniform_causal(L);
     std::vector<double> uerr(std::size_t(L.h_q));
     for (index_t h = 0; h < L.h_q; ++h) {
       uerr[std::size_t(h)] = head_error(uni, L.out, L.n, L.h_q, L.d_v, h);

@@ -65,25 +65,8 @@ double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
 
-double quantile(std::vector<double> x, double q) {
-  if (x.empty()) return std::nan("");
-  std::sort(x.begin(), x.end());
-  const std::size_t i = std::min(x.size() - 1, static_cast<std::size_t>(q * double(x.size() - 1) + 0.5));
-  return x[i];
-}
-
-/// Relative Frobenius error of head h of got against want (both [n, H, d_v]).
-double head_error(const std::vector<float>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv, index_t h) {
-  double num = 0, den = 0;
-  for (index_t i = 0; i < n; ++i)
-    for (index_t c = 0; c < dv; ++c) {
-      const std::size_t j = std::size_t((i * H + h) * dv + c);
-      num += (double(got[j]) - double(want[j])) * (double(got[j]) - double(want[j]));
-      den += double(want[j]) * double(want[j]);
-    }
-  const double e = std::sqrt(num / den);
-  return std::isfinite(e) ? e : std::numeric_limits<double>::infinity();
-}
+using capture::head_error;
+using capture::quantile;
 
 /// Rows of head h of got whose relative l2 error against want is below tol.
 index_t rows_matching(const std::vector<float>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv, index_t h,
@@ -246,16 +229,7 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
 
   for (const auto& L : mc.layers) {
     const index_t H = L.h_q, group = L.h_q / L.h_kv, dv = L.d_v;
-    // Uniform causal attention per head.
-    std::vector<float> uni(L.out.size());
-    for (index_t h = 0; h < H; ++h) {
-      std::vector<double> s(static_cast<std::size_t>(dv), 0.0);
-      for (index_t i = 0; i < n; ++i)
-        for (index_t c = 0; c < dv; ++c) {
-          s[std::size_t(c)] += L.v[std::size_t((i * L.h_kv + h / group) * dv + c)];
-          uni[std::size_t((i * H + h) * dv + c)] = float(s[std::size_t(c)] / double(i + 1));
-        }
-    }
+    const std::vector<float> uni = capture::uniform_causal(L);
     std::vector<double> uerr(static_cast<std::size_t>(H));
     for (index_t h = 0; h < H; ++h) uniform.push_back(uerr[std::size_t(h)] = head_error(uni, L.out, n, H, dv, h));
 

@@ -40,14 +40,8 @@ using cudatest::compare;
 using cudatest::fresh_seed;
 using cudatest::poison;
 
-template <class T>
-double to_d(T x) {
-  return static_cast<double>(basisattn::detail::to_compute<float>(x));
-}
-template <class T>
-T from_d(double x) {
-  return basisattn::detail::from_compute<T>(x);
-}
+using cudatest::from_d;
+using cudatest::to_d;
 
 template <class T>
 double tolerance() {

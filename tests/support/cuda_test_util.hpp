@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA tests: the skip rule (no usable device -> exit 77, see skip_main.hpp),
-// fresh seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
+// storage <-> double conversions, fresh seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
 // a padded device result with the CPU's, counting unwritten elements and touched padding.
 #pragma once
 
@@ -23,6 +23,16 @@ bool test_prerequisites(std::string& why) {
 namespace cudatest {
 
 using basisattn::index_t;
+
+/// A storage value as double, and back (fp32 arithmetic for the 16-bit types, as on the GPU).
+template <class T>
+double to_d(T x) {
+  return static_cast<double>(basisattn::detail::to_compute<float>(x));
+}
+template <class T>
+T from_d(double x) {
+  return basisattn::detail::from_compute<T>(x);
+}
 
 inline std::uint64_t fresh_seed() {
   std::random_device rd;

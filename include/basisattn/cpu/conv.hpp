@@ -141,6 +141,24 @@ void check_qk(const char* fn, const tensor3_view<const T>& q, const tensor3_view
   BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
 }
 
+/// The arguments of a run (CPU or CUDA) against its plan: extents, mask, and the plan's shape.
+template <class T>
+basisattn::detail::attention_shape check_run_args(const char* fn, const plan& p, const tensor3_view<const T>& q,
+                                                  const tensor3_view<const T>& k, const tensor3_view<const T>& v,
+                                                  const tensor3_view<T>& out) {
+  using basisattn::detail::extents_string;
+  attention_options aopt;
+  aopt.causal = p.opt.causal;
+  aopt.scale = p.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
+  check_qk(fn, q, k);
+  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
+  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
+                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
+                    " but q ", extents_string(q), " and k ", extents_string(k), " were passed");
+  return sh;
+}
+
 /// Per-thread slice of a run's workspace (all in doubles; float FFTs reuse the same memory).
 struct run_slice {
   double* v;        // n x d_v values of the head
@@ -575,16 +593,7 @@ report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const
   static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::attention: T must be a storage type");
   static_assert(is_fft_engine_v<FFT>, "conv::attention: unknown FFT engine (include its header)");
   const char* fn = "conv::attention";
-  attention_options aopt;
-  aopt.causal = p.opt.causal;
-  aopt.scale = p.scale;
-  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
-  detail::check_qk(fn, q, k);
-  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
-  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
-                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
-                    " but q ", basisattn::detail::extents_string(q), " and k ", basisattn::detail::extents_string(k),
-                    " were passed");
+  const basisattn::detail::attention_shape sh = detail::check_run_args(fn, p, q, k, v, out);
   if (p.opt.check_finite) {
     basisattn::detail::require_finite(q, "conv::attention: q");
     basisattn::detail::require_finite(k, "conv::attention: k");
@@ -608,7 +617,9 @@ report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const
     head_report& hr = rep.heads[std::size_t(h)];
     if (!(hr.estimated_error > p.opt.tolerance)) continue;
     const index_t hk = h / sh.group;
-    attention_options eo = aopt;
+    attention_options eo;
+    eo.causal = p.opt.causal;
+    eo.scale = p.scale;
     eo.check_finite = false;
     basisattn::attention<T>(cpu{}, q.sub1(h, 1), k.sub1(hk, 1), v.sub1(hk, 1), out.sub1(h, 1), eo);
     hr.fell_back = true;

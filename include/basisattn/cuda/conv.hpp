@@ -95,7 +95,7 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/conv.hpp>  // conv::detail::check_qk, sampled_rows (shared with the CPU run)
+#include <basisattn/cpu/conv.hpp>  // conv::detail::check_run_args, sampled_rows (shared with the CPU run)
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
@@ -260,17 +260,8 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
                 "conv::attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = basisattn::detail::cuda_kernels;
-  using basisattn::detail::extents_string;
   const char* fn = "conv::attention(cuda)";
-  attention_options aopt;
-  aopt.causal = p.opt.causal;
-  aopt.scale = p.scale;
-  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
-  detail::check_qk(fn, q, k);
-  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
-  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
-                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
-                    " but q ", extents_string(q), " and k ", extents_string(k), " were passed");
+  const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
   BASISATTN_REQUIRE(out.data != nullptr && v.data != nullptr, invalid_argument, fn, ": v or out data is null");
   detail::check_cuda_dims(fn, sh.d_qk, sh.d_v);
 
@@ -450,11 +441,14 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
       hr.uniform_error = umax;
     }
   }
+  attention_options exact_opt;
+  exact_opt.causal = p.opt.causal;
+  exact_opt.scale = p.scale;
   for (index_t h = 0; h < p.h_q; ++h) {
     head_report& hr = rep.heads[std::size_t(h)];
     if (!(hr.estimated_error > p.opt.tolerance)) continue;
     const index_t hk = h / sh.group;
-    basisattn::attention<T>(ctx, q.sub1(h, 1), k.sub1(hk, 1), v.sub1(hk, 1), out.sub1(h, 1), aopt);
+    basisattn::attention<T>(ctx, q.sub1(h, 1), k.sub1(hk, 1), v.sub1(hk, 1), out.sub1(h, 1), exact_opt);
     hr.fell_back = true;
     ++rep.fallbacks;
   }

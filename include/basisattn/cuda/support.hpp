@@ -507,18 +507,7 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
                 "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = ::basisattn::detail::cuda_kernels;
   constexpr const char* fn = "support::run(cuda)";
-  attention_options ao;
-  ao.causal = p.options.causal;
-  ao.scale = p.options.scale;
-  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, ao);
-  BASISATTN_REQUIRE(sh.n_q == p.shape.n_q && sh.n_kv == p.shape.n_kv && sh.h_q == p.shape.h_q &&
-                        sh.h_kv == p.shape.h_kv && sh.d_qk == p.shape.d_qk,
-                    shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q), " and k ",
-                    basisattn::detail::extents_string(k), " do not match the plan's q [", p.shape.n_q, ", ",
-                    p.shape.h_q, ", ", p.shape.d_qk, "] and k [", p.shape.n_kv, ", ", p.shape.h_kv, ", ",
-                    p.shape.d_qk, "]");
-  BASISATTN_REQUIRE(dtype_of_v<T> == p.storage, invalid_argument, fn, ": the plan was made for ", to_string(p.storage),
-                    " storage, run got ", to_string(dtype_of_v<T>));
+  const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
   BASISATTN_REQUIRE(!p.options.accumulate_double, unsupported, fn,
                     ": options.accumulate_double is not supported on the GPU (fp32 arithmetic)");
   const detail::cuda_layout L = detail::make_cuda_layout(p, sh.d_v);

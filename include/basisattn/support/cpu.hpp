@@ -671,18 +671,7 @@ void run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, t
          tensor3_view<T> out, void* workspace, std::size_t workspace_bytes, head_report* report = nullptr) {
   static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "support::run: T must be a storage type");
   constexpr const char* fn = "support::run";
-  attention_options ao;
-  ao.causal = p.options.causal;
-  ao.scale = p.options.scale;
-  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, ao);
-  BASISATTN_REQUIRE(sh.n_q == p.shape.n_q && sh.n_kv == p.shape.n_kv && sh.h_q == p.shape.h_q &&
-                        sh.h_kv == p.shape.h_kv && sh.d_qk == p.shape.d_qk,
-                    shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q), " and k ",
-                    basisattn::detail::extents_string(k), " do not match the plan's q [", p.shape.n_q, ", ",
-                    p.shape.h_q, ", ", p.shape.d_qk, "] and k [", p.shape.n_kv, ", ", p.shape.h_kv, ", ",
-                    p.shape.d_qk, "]");
-  BASISATTN_REQUIRE(dtype_of_v<T> == p.storage, invalid_argument, fn, ": the plan was made for ", to_string(p.storage),
-                    " storage, run got ", to_string(dtype_of_v<T>));
+  const basisattn::detail::attention_shape sh = detail::check_run_args(fn, p, q, k, v, out);
   for (index_t h = 0; h < sh.h_q; ++h)
     BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(q, h), p.q_checksum[static_cast<std::size_t>(h)]),
                       invalid_argument, fn, ": q of head ", h, " differs from the q the plan was made from");

@@ -123,6 +123,27 @@ void check_plan_args(const char* fn, const tensor3_view<const T>& q, const tenso
   BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
 }
 
+/// The arguments of a run (CPU or CUDA) against its plan: extents, mask, the plan's shape and storage
+/// type (the values of q and k are the backend's to check).
+template <class T>
+basisattn::detail::attention_shape check_run_args(const char* fn, const plan& p, const tensor3_view<const T>& q,
+                                                  const tensor3_view<const T>& k, const tensor3_view<const T>& v,
+                                                  const tensor3_view<T>& out) {
+  using basisattn::detail::extents_string;
+  attention_options ao;
+  ao.causal = p.options.causal;
+  ao.scale = p.options.scale;
+  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, ao);
+  BASISATTN_REQUIRE(sh.n_q == p.shape.n_q && sh.n_kv == p.shape.n_kv && sh.h_q == p.shape.h_q &&
+                        sh.h_kv == p.shape.h_kv && sh.d_qk == p.shape.d_qk,
+                    shape_mismatch, fn, ": q ", extents_string(q), " and k ", extents_string(k),
+                    " do not match the plan's q [", p.shape.n_q, ", ", p.shape.h_q, ", ", p.shape.d_qk, "] and k [",
+                    p.shape.n_kv, ", ", p.shape.h_kv, ", ", p.shape.d_qk, "]");
+  BASISATTN_REQUIRE(dtype_of_v<T> == p.storage, invalid_argument, fn, ": the plan was made for ", to_string(p.storage),
+                    " storage, run got ", to_string(dtype_of_v<T>));
+  return sh;
+}
+
 }  // namespace detail
 
 /// Make the plan of support-basis attention for q and k (see the header comment).
