@@ -29,6 +29,7 @@ using namespace basisattn;
 
 namespace {
 const std::string dir = std::string(BASISATTN_MODEL_CACHE) + "/minilm/";
+const std::string wikitext_path = std::string(BASISATTN_SHARED_DIR) + "/data/wikitext-2-raw/wiki.test.raw";
 
 struct reference {
   const char* text;
@@ -115,6 +116,93 @@ deviation deviation_from_dense32(bool use_bd) {
   }
   return d;
 }
+
+/// The first `count` prose lines of WikiText-2 raw test (no headings, >= 40 bytes), cut to 600 bytes,
+/// as token ids.
+const std::vector<std::vector<std::int32_t>>& wikitext_sentences(std::size_t count = 64) {
+  static const std::vector<std::vector<std::int32_t>> s = [&] {
+    std::vector<std::vector<std::int32_t>> out;
+    std::ifstream f(wikitext_path, std::ios::binary);
+    for (std::string l; out.size() < count && std::getline(f, l);)
+      if (l.size() >= 40 && l.find(" = ") == std::string::npos) out.push_back(tokenizer().encode(l.substr(0, 600)));
+    return out;
+  }();
+  return s;
+}
+
+/// Mean over the tokens of a hidden-state matrix: the embedding before its normalisation (1 - cos is
+/// the same for either).
+std::vector<float> mean_pool(const matrix<float>& h) {
+  std::vector<double> m(std::size_t(h.cols()), 0.0);
+  for (index_t t = 0; t < h.rows(); ++t)
+    for (index_t j = 0; j < h.cols(); ++j) m[std::size_t(j)] += h(t, j) / double(h.rows());
+  return std::vector<float>(m.begin(), m.end());
+}
+
+/// Per sentence, against the dense fp32 model: 1 - cos of the embedding and the mean square of the
+/// last hidden states' deviation (one forward pass per sentence and model).
+struct per_sentence {
+  std::vector<double> one_minus_cos, mean_sq;
+};
+template <class T>
+per_sentence deviations(bool use_bd) {
+  static const std::vector<matrix<float>> ref = [] {
+    std::vector<matrix<float>> r;
+    for (const auto& ids : wikitext_sentences()) r.push_back(model<float>(false).hidden(ids));
+    return r;
+  }();
+  per_sentence d;
+  for (std::size_t s = 0; s < ref.size(); ++s) {
+    const matrix<float>& h0 = ref[s];
+    const matrix<float> h = model<T>(use_bd).hidden(wikitext_sentences()[s]);
+    double sq = 0;
+    for (index_t i = 0; i < h.size(); ++i) sq += std::pow(double(h.data()[i]) - double(h0.data()[i]), 2) / double(h.size());
+    d.mean_sq.push_back(sq);
+    d.one_minus_cos.push_back(1.0 - cosine(mean_pool(h0), mean_pool(h)));
+  }
+  return d;
+}
+
+/// Ratio of means mean(b) / mean(a) over paired samples, and its standard error by the delta method:
+/// se^2 = var(b_i - R a_i) / (n mean(a)^2).
+struct ratio {
+  double value = 0, se = 0;
+};
+inline ratio ratio_of_means(const std::vector<double>& b, const std::vector<double>& a) {
+  const double n = double(a.size());
+  double ma = 0, mb = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) ma += a[i] / n, mb += b[i] / n;
+  ratio r;
+  r.value = mb / ma;
+  double var = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) var += std::pow(b[i] - r.value * a[i], 2) / (n - 1);
+  r.se = std::sqrt(var / n) / ma;
+  return r;
+}
+
+/// The largest ratio, over every layer and side of the BD model, of BD's product error to that of
+/// the dense weights rounded once to T (bd::measure_product_errors; computed in double from the
+/// stored values, so the same on every machine up to double rounding).
+template <class T>
+double worst_product_error_ratio() {
+  const io::safetensors_file& f = weights();
+  const index_t E = config().hidden_size;
+  auto mat = [&](const std::string& name) { return io::as_matrix(f.get(name), f.bytes); };
+  auto vec = [&](const std::string& name) { return io::to_float(f.get(name), f.bytes); };
+  double g = 0;
+  for (index_t l = 0; l < config().n_layers; ++l) {
+    const std::string p = "encoder.layer." + std::to_string(l) + ".";
+    const matrix<float> wq = mat(p + "attention.self.query.weight"), wk = mat(p + "attention.self.key.weight"),
+                        wv = mat(p + "attention.self.value.weight"), wo = mat(p + "attention.output.dense.weight");
+    const std::vector<float> bq = vec(p + "attention.self.query.bias"), bk = vec(p + "attention.self.key.bias"),
+                             bv = vec(p + "attention.self.value.bias"), bo = vec(p + "attention.output.dense.bias");
+    REQUIRE(wq.rows() == E);
+    const bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(), bq.data(), bk.data(), bv.data(), bo.data()};
+    const bd::product_errors e = bd::measure_product_errors(w, model<T>(true).attn[std::size_t(l)]);
+    g = std::max({g, e.qk_ratio(), e.vo_ratio()});
+  }
+  return g;
+}
 }  // namespace
 
 bool test_prerequisites(std::string& why) {
@@ -123,6 +211,10 @@ bool test_prerequisites(std::string& why) {
       why = "all-MiniLM-L6-v2 not in " + dir + " (run scripts/fetch-models.sh)";
       return false;
     }
+  if (!std::ifstream(wikitext_path)) {
+    why = "wikitext-2-raw (" + wikitext_path + ") absent";
+    return false;
+  }
   return true;
 }
 
@@ -185,31 +277,37 @@ TEST_CASE("all-MiniLM-L6-v2 dense fp32: embeddings match the independent referen
 }
 
 TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact, 16-bit near dense rounding") {
+  // fp32: BD is an exact reparametrisation; what is left is float rounding (measured 1.3e-12 and
+  // ~1e-6 here; a wrong basis or coefficient moves both by orders of magnitude).
   const deviation bd32 = deviation_from_dense32<float>(true);
-  const deviation d16 = deviation_from_dense32<Eigen::half>(false), bd16 = deviation_from_dense32<Eigen::half>(true);
-  const deviation db = deviation_from_dense32<Eigen::bfloat16>(false), bdb = deviation_from_dense32<Eigen::bfloat16>(true);
-  std::printf("deviation from dense fp32 over %zu sentences: 1 - cos(embedding) | max |delta| of the last hidden states\n",
-              refs().size());
-  std::printf("  BD   fp32  %10.3e | %10.3e\n", bd32.one_minus_cos, bd32.max_abs);
-  auto row = [](const char* type, const deviation& dense, const deviation& bd) {
-    // 1 - cos grows with the square of the error: sqrt of its ratio (the angle ratio) compares
-    // like with like against the max |delta| ratio.
-    std::printf("  dense %-4s %10.3e | %10.3e     BD %-4s %10.3e | %10.3e   ratio BD/dense: 1-cos %.2f (angle %.2f) | max %.2f\n",
-                type, dense.one_minus_cos, dense.max_abs, type, bd.one_minus_cos, bd.max_abs, bd.one_minus_cos / dense.one_minus_cos,
-                std::sqrt(bd.one_minus_cos / dense.one_minus_cos), bd.max_abs / dense.max_abs);
-  };
-  row("fp16", d16, bd16);
-  row("bf16", db, bdb);
-  // fp32: BD is an exact reparametrisation; what is left is float rounding.
+  std::printf("BD fp32 vs dense fp32 over %zu sentences: max 1 - cos %.3e, max |delta| %.3e\n", refs().size(), bd32.one_minus_cos,
+              bd32.max_abs);
   CHECK(bd32.one_minus_cos < 1e-10);
   CHECK(bd32.max_abs < 1e-4);
-  // 16-bit: issue 3's target is BD within 1.5x of what storing the dense model in the same type
-  // costs. Not met on MiniLM (6 sentences: fp16 1-cos 3.4x = angle 1.84x, max |delta| 1.66x; bf16
-  // 1-cos 3.3x, max |delta| 1.49x). The cause is the basis shared by all 12 heads (max |C| 7-12):
-  // per-head bases measure 1.0-1.1x (basisattn-report), but would cost one gather per head.
-  // Asserted: the measured level with a small margin, so a regression in the BD path fails.
-  CHECK(bd16.one_minus_cos <= 4 * d16.one_minus_cos);
-  CHECK(bd16.max_abs <= 2 * d16.max_abs);
-  CHECK(bdb.one_minus_cos <= 4 * db.one_minus_cos);
-  CHECK(bdb.max_abs <= 2 * db.max_abs);
+  // 16-bit, on 64 WikiText-2 sentences. Error model: storing the model in T perturbs every weight;
+  // BD changes only the Q/K and V/O products, each by at most g times what storing the dense pair
+  // in T does (g: the worst ratio over all layers and sides, measured from the stored values). If
+  // every bit of the dense model's deviation came from those products, BD's would be at most g
+  // times larger (in angle or RMS), g^2 in 1 - cos; the rest of the model's rounding is the same in
+  // both, so the ratios stay below that. Asserted: the ratio of the means over the sentences within
+  // g^2 (resp. g) plus 4 of its standard errors (delta method over the 64 paired sentences), which
+  // covers the choice of sentences and the machine's compute rounding (activations are rounded to T
+  // between layers, so the ISA's float rounding moves these figures by a few percent).
+  auto check_type = [](const char* type, double g, const per_sentence& dense, const per_sentence& bd) {
+    const ratio rc = ratio_of_means(bd.one_minus_cos, dense.one_minus_cos), rs = ratio_of_means(bd.mean_sq, dense.mean_sq);
+    double mc = 0, md = 0;
+    for (std::size_t i = 0; i < dense.one_minus_cos.size(); ++i)
+      mc += dense.one_minus_cos[i] / double(dense.one_minus_cos.size()), md += bd.one_minus_cos[i] / double(dense.one_minus_cos.size());
+    const double rms = std::sqrt(rs.value), rms_se = rs.se / (2 * rms);
+    std::printf("  %s: g %.3f (g^2 %.3f); mean 1 - cos dense %.3e, BD %.3e, ratio %.3f +- %.3f; RMS hidden ratio %.3f +- %.3f\n",
+                type, g, g * g, mc, md, rc.value, rc.se, rms, rms_se);
+    INFO(type << ": g " << g);
+    CHECK(rc.value <= g * g + 4 * rc.se);
+    CHECK(rms <= g + 4 * rms_se);
+  };
+  std::printf("BD vs dense in 16 bits, deviation from dense fp32 over %zu WikiText-2 sentences:\n", wikitext_sentences().size());
+  REQUIRE(wikitext_sentences().size() == 64);
+  check_type("fp16", worst_product_error_ratio<Eigen::half>(), deviations<Eigen::half>(false), deviations<Eigen::half>(true));
+  check_type("bf16", worst_product_error_ratio<Eigen::bfloat16>(), deviations<Eigen::bfloat16>(false),
+             deviations<Eigen::bfloat16>(true));
 }

@@ -84,12 +84,33 @@ matrix<float> window_logits(const M& m, const std::vector<std::int32_t>& ids, st
   return lg;
 }
 
-/// Dense and BD perplexity over non-overlapping windows of len + 1 tokens, and max |logit_BD - logit_dense|.
+/// NLL of every predicted token of window [s, s + len] (its first len tokens, positions from 0),
+/// appended to `out`; returns the logits.
+template <class M>
+matrix<float> window_nll(const M& m, const std::vector<std::int32_t>& ids, std::size_t s, std::size_t len, std::vector<double>& out) {
+  const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(s + len + 1));
+  matrix<float> lg = m.logits(std::vector<std::int32_t>(w.begin(), w.end() - 1));
+  for (index_t t = 0; t < index_t(len); ++t) {  // as models::nll_sum, one token at a time
+    double mx = -INFINITY, z = 0;
+    for (index_t v = 0; v < lg.cols(); ++v) mx = std::max(mx, double(lg(t, v)));
+    for (index_t v = 0; v < lg.cols(); ++v) z += std::exp(double(lg(t, v)) - mx);
+    out.push_back(-(double(lg(t, w[std::size_t(t + 1)])) - mx - std::log(z)));
+  }
+  return lg;
+}
+
+/// Dense and BD per-token NLL over non-overlapping windows of len + 1 tokens, and
+/// max |logit_BD - logit_dense|.
 struct pair_result {
-  double dense_nll = 0, bd_nll = 0, max_dlogit = 0;
-  std::size_t predicted = 0;
-  double dense_ppl() const { return std::exp(dense_nll / double(predicted)); }
-  double bd_ppl() const { return std::exp(bd_nll / double(predicted)); }
+  std::vector<double> dense, bd;
+  double max_dlogit = 0;
+  static double mean(const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x;
+    return s / double(v.size());
+  }
+  double dense_ppl() const { return std::exp(mean(dense)); }
+  double bd_ppl() const { return std::exp(mean(bd)); }
   double change() const { return bd_ppl() / dense_ppl() - 1; }
 };
 template <class T>
@@ -98,11 +119,36 @@ pair_result compare_bd(const std::vector<std::int32_t>& ids, std::size_t len) {
   const auto bd = models::llama_model<T>::from_gguf(smollm2(), true);
   pair_result r;
   for (std::size_t s = 0; s + len + 1 <= ids.size(); s += len + 1) {
-    const matrix<float> a = window_logits(dense, ids, s, len, r.dense_nll), b = window_logits(bd, ids, s, len, r.bd_nll);
+    const matrix<float> a = window_nll(dense, ids, s, len, r.dense), b = window_nll(bd, ids, s, len, r.bd);
     for (index_t i = 0; i < a.size(); ++i) r.max_dlogit = std::max(r.max_dlogit, double(std::abs(a.data()[i] - b.data()[i])));
-    r.predicted += len;
   }
   return r;
+}
+
+/// A paired statistic: per-token differences x_t - y_t, their mean, RMS, and the standard error of
+/// the mean estimated from the means of consecutive blocks of `block` tokens (neighbouring tokens
+/// share context, so per-token differences are not independent; block means nearly are).
+struct paired {
+  double mean = 0, rms = 0, se = 0;
+  std::size_t blocks = 0;
+  std::vector<double> block_rms;  ///< RMS of the differences within each block
+};
+inline paired paired_difference(const std::vector<double>& x, const std::vector<double>& y, std::size_t block) {
+  REQUIRE(x.size() == y.size());
+  paired p;
+  const std::size_t n = x.size();
+  for (std::size_t t = 0; t < n; ++t) p.mean += (x[t] - y[t]) / double(n), p.rms += (x[t] - y[t]) * (x[t] - y[t]) / double(n);
+  p.rms = std::sqrt(p.rms);
+  p.blocks = n / block;
+  double var = 0;
+  for (std::size_t b = 0; b < p.blocks; ++b) {
+    double m = 0, sq = 0;
+    for (std::size_t t = b * block; t < (b + 1) * block; ++t) m += (x[t] - y[t]) / double(block), sq += (x[t] - y[t]) * (x[t] - y[t]);
+    var += (m - p.mean) * (m - p.mean) / double(p.blocks - 1);
+    p.block_rms.push_back(std::sqrt(sq / double(block)));
+  }
+  p.se = std::sqrt(var / double(p.blocks));
+  return p;
 }
 
 }  // namespace
@@ -258,13 +304,44 @@ TEST_CASE("SmolLM2 on wikitext-2: sane dense perplexity, and BD on V/O (shared p
   const pair_result r32 = compare_bd<float>(ids, 511);
   const double s32 = seconds_since(t0);
   const pair_result r16 = compare_bd<Eigen::half>(ids, 511);
-  std::printf("SmolLM2 fp32, %zu predicted tokens: dense ppl %.6f, BD %.6f (%+.6f%%), max |dlogit| %.3g (%.1f s)\n", r32.predicted,
+  const std::size_t n = r32.dense.size();
+  // Paired per-token statistics (blocks of 73 tokens: 7 per window, 14 in all).
+  const paired p32 = paired_difference(r32.bd, r32.dense, 73), p16 = paired_difference(r16.bd, r16.dense, 73),
+               e16 = paired_difference(r16.dense, r32.dense, 73);
+  std::printf("SmolLM2 fp32, %zu predicted tokens: dense ppl %.6f, BD %.6f (%+.6f%%), max |dlogit| %.3g (%.1f s)\n", n,
               r32.dense_ppl(), r32.bd_ppl(), 100 * r32.change(), r32.max_dlogit, s32);
   std::printf("SmolLM2 fp16, %zu predicted tokens: dense ppl %.6f (%+.4f%% vs fp32), BD %.6f (%+.6f%%), max |dlogit| %.3g (%.1f s)\n",
-              r16.predicted, r16.dense_ppl(), 100 * (r16.dense_ppl() / r32.dense_ppl() - 1), r16.bd_ppl(), 100 * r16.change(),
-              r16.max_dlogit, seconds_since(t0) - s32);
+              n, r16.dense_ppl(), 100 * (r16.dense_ppl() / r32.dense_ppl() - 1), r16.bd_ppl(), 100 * r16.change(), r16.max_dlogit,
+              seconds_since(t0) - s32);
+  std::printf("per-token NLL differences (mean +- standard error over %zu blocks, RMS):\n"
+              "  BD - dense, fp32:          %+.3e +- %.3e, RMS %.3e\n"
+              "  BD - dense, fp16:          %+.3e +- %.3e, RMS %.3e (mean / SE %+.2f)\n"
+              "  dense fp16 - dense fp32:   %+.3e +- %.3e, RMS %.3e (BD fp16 RMS / this RMS: %.3f)\n",
+              p16.blocks, p32.mean, p32.se, p32.rms, p16.mean, p16.se, p16.rms, p16.mean / p16.se, e16.mean, e16.se, e16.rms,
+              p16.rms / e16.rms);
+  double lo = INFINITY, hi = 0;
+  for (std::size_t b = 0; b < p16.blocks; ++b)
+    lo = std::min(lo, p16.block_rms[b] / e16.block_rms[b]), hi = std::max(hi, p16.block_rms[b] / e16.block_rms[b]);
+  std::printf("  BD fp16 RMS / dense fp16 RMS per block: %.3f to %.3f\n", lo, hi);
   CHECK(r32.dense_ppl() > 5);
   CHECK(r32.dense_ppl() < 60);
-  CHECK(std::abs(r32.change()) <= 4e-6);  // the paper's FP32 figure: +0.0004%
-  CHECK(std::abs(r16.change()) <= 2e-4);  // and FP16: +0.02%
+  // fp32: BD is an exact reparametrisation. The paper's FP32 figure, +0.0004%, as the bound
+  // (measured +0.00001%, mean 1e-7 +- 2e-7 nats per token); the noise of the paired mean must be far
+  // below it for the check to mean anything.
+  CHECK(std::abs(r32.change()) <= 4e-6);
+  CHECK(4 * p32.se <= 4e-6);
+  // fp16: on 1,022 tokens the change itself is mostly noise (SE ~3e-4 of the mean NLL, larger than
+  // the paper's 0.02%), so a fixed bound on it holds or fails by the machine's rounding. Asserted
+  // instead, on the paired per-token differences:
+  // (a) no systematic shift: the mean BD - dense difference within 4 of its standard errors
+  //     (14 block means: |t| > 4 has probability ~0.1% under no shift);
+  CHECK(std::abs(p16.mean) <= 4 * p16.se);
+  // (b) its size stays at the rounding level: the RMS of BD's per-token perturbation (V/O rounded
+  //     as C and B' instead of W_V, W_O) against that of storing the whole dense model in fp16.
+  //     Measured ratio 1.33 (Zen 4, -march=native with AVX-512); per 73-token block it ranges
+  //     1.09 to 1.55. It exceeds 1 because this Q4_1 model's dequantized weights are nearly
+  //     fp16 numbers already (fp16 storage costs them little), while BD's C and B' are new reals
+  //     rounded to fp16. Bound 2: 1.5x the measured ratio, above every block's; a wrong coefficient or basis moves the
+  //     RMS by orders of magnitude (fp32: 6.7e-6).
+  CHECK(p16.rms <= 2 * e16.rms);
 }
