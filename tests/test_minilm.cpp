@@ -292,7 +292,11 @@ TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact,
   // both, so the ratios stay below that. Asserted: the ratio of the means over the sentences within
   // g^2 (resp. g) plus 4 of its standard errors (delta method over the 64 paired sentences), which
   // covers the choice of sentences and the machine's compute rounding (activations are rounded to T
-  // between layers, so the ISA's float rounding moves these figures by a few percent).
+  // between layers, so the ISA's float rounding moves these figures by a few percent). Measured on
+  // Zen 4 with -march=native (AVX-512) / baseline x86-64 (SSE2, no FMA): 1 - cos ratio fp16
+  // 4.19 / 4.16 (bound 4.98), bf16 4.06 / 4.14 (bound 4.88), standard error 0.13; RMS ratio 1.89 in
+  // both types (bounds 2.19 and 2.15). A wrong coefficient or basis moves the ratios by orders of
+  // magnitude.
   auto check_type = [](const char* type, double g, const per_sentence& dense, const per_sentence& bd) {
     const ratio rc = ratio_of_means(bd.one_minus_cos, dense.one_minus_cos), rs = ratio_of_means(bd.mean_sq, dense.mean_sq);
     double mc = 0, md = 0;
