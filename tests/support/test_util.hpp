@@ -5,8 +5,11 @@
 #include <basisattn/core/view.hpp>
 #include <basisattn/cpu/eigen.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <random>
 #include <vector>
 
@@ -78,6 +81,42 @@ inline double rel_error(const Eigen::MatrixXd& got, const Eigen::MatrixXd& want)
 template <class T>
 constexpr double u() {
   return basisattn::unit_roundoff(basisattn::dtype_of_v<T>);
+}
+
+/// gamma_k = k u / (1 - k u): the componentwise bound of a sum of k products computed in T in any
+/// order, with or without FMA: |fl(x . w) - x . w| <= gamma_k |x| . |w| (Higham, eq. 3.13).
+/// Results of two code paths, shapes or blockings that compute the same sums in T differ by at most
+/// twice that; compare them with it, never bitwise.
+template <class T>
+constexpr double gamma(index_t k) {
+  return double(k) * u<T>() / (1 - double(k) * u<T>());
+}
+
+/// Underflow term of one rounding to T: fl(x) = x (1 + d) + e with |d| <= u<T>() and |e| <= eta<T>(),
+/// half the smallest subnormal of T (Higham, Accuracy and Stability, eq. 2.8). Only a result in T's
+/// subnormal range has e != 0; bounds of roundings to a 16-bit type add it because an output near 0
+/// can land there (fp16's subnormals start at 6.1e-5). For double, 2^-1075 is not representable: the
+/// smallest subnormal is returned.
+template <class T>
+double eta() {
+  if constexpr (std::is_same_v<T, double>) return std::numeric_limits<double>::denorm_min();
+  else if constexpr (std::is_same_v<T, float>) return std::ldexp(1.0, -150);
+  else if constexpr (std::is_same_v<T, Eigen::half>) return std::ldexp(1.0, -25);
+  else return std::ldexp(1.0, -134);  // bfloat16: float's exponent range, 7 fraction bits
+}
+
+/// max over entries of |got - want| / bound: <= 1 when every entry is within its componentwise
+/// bound, and bound / error of the worst entry is the margin. An entry with got == want counts 0
+/// (even where the bound is 0); a non-finite entry of got gives infinity.
+inline double max_error_ratio(const Eigen::MatrixXd& got, const Eigen::MatrixXd& want, const Eigen::MatrixXd& bound) {
+  if (!got.allFinite()) return INFINITY;
+  double worst = 0;
+  for (Eigen::Index i = 0; i < got.rows(); ++i)
+    for (Eigen::Index j = 0; j < got.cols(); ++j) {
+      const double e = std::abs(got(i, j) - want(i, j));
+      if (e > 0) worst = std::max(worst, e / bound(i, j));  // e / 0 = inf: an exact bound was exceeded
+    }
+  return worst;
 }
 
 /// Fill a matrix with NaN so that unwritten outputs are caught.
