@@ -326,23 +326,28 @@ TEST_CASE("SmolLM2 on wikitext-2: sane dense perplexity, and BD on V/O (shared p
   CHECK(r32.dense_ppl() > 5);
   CHECK(r32.dense_ppl() < 60);
   // fp32: BD is an exact reparametrisation. The paper's FP32 figure, +0.0004%, as the bound
-  // (measured +0.00001% and -0.00001%, mean +-1e-7 +- 2e-7 nats per token); the noise of the paired mean must be far
-  // below it for the check to mean anything.
+  // (measured +0.00001% and -0.00001%, mean +-1e-7 +- 2e-7 nats per token: 40x below); the noise
+  // of the paired mean must be far below it for the check to mean anything (4 SE: 1.1e-6).
   CHECK(std::abs(r32.change()) <= 4e-6);
   CHECK(4 * p32.se <= 4e-6);
-  // fp16: on 1,022 tokens the change itself is mostly noise (SE ~3e-4 of the mean NLL, larger than
+  // fp16: on 1,022 tokens the change itself is mostly noise (SE ~2e-4 of the mean NLL, as large as
   // the paper's 0.02%), so a fixed bound on it holds or fails by the machine's rounding. Asserted
   // instead, on the paired per-token differences:
-  // (a) no systematic shift: the mean BD - dense difference within 4 of its standard errors
-  //     (14 block means: |t| > 4 has probability ~0.1% under no shift). Measured mean / SE -0.42
-  //     (AVX-512) and -0.04 (SSE2): the change itself, -0.0082% and -0.0007%, is that noise;
-  CHECK(std::abs(p16.mean) <= 4 * p16.se);
+  // (a) the change within the paper's FP16 figure, +0.02%, plus 4 standard errors of sampling noise
+  //     (14 block means). Not |mean| <= 4 SE alone: part of the mean is common to all blocks and
+  //     moves with the machine's arithmetic, which the SE does not see (tests/test_real_weights.cpp
+  //     measured such moves of up to 2 SE between builds); test_real_weights, on 98K and 4K tokens,
+  //     asserts the stricter |mean| + 4 SE <= 2e-4, which 1,022 tokens cannot resolve. Measured
+  //     mean / SE -0.42 (AVX-512) and -0.04 (SSE2): the change, -0.0082% and -0.0007%, is noise;
+  CHECK(std::abs(p16.mean) <= 2e-4 + 4 * p16.se);
   // (b) its size stays at the rounding level: the RMS of BD's per-token perturbation (V/O rounded
   //     as C and B' instead of W_V, W_O) against that of storing the whole dense model in fp16.
   //     Measured ratio 1.33 (Zen 4, -march=native with AVX-512) and 1.29 (same machine, baseline
-  //     x86-64: SSE2, no FMA); per 73-token block it ranges 1.07 to 1.65. It exceeds 1 because this Q4_1 model's dequantized weights are nearly
-  //     fp16 numbers already (fp16 storage costs them little), while BD's C and B' are new reals
-  //     rounded to fp16. Bound 2: 1.5x the measured ratio, above every block's; a wrong coefficient or basis moves the
+  //     x86-64: SSE2, no FMA); per 73-token block it ranges 1.07 to 1.65. It exceeds 1 because
+  //     this Q4_1 model's dequantized weights are nearly fp16 numbers already (fp16 storage costs
+  //     them little), while BD's C and B' are new reals rounded to fp16. Bound 2: 1.5x the measured ratio, above every block's, and close to the
+  //     error model of tests/test_real_weights.cpp (sqrt(1 + g^2) = 2.09 with this model's worst
+  //     fp16 product-error ratio g = 1.84, docs/fidelity); a wrong coefficient or basis moves the
   //     RMS by orders of magnitude (fp32: 6.7e-6).
   CHECK(p16.rms <= 2 * e16.rms);
 }
