@@ -29,6 +29,9 @@ struct qkv {
   double& qa(index_t i, index_t h, index_t c) { return q[std::size_t((i * hq + h) * d + c)]; }
   double& ka(index_t i, index_t h, index_t c) { return k[std::size_t((i * hkv + h) * d + c)]; }
   double& va(index_t i, index_t h, index_t c) { return v[std::size_t((i * hkv + h) * dv + c)]; }
+  double qa(index_t i, index_t h, index_t c) const { return q[std::size_t((i * hq + h) * d + c)]; }
+  double ka(index_t i, index_t h, index_t c) const { return k[std::size_t((i * hkv + h) * d + c)]; }
+  double va(index_t i, index_t h, index_t c) const { return v[std::size_t((i * hkv + h) * dv + c)]; }
 };
 
 /// Rotate pairs (2i, 2i+1) of x (length d) by pos * theta^(-2i/d).
