@@ -113,9 +113,11 @@ std::string describe(const attn_case& c) {
                         " strided=", c.strided, " input_scale=", c.input_scale);
 }
 
-/// Largest |score| over the visible (query, key) pairs, in double.
+/// Over the visible (query, key) pairs, in double: the largest |score| = scale |sum_e q_e k_e|, or
+/// with `absolute` kappa' of the header comment, the largest scale sum_e |q_e k_e|, which bounds
+/// every partial sum of the score's dot product.
 template <class T>
-double max_abs_score(const tensor<T>& q, const tensor<T>& k, const attn_case& c) {
+double score_extent(const tensor<T>& q, const tensor<T>& k, const attn_case& c, bool absolute) {
   const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(double(c.d_qk));
   const index_t group = c.h_q / c.h_kv, off = c.n_kv - c.n_q;
   double mx = 0;
@@ -123,27 +125,18 @@ double max_abs_score(const tensor<T>& q, const tensor<T>& k, const attn_case& c)
     for (index_t i = 0; i < c.n_q; ++i)
       for (index_t j = 0; j < (c.causal ? i + off + 1 : c.n_kv); ++j) {
         double s = 0;
-        for (index_t e = 0; e < c.d_qk; ++e) s += q.at(i, h, e) * k.at(j, h / group, e);
-        mx = std::max(mx, std::abs(scale * s));
+        for (index_t e = 0; e < c.d_qk; ++e) s += absolute ? std::abs(q.at(i, h, e) * k.at(j, h / group, e)) : q.at(i, h, e) * k.at(j, h / group, e);
+        mx = std::max(mx, scale * std::abs(s));
       }
   return mx;
 }
-
-/// kappa' of the header comment: the largest scale sum_e |q_e k_e| over the visible (query, key) pairs,
-/// which bounds every partial sum of the score's dot product.
+template <class T>
+double max_abs_score(const tensor<T>& q, const tensor<T>& k, const attn_case& c) {
+  return score_extent(q, k, c, false);
+}
 template <class T>
 double score_scale(const tensor<T>& q, const tensor<T>& k, const attn_case& c) {
-  const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(double(c.d_qk));
-  const index_t group = c.h_q / c.h_kv, off = c.n_kv - c.n_q;
-  double mx = 0;
-  for (index_t h = 0; h < c.h_q; ++h)
-    for (index_t i = 0; i < c.n_q; ++i)
-      for (index_t j = 0; j < (c.causal ? i + off + 1 : c.n_kv); ++j) {
-        double s = 0;
-        for (index_t e = 0; e < c.d_qk; ++e) s += std::abs(q.at(i, h, e) * k.at(j, h / group, e));
-        mx = std::max(mx, scale * s);
-      }
-  return mx;
+  return score_extent(q, k, c, true);
 }
 
 /// The tolerance derived in the header comment (kappa: score_scale).
