@@ -4,7 +4,9 @@
 // cuBLASLt). Nothing here launches a kernel.
 //
 //   cuda_context ctx;                      a new non-blocking stream on the current device, plus a
-//                                          cuBLAS and a cuBLASLt handle bound to that stream
+//                                          cuBLAS and a cuBLASLt handle bound to that stream (the
+//                                          cuBLAS handle in CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
+//                                          REDUCTION mode: split-K sums stay in fp32)
 //   cuda_context ctx(device);              the same on `device` (made current)
 //   cuda_context::on_stream(s)             the caller's stream (not owned, not destroyed)
 //   ctx.stream(), ctx.cublas(), ctx.cublaslt(), ctx.device(), ctx.synchronize()
@@ -107,6 +109,10 @@ class cuda_context {
   void init_handles() {  // no try/catch: the header must also compile with -fno-exceptions
     cublasStatus_t s = cublasCreate(&cublas_);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(cublas_, stream_);
+    // fp32 accumulation throughout: split-K partial sums of 16-bit GEMMs must not be reduced in fp16/bf16.
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasSetMathMode(cublas_, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                               CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtCreate(&lt_);
     if (s != CUBLAS_STATUS_SUCCESS) {
       release();  // the destructor does not run when a constructor throws

@@ -32,13 +32,13 @@ template <class T>
 void launch_gather_columns(const T* x, index_t ldx, const int* perm, index_t cols, index_t rows, T* out, index_t ldo,
                            cudaStream_t stream);
 
-/// y[t, g r + k] = xb[t, k] + bias[g r + k] for t < rows, g < groups, k < r, where xb == nullptr
-/// reads as 0 and bias == nullptr as 0 (the sum is taken in fp32 and rounded once to T). With
+/// y[t, g r + k] = xb[t, k] + bias[g bias_stride + k] for t < rows, g < groups, k < r, where
+/// xb == nullptr reads as 0 and bias == nullptr as 0 (the sum is taken in fp32 and rounded once to T). With
 /// xb = x's r basis channels this writes every head's basis copy; with xb = nullptr, groups = 1
 /// it broadcasts a bias row.
 template <class T>
-void launch_broadcast_rows(const T* xb, index_t ldx, index_t r, index_t groups, const T* bias, index_t rows, T* y,
-                           index_t ldy, cudaStream_t stream);
+void launch_broadcast_rows(const T* xb, index_t ldx, index_t r, index_t groups, const T* bias, index_t bias_stride,
+                           index_t rows, T* y, index_t ldy, cudaStream_t stream);
 
 /// Parameters of the exact attention kernel (see <basisattn/cuda/attention.hpp>). Layouts as in
 /// <basisattn/attention/options.hpp>: q [n_q, h_q, d_qk], k [n_kv, h_kv, d_qk], v [n_kv, h_kv, d_v],

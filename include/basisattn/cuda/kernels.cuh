@@ -28,8 +28,8 @@ namespace cuda_kernels {
 
 #define BASISATTN_INSTANTIATE_CUDA_KERNELS(T)                                                                         \
   template void launch_gather_columns<T>(const T*, index_t, const int*, index_t, index_t, T*, index_t, cudaStream_t); \
-  template void launch_broadcast_rows<T>(const T*, index_t, index_t, index_t, const T*, index_t, T*, index_t,         \
-                                         cudaStream_t);                                                              \
+  template void launch_broadcast_rows<T>(const T*, index_t, index_t, index_t, const T*, index_t, index_t, T*,       \
+                                         index_t, cudaStream_t);                                                     \
   template void launch_attention<T>(const attention_kernel_params<T>&, cudaStream_t);                               \
   template void launch_rope<T>(T*, index_t, index_t, index_t, index_t, index_t, index_t, double, bool, index_t,       \
                                cudaStream_t);                                                                        \

@@ -94,12 +94,13 @@ std::size_t project_workspace_bytes(const cuda_context& ctx, const device_any_pr
   return std::visit([&](const auto& q) { return project_workspace_bytes(ctx, q, tokens, opt); }, p);
 }
 
-/// Run a dense or BD projection on the GPU (see <basisattn/cuda/projection.hpp>).
+/// Run a dense or BD projection on the GPU (see <basisattn/cuda/projection.hpp>); returns the method
+/// that ran.
 template <class T>
-void project(const cuda_context& ctx, const device_any_projection<T>& p,
-             matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
-             std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
-  std::visit([&](const auto& q) { project(ctx, q, x, y, workspace, workspace_bytes, opt); }, p);
+cuda_epilogue project(const cuda_context& ctx, const device_any_projection<T>& p,
+                      matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
+                      std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
+  return std::visit([&](const auto& q) { return project(ctx, q, x, y, workspace, workspace_bytes, opt); }, p);
 }
 
 template <class T>

@@ -9,14 +9,19 @@
 //                                                gives a bd::device_dense_projection<T> /
 //                                                bd::device_bd_projection<T> (move-only)
 //   bd::project_workspace_bytes(ctx, dp, tokens, opt)
-//   bd::project(ctx, dp, x, y, workspace, workspace_bytes, opt = {})
+//   bd::project(ctx, dp, x, y, workspace, workspace_bytes, opt = {}) -> bd::cuda_epilogue
 //       x: tokens x in_dim, y: tokens x out_dim, device memory, rows contiguous, any row strides;
 //       workspace: device memory of at least project_workspace_bytes(...) bytes (256-byte aligned
 //       start recommended). Enqueued on ctx's stream; returns without waiting; allocates nothing
-//       (cuBLAS aside: cublasGemmEx uses the handle's own workspace).
+//       (cuBLAS aside: cublasGemmEx uses the handle's own workspace). Returns the method that ran:
+//       cublaslt, prefill, or none (a dense projection without bias: one plain cublasGemmEx), so a
+//       fallback is never silent.
 // Same semantics as bd::project(cpu{}, ...): dense y = x W + b; BD y_g = x[:, basis] + x[:, rest] C_g
 // + b_g for every head g. Storage T, fp32 accumulation (fp32 data: exact fp32 unless
 // opt.allow_tf32), one rounding of each output element to T (prefill method: two, see below).
+// Split-K partial sums are reduced in fp32, never in T: the contexts' cuBLAS handles are in
+// CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION mode and cuBLASLt plans only admit reduction
+// schemes in the compute type (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE; none at all is always allowed).
 // cuda_project_options::check_finite is not offered: the data are on the device; scan them yourself.
 //
 // How the BD projection runs (all heads in one pass):
@@ -38,7 +43,14 @@
 //        sizes (K = 384, N = 2048, fp16) the GEMM moves ~4.5 bytes of y per 384 FLOPs per output, so
 //        the extra 4 bytes/output are comparable to the GEMM itself and eat most of the 512/384 gain.
 //      method `automatic` (default) uses cublaslt when cuBLASLt's heuristic returns an algorithm for
-//        the batched problem (broadcast A and C, interleaved D) and prefill otherwise.
+//        the batched problem (broadcast A and C, interleaved D) and prefill otherwise. Only a
+//        refusal (CUBLAS_STATUS_NOT_SUPPORTED, or no algorithm) falls back; any other cuBLASLt error
+//        (CUBLAS_STATUS_INVALID_VALUE: a bad descriptor, our bug) raises errc::backend. The return
+//        value says which method ran.
+//      The bias of head g is stored on the device at bias + g * bias_stride, bias_stride = r rounded
+//        up to 256 bytes, so that every head's bias pointer in the BIAS epilogue is 256-byte aligned
+//        (with r = 12 in fp16 a packed layout puts head g's bias at 24 g bytes, and cuBLASLt kernels
+//        may assume 16-byte aligned bias vectors: a misaligned-address fault is a sticky error).
 //      Why not a single non-batched GEMM with C = broadcast basis block? A cuBLAS/cuBLASLt matrix
 //      layout cannot repeat r columns G times inside one row (no zero stride along a dimension), so
 //      the broadcast has to be the batch dimension. A custom GEMM with a fused epilogue would avoid
@@ -80,7 +92,19 @@ enum class cuda_epilogue {
   automatic,  ///< cublaslt when cuBLASLt supports the problem, else prefill
   cublaslt,   ///< cuBLASLt, broadcast basis block as C + BIAS epilogue; errc::unsupported if refused
   prefill,    ///< broadcast kernel writes basis + bias into y, then cuBLAS GEMM with beta = 1
+  none,       ///< (returned only) a dense projection without bias: one plain cublasGemmEx
 };
+
+/// Name of an epilogue method ("automatic", "cublaslt", "prefill", "none").
+inline const char* to_string(cuda_epilogue e) noexcept {
+  switch (e) {
+    case cuda_epilogue::automatic: return "automatic";
+    case cuda_epilogue::cublaslt: return "cublaslt";
+    case cuda_epilogue::prefill: return "prefill";
+    case cuda_epilogue::none: return "none";
+  }
+  return "?";
+}
 
 /// Options of a CUDA projection run.
 struct cuda_project_options {
@@ -175,13 +199,20 @@ class lt_plan {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
     for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; ++i)
       s = cublasLtMatmulPreferenceSetAttribute(pref, which[i], &al[i], sizeof(al[i]));
+    // Split-K partial sums in fp32 only (never INPLACE or OUTPUT_TYPE: both reduce in the output type).
+    const std::uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction,
+                                               sizeof(reduction));
     cublasLtMatmulHeuristicResult_t result{};
     int count = 0;
     cublasStatus_t h = CUBLAS_STATUS_NOT_SUPPORTED;
     if (s == CUBLAS_STATUS_SUCCESS) h = cublasLtMatmulAlgoGetHeuristic(lt, op_, a_, b_, c_, d_, pref, 1, &result, &count);
     cublasLtMatmulPreferenceDestroy(pref);
     BASISATTN_CUBLAS_CHECK(s);
-    // NOT_SUPPORTED / INVALID_VALUE / zero results: cuBLASLt declines this problem.
+    // NOT_SUPPORTED or zero results: cuBLASLt declines this problem (the caller may fall back). Any
+    // other status (INVALID_VALUE: a descriptor cuBLASLt rejects) is our error and raises.
+    if (h != CUBLAS_STATUS_NOT_SUPPORTED) BASISATTN_CUBLAS_CHECK(h);
     found_ = h == CUBLAS_STATUS_SUCCESS && count > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (found_) algo_ = result.algo;
     return found_;
@@ -247,7 +278,7 @@ inline bool lt_run_cached(lt_plan_cache& cache, const cuda_context& ctx, const l
   }
   if (!cache.plan.found()) return false;
   const cublasStatus_t s = cache.plan.run(ctx.cublaslt(), a, b, c, d, workspace, ctx.stream());
-  if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {  // refused before launching
+  if (s == CUBLAS_STATUS_NOT_SUPPORTED) {  // refused before launching (other errors raise below)
     cache.plan.decline();
     return false;
   }
@@ -303,7 +334,8 @@ struct device_bd_projection {
   index_t in_dim = 0, rank = 0, heads = 0;
   bool basis_leading = false;  ///< input needs no gather (p.basis_leading() on the host)
   device_buffer<T> coeff;      ///< (in_dim - rank) x (heads rank), row-major
-  device_buffer<T> bias;       ///< heads rank values, or empty
+  device_buffer<T> bias;       ///< head g's rank values at bias_stride g (padding zero), or empty
+  index_t bias_stride = 0;     ///< elements between two heads' biases: rank rounded up to 256 bytes
   device_buffer<int> perm;     ///< basis ++ rest (in_dim channels); empty when basis_leading
   std::unique_ptr<detail::lt_plan_cache> cache = std::make_unique<detail::lt_plan_cache>();
   index_t out_dim() const { return heads * rank; }
@@ -357,7 +389,13 @@ device_bd_projection<T> upload(const cuda_context& ctx, const bd_projection<T>& 
   d.heads = G;
   d.basis_leading = p.basis_leading();
   d.coeff = to_device(ctx, p.coeff.data(), p.coeff.size());
-  d.bias = to_device(ctx, p.bias.data(), static_cast<index_t>(p.bias.size()));
+  d.bias_stride = static_cast<index_t>(detail::cuda_align_up(static_cast<std::size_t>(r) * sizeof(T)) / sizeof(T));
+  if (!p.bias.empty()) {
+    std::vector<T> padded(static_cast<std::size_t>(G * d.bias_stride), T(0));
+    for (index_t g = 0; g < G; ++g)
+      std::copy(p.bias.begin() + g * r, p.bias.begin() + (g + 1) * r, padded.begin() + g * d.bias_stride);
+    d.bias = to_device(ctx, padded.data(), static_cast<index_t>(padded.size()));
+  }
   if (!d.basis_leading) d.perm = to_device(ctx, perm.data(), m);
   return d;
 }
@@ -380,13 +418,14 @@ std::size_t project_workspace_bytes(const cuda_context&, const device_dense_proj
 }
 
 /// BD projection of all heads on the GPU: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
+/// Returns the method that ran (cuda_epilogue::cublaslt or cuda_epilogue::prefill).
 template <class T>
-void project(const cuda_context& ctx, const device_bd_projection<T>& p,
+cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
              matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
              std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
   detail::check_cuda_io<T>("project(cuda, bd)", x, y, p.in_dim, p.out_dim());
   const index_t tokens = x.rows;
-  if (tokens == 0) return;
+  if (tokens == 0) return opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill : cuda_epilogue::cublaslt;
   const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument, "project(cuda, bd): workspace of ",
                     workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
@@ -417,44 +456,47 @@ void project(const cuda_context& ctx, const device_bd_projection<T>& p,
     pr.ldb = ldx, pr.stride_b = 0;        // x_rest as a column-major nr x tokens matrix, every head
     pr.has_c = true, pr.ldc = ldx, pr.stride_c = 0;  // x_basis (r x tokens), every head
     pr.ldd = y.row_stride, pr.stride_d = r;          // y[:, g r:(g+1) r]
-    pr.bias = bias, pr.stride_bias = r;
+    pr.bias = bias, pr.stride_bias = p.bias_stride;  // 256-byte aligned per head (see upload)
     pr.tf32 = tf32;
     pr.workspace = detail::cublaslt_workspace_bytes;
     pr.align_a = detail::common_alignment({detail::byte_offset(p.coeff.data()), es * G * r, es * r});
     pr.align_b = detail::common_alignment({detail::byte_offset(xs + r), es * ldx});
     pr.align_c = detail::common_alignment({detail::byte_offset(xs), es * ldx});
     pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, es * r});
-    if (bias) pr.align_d = std::min(pr.align_d, detail::common_alignment({detail::byte_offset(bias), es * r}));
-    if (detail::lt_run_cached(*p.cache, ctx, pr, p.coeff.data(), xs + r, xs, y.data, ws)) return;
+    if (detail::lt_run_cached(*p.cache, ctx, pr, p.coeff.data(), xs + r, xs, y.data, ws)) return cuda_epilogue::cublaslt;
     BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
                       "project(cuda, bd): cuBLASLt has no algorithm for the batched basis-epilogue GEMM (tokens ", tokens,
                       ", rank ", r, ", heads ", G, "); use cuda_epilogue::prefill or automatic");
   }
 
   // 2b. prefill: y = [x_basis + b_g]_g, then y += x_rest C over all heads in one GEMM.
-  ::basisattn::detail::cuda_kernels::launch_broadcast_rows(xs, ldx, r, G, bias, tokens, y.data, y.row_stride,
-                                                           ctx.stream());
+  ::basisattn::detail::cuda_kernels::launch_broadcast_rows(xs, ldx, r, G, bias, p.bias_stride, tokens, y.data,
+                                                           y.row_stride, ctx.stream());
   detail::gemm_ex<T>(ctx, G * r, tokens, nr, p.coeff.data(), G * r, xs + r, ldx, 1.0f, y.data, y.row_stride, tf32);
+  return cuda_epilogue::prefill;
 }
 
-/// Dense projection y = x W + b on the GPU (the baseline).
+/// Dense projection y = x W + b on the GPU (the baseline). Returns the method that ran
+/// (cuda_epilogue::none without a bias, else cublaslt or prefill).
 template <class T>
-void project(const cuda_context& ctx, const device_dense_projection<T>& p,
+cuda_epilogue project(const cuda_context& ctx, const device_dense_projection<T>& p,
              matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
              std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
   detail::check_cuda_io<T>("project(cuda, dense)", x, y, p.in_dim, p.out_dim);
   const index_t tokens = x.rows;
-  if (tokens == 0) return;
+  const T* bias = p.bias.empty() ? nullptr : p.bias.data();
+  if (tokens == 0)
+    return !bias ? cuda_epilogue::none
+                 : opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill : cuda_epilogue::cublaslt;
   const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
                     "project(cuda, dense): workspace of ", workspace_bytes, " bytes, ", need,
                     " needed (project_workspace_bytes)");
   const index_t in = p.in_dim, out = p.out_dim;
   const bool tf32 = std::is_same_v<T, float> && opt.allow_tf32;
-  const T* bias = p.bias.empty() ? nullptr : p.bias.data();
   if (!bias) {
     detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 0.0f, y.data, y.row_stride, tf32);
-    return;
+    return cuda_epilogue::none;
   }
   if (opt.epilogue != cuda_epilogue::prefill) {
     detail::lt_problem pr;
@@ -468,13 +510,15 @@ void project(const cuda_context& ctx, const device_dense_projection<T>& p,
     pr.align_a = detail::common_alignment({detail::byte_offset(p.weight.data()), es * out});
     pr.align_b = detail::common_alignment({detail::byte_offset(x.data), es * x.row_stride});
     pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, detail::byte_offset(bias)});
-    if (detail::lt_run_cached(*p.cache, ctx, pr, p.weight.data(), x.data, nullptr, y.data, workspace)) return;
+    if (detail::lt_run_cached(*p.cache, ctx, pr, p.weight.data(), x.data, nullptr, y.data, workspace))
+      return cuda_epilogue::cublaslt;
     BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
                       "project(cuda, dense): cuBLASLt has no algorithm for the bias-epilogue GEMM (tokens ", tokens, ")");
   }
-  ::basisattn::detail::cuda_kernels::launch_broadcast_rows<T>(nullptr, 0, out, 1, bias, tokens, y.data, y.row_stride,
-                                                              ctx.stream());
+  ::basisattn::detail::cuda_kernels::launch_broadcast_rows<T>(nullptr, 0, out, 1, bias, out, tokens, y.data,
+                                                              y.row_stride, ctx.stream());
   detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 1.0f, y.data, y.row_stride, tf32);
+  return cuda_epilogue::prefill;
 }
 
 }  // namespace bd

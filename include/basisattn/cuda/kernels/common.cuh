@@ -4,6 +4,7 @@
 //                           __nv_bfloat16 for Eigen::bfloat16
 //   as_device(p)            reinterpret a pointer to the public storage type as its device type
 //   load_f(x) / store_f<D>  fp32 widening / round-to-nearest narrowing on the device
+//   store_double<D>(x)      double -> storage, rounded once (no double rounding through float)
 //   grid_for(n, threads)    a 1-D grid for a grid-stride loop over n elements
 #pragma once
 
@@ -19,6 +20,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+
+// nvcc before 12 defaults to C++14 for .cu files (and CMake's cxx_std_17 does not reach them): the
+// library needs C++17 (if constexpr, inline variables) on the device side too.
+static_assert(__cplusplus >= 201703L, "basisattn's CUDA kernels need C++17: compile .cu files with -std=c++17 "
+                                      "(CMake: CMAKE_CUDA_STANDARD 17 or the cuda_std_17 compile feature)");
 
 BASISATTN_BEGIN_NAMESPACE
 namespace detail {
@@ -44,6 +50,13 @@ template <class D> __device__ __forceinline__ D store_f(float x);
 template <> __device__ __forceinline__ float store_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half store_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+/// Correctly rounded double -> storage conversion (as the CPU's from_compute<T>(double)): the 16-bit
+/// types are rounded once from double, never through float (double rounding can differ by one unit).
+template <class D> __device__ __forceinline__ D store_double(double x);
+template <> __device__ __forceinline__ float store_double<float>(double x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ __half store_double<__half>(double x) { return __double2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_double<__nv_bfloat16>(double x) { return __double2bfloat16(x); }
 
 /// Blocks for a grid-stride loop over n elements (at most 65535 * 16 blocks, at least 1).
 inline unsigned grid_for(long long n, int threads) {

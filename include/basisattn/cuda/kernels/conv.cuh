@@ -370,7 +370,7 @@ __global__ void __launch_bounds__(conv_threads)
         const double y = p.num[j * p.n + r] / den;
         ok = ok && isfinite(y);
         p.num[j * p.n + r] = y;
-        out[r * st.s[0] + h * st.s[1] + j * st.s[2]] = store_f<D>(static_cast<float>(y));
+        out[r * st.s[0] + h * st.s[1] + j * st.s[2]] = store_double<D>(y);
       }
     }
     p.flags[r] = ok ? 0 : 1;  // a flagged row is rewritten in full by the repair kernel
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(conv_threads)
       for (long long j = threadIdx.x; j < p.d_v; j += conv_threads) {
         const double yj = y[j] / den;
         p.num[j * p.n + r] = yj;
-        out[r * ost.s[0] + h * ost.s[1] + j * ost.s[2]] = store_f<D>(static_cast<float>(yj));
+        out[r * ost.s[0] + h * ost.s[1] + j * ost.s[2]] = store_double<D>(yj);
       }
       continue;
     }

@@ -15,13 +15,6 @@ BASISATTN_BEGIN_NAMESPACE
 namespace detail {
 namespace cuda_kernels {
 
-/// Correctly rounded double -> storage conversion (as the CPU's from_compute<T>(double): no double
-/// rounding through float for the 16-bit types).
-template <class D> __device__ __forceinline__ D store_double(double x);
-template <> __device__ __forceinline__ float store_double<float>(double x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ __half store_double<__half>(double x) { return __double2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_double<__nv_bfloat16>(double x) { return __double2bfloat16(x); }
-
 /// One thread per (token, head, pair i). Angle pos * theta^(-2i/d), sine/cosine and the rotation in
 /// double, rounded once to the storage type, as apply_rope does.
 template <class D>

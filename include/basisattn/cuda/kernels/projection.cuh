@@ -26,13 +26,14 @@ __global__ void gather_columns_kernel(const D* __restrict__ x, long long ldx, co
 
 template <class D>
 __global__ void broadcast_rows_kernel(const D* __restrict__ xb, long long ldx, long long r, long long groups,
-                                      const D* __restrict__ bias, long long rows, D* __restrict__ y, long long ldy) {
+                                      const D* __restrict__ bias, long long bias_stride, long long rows,
+                                      D* __restrict__ y, long long ldy) {
   const long long width = r * groups, n = rows * width;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long t = i / width, j = i - t * width, k = j % r;
+    const long long t = i / width, j = i - t * width, g = j / r, k = j - g * r;
     float s = xb ? load_f(xb[t * ldx + k]) : 0.0f;
-    if (bias) s += load_f(bias[j]);
+    if (bias) s += load_f(bias[g * bias_stride + k]);
     y[t * ldy + j] = store_f<D>(s);
   }
 }
@@ -48,12 +49,12 @@ void launch_gather_columns(const T* x, index_t ldx, const int* perm, index_t col
 }
 
 template <class T>
-void launch_broadcast_rows(const T* xb, index_t ldx, index_t r, index_t groups, const T* bias, index_t rows, T* y,
-                           index_t ldy, cudaStream_t stream) {
+void launch_broadcast_rows(const T* xb, index_t ldx, index_t r, index_t groups, const T* bias, index_t bias_stride,
+                           index_t rows, T* y, index_t ldy, cudaStream_t stream) {
   if (rows <= 0 || r <= 0 || groups <= 0) return;
   constexpr int threads = 256;
   broadcast_rows_kernel<<<grid_for(rows * r * groups, threads), threads, 0, stream>>>(
-      as_device(xb), ldx, r, groups, as_device(bias), rows, as_device(y), ldy);
+      as_device(xb), ldx, r, groups, as_device(bias), bias_stride, rows, as_device(y), ldy);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
