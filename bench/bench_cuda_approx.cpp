@@ -1,30 +1,43 @@
-// The two approximate attentions on the GPU against exact CUDA attention (Google Benchmark, manual
-// time measured with CUDA events on the context's stream; --benchmark_out=f.json
-// --benchmark_out_format=json for JSON). Without a usable GPU every benchmark reports an error
-// ("no usable CUDA device") instead of a time.
+// The two approximate attentions on the GPU against exact CUDA attention (Google Benchmark; times
+// measured with CUDA events on the context's stream, reported as manual time; --benchmark_out=f.json
+// --benchmark_out_format=json for JSON). Without a usable GPU every benchmark reports the error
+// "no usable CUDA device" and the program exits 0 within a second or so.
+//
+// Measurement rules (as in bench_cuda.cpp):
+//   * each timed region is preceded, outside its events, by an L2 flush (cudaMemsetAsync over 2 x the
+//     device's L2 size, cudabench::l2_flusher): every run reads q, k, v from HBM;
+//   * the exact and the approximate run each have their own events and alternate: even iterations
+//     run exact first, odd iterations the approximation first;
+//   * fixed iteration counts: 10 at n = 4096 and 16384, 3 at n = 65536; counters are medians over
+//     iterations; Google Benchmark's time column is the mean of exact + approximation per iteration;
+//   * warm-up before the loop: the approximation at full size (cuFFT plans, cuBLAS heuristics), exact
+//     attention on the first 256 tokens (module loading; same kernel);
+//   * plans are made on the host once per configuration (not timed: plan_ms), and the data once per
+//     (n, d) (the plans and data of the last configuration are kept: equal arguments run in a row);
+//   * setup_s: host seconds from the start of the benchmark to the loop (data, plan, context, uploads,
+//     workspace, warm-ups). The JSON context carries the device (cuda_device, cuda_sm_count, ...).
+//   exact_TFLOPs: 2 * (visible query-key pairs, causal: n (n + 1) / 2) * heads * (d_qk + d_v) per
+//   second of the exact run (the kernel has no tensor cores; fp32 data here).
+//   Google Benchmark appends /iterations:<n>/manual_time to every name below.
 //
 // BM_conv_cuda/n:<n>/d:<d>/k:<k>: conv-basis attention (conv::attention(ctx, plan, ...), fp32
 //   storage, default options: causal, FFTs in double) against exact CUDA attention, one head, causal;
 //   the data of bench_conv (RoPE heads whose key content switches at 4 evenly spaced positions, noise
-//   0.01, v N(0, 1)). The plan is made once on the host (conv::make_plan(cpu{}, ...), not timed; its
-//   time is the plan_ms counter); the workspace and the cuFFT plan cache are made once, outside the
-//   loop. Each iteration times, back to back on one stream, the exact attention and the conv run;
-//   manual time = exact + conv. Counters (medians over iterations where a time):
-//     exact_ms, conv_ms, ratio = exact_ms / conv_ms
+//   0.01, v N(0, 1)). The workspace and the cuFFT plan cache are made once, outside the loop.
+//   Counters (medians over iterations where a time):
+//     exact_ms, conv_ms, ratio = exact_ms / conv_ms, exact_TFLOPs
 //     err        ||Y_conv - Y_exact||_F / ||Y_exact||_F against the exact CUDA output (fp32), both
 //                copied back once after the loop
 //     est        the run's own estimate (report::max_estimated_error(), 8 sampled rows)
 //     fell_back  heads recomputed exactly (report::fallbacks; the default tolerance is infinite)
-//     repaired_rows, anchors, plan_ms
+//     repaired_rows, anchors, plan_ms, setup_s
 //
 // BM_support_cuda/n:<n>/d:<d>/deg:<g>/T_milli:<t>/sketch:<m>: support-basis attention
 //   (support::run(ctx, plan, ...), fp32 storage) against exact CUDA attention, 2 heads, causal; the
 //   data and options of bench_support (entries N(0, 0.08^2) with 2% outlier rows N(0, 1), v N(0, 1);
 //   max_degree g, threshold t / 1000, sketch size m (0: exact monomial features), target_error 1e-12,
-//   infinite tolerance, max_features 2^20). Plan made once on the host (not timed, plan_ms); the
-//   workspace is allocated once. Each iteration times exact attention and support::run back to back;
-//   manual time = exact + support. Counters:
-//     exact_ms, support_ms, ratio = exact_ms / support_ms
+//   infinite tolerance, max_features 2^20). The workspace is allocated once. Counters:
+//     exact_ms, support_ms, ratio = exact_ms / support_ms, exact_TFLOPs
 //     R, C         |R|/n and |C|/n (mean over heads)
 //     err          ||Y - Y_exact||_F / ||Y_exact||_F against the exact CUDA output (copied back once)
 //     uniform_err  the same error for uniform attention (prefix means of v), against the same output
@@ -33,7 +46,20 @@
 //     poly_rows    rows whose output came (partly) from the polynomial, sum over heads: the GPU run's
 //                  report when it fills it, otherwise counted from the plan (rows outside R with a
 //                  visible key outside C) less bad_rows, as the CPU run counts them
-//     degree, r, plan_ms
+//     degree, r, plan_ms, setup_s
+//
+// Default run (no filter) and its estimated time on an H200. Exact attention (fp32, the non-tensor-core
+// kernel) at an assumed ~4 TFLOP/s (~2 at n = 4096 with one head: 256 blocks do not fill 132 SMs):
+// 1 head d 64 / 128: n 4096 ~1 / 2 ms, 16384 ~9 / 17 ms, 65536 ~0.14 / 0.27 s; 2 heads twice that.
+// The approximations are assumed to cost at most as much as exact attention at 16K-64K and a few ms
+// at 4K (an over-estimate where they win). Iteration = flushes + exact + approximation + host syncs.
+//   BM_conv_cuda: 18 benchmarks (n x d x k): 4096 ~0.4 s, 16384 ~1.6 s, 65536 (3 iterations + the
+//     full-size warm-up of conv) d 64 ~2.9 s, d 128 ~5.8 s                   ~11 s GPU
+//   BM_support_cuda: 17 benchmarks: 4096 ~0.3 s, 16384 d 64 ~1.4 s, the sketched and d 128 16384
+//     points ~2 s, 65536 d 64 ~7.7 s, 65536 d 128 ~7.7 s                       ~19 s GPU
+//   host: data + plans ~4 s on 2 cores (measured: conv 2.2 s, support 1.9 s in all), uploads, error
+//     sums, CUDA start-up                                                     ~6 s
+//   total ~35 s (about a minute at half the assumed attention throughput).
 #include <basisattn/attention/options.hpp>
 #include <basisattn/conv/conv_basis.hpp>
 #include <basisattn/cuda/attention.hpp>
@@ -63,7 +89,49 @@ namespace {
 
 using cudabench::event_timer;
 using cudabench::have_device;
+using cudabench::l2_flusher;
 using cudabench::median;
+using cudabench::seconds_since;
+using steady = std::chrono::steady_clock;
+
+/// Iterations at n tokens (bounded GPU time).
+int iterations_for(long n) { return n <= 16384 ? 10 : 3; }
+
+/// Runs `exact` and `approx` once per iteration with their own event timers, each preceded by an L2
+/// flush outside its events; even iterations exact first, odd iterations approx first. Appends the
+/// seconds of each to se / sa and sets the iteration's manual time to their sum.
+template <class Exact, class Approx>
+void timed_pairs(benchmark::State& state, const cuda_context& ctx, l2_flusher& l2, Exact&& exact, Approx&& approx,
+                 std::vector<double>& se, std::vector<double>& sa) {
+  event_timer te, ta;
+  long it = 0;
+  for (auto _ : state) {
+    const bool approx_first = (it++ & 1) != 0;
+    for (int step = 0; step < 2; ++step) {
+      const bool run_approx = (step == 0) == approx_first;
+      l2.flush(ctx.stream());
+      event_timer& t = run_approx ? ta : te;
+      t.start(ctx.stream());
+      if (run_approx) approx();
+      else exact();
+      t.stop(ctx.stream());
+    }
+    se.push_back(te.seconds());
+    sa.push_back(ta.seconds());
+    state.SetIterationTime(se.back() + sa.back());
+  }
+}
+
+/// Exact attention on the first min(n, 256) tokens of q, k, v (module loading before the loop).
+void warm_exact(const cuda_context& ctx, const tensor3_view<const float>& q, const tensor3_view<const float>& k,
+                const tensor3_view<const float>& v, const tensor3_view<float>& o, const attention_options& ao) {
+  const index_t w = std::min<index_t>(q.extent[0], 256);
+  auto head = [w](auto x) {
+    x.extent[0] = w;
+    return x;
+  };
+  attention<float>(ctx, head(q), head(k), head(v), head(o), ao);
+}
 
 /// ||a - b||_F / ||b||_F.
 double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
@@ -157,6 +225,7 @@ const conv_plan_entry& get_conv_plan(const conv_problem& p, index_t k) {
 
 void BM_conv_cuda(benchmark::State& state) {
   if (!have_device(state)) return;
+  const auto t0 = steady::now();
   const index_t n = state.range(0), d = state.range(1), k = state.range(2);
   try {
     const conv_problem& p = get_conv_problem(n, d);
@@ -164,6 +233,7 @@ void BM_conv_cuda(benchmark::State& state) {
     const conv::plan& plan = pe.plan;
 
     cuda_context ctx;
+    l2_flusher l2;
     const auto q = to_device(ctx, p.q.data(), n * d);
     const auto kk = to_device(ctx, p.k.data(), n * d);
     const auto v = to_device(ctx, p.v.data(), n * d);
@@ -177,23 +247,15 @@ void BM_conv_cuda(benchmark::State& state) {
     cufft_plan_cache fft_plans;
 
     // warm-up: module loading, the cuFFT plans
-    attention<float>(ctx, qv, kv, vv, ev, ao);
+    warm_exact(ctx, qv, kv, vv, ev, ao);
     conv::report rep = conv::attention<float>(ctx, plan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans);
     ctx.synchronize();
+    state.counters["setup_s"] = seconds_since(t0);
 
-    event_timer te, tc;
     std::vector<double> se, sc;
-    for (auto _ : state) {
-      te.start(ctx.stream());
-      attention<float>(ctx, qv, kv, vv, ev, ao);
-      te.stop(ctx.stream());
-      tc.start(ctx.stream());
-      rep = conv::attention<float>(ctx, plan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans);
-      tc.stop(ctx.stream());
-      se.push_back(te.seconds());
-      sc.push_back(tc.seconds());
-      state.SetIterationTime(se.back() + sc.back());
-    }
+    timed_pairs(
+        state, ctx, l2, [&] { attention<float>(ctx, qv, kv, vv, ev, ao); },
+        [&] { rep = conv::attention<float>(ctx, plan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans); }, se, sc);
     ctx.synchronize();
     const double err = rel_error(download(ctx, y_conv), download(ctx, y_exact));
     const double me = median(se), mc = median(sc);
@@ -205,6 +267,7 @@ void BM_conv_cuda(benchmark::State& state) {
     state.counters["exact_ms"] = me * 1e3;
     state.counters["conv_ms"] = mc * 1e3;
     state.counters["ratio"] = mc > 0 ? me / mc : 0.0;
+    state.counters["exact_TFLOPs"] = me > 0 ? cudabench::attention_flops(n, n, 1, d, d, ao.causal) / me * 1e-12 : 0.0;
     state.counters["err"] = err;
     state.counters["est"] = rep.max_estimated_error();
     state.counters["fell_back"] = double(rep.fallbacks);
@@ -214,13 +277,6 @@ void BM_conv_cuda(benchmark::State& state) {
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
-}
-
-void conv_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"n", "d", "k"});
-  for (long n : {4096, 16384, 65536})
-    for (long d : {64, 128})
-      for (long k : {4, 16, 64}) b->Args({n, d, k});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -322,6 +378,7 @@ double uniform_error(const support_problem& p, const std::vector<float>& exact) 
 
 void BM_support_cuda(benchmark::State& state) {
   if (!have_device(state)) return;
+  const auto t0 = steady::now();
   const index_t n = state.range(0), d = state.range(1);
   try {
     const support_problem& p = get_support_problem(n, d);
@@ -329,6 +386,7 @@ void BM_support_cuda(benchmark::State& state) {
     const support::plan& plan = *pe.plan;
 
     cuda_context ctx;
+    l2_flusher l2;
     const index_t size = n * support_heads * d;
     const auto q = to_device(ctx, p.q.data(), size);
     const auto k = to_device(ctx, p.k.data(), size);
@@ -344,23 +402,15 @@ void BM_support_cuda(benchmark::State& state) {
     std::vector<support::head_report> rep(static_cast<std::size_t>(support_heads));
 
     // warm-up: module loading, cuBLAS heuristics
-    attention<float>(ctx, qv, kv, vv, ev, ao);
+    warm_exact(ctx, qv, kv, vv, ev, ao);
     support::run<float>(ctx, plan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data());
     ctx.synchronize();
+    state.counters["setup_s"] = seconds_since(t0);
 
-    event_timer te, ts;
     std::vector<double> se, ss;
-    for (auto _ : state) {
-      te.start(ctx.stream());
-      attention<float>(ctx, qv, kv, vv, ev, ao);
-      te.stop(ctx.stream());
-      ts.start(ctx.stream());
-      support::run<float>(ctx, plan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data());
-      ts.stop(ctx.stream());
-      se.push_back(te.seconds());
-      ss.push_back(ts.seconds());
-      state.SetIterationTime(se.back() + ss.back());
-    }
+    timed_pairs(
+        state, ctx, l2, [&] { attention<float>(ctx, qv, kv, vv, ev, ao); },
+        [&] { support::run<float>(ctx, plan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data()); }, se, ss);
     ctx.synchronize();
     const std::vector<float> exact = download(ctx, y_exact);
     const double err = rel_error(download(ctx, y_sup), exact);
@@ -381,6 +431,8 @@ void BM_support_cuda(benchmark::State& state) {
     state.counters["exact_ms"] = me * 1e3;
     state.counters["support_ms"] = ms * 1e3;
     state.counters["ratio"] = ms > 0 ? me / ms : 0.0;
+    state.counters["exact_TFLOPs"] =
+        me > 0 ? cudabench::attention_flops(n, n, support_heads, d, d, ao.causal) / me * 1e-12 : 0.0;
     state.counters["R"] = rq;
     state.counters["C"] = ck;
     state.counters["err"] = err;
@@ -396,21 +448,47 @@ void BM_support_cuda(benchmark::State& state) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Registration (k, then the support options, innermost: the data and plan caches keep the last one)
+
+void add_conv(long n, long d, long k) {
+  benchmark::RegisterBenchmark("BM_conv_cuda", BM_conv_cuda)
+      ->ArgNames({"n", "d", "k"})
+      ->Args({n, d, k})
+      ->Iterations(iterations_for(n))
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+void add_support(long n, long d, long degree, long t_milli, long sketch) {
+  benchmark::RegisterBenchmark("BM_support_cuda", BM_support_cuda)
+      ->ArgNames({"n", "d", "deg", "T_milli", "sketch"})
+      ->Args({n, d, degree, t_milli, sketch})
+      ->Iterations(iterations_for(n))
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+void register_all() {
+  for (long n : {4096, 16384, 65536})
+    for (long d : {64, 128})
+      for (long k : {4, 16, 64}) add_conv(n, d, k);
+  // d = 64: degree 1 and 2 (r = 65, 2145), threshold 0.25 and 0.5
+  for (long n : {4096, 16384, 65536})
+    for (long g : {1, 2})
+      for (long t : {250, 500}) add_support(n, 64, g, t, 0);
+  // sketched degree 2 (r = 1 + d + m)
+  add_support(16384, 64, 2, 250, 256);
+  add_support(16384, 128, 2, 250, 256);
+  // d = 128, degree 1 and 2 (r = 129, 8385)
+  add_support(16384, 128, 1, 250, 0);
+  add_support(65536, 128, 1, 500, 0);
+  add_support(65536, 128, 2, 500, 0);
+}
+
 }  // namespace
 
-BENCHMARK(BM_conv_cuda)->Apply(conv_args)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_support_cuda)
-    ->ArgNames({"n", "d", "deg", "T_milli", "sketch"})
-    // d = 64: degree 1 and 2 (r = 65, 2145), threshold 0.25 and 0.5
-    ->ArgsProduct({{4096, 16384, 65536}, {64}, {1, 2}, {250, 500}, {0}})
-    // sketched degree 2 (r = 1 + d + m)
-    ->Args({16384, 64, 2, 250, 256})
-    ->Args({16384, 128, 2, 250, 256})
-    // d = 128, degree 1 and 2 (r = 129, 8385)
-    ->Args({16384, 128, 1, 250, 0})
-    ->Args({65536, 128, 1, 500, 0})
-    ->Args({65536, 128, 2, 500, 0})
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond);
-
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  register_all();
+  return cudabench::run_main(argc, argv);
+}
