@@ -3,30 +3,41 @@
 // interleaved and half, with and without biases, causal or not) and MLA (small DeepSeek-V2-like
 // shapes and DeepSeek-V2-Lite's head dims with 2 heads; dense, BD per-side and joint bases), dense
 // and BD, in fp32, fp16 and bf16. Every case uses fresh random weights and inputs (the seed is
-// printed on failure), padded row strides for x and y, and poisons y and the whole workspace (all
-// bytes 0xFF: NaN in every dtype) before each run, so an unwritten output or an intermediate read
-// before it is written shows up as a non-finite element. Each case runs twice: with the default
-// projection epilogue (cuBLASLt where available) and with cuda_epilogue::prefill.
+// printed at the start and on failure; BASISATTN_TEST_SEED reruns one), padded row strides for x and
+// y, and poisons y and the whole workspace (all bytes 0xFF: NaN in every dtype) before each run, so an
+// unwritten output or an intermediate read before it is written shows up as a non-finite element.
+// Each case runs twice: with the default projection epilogue (cuBLASLt where available) and with
+// cuda_epilogue::prefill. [sanitize]: one GQA and one MLA layer, small (compute-sanitizer).
+// [large]: a 4096-token GQA layer against a double-precision reference, and the layer kernels
+// (RoPE, RMSNorm, head concatenation) at sizes past their grid-stride caps.
 //
 // Bound on the normalised error nerr = ||y_gpu - y_cpu||_F / ||y_cpu||_F: the CPU layer test
 // (tests/test_bd_layers.cpp) bounds the CPU layer's error against a double reference by 8 u (16-bit
 // storage) and 32 u (fp32) on these shapes; both backends round the same fp32 sums to T at the same
 // points (only the summation order differs), so each is within that bound of the exact result and
-// they are within twice that bound of each other: 16 u and 64 u.
+// they are within twice that bound of each other: 16 u and 64 u. (The 4096-token case derives its
+// own bound: see gqa_long.)
 // Without a usable GPU the program exits 77 (CTest: Skipped).
 #include "skip_main.hpp"
 
 #include "cuda_test_util.hpp"
 
+#include "reference_layers.hpp"
+#include "test_util.hpp"
+
 #include <basisattn/bd/layers.hpp>
 #include <basisattn/cpu/layers.hpp>
 #include <basisattn/cuda/context.hpp>
+#include <basisattn/cuda/kernel_launch.hpp>
 #include <basisattn/cuda/layers.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -37,7 +48,6 @@ namespace {
 
 using cudatest::comparison;
 using cudatest::compare;
-using cudatest::fresh_seed;
 using cudatest::poison;
 
 using cudatest::from_d;
@@ -106,7 +116,7 @@ enum class rope_kind { none, interleaved, half };
 
 template <class T>
 void mha_suite() {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed((std::string("layers MHA ") + to_string(dtype_of_v<T>)).c_str());
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -147,7 +157,7 @@ struct mla_shape {
 
 template <class T>
 void mla_suite() {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed((std::string("layers MLA ") + to_string(dtype_of_v<T>)).c_str());
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -183,6 +193,361 @@ void mla_suite() {
   }
 }
 
+/// One GQA layer (RoPE half style, biases; dense and BD on V/O) and one MLA layer (with a rope part,
+/// so RMSNorm, RoPE and the head concatenation all run), small: for compute-sanitizer.
+void sanitize_suite() {
+  const std::uint64_t seed = cudatest::test_seed("layers [sanitize]");
+  INFO("seed " << seed);
+  std::mt19937_64 g(seed);
+  cuda_context ctx;
+  using T = Eigen::half;
+  {
+    const index_t dm = 64, d = 16, n = 37, H = 4, Hkv = 2;
+    const double s = 0.25;
+    const auto wq = random_matrix<T>(g, dm, H * d, s), wk = random_matrix<T>(g, dm, Hkv * d, s),
+               wv = random_matrix<T>(g, dm, Hkv * d, s), wo = random_matrix<T>(g, H * d, dm, s);
+    const auto bq = random_vector<T>(g, H * d, 0.1), bk = random_vector<T>(g, Hkv * d, 0.1),
+               bv = random_vector<T>(g, Hkv * d, 0.1), bo = random_vector<T>(g, dm, 0.1);
+    bd::mha_weights<T> w{wq.view(), wk.view(), wv.view(), wo.view(), bq.data(), bk.data(), bv.data(), bo.data()};
+    bd::mha_config cfg{dm, H, Hkv, d};
+    cfg.use_rope = true;
+    cfg.rope.style = rope_style::half;
+    bd::forward_options fo;
+    fo.position_offset = 5;
+    for (bool use_bd : {false, true}) {
+      bd::mha_options mo;
+      mo.bd_qk = false;
+      mo.bd_vo = use_bd;
+      INFO("GQA 4/2, RoPE half, biases, " << (use_bd ? "BD V/O" : "dense"));
+      check_layer<T>(ctx, bd::prepare_mha<T>(w, cfg, mo), dm, n, fo, g);
+    }
+  }
+  {
+    const mla_shape sh{96, 4, 48, 16, 8, 16, 29};
+    const double s = 0.2;
+    const auto wq = random_matrix<T>(g, sh.dm, sh.H * (sh.dn + sh.dr), s), wa = random_matrix<T>(g, sh.dm, sh.Lr + sh.dr, s),
+               wb = random_matrix<T>(g, sh.Lr, sh.H * (sh.dn + sh.dv), s), wo = random_matrix<T>(g, sh.H * sh.dv, sh.dm, s);
+    const auto norm = random_vector<T>(g, sh.Lr, 0.2, 1.0);
+    bd::mla_weights<T> w{wq.view(), wa.view(), norm.data(), wb.view(), wo.view()};
+    bd::mla_config cfg{sh.dm, sh.H, sh.Lr, sh.dn, sh.dr, sh.dv};
+    bd::mla_options mo;
+    mo.bd = false;
+    INFO("MLA, dense");
+    check_layer<T>(ctx, bd::prepare_mla<T>(w, cfg, mo), sh.dm, sh.n, bd::forward_options{}, g);
+  }
+}
+
+/// The softmax gains g_q, g_k of tests/test_bd_layers.cpp (softmax_gain: the first-order propagation of
+/// q and k errors through one head's softmax, evaluated on the reference's own q, k, v), written with
+/// GEMMs so that 4096 tokens cost O(n^2 d d_v) flops in blocks rather than scalar loops:
+///   g_k: sum_(i, j <= i) p_ij^2 w_ij^2 ||v_j - o_i||^2,  w_ij^2 = scale^2 (q^2 (k^2)^T)_ij,
+///        ||v_j - o_i||^2 = ||v_j||^2 - 2 (o v^T)_ij + ||o_i||^2;
+///   g_q: sum_(i, e, e') q_ie^2 M_i(e, e')^2,  M_i = scale ((P KV)_i - (P k)_i o_i^T),  KV_j = k_j (x) v_j.
+/// Also returns the head's output o = P v (the reference attention).
+struct gain_sums {
+  double num_q = 0, num_k = 0, den = 0;
+};
+Eigen::MatrixXd head_with_gains(const Eigen::MatrixXd& q, const Eigen::MatrixXd& k, const Eigen::MatrixXd& v, double scale,
+                                gain_sums& gs) {
+  // Everything transposed (column i belongs to query i) so that the per-query loops run down columns.
+  const Eigen::Index n = q.rows(), d = q.cols(), dv = v.cols();
+  Eigen::MatrixXd Pt = scale * k * q.transpose();  // Pt(j, i) = s_ij
+  for (Eigen::Index i = 0; i < n; ++i) {
+    double mx = -INFINITY;
+    for (Eigen::Index j = 0; j <= i; ++j) mx = std::max(mx, Pt(j, i));
+    double sum = 0;
+    for (Eigen::Index j = 0; j < n; ++j) {
+      Pt(j, i) = j <= i ? std::exp(Pt(j, i) - mx) : 0.0;
+      sum += Pt(j, i);
+    }
+    Pt.col(i) /= sum;
+  }
+  const Eigen::MatrixXd ot = v.transpose() * Pt;  // dv x n: o_i = column i
+  const Eigen::VectorXd vn = v.rowwise().squaredNorm();
+  const Eigen::RowVectorXd on = ot.colwise().squaredNorm();
+  {
+    const Eigen::MatrixXd W2t = (scale * scale) * (k.cwiseAbs2() * q.cwiseAbs2().transpose());
+    const Eigen::MatrixXd Gt = v * ot;  // Gt(j, i) = v_j . o_i
+    double acc = 0;
+    for (Eigen::Index i = 0; i < n; ++i)
+      for (Eigen::Index j = 0; j <= i; ++j) {
+        const double dev2 = std::max(0.0, vn(j) - 2 * Gt(j, i) + on(i));
+        acc += Pt(j, i) * Pt(j, i) * W2t(j, i) * dev2;
+      }
+    gs.num_k += acc;
+  }
+  Eigen::MatrixXd KV(n, d * dv);
+  for (Eigen::Index e = 0; e < d; ++e) KV.middleCols(e * dv, dv) = v.array().colwise() * k.col(e).array();
+  const Eigen::MatrixXd At = KV.transpose() * Pt, PKt = k.transpose() * Pt;  // (d dv) x n, d x n
+  double acc = 0;
+  for (Eigen::Index i = 0; i < n; ++i)
+    for (Eigen::Index e = 0; e < d; ++e) {
+      double m2 = 0;
+      for (Eigen::Index c = 0; c < dv; ++c) {
+        const double M = scale * (At(e * dv + c, i) - PKt(e, i) * ot(c, i));
+        m2 += M * M;
+      }
+      acc += q(i, e) * q(i, e) * m2;
+    }
+  gs.num_q += acc;
+  gs.den += on.sum();
+  return ot.transpose();
+}
+
+/// [large] A GQA layer on 4096 tokens (d_model 128, 4 query heads on 2 kv heads, d 32, RoPE half style,
+/// biases, causal, dense projections) against the plain double reference of support/reference_layers.hpp,
+/// once per projection epilogue.
+/// Bound: the layer error model of tests/test_bd_layers.cpp (layer_error_model, the MHA terms), with the
+/// gains of this layer's own reference (head_with_gains) and the GPU attention kernel's fixed roundings
+/// (8: expf is accurate to 2 ulp, as in cudatest::exact_attention_tolerance):
+///   tol = 3 u_T + u_32 (sqrt(dm + 1) + sqrt(n) + sqrt(H d + 1) + 8)
+///       + g_q (2 u_T + u_32 (sqrt(dm + 1) + 1)) + g_k (2 u_T + u_32 (sqrt(dm + 1) + 1 + sqrt(d))):
+/// v, the attention output and y stored (3 u_T); the projections' d_model-term sums plus bias, the P V
+/// sums over up to n keys and the output projection's H d terms plus bias as root-mean-square growth;
+/// q and k each stored twice (projection, RoPE) and a d_model-term sum plus bias and the rotation.
+/// It is a root-mean-square, first-order model (a Frobenius norm over n d_model outputs concentrates
+/// on its rms), like the CPU test's; the measured ratio is printed.
+/// Host cost (16 cores): the CPU reference is dominated by P (KV) per head, 2 n^2 d d_v = 34 GFLOP in
+/// double GEMMs (137 GFLOP for 4 heads, ~1 s with Eigen's threaded GEMM at ~10 GFLOP/s per core), plus
+/// n^2 exps per head; 4 n x n double matrices (0.5 GB) at a time. The CPU layer forward is not run.
+template <class T>
+void gqa_long() {
+  const std::uint64_t seed = cudatest::test_seed("layers [large] GQA 4096 tokens");
+  INFO("seed " << seed);
+  std::mt19937_64 g(seed);
+  cuda_context ctx;
+  const index_t dm = 128, H = 4, Hkv = 2, d = 32, n = 4096;
+  const double s = 0.25 * std::sqrt(64.0 / double(dm));  // the suites' q, k sizes (scores up to ~20)
+  const auto wq = random_matrix<T>(g, dm, H * d, s), wk = random_matrix<T>(g, dm, Hkv * d, s),
+             wv = random_matrix<T>(g, dm, Hkv * d, s), wo = random_matrix<T>(g, H * d, dm, s);
+  const auto bq = random_vector<T>(g, H * d, 0.1), bk = random_vector<T>(g, Hkv * d, 0.1),
+             bv = random_vector<T>(g, Hkv * d, 0.1), bo = random_vector<T>(g, dm, 0.1);
+  bd::mha_weights<T> w{wq.view(), wk.view(), wv.view(), wo.view(), bq.data(), bk.data(), bv.data(), bo.data()};
+  bd::mha_config cfg{dm, H, Hkv, d};
+  cfg.causal = true;
+  cfg.use_rope = true;
+  cfg.rope.style = rope_style::half;
+  cfg.rope.position_offset = 2;
+  bd::forward_options fo;
+  fo.position_offset = 11;
+  bd::mha_options mo;
+  mo.bd_qk = mo.bd_vo = false;
+  const auto L = bd::prepare_mha<T>(w, cfg, mo);
+  const matrix<T> x = random_matrix<T>(g, n, dm, 1.0);
+
+  // The double reference (ref::mha's steps, with the attention and the gains per head).
+  const auto t0 = std::chrono::steady_clock::now();
+  auto row_of = [](const std::vector<T>& b) {
+    Eigen::RowVectorXd r(static_cast<Eigen::Index>(b.size()));
+    for (std::size_t i = 0; i < b.size(); ++i) r(static_cast<Eigen::Index>(i)) = to_d(b[i]);
+    return r;
+  };
+  const Eigen::MatrixXd xd = test::to_double(x);
+  Eigen::MatrixXd q = (xd * test::to_double(wq)).rowwise() + row_of(bq);
+  Eigen::MatrixXd k = (xd * test::to_double(wk)).rowwise() + row_of(bk);
+  const Eigen::MatrixXd v = (xd * test::to_double(wv)).rowwise() + row_of(bv);
+  ref::rope(q, H, d, cfg.rope.theta, false, cfg.rope.position_offset + fo.position_offset);
+  ref::rope(k, Hkv, d, cfg.rope.theta, false, cfg.rope.position_offset + fo.position_offset);
+  const double scale = 1.0 / std::sqrt(double(d));
+  Eigen::MatrixXd a(n, H * d);
+  gain_sums gs;
+  for (index_t h = 0; h < H; ++h) {
+    const index_t hk = h / (H / Hkv);
+    a.middleCols(h * d, d) = head_with_gains(q.middleCols(h * d, d), k.middleCols(hk * d, d), v.middleCols(hk * d, d), scale, gs);
+  }
+  const Eigen::MatrixXd want = (a * test::to_double(wo)).rowwise() + row_of(bo);
+  const double t_ref = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double g_q = std::sqrt(gs.num_q / gs.den), g_k = std::sqrt(gs.num_k / gs.den);
+  const double uT = test::u<T>(), u32 = test::u<float>(), sdm = std::sqrt(double(dm) + 1);
+  const double tol = 3 * uT + u32 * (sdm + std::sqrt(double(n)) + std::sqrt(double(H * d) + 1) + 8) +
+                     g_q * (2 * uT + u32 * (sdm + 1)) + g_k * (2 * uT + u32 * (sdm + 1 + std::sqrt(double(d))));
+
+  const index_t ldx = dm + 3, ldy = dm + 5;
+  std::vector<T> xh(static_cast<std::size_t>(n * ldx), from_d<T>(7.0));
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < dm; ++j) xh[static_cast<std::size_t>(i * ldx + j)] = x(i, j);
+  const auto dl = bd::upload(ctx, L);
+  const auto dx = to_device(ctx, xh.data(), static_cast<index_t>(xh.size()));
+  device_buffer<T> dy(n * ldy);
+  for (bd::cuda_epilogue epi : {bd::cuda_epilogue::automatic, bd::cuda_epilogue::prefill}) {
+    bd::cuda_project_options po;
+    po.epilogue = epi;
+    device_buffer<unsigned char> ws(static_cast<index_t>(bd::forward_workspace_bytes(ctx, dl, n, po)));
+    poison(ctx, dy);
+    poison(ctx, ws);
+    bd::forward(ctx, dl, matrix_view<const T>(dx.data(), n, dm, ldx), matrix_view<T>(dy.data(), n, dm, ldy), ws.data(),
+                ws.bytes(), fo, po);
+    ctx.synchronize();
+    std::vector<T> y(static_cast<std::size_t>(n * ldy));
+    dy.download(ctx, y.data(), n * ldy);
+    double e2 = 0, y2 = 0;
+    index_t non_finite = 0, padding_touched = 0;
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < ldy; ++j) {
+        const T yv = y[static_cast<std::size_t>(i * ldy + j)];
+        if (j >= dm) {
+          padding_touched += cudatest::is_poison(yv) ? 0 : 1;
+          continue;
+        }
+        const double got = to_d(yv);
+        if (!std::isfinite(got)) {
+          ++non_finite;
+          continue;
+        }
+        e2 += (got - want(i, j)) * (got - want(i, j));
+        y2 += want(i, j) * want(i, j);
+      }
+    const double err = std::sqrt(e2 / y2);
+    INFO("epilogue " << (epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic") << ": error " << err << " = "
+                     << err / uT << " u_T, bound " << tol << " = " << tol / uT << " u_T (g_q " << g_q << ", g_k " << g_k
+                     << ")");
+    CHECK(non_finite == 0);
+    CHECK(padding_touched == 0);
+    CHECK(err <= tol);
+    std::printf("layers GQA %s 4096 tokens, epilogue %s: error / bound %.3g (g_q %.3g, g_k %.3g); host reference %.1f s\n",
+                to_string(dtype_of_v<T>), epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic", err / tol, g_q, g_k,
+                t_ref);
+  }
+}
+
+/// [large] The layer kernels at sizes past grid_for's cap of 65535 * 16 blocks of 256 threads (268,431,360
+/// elements; RMSNorm: 1,048,560 blocks, one per row), so their grid-stride loops take a second pass, in
+/// fp16, checked against double arithmetic on the host:
+///   RMSNorm  1,100,000 rows of 8 (row stride 11: padding must survive): every element within
+///            (u_T + gamma_16(fp32) (1 + u_T)) |y| + eta_T of x / sqrt(mean x^2 + eps) w (an 8-term sum of squares,
+///            the mean, eps, sqrtf and 1/x correctly rounded, two products: <= gamma_8 / 2 + 6 u_32 <=
+///            gamma_16, then one rounding to T); all rows checked.
+///   concat   2^20 rows x 16 heads x (8 + 8), b shared by the heads (head stride 0): 2^28 elements, a copy
+///            (so bit-for-bit equality is the specification); all elements checked.
+///   RoPE     2^20 tokens x 16 heads x d 32, half style: 2^28 pairs (1 GiB of fp16); the GPU and the host
+///            both rotate in double (pow, sin, cos each within 2 ulp of exact), so the two angles differ by
+///            <= 8 eps_64 |a| and the rotated values by <= (|x0| + |x1|)(8 eps_64 |a| + 8 eps_64); with the
+///            rounding to T: |got - y| <= u_T (|y| + delta) + eta_T + delta. Checked on the first 64 tokens,
+///            the last 64 (the second pass covers the last 16) and 64 random ones.
+/// Inputs are small integers / 8 or / 16 (exact in fp16). Host cost: filling and checking ~1 GiB of
+/// fp16 (a few seconds); device memory ~1.6 GiB.
+void layer_kernels_large() {
+  using T = Eigen::half;
+  namespace ck = basisattn::detail::cuda_kernels;
+  const std::uint64_t seed = cudatest::test_seed("layers [large] kernels");
+  INFO("seed " << seed);
+  std::mt19937_64 g(seed);
+  cuda_context ctx;
+  const double uT = test::u<T>(), etaT = test::eta<T>(), eps64 = std::numeric_limits<double>::epsilon();
+  constexpr long long cap = 65535LL * 16 * 256;
+  {
+    INFO("RMSNorm rows beyond the grid cap");
+    const index_t rows = 1100000, cols = 8, ld = 11;
+    std::uniform_int_distribution<int> pick(-16, 16);
+    std::vector<T> xh(static_cast<std::size_t>(rows * ld)), wh(static_cast<std::size_t>(cols));
+    for (auto& e : xh) e = from_d<T>(pick(g) / 8.0);
+    for (index_t i = 0; i < rows; ++i) xh[static_cast<std::size_t>(i * ld)] = from_d<T>(1.0);  // no zero rows
+    for (auto& e : wh) e = from_d<T>(1.0 + pick(g) / 32.0);
+    const auto dx = to_device(ctx, xh.data(), rows * ld);
+    const auto dw = to_device(ctx, wh.data(), cols);
+    const float eps = 1e-6f;
+    ck::launch_rms_norm_rows<T>(dx.data(), ld, rows, cols, dw.data(), eps, ctx.stream());
+    ctx.synchronize();
+    std::vector<T> yh(xh.size());
+    dx.download(ctx, yh.data(), rows * ld);
+    const double gam = test::gamma<float>(16);
+    index_t bad = 0, padding_changed = 0;
+    for (index_t i = 0; i < rows; ++i) {
+      double ss = 0;
+      for (index_t j = 0; j < cols; ++j) ss += to_d(xh[std::size_t(i * ld + j)]) * to_d(xh[std::size_t(i * ld + j)]);
+      const double inv = 1.0 / std::sqrt(ss / double(cols) + double(eps));
+      for (index_t j = 0; j < ld; ++j) {
+        const double got = to_d(yh[std::size_t(i * ld + j)]);
+        if (j >= cols) {
+          padding_changed += got == to_d(xh[std::size_t(i * ld + j)]) ? 0 : 1;
+          continue;
+        }
+        const double y = to_d(xh[std::size_t(i * ld + j)]) * inv * to_d(wh[std::size_t(j)]);
+        if (!(std::abs(got - y) <= (uT + gam * (1 + uT)) * std::abs(y) + etaT)) ++bad;
+      }
+    }
+    CHECK(rows > 65535LL * 16);
+    CHECK(bad == 0);
+    CHECK(padding_changed == 0);
+  }
+  {
+    INFO("head concatenation beyond the grid cap");
+    const index_t rows = index_t(1) << 20, heads = 16, da = 8, db = 8, w = da + db;
+    REQUIRE(rows * heads * w > cap);
+    auto av = [](index_t i) { return double(i % 2011 - 1005) / 8.0; };   // exact in fp16
+    auto bv = [](index_t i) { return double(i % 1999 - 999) / 16.0; };
+    std::vector<T> ah(static_cast<std::size_t>(rows * heads * da)), bh(static_cast<std::size_t>(rows * db));
+#pragma omp parallel for
+    for (index_t i = 0; i < index_t(ah.size()); ++i) ah[std::size_t(i)] = from_d<T>(av(i));
+    for (std::size_t i = 0; i < bh.size(); ++i) bh[i] = from_d<T>(bv(index_t(i)));
+    const auto da_ = to_device(ctx, ah.data(), static_cast<index_t>(ah.size()));
+    const auto db_ = to_device(ctx, bh.data(), static_cast<index_t>(bh.size()));
+    device_buffer<T> out(rows * heads * w);
+    poison(ctx, out);
+    ck::launch_concat_heads<T>(da_.data(), heads * da, da, da, db_.data(), db, 0, db, rows, heads, out.data(), heads * w,
+                               ctx.stream());
+    ctx.synchronize();
+    std::vector<T> oh(static_cast<std::size_t>(rows * heads * w));
+    out.download(ctx, oh.data(), static_cast<index_t>(oh.size()));
+    index_t wrong = 0;
+#pragma omp parallel for reduction(+ : wrong)
+    for (index_t t = 0; t < rows; ++t)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t c = 0; c < w; ++c) {
+          const double want = c < da ? av((t * heads + h) * da + c) : bv(t * db + (c - da));
+          wrong += to_d(oh[std::size_t((t * heads + h) * w + c)]) == want ? 0 : 1;
+        }
+    CHECK(wrong == 0);
+  }
+  {
+    INFO("RoPE pairs beyond the grid cap");
+    const index_t tokens = index_t(1) << 20, heads = 16, d = 32, offset = 3;
+    const double theta = 10000;
+    REQUIRE(tokens * heads * (d / 2) > cap);
+    auto xv = [](index_t t, index_t h, index_t e) { return double((t * 7 + h * 3 + e * 5) % 33 - 16) / 16.0; };
+    const index_t row = heads * d;
+    device_buffer<T> dx(tokens * row);
+    {
+      const index_t chunk = 8192;  // tokens per upload
+      std::vector<T> buf(static_cast<std::size_t>(chunk * row));
+      for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
+#pragma omp parallel for
+        for (index_t t = 0; t < chunk; ++t)
+          for (index_t h = 0; h < heads; ++h)
+            for (index_t e = 0; e < d; ++e) buf[std::size_t(t * row + h * d + e)] = from_d<T>(xv(t0 + t, h, e));
+        BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dx.data() + t0 * row, buf.data(), buf.size() * sizeof(T), cudaMemcpyHostToDevice,
+                                             ctx.stream()));
+        ctx.synchronize();
+      }
+    }
+    ck::launch_rope<T>(dx.data(), tokens, heads, d, row, d, 1, theta, false, offset, ctx.stream());
+    ctx.synchronize();
+    std::vector<index_t> check;
+    for (index_t t = 0; t < 64; ++t) check.push_back(t);
+    for (index_t t = tokens - 64; t < tokens; ++t) check.push_back(t);
+    std::uniform_int_distribution<index_t> pick(0, tokens - 1);
+    for (int i = 0; i < 64; ++i) check.push_back(pick(g));
+    std::vector<T> got(static_cast<std::size_t>(row));
+    index_t bad = 0;
+    for (index_t t : check) {
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(got.data(), dx.data() + t * row, got.size() * sizeof(T), cudaMemcpyDeviceToHost,
+                                           ctx.stream()));
+      ctx.synchronize();
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t i = 0; i < d / 2; ++i) {
+          const double a = double(offset + t) * std::pow(theta, -2.0 * double(i) / double(d));
+          const double x0 = xv(t, h, i), x1 = xv(t, h, i + d / 2);
+          const double y0 = x0 * std::cos(a) - x1 * std::sin(a), y1 = x0 * std::sin(a) + x1 * std::cos(a);
+          const double delta = (std::abs(x0) + std::abs(x1)) * (8 * eps64 * std::abs(a) + 8 * eps64);
+          const double g0 = to_d(got[std::size_t(h * d + i)]), g1 = to_d(got[std::size_t(h * d + i + d / 2)]);
+          if (!(std::abs(g0 - y0) <= uT * (std::abs(y0) + delta) + etaT + delta)) ++bad;
+          if (!(std::abs(g1 - y1) <= uT * (std::abs(y1) + delta) + etaT + delta)) ++bad;
+        }
+    }
+    CHECK(bad == 0);
+  }
+}
+
 template <class F>
 errc code_of(F&& f) {
   try {
@@ -201,6 +566,11 @@ TEST_CASE("CUDA MHA/GQA/MQA layers match the CPU backend: bf16") { mha_suite<Eig
 TEST_CASE("CUDA MLA layers match the CPU backend: fp32") { mla_suite<float>(); }
 TEST_CASE("CUDA MLA layers match the CPU backend: fp16") { mla_suite<Eigen::half>(); }
 TEST_CASE("CUDA MLA layers match the CPU backend: bf16") { mla_suite<Eigen::bfloat16>(); }
+TEST_CASE("CUDA attention layers, small cases for compute-sanitizer", "[sanitize]") { sanitize_suite(); }
+TEST_CASE("CUDA GQA layer at 4096 tokens against the double reference: fp16", "[large]") { gqa_long<Eigen::half>(); }
+TEST_CASE("CUDA layer kernels (RoPE, RMSNorm, head concatenation) past the grid-stride cap: fp16", "[large]") {
+  layer_kernels_large();
+}
 
 TEST_CASE("CUDA layers reject bad layers and arguments") {
   cuda_context ctx;

@@ -4,6 +4,9 @@
 //       given positions (first entry 0): logit(r, c) depends on r - c and on the segment of c only, so
 //       the heads have an exact conv basis with anchors at the switches
 //   random_qkv(n, hq, hkv, d, dv, mag, seed)        no structure at all
+//   periodic(n, hq, hkv, d, switches, gmax, seed)   an exact conv basis in every storage type: q, k hold
+//       small integers (exact in fp16 and bf16) and every logit is one product of them, so the basis
+//       logits equal the true ones bit for bit in double (no RoPE rounding): for oracles at any size
 #pragma once
 
 #include "test_util.hpp"
@@ -67,6 +70,37 @@ inline qkv switching(index_t n, index_t hq, index_t hkv, index_t d, const std::v
       const std::size_t si = std::size_t(std::upper_bound(switches.begin(), switches.end(), j) - switches.begin() - 1);
       for (index_t c = 0; c < d; ++c) x.ka(j, h, c) = seg[si][std::size_t(c)];
       rotate(&x.ka(j, h, 0), d, double(j));
+    }
+  }
+  for (auto& e : x.v) e = normal();
+  return x;
+}
+
+/// Heads whose conv structure survives any storage type. q_r = c_h e_{r mod d} (one-hot, c_h = 1 + h % 2),
+/// k_c = the integer pattern g of c's segment rotated by c: k(c, e) = g_seg(c)[(e - c) mod d], with
+/// g's entries integers in [-gmax, gmax] (gmax <= 256: exact in fp16 and bf16). Then q_r . k_c =
+/// c_h g_seg(c)[(r - c) mod d]: a function of r - c and of c's segment only, with one non-zero product,
+/// so every logit (and every basis logit, which is some other logit) is exact in double whenever the
+/// scale is a power of two (the default 1/sqrt(d) for d = 4^m). The first `switches` entry must be 0;
+/// consecutive segments differ at lag 0 (g[0] steps by 1 at each switch, wrapping within [-gmax, gmax]),
+/// so change_scan finds every switch. With one segment the upper triangle is exact too (non-causal).
+/// Values N(0, 1).
+inline qkv periodic(index_t n, index_t hq, index_t hkv, index_t d, const std::vector<index_t>& switches, int gmax,
+                    std::uint64_t seed) {
+  test::seed(seed);
+  qkv x(n, hq, hkv, d, d);
+  for (index_t i = 0; i < n; ++i)
+    for (index_t h = 0; h < hq; ++h) x.qa(i, h, i % d) = double(1 + h % 2);
+  std::uniform_int_distribution<int> pick(-gmax, gmax);
+  for (index_t h = 0; h < hkv; ++h) {
+    std::vector<std::vector<int>> g(switches.size(), std::vector<int>(static_cast<std::size_t>(d)));
+    for (std::size_t s = 0; s < g.size(); ++s) {
+      for (auto& e : g[s]) e = pick(rng());
+      if (s > 0) g[s][0] = g[s - 1][0] == gmax ? -gmax : g[s - 1][0] + 1;
+    }
+    for (index_t j = 0; j < n; ++j) {
+      const std::size_t si = std::size_t(std::upper_bound(switches.begin(), switches.end(), j) - switches.begin() - 1);
+      for (index_t e = 0; e < d; ++e) x.ka(j, h, e) = double(g[si][std::size_t(((e - j) % d + d) % d)]);
     }
   }
   for (auto& e : x.v) e = normal();

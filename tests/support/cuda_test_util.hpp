@@ -1,6 +1,11 @@
 // Helpers shared by the CUDA tests: the skip rule (no usable device -> exit 77, see skip_main.hpp),
 // storage <-> double conversions, fresh seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
 // a padded device result with the CPU's, counting unwritten elements and touched padding.
+//   test_seed(name)                 a fresh seed (or BASISATTN_TEST_SEED), printed to stderr at once, so
+//                                   that even a run that aborts (sticky CUDA error) shows it; pair it with
+//                                   INFO("seed " << seed) for the failure messages
+//   exact_attention_tolerance(...)  the normwise error model of exact fp32 attention against the double
+//                                   oracle (tests/test_attention.cpp), for the CPU or the CUDA kernel
 #pragma once
 
 #include <basisattn/cpu/eigen.hpp>
@@ -9,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -37,6 +44,35 @@ T from_d(double x) {
 inline std::uint64_t fresh_seed() {
   std::random_device rd;
   return (std::uint64_t(rd()) << 32) ^ rd();
+}
+
+/// The seed of a test case's random data: fresh every run (std::random_device), or the value of the
+/// environment variable BASISATTN_TEST_SEED when it is set (to rerun a failure with the same data).
+/// Printed to stderr immediately ("<name>: seed N"): a failing CHECK also shows it through the caller's
+/// INFO, but a run that dies (abort on a sticky CUDA error, a crash) only leaves this line.
+inline std::uint64_t test_seed(const char* name) {
+  std::uint64_t s = 0;
+  const char* env = std::getenv("BASISATTN_TEST_SEED");
+  if (env && *env) s = std::strtoull(env, nullptr, 0);
+  else s = fresh_seed();
+  std::fprintf(stderr, "%s: seed %llu (rerun with BASISATTN_TEST_SEED=%llu)\n", name, static_cast<unsigned long long>(s),
+               static_cast<unsigned long long>(s));
+  std::fflush(stderr);
+  return s;
+}
+
+/// Normwise relative error bound of exact attention computed in fp32 (scores, softmax and P V sums
+/// in fp32, one rounding to T) against the double oracle, as tests/test_attention.cpp derives it for
+/// the CPU kernel:  u_T + u_32 (kappa sqrt(d_qk) + sqrt(n_kv) + c),  kappa = max(1, kappa'), kappa' the
+/// largest scale sum_e |q_e k_e| over the visible pairs (from the data). c counts the fixed roundings
+/// per element: 4 on the CPU (scale multiply, exp, rescale, 1/l); 8 for the CUDA kernels (expf is
+/// accurate to 2 ulp, CUDA C Programming Guide, counted for the weight and for the rescale), as
+/// tests/cuda/test_cuda_projection.cpp uses. It is a root-mean-square model (rel_error is a Frobenius
+/// norm over many outputs): use it for normwise comparisons over many rows, not for single entries.
+inline double exact_attention_tolerance(double u_t, double kappa_prime, index_t d_qk, index_t n_kv, bool cuda_kernel) {
+  const double u32 = std::ldexp(1.0, -24);
+  const double kappa = std::max(1.0, kappa_prime);
+  return u_t + u32 * (kappa * std::sqrt(double(d_qk)) + std::sqrt(double(n_kv)) + (cuda_kernel ? 8.0 : 4.0));
 }
 
 /// All bytes 0xFF: NaN in fp32, fp16 and bf16.
