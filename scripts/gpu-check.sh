@@ -19,7 +19,7 @@
 # benchmark command lines), GPU_CHECK_BUDGET_S (total time budget, default 470 s: later stages are
 # shortened or skipped, with a note, when it runs out), GPU_CHECK_BENCH_RESERVE_S (time kept for the
 # benchmarks while the sanitizer runs, default 200 s), GPU_CHECK_BUILD_DIR (default build-gpu),
-# GPU_CHECK_CUDA_ARCH (default 90).
+# GPU_CHECK_CUDA_ARCH (default 90), GPU_CHECK_PROGRAMS (build and run only these programs).
 set -uo pipefail
 t_start=$SECONDS
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +49,12 @@ cuda_arch=${GPU_CHECK_CUDA_ARCH:-90}
 cuda_tests=(test_cuda_smoke test_cuda_projection test_cuda_layers test_cuda_conv test_cuda_support)
 sanitize_progs=(test_cuda_projection test_cuda_layers test_cuda_conv test_cuda_support)
 benches=(bench_cuda bench_cuda_approx)
+# GPU_CHECK_PROGRAMS (a subset of the names above, space-separated) builds and runs only those: CI uses
+# it to prove the deps folder and the script on one small program (scripts/ci-gpu-check.sh).
+if [ -n "${GPU_CHECK_PROGRAMS:-}" ]; then
+  keep() { local p w; local -n arr=$1; local kept=(); for p in "${arr[@]}"; do for w in $GPU_CHECK_PROGRAMS; do [ "$p" = "$w" ] && kept+=("$p"); done; done; arr=("${kept[@]}"); }
+  keep cuda_tests; keep sanitize_progs; keep benches
+fi
 
 env_log=$out/env.txt build_log=$out/build.log ctest_log=$out/ctest.log runs_log=$out/runs.log
 summary=$out/summary.txt junit=$out/ctest-junit.xml
@@ -229,7 +235,9 @@ if [ "$configured" -eq 1 ] && [ ${#built[@]} -gt 0 ]; then
     record ctest 0 "FAIL (no time left in the budget)"
   else
     stop=$(date -d "@$(( $(date +%s) + t - 10 ))" +%H:%M:%S 2>/dev/null || true)
-    ctest_args=(--test-dir "$build" -R cuda --output-on-failure -j4 --output-junit "$junit")
+    regex=cuda
+    [ -n "${GPU_CHECK_PROGRAMS:-}" ] && regex="^($(IFS='|'; echo "${cuda_tests[*]}")):"
+    ctest_args=(--test-dir "$build" -R "$regex" --output-on-failure -j4 --output-junit "$junit")
     [ -n "$stop" ] && ctest_args+=(--stop-time "$stop")
     run_logged "$ctest_log" "$t" ctest "${ctest_args[@]}"
     rc=$?

@@ -2,7 +2,7 @@
 // leading or gathered, with and without bias, padded row strides) and exact attention (causal / not,
 // GQA, n_q < n_kv, d_qk != d_v, strided tensors), in fp32, fp16 and bf16, at small sizes and ([large])
 // at 65536 tokens with row strides that put element offsets beyond 2^31. Every run uses fresh random
-// inputs (the seed is in the failure message), poisons the output first (all bytes 0xFF: NaN in every
+// inputs (the seed is printed at once and in the failure message; BASISATTN_TEST_SEED=N reruns it), poisons the output first (all bytes 0xFF: NaN in every
 // dtype) and checks that every element was written and padding left alone. Without a usable GPU the
 // program exits 77 (CTest: Skipped). Cases tagged [sanitize] are small and run under compute-sanitizer.
 //
@@ -52,7 +52,6 @@ using namespace basisattn;
 
 namespace {
 
-using cudatest::fresh_seed;
 using cudatest::poison;
 
 template <class T>
@@ -207,8 +206,10 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
     rows.resize(static_cast<std::size_t>(tokens));
     std::iota(rows.begin(), rows.end(), index_t(0));
   }
-  std::vector<oracle_row> want;
-  for (index_t t : rows) want.push_back(oracle(hp, x.data() + t * in));
+  std::vector<oracle_row> want(rows.size());  // tokens x in x out double products: spread over the cores
+#pragma omp parallel for schedule(dynamic, 8)
+  for (index_t i = 0; i < static_cast<index_t>(rows.size()); ++i)
+    want[static_cast<std::size_t>(i)] = oracle(hp, x.data() + rows[static_cast<std::size_t>(i)] * in);
   projection_result res;
   for (int run = 0; run < 2; ++run) {
     poison(ctx, dy);
@@ -317,7 +318,7 @@ void projection_shape(const cuda_context& ctx, const proj_shape& s, std::mt19937
 
 template <class T>
 void projection_suite(bool small_only) {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed("projection_suite");
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -342,7 +343,7 @@ void projection_suite(bool small_only) {
 /// reduced in fp16 (ulp 0.5) or bf16 (ulp 4-8) lose bits, and the element differs.
 template <class T>
 void split_k_suite() {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed("split_k_suite");
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -424,7 +425,7 @@ std::vector<index_t> sample_rows(std::mt19937_64& g, index_t n, index_t random_c
 /// cuBLAS / cuBLASLt), 5.2 GB per 16-bit operand on the device.
 template <class T>
 void projection_large() {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed("projection_large");
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -570,7 +571,7 @@ const char* describe_flags(const attn_case& c) { return c.causal ? "causal" : "b
 
 template <class T>
 void attention_suite(bool small_only) {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed("attention_suite");
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
@@ -603,7 +604,7 @@ void attention_suite(bool small_only) {
 /// rows of every head against the double oracle.
 template <class T>
 void attention_large() {
-  const std::uint64_t seed = fresh_seed();
+  const std::uint64_t seed = cudatest::test_seed("attention_large");
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
