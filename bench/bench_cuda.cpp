@@ -33,7 +33,7 @@
 //            basis not leading (a gather kernel copies x[:, basis ++ rest] first), 0: basis leading.
 //   Counters (medians over iterations):
 //     dense_us, bd_us          event time of each
-//     ratio                    dense_us / bd_us; FLOP limit 512 / 384 = 1.333 (issue 4 asks >= 1.30
+//     ratio                    dense_us / bd_us; FLOP limit 512 / 384 = 1.333 (the target is >= 1.30
 //                              at 16K-64K tokens in fp16)
 //     dense_TFLOPs, bd_TFLOPs  useful FLOPs per second: dense 2 n 512 2048, BD 2 n 384 2048
 //     dense_GBs, bd_GBs        fewest bytes / time: (x + weights + y) once each: dense

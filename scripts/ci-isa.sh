@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tests whose bounds rest on rounding, once more in a Release build for another instruction-set
-# level than the main build's -march=native (issue 13: rounding differs between ISA levels, and
+# level than the main build's -march=native (rounding differs between ISA levels, and
 # the machines this project runs on differ: Zen 3 has AVX2 only, Zen 4/5 have AVX-512).
 # Level: x86-64-v3 (AVX2 + FMA: the code a Zen 3 machine builds) where the compiler's native
 # target has AVX-512, x86-64-v2 (SSE4.2, no FMA) where it has not. The library tests also run at

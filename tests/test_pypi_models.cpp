@@ -66,7 +66,7 @@ void check_side(const side& s) {
   INFO(s.name);
   // The shared pivot is never worse than first-r or residual-min; with error-aware rounding (what
   // the prepared layers use) fp32 stays within 2e-7 relative. The 16-bit ratios are printed: about
-  // 1.6-2.1x the dense rounding, above issue 3's 1.5x target.
+  // 1.6-2.1x the dense rounding, above the project's 1.5x target.
   CHECK(e32[2] <= std::min(e32[0], e32[1]));
   CHECK(e16[2] <= std::min(e16[0], e16[1]));
   CHECK(eb[2] <= std::min(eb[0], eb[1]));

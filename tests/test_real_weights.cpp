@@ -301,7 +301,7 @@ TEST_CASE("BD on every eligible pair of the real models: fp32 at rounding level,
     CHECK(e32[3] <= 2e-7);
     CHECK(e16[3] < e16[2]);
     CHECK(eb[3] < eb[2]);
-    // Issue 3's bound: BD costs at most 1.5x the dense weights' own 16-bit rounding error.
+    // The project's target: BD costs at most 1.5x the dense weights' own 16-bit rounding error.
     CHECK(e16[3] <= 1.5 * d16);
     CHECK(eb[3] <= 1.5 * db);
   }

@@ -325,8 +325,8 @@ void projection_suite(bool small_only) {
   INFO("seed " << seed);
   std::mt19937_64 g(seed);
   cuda_context ctx;
-  // r = 12 and r = 4 in 16-bit storage put a packed head bias at 24 / 8-byte offsets (issue 14 item 1:
-  // the device layout pads each head's bias to 256 bytes); the single token and odd strides test edges.
+  // r = 12 and r = 4 in 16-bit storage would put a packed head bias at 24 / 8-byte offsets (the device
+  // layout pads each head's bias to 256 bytes); the single token and odd strides test edges.
   const proj_shape small[] = {{70, 12, 3, 129, 5, 3, "odd"}, {40, 8, 2, 1, 0, 8, "one-token"},
                               {64, 4, 5, 257, 0, 1, "r4"}};
   const proj_shape more[] = {{512, 128, 16, 300, 0, 0, "deepseek-v2-lite"}, {192, 12, 16, 200, 0, 0, "r12x16"}};
@@ -335,7 +335,7 @@ void projection_suite(bool small_only) {
   for (const proj_shape& s : more) projection_shape<T>(ctx, s, g);
 }
 
-/// Issue 14 item 3: split-K partial sums must be reduced in fp32, not in T. Deep-K, few-output shapes
+/// Split-K partial sums must be reduced in fp32, not in T. Deep-K, few-output shapes
 /// (K = 16384, 64 outputs, 32 tokens), where cuBLAS and cuBLASLt choose split-K, on inputs for which
 /// fp32 arithmetic is exact in ANY order: x = +-m 2^-10 (m in [128, 255]: exact in fp16 and bf16),
 /// weights and coefficients +-1, biases multiples of 2^-3 in [-0.5, 0.5]. Every product and every

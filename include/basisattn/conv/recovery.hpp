@@ -4,8 +4,9 @@
 //   recover_basis(A, B, scale, lag0, opt)  anchors + kernels of the lower triangle of scale * A B^T
 //       (lag0 = 0), or of its strict lower triangle (lag0 = 1). The upper triangle of S = scale Q K^T is
 //       the strict lower triangle of scale K Q^T, so (A, B) = (K, Q), lag0 = 1 gives the upper basis.
-//   basis_logit(b, r, c)                   the logit the lower basis assigns to (r, c), r >= c
+//   block_of(b, c)                         the block of the basis that column c belongs to
 //   structure_diagnostic(...)              explained logit variance on sampled visible entries
+// (The logit a whole head plan assigns to an entry, basis_logit, is in <basisattn/cpu/conv.hpp>.)
 // Never forms the n x n logits: kernels cost O(k n d), change_scan O(n probe d), search
 // O(k probe d log n).
 #pragma once
