@@ -36,6 +36,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstring>
+
 #include "conv_cases.hpp"
 #include "expect_error.hpp"
 #include "test_util.hpp"
@@ -314,6 +316,25 @@ TEST_CASE("conv: other storage types round once at the end", "[conv]") {
     for (std::size_t i = 0; i < out.size(); ++i) got[i] = double(float(out[i]));
     // rounded inputs break the exact structure by ~u_T per logit: compare with the oracle on them
     CHECK(rel(got, reference(xr, true)) < tol);
+    // Round once: a run in double storage on the same (rounded) values performs the same arithmetic on
+    // the same shapes (T storage is widened to double on entry, the plan and the FFT-precision choice
+    // depend only on those values, and every head runs the same code whichever thread takes it), so
+    // each T output must be exactly that double output rounded once to T. A path through float
+    // (double -> float -> T) differs wherever float's rounding lands on a tie of T's grid, and any
+    // arithmetic done in T differs far more often.
+    std::vector<double> yd(out.size());
+    conv::attention<double>(basisattn::cpu{}, tensor3_view<const double>(xr.q.data(), x.n, x.hq, x.d),
+                            tensor3_view<const double>(xr.k.data(), x.n, x.hkv, x.d),
+                            tensor3_view<const double>(xr.v.data(), x.n, x.hkv, x.dv),
+                            tensor3_view<double>(yd.data(), x.n, x.hq, x.dv), o);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const T once = basisattn::detail::from_compute<T>(yd[i]);
+      if (std::memcmp(&once, &out[i], sizeof(T)) != 0) ++differ;
+    }
+    INFO("storage " << basisattn::to_string(basisattn::dtype_of_v<T>) << ": " << differ << " of " << out.size()
+                    << " outputs differ from the double run rounded once");
+    CHECK(differ == 0);
   };
   check_type(float{}, 4 * test::u<float>() + 1e-6);
   check_type(Eigen::half{}, 8 * test::u<Eigen::half>() + 3e-3);
