@@ -117,6 +117,7 @@ using cudabench::l2_flusher;
 using cudabench::median;
 using cudabench::random_device;
 using cudabench::seconds_since;
+using cudabench::timed_pairs;
 using steady = std::chrono::steady_clock;
 
 template <class T>
@@ -195,24 +196,10 @@ void BM_kv_up_projection_cuda(benchmark::State& state) {
     ctx.synchronize();
     state.counters["setup_s"] = seconds_since(t0);
 
-    event_timer td, tb;
     std::vector<double> sd, sb;
-    long it = 0;
-    for (auto _ : state) {
-      const bool bd_first = (it++ & 1) != 0;  // even: dense first; odd: BD first
-      for (int step = 0; step < 2; ++step) {
-        const bool run_bd = (step == 0) == bd_first;
-        l2.flush(ctx.stream());
-        event_timer& t = run_bd ? tb : td;
-        t.start(ctx.stream());
-        if (run_bd) bd_method = bd::project(ctx, bdp, xv, yv, ws.data(), ws.bytes(), opt);
-        else dense_method = bd::project(ctx, dense, xv, yv, ws.data(), ws.bytes(), opt);
-        t.stop(ctx.stream());
-      }
-      sd.push_back(td.seconds());
-      sb.push_back(tb.seconds());
-      state.SetIterationTime(sd.back() + sb.back());
-    }
+    timed_pairs(
+        state, ctx, l2, [&] { dense_method = bd::project(ctx, dense, xv, yv, ws.data(), ws.bytes(), opt); },
+        [&] { bd_method = bd::project(ctx, bdp, xv, yv, ws.data(), ws.bytes(), opt); }, sd, sb);
     const double md = median(sd), mb = median(sb), es = double(sizeof(T)), n = double(tokens);
     const double dense_flops = 2.0 * n * double(m) * double(out), bd_flops = 2.0 * n * double(m - r) * double(out);
     const double dense_bytes = (n * double(m) + double(m) * double(out) + n * double(out)) * es;
@@ -320,24 +307,10 @@ void BM_mla_layer_cuda(benchmark::State& state) {
     ctx.synchronize();
     state.counters["setup_s"] = seconds_since(t0);
 
-    event_timer td, tb;
     std::vector<double> sd, sb;
-    long it = 0;
-    for (auto _ : state) {
-      const bool bd_first = (it++ & 1) != 0;  // even: dense first; odd: BD first
-      for (int step = 0; step < 2; ++step) {
-        const bool run_bd = (step == 0) == bd_first;
-        l2.flush(ctx.stream());
-        event_timer& t = run_bd ? tb : td;
-        t.start(ctx.stream());
-        if (run_bd) bd::forward(ctx, bdl, xv, yv, ws.data(), ws.bytes());
-        else bd::forward(ctx, dense, xv, yv, ws.data(), ws.bytes());
-        t.stop(ctx.stream());
-      }
-      sd.push_back(td.seconds());
-      sb.push_back(tb.seconds());
-      state.SetIterationTime(sd.back() + sb.back());
-    }
+    timed_pairs(
+        state, ctx, l2, [&] { bd::forward(ctx, dense, xv, yv, ws.data(), ws.bytes()); },
+        [&] { bd::forward(ctx, bdl, xv, yv, ws.data(), ws.bytes()); }, sd, sb);
     const double md = median(sd), mb = median(sb);
     state.counters["dense_ms"] = md * 1e3;
     state.counters["bd_ms"] = mb * 1e3;

@@ -87,40 +87,15 @@ using namespace basisattn;
 
 namespace {
 
-using cudabench::event_timer;
 using cudabench::have_device;
 using cudabench::l2_flusher;
 using cudabench::median;
 using cudabench::seconds_since;
+using cudabench::timed_pairs;
 using steady = std::chrono::steady_clock;
 
 /// Iterations at n tokens (bounded GPU time).
 int iterations_for(long n) { return n <= 16384 ? 10 : 3; }
-
-/// Runs `exact` and `approx` once per iteration with their own event timers, each preceded by an L2
-/// flush outside its events; even iterations exact first, odd iterations approx first. Appends the
-/// seconds of each to se / sa and sets the iteration's manual time to their sum.
-template <class Exact, class Approx>
-void timed_pairs(benchmark::State& state, const cuda_context& ctx, l2_flusher& l2, Exact&& exact, Approx&& approx,
-                 std::vector<double>& se, std::vector<double>& sa) {
-  event_timer te, ta;
-  long it = 0;
-  for (auto _ : state) {
-    const bool approx_first = (it++ & 1) != 0;
-    for (int step = 0; step < 2; ++step) {
-      const bool run_approx = (step == 0) == approx_first;
-      l2.flush(ctx.stream());
-      event_timer& t = run_approx ? ta : te;
-      t.start(ctx.stream());
-      if (run_approx) approx();
-      else exact();
-      t.stop(ctx.stream());
-    }
-    se.push_back(te.seconds());
-    sa.push_back(ta.seconds());
-    state.SetIterationTime(se.back() + sa.back());
-  }
-}
 
 /// Exact attention on the first min(n, 256) tokens of q, k, v (module loading before the loop).
 void warm_exact(const cuda_context& ctx, const tensor3_view<const float>& q, const tensor3_view<const float>& k,

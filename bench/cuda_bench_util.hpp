@@ -89,6 +89,32 @@ class l2_flusher {
   int value_ = 0;
 };
 
+/// Runs `exact` and `approx` (the baseline and the method: dense and BD, exact and
+/// approximate attention) once per iteration with their own event timers, each preceded by an L2
+/// flush outside its events; even iterations exact first, odd iterations approx first. Appends the
+/// seconds of each to se / sa and sets the iteration's manual time to their sum.
+template <class Exact, class Approx>
+void timed_pairs(benchmark::State& state, const basisattn::cuda_context& ctx, l2_flusher& l2, Exact&& exact, Approx&& approx,
+                 std::vector<double>& se, std::vector<double>& sa) {
+  event_timer te, ta;
+  long it = 0;
+  for (auto _ : state) {
+    const bool approx_first = (it++ & 1) != 0;
+    for (int step = 0; step < 2; ++step) {
+      const bool run_approx = (step == 0) == approx_first;
+      l2.flush(ctx.stream());
+      event_timer& t = run_approx ? ta : te;
+      t.start(ctx.stream());
+      if (run_approx) approx();
+      else exact();
+      t.stop(ctx.stream());
+    }
+    se.push_back(te.seconds());
+    sa.push_back(ta.seconds());
+    state.SetIterationTime(se.back() + sa.back());
+  }
+}
+
 /// A pool of 2 * pool_elems random values of T, uniform on [-sqrt 3, sqrt 3] (mean 0, variance 1),
 /// made on the host once per T by splitmix64 (~2 ns a value; std::normal_distribution with mt19937
 /// takes ~13 ns, seconds at the largest sizes).
