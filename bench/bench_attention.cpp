@@ -5,7 +5,7 @@
 //               (the two GEMMs; softmax not counted)
 //   s_per_head  wall time per head
 // Arguments: n (= n_q = n_kv), causal (0/1), threads (omp_set_num_threads + Eigen::setNbThreads).
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 
 #include <benchmark/benchmark.h>

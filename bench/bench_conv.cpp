@@ -12,10 +12,10 @@
 //   rel_error     ||Y_conv - Y_exact||_F / ||Y_exact||_F (Y_exact from attention<float>)
 //   est_error     the run's own estimate (largest relative error of 8 sampled rows)
 //   anchors, repaired_rows, plan_s (the plan's share of the time)
-#include <basisattn/attention/attention.hpp>
-#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/attention.hpp>
+#include <basisattn/conv.hpp>
 #if defined(BASISATTN_BENCH_FFTW)
-#include <basisattn/conv/fftw.hpp>
+#include <basisattn/cpu/fftw.hpp>
 #endif
 
 #include <benchmark/benchmark.h>

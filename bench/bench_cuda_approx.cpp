@@ -61,13 +61,13 @@
 //     sums, CUDA start-up                                                     ~6 s
 //   total ~35 s (about a minute at half the assumed attention throughput).
 #include <basisattn/attention/options.hpp>
-#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/conv.hpp>
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/conv.hpp>
 #include <basisattn/cuda/cufft.hpp>
 #include <basisattn/cuda/support.hpp>
-#include <basisattn/support/support_basis.hpp>
+#include <basisattn/support.hpp>
 
 #include <benchmark/benchmark.h>
 

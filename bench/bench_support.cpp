@@ -16,8 +16,8 @@
 //   plan_ms      time of make_plan (not included in the reported time, which is run only)
 // The fallback tolerance is infinite here (the point is to measure the approximation).
 // Arguments: n, d, causal, degree, threshold (x1000), sketch size (0: exact monomial features).
-#include <basisattn/attention/attention.hpp>
-#include <basisattn/support/support_basis.hpp>
+#include <basisattn/attention.hpp>
+#include <basisattn/support.hpp>
 
 #include <benchmark/benchmark.h>
 

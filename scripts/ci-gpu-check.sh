@@ -3,7 +3,7 @@
 #   bash scripts/ci-gpu-check.sh [DEPS_DIR] [BUILD_DIR]      (defaults .gpu-deps, build-gpu-ci)
 # Makes the dependency folder, then, in a mount namespace where the system's Eigen, Catch2, Google
 # Benchmark and nlohmann-json are hidden, runs gpu-check.sh on one small program (test_cuda_smoke:
-# a CUDA kernel and Catch2 through the folder's package configs). Passes when the script exits 0 and
+# two of the library's kernels and Catch2 through the folder's package configs). Passes when the script exits 0 and
 # ctest reports the test Skipped (or passed, should a GPU answer). The whole check of every CUDA
 # program from that folder was proven once by hand (README, developer section); this stage keeps the
 # folder and the script from rotting between the rare GPU sessions. Without the CUDA toolkit it is

@@ -23,7 +23,7 @@
 // accumulate_double, where the exact term u_T dominates; <= 0.08 with float compute, <= 0.18 with
 // double compute and <= 0.18 for the oracle, where the model terms dominate.
 
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 #include <basisattn/attention/rope.hpp>
 
@@ -440,6 +440,11 @@ TEST_CASE("caller-owned workspace gives the same result, and too small a workspa
   test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, nullptr, 0); },
                 errc::invalid_argument, "too small");
   test::expect_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument, "n_q = 0");
+  // From the views: every extent in its place (n_q != n_kv, d_qk != d_v, GQA), storage from the type.
+  tensor<float> qs(37, 4, 32), ks(300, 2, 32), vs(300, 2, 24);
+  CHECK(attention_workspace_bytes(cpu{}, qs.c(), ks.c(), vs.c(), opt) ==
+        attention_workspace_bytes(cpu{}, 37, 300, 4, 32, 24, dtype::f32, opt));
+  CHECK(attention_workspace_bytes(cpu{}, q.c(), k.c(), v.c(), acc) == attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc));
 }
 
 // ---- argument checks ---------------------------------------------------------------------------------

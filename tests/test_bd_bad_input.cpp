@@ -8,6 +8,7 @@
 #include "expect_error.hpp"
 
 #include <cmath>
+#include <vector>
 
 using namespace basisattn;
 using Catch::Contains;
@@ -149,9 +150,19 @@ TEST_CASE("layer preparation rejects RoPE with Q/K BD, bad shapes and split kv g
   cfg.n_kv_heads = 3;
   expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::invalid_argument, "not a multiple of n_kv_heads");
   cfg.n_kv_heads = Hkv;
-  wv(3, 3) = INFINITY;
-  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite, "A of head 0");
-  wv(3, 3) = 0;
+  // A NaN/Inf names the entry point, the caller's argument and the caller's coordinates (column 11 of
+  // wv is column 3 of kv head 1), and wv and wo give different texts.
+  wv(3, 11) = INFINITY;
+  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite, "prepare_mha: wv has a non-finite value at (3, 11)");
+  wv(3, 11) = 0;
+  wo(5, 7) = NAN;
+  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite, "prepare_mha: wo has a non-finite value at (5, 7)");
+  wo(5, 7) = 0;
+  std::vector<float> bv(static_cast<std::size_t>(Hkv * d), 0.0f);
+  bv[9] = NAN;
+  bd::mha_weights<float> wb = w;
+  wb.bv = bv.data();
+  expect_error([&] { bd::prepare_mha<float>(wb, cfg); }, errc::non_finite, "prepare_mha: bv has a non-finite value at (0, 9)");
   matrix<float> x(5, dm + 1), y(5, dm);
   const auto L2 = bd::prepare_mha<float>(w, cfg);
   expect_error([&] { bd::forward(cpu{}, L2, x.view(), y.view()); }, errc::shape_mismatch, "x has 33 columns");
@@ -172,6 +183,9 @@ TEST_CASE("MLA preparation rejects inconsistent shapes") {
   cfg.v_head_dim = 6;
   expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::shape_mismatch, "wkv_b is 32x32, expected 32x28");
   cfg.v_head_dim = dv;
+  wb(17, 20) = NAN;
+  expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::non_finite, "prepare_mla: wkv_b has a non-finite value at (17, 20)");
+  wb(17, 20) = 0;
   w.kv_a_norm = nullptr;
   expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::invalid_argument, "kv_a_norm is missing");
 }

@@ -29,9 +29,9 @@
 // Every per-row allowance adds row_slack: the non-FFT rounding of the run and of the oracle (derivation
 // at row_slack).
 #include <basisattn/attention/reference.hpp>
-#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/conv.hpp>
 #if defined(BASISATTN_TEST_FFTW)
-#include <basisattn/conv/fftw.hpp>
+#include <basisattn/cpu/fftw.hpp>
 #endif
 
 #include <catch2/catch.hpp>

@@ -12,9 +12,9 @@
 // exact) use the bound of tests/test_attention.cpp: u_T + u_C (kappa sqrt(d) + sqrt(n) + 4), kappa =
 // max(1, kappa'), kappa' = max scale sum_e |q_e k_e| over the visible pairs, from the data (score_scale).
 
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
-#include <basisattn/support/support_basis.hpp>
+#include <basisattn/support.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -16,7 +16,7 @@
 //
 // Usage: basisattn-conv-report [--out FILE.md] [--shared DIR] [--cache DIR] [stories_n smollm2_n slm_n]
 // (defaults 512 1024 128). Models that are absent are skipped with a message.
-#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/conv.hpp>
 
 #include "attention_capture.hpp"
 

@@ -21,8 +21,8 @@
 //
 // Usage: basisattn-support-report [--out FILE.md] [--shared DIR] [--cache DIR] [stories_n smollm2_n slm_n]
 // (defaults 512 2048 128; about 6 minutes on one core). Models that are absent are skipped with a message.
-#include <basisattn/attention/attention.hpp>
-#include <basisattn/support/support_basis.hpp>
+#include <basisattn/attention.hpp>
+#include <basisattn/support.hpp>
 
 #include "attention_capture.hpp"
 

@@ -6,12 +6,18 @@
 // in namespace basisattn (inline namespace v0); backends are tag types (basisattn::cpu, and
 // basisattn::cuda via <basisattn/cuda/backend.hpp> with the basisattn::cuda target).
 //
-//   core/      config & version, error, dtypes, views, backend tags and traits
-//   attention/ exact attention (naive double oracle, blocked CPU), RoPE
-//   bd/        BD options, factorization (basis selection), projections, prepared layers
-//   conv/      conv-basis attention: anchor recovery, FFT application, error control, backward
-//   support/   support-basis attention: exact supports of large rows, polynomial (linear-attention) rest
-//   cpu/       CPU runtime: projections, layer forward passes, conv-basis, Eigen interop
+// Layout (dependencies point one way: core -> method folders -> backend folders -> modules):
+//   core/      config & version, errors, dtypes, views, backend tags and traits, Eigen interop,
+//              the one parallel loop and the one workspace carver (internal)
+//   attention/ exact attention: options and argument checks, the double oracle, RoPE
+//   bd/        BD options, basis selection and factorization, projections, prepared layers
+//   conv/      conv-basis attention: options, anchor recovery, planning (backend-neutral)
+//   support/   support-basis attention: options, features, polynomials, planning (backend-neutral)
+//   cpu/       CPU backend: one file per method (attention, projection, layers, conv, support) + FFT engines
+//   cuda/      CUDA backend: one file per method, kernels in cuda/kernels/*.cuh (nvcc)
+//   io/        checkpoint readers and the BD converter (needs nlohmann-json)
+// Module headers: <basisattn/attention.hpp>, <basisattn/bd.hpp>, <basisattn/conv.hpp>,
+// <basisattn/support.hpp> (this umbrella includes those four), <basisattn/io.hpp>, <basisattn/cuda.hpp>.
 #pragma once
 
 #include <basisattn/core/backend.hpp>
@@ -20,22 +26,7 @@
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
 
-#include <basisattn/attention/attention.hpp>
-#include <basisattn/attention/options.hpp>
-#include <basisattn/attention/reference.hpp>
-#include <basisattn/attention/rope.hpp>
-
-#include <basisattn/bd/factorize.hpp>
-#include <basisattn/bd/layers.hpp>
-#include <basisattn/bd/measure.hpp>
-#include <basisattn/bd/options.hpp>
-#include <basisattn/bd/projection.hpp>
-
-#include <basisattn/conv/conv_basis.hpp>
-#include <basisattn/conv/fft.hpp>
-#include <basisattn/conv/options.hpp>
-
-#include <basisattn/support/support_basis.hpp>
-
-#include <basisattn/cpu/layers.hpp>
-#include <basisattn/cpu/projection.hpp>
+#include <basisattn/attention.hpp>
+#include <basisattn/bd.hpp>
+#include <basisattn/conv.hpp>
+#include <basisattn/support.hpp>

@@ -59,7 +59,7 @@
 #include "cuda_test_util.hpp"
 #include "expect_error.hpp"
 
-#include <basisattn/conv/conv_basis.hpp>
+#include <basisattn/conv.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/conv.hpp>
 #include <basisattn/cuda/cufft.hpp>

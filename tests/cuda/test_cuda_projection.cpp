@@ -32,7 +32,7 @@
 #include "cuda_test_util.hpp"
 #include "test_util.hpp"
 
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 #include <basisattn/bd/projection.hpp>
 #include <basisattn/cpu/attention.hpp>

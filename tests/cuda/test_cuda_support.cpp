@@ -51,12 +51,12 @@
 #include "cuda_test_util.hpp"
 #include "test_util.hpp"
 
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 #include <basisattn/cpu/attention.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/support.hpp>
-#include <basisattn/support/support_basis.hpp>
+#include <basisattn/support.hpp>
 
 #include <algorithm>
 #include <cfloat>

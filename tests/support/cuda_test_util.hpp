@@ -8,7 +8,7 @@
 //                                   oracle (tests/test_attention.cpp), for the CPU or the CUDA kernel
 #pragma once
 
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 #include <basisattn/cuda/context.hpp>
 
 #include <algorithm>

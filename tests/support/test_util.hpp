@@ -3,7 +3,7 @@
 
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 
 #include <algorithm>
 #include <cmath>

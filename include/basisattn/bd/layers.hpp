@@ -34,6 +34,7 @@
 #include <basisattn/bd/projection.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
+#include <basisattn/core/parallel.hpp>
 #include <basisattn/core/view.hpp>
 
 #include <cmath>
@@ -196,6 +197,16 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
   BASISATTN_REQUIRE(!((opt.bd_qk || opt.bd_vo) && d >= dm), invalid_argument, "prepare_mha: head_dim ", d,
                     " >= d_model ", dm, ": BD needs more input channels than the head dimension");
   const bool fin = opt.prepare.check_finite;
+  if (fin) {  // every argument, named as the caller knows it, in the caller's coordinates
+    ::basisattn::detail::require_finite(w.wq, "prepare_mha: wq");
+    ::basisattn::detail::require_finite(w.wk, "prepare_mha: wk");
+    ::basisattn::detail::require_finite(w.wv, "prepare_mha: wv");
+    ::basisattn::detail::require_finite(w.wo, "prepare_mha: wo");
+    ::basisattn::detail::require_finite(w.bq, H * d, "prepare_mha: bq");
+    ::basisattn::detail::require_finite(w.bk, Hkv * d, "prepare_mha: bk");
+    ::basisattn::detail::require_finite(w.bv, Hkv * d, "prepare_mha: bv");
+    ::basisattn::detail::require_finite(w.bo, dm, "prepare_mha: bo");
+  }
   mha_layer<T> L;
   L.config = cfg;
   L.q = make_dense_projection<T>(w.wq, w.bq, fin);
@@ -355,10 +366,11 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
                     ") and v_head_dim (", dv, ") below kv_lora_rank (", L, ")");
   const bool fin = opt.prepare.check_finite;
   if (fin) {
-    ::basisattn::detail::require_finite(w.kv_a_norm, L, "kv_a_norm");
-    ::basisattn::detail::require_finite(w.wq, "wq");
-    ::basisattn::detail::require_finite(w.wkv_a, "wkv_a");
-    ::basisattn::detail::require_finite(w.wo, "wo");
+    ::basisattn::detail::require_finite(w.kv_a_norm, L, "prepare_mla: kv_a_norm");
+    ::basisattn::detail::require_finite(w.wq, "prepare_mla: wq");
+    ::basisattn::detail::require_finite(w.wkv_a, "prepare_mla: wkv_a");
+    ::basisattn::detail::require_finite(w.wkv_b, "prepare_mla: wkv_b");
+    ::basisattn::detail::require_finite(w.wo, "prepare_mla: wo");
   }
   mla_layer<T> out;
   out.config = cfg;
@@ -372,7 +384,6 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
     out.q = make_dense_projection<T>(w.wq, static_cast<const TI*>(nullptr), false);
     out.kv_a = make_dense_projection<T>(w.wkv_a, static_cast<const TI*>(nullptr), false);
     out.o = make_dense_projection<T>(w.wo, static_cast<const TI*>(nullptr), false);
-    if (fin) ::basisattn::detail::require_finite(w.wkv_b, "wkv_b");
     dense_projection<T> ku, vu;
     ku.weight = matrix<T>(L, H * dn);
     vu.weight = matrix<T>(L, H * dv);
@@ -457,6 +468,24 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   out.v_up = std::move(pv);
   return out;
 }
+
+/// Options of a layer forward pass.
+struct forward_options {
+  index_t position_offset = 0;  ///< position of token 0 (RoPE)
+  bool check_finite = true;     ///< scan x for NaN/Inf (errc::non_finite)
+};
+
+namespace detail {
+/// Extents of a forward pass's input and output against the layer's d_model (every backend).
+template <class T>
+void check_layer_io(const matrix_view<const T>& x, const matrix_view<T>& out, index_t d_model) {
+  BASISATTN_REQUIRE(x.cols == d_model, shape_mismatch, "forward: x has ", x.cols, " columns, the layer's d_model is ",
+                    d_model);
+  BASISATTN_REQUIRE(out.cols == d_model && out.rows == x.rows, shape_mismatch, "forward: out is ", out.rows, "x", out.cols,
+                    ", expected ", x.rows, "x", d_model);
+  BASISATTN_REQUIRE(x.rows >= 1, invalid_argument, "forward: x has no tokens");
+}
+}  // namespace detail
 
 }  // namespace bd
 BASISATTN_END_NAMESPACE

@@ -20,7 +20,7 @@
 #include <basisattn/bd/layers.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 
 #include <Eigen/Core>
 

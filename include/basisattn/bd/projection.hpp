@@ -23,7 +23,7 @@
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 
 #include <algorithm>
 #include <vector>

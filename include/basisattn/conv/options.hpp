@@ -21,7 +21,7 @@
 //   plan            everything make_plan recovered; reusable for several runs with the same q, k
 //   head_report     what one run measured per head: error estimate, repaired rows, fallback, ...
 //   report          all heads of a run
-// The entry points are in <basisattn/conv/conv_basis.hpp>.
+// The entry points are in <basisattn/conv.hpp>.
 #pragma once
 
 #include <basisattn/core/config.hpp>

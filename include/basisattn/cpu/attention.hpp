@@ -1,7 +1,7 @@
 // basisattn/cpu/attention.hpp - blocked (flash-style) exact softmax attention on the CPU backend.
 //
-// Public entry points (documented in <basisattn/attention/attention.hpp>, which includes this header):
-//   attention_workspace_bytes(cpu{}, n_q, n_kv, h_q, d_qk, d_v, storage, opt)
+// Public entry points (documented in <basisattn/attention.hpp>, which includes this header):
+//   attention_workspace_bytes(cpu{}, q, k, v, opt)   (or from sizes: n_q, n_kv, h_q, d_qk, d_v, storage, opt)
 //   attention(cpu{}, q, k, v, out, opt, workspace, workspace_bytes)   allocates nothing
 //   attention(cpu{}, q, k, v, out, opt = {})                           allocates its workspace
 //
@@ -28,7 +28,9 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
+#include <basisattn/core/parallel.hpp>
+#include <basisattn/core/workspace.hpp>
 
 #include <Eigen/Core>
 
@@ -39,10 +41,6 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 BASISATTN_BEGIN_NAMESPACE
 namespace detail {
@@ -65,20 +63,14 @@ struct attention_cpu_layout {
   std::size_t slice = 0;  ///< bytes per slice, a multiple of the alignment
 };
 
-inline std::size_t attention_align_up(std::size_t x, std::size_t a) { return (x + a - 1) / a * a; }
-
 template <class C>
 attention_cpu_layout make_attention_cpu_layout(index_t n_q, index_t n_kv, index_t d_qk, index_t d_v) {
   using traits = attention_cpu_traits<C>;
   attention_cpu_layout lay;
   lay.bq = std::min(traits::block_q, n_q);
   lay.bk = std::min(traits::block_kv, n_kv);
-  std::size_t end = 0;
-  auto take = [&](index_t elems) {
-    const std::size_t at = end;
-    end += attention_align_up(static_cast<std::size_t>(elems) * sizeof(C), traits::align);
-    return at;
-  };
+  workspace_carver w = workspace_carver::relative(traits::align);
+  auto take = [&](index_t elems) { return w.take(static_cast<std::size_t>(elems) * sizeof(C)); };
   lay.q = take(lay.bq * d_qk);
   lay.s = take(lay.bq * lay.bk);
   lay.o = take(lay.bq * d_v);
@@ -86,7 +78,7 @@ attention_cpu_layout make_attention_cpu_layout(index_t n_q, index_t n_kv, index_
   lay.l = take(lay.bq);
   lay.k = take(lay.bk * d_qk);
   lay.v = take(lay.bk * d_v);
-  lay.slice = end;
+  lay.slice = w.bytes();
   return lay;
 }
 
@@ -102,7 +94,7 @@ template <class C>
 std::size_t attention_cpu_workspace_bytes(index_t n_q, index_t n_kv, index_t h_q, index_t d_qk, index_t d_v) {
   const attention_cpu_layout lay = make_attention_cpu_layout<C>(n_q, n_kv, d_qk, d_v);
   const index_t threads = attention_cpu_threads(attention_cpu_items(h_q, n_q, lay.bq));
-  return static_cast<std::size_t>(threads) * lay.slice + attention_cpu_traits<C>::align;
+  return sliced_workspace_bytes(lay.slice, static_cast<std::size_t>(threads), attention_cpu_traits<C>::align);
 }
 
 template <class C, class T>
@@ -201,35 +193,19 @@ void attention_cpu_run(const attention_cpu_problem<C, T>& p, void* workspace, st
   const attention_cpu_layout lay = make_attention_cpu_layout<C>(sh.n_q, sh.n_kv, sh.d_qk, sh.d_v);
   const std::size_t align = attention_cpu_traits<C>::align;
 
-  // Align the caller's pointer, then count the slices that fit.
-  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(workspace);
-  const std::size_t pad = static_cast<std::size_t>(attention_align_up(raw, align) - raw);
-  const std::size_t slices = workspace && workspace_bytes >= pad ? (workspace_bytes - pad) / lay.slice : 0;
-  BASISATTN_REQUIRE(slices >= 1, invalid_argument, "attention: workspace of ", workspace_bytes, " bytes",
-                    workspace ? "" : " (null)", " is too small; this problem needs at least ", lay.slice + align,
-                    " bytes (see attention_workspace_bytes)");
-  unsigned char* const base = static_cast<unsigned char*>(workspace) + pad;
+  const workspace_slices ws = slice_workspace(workspace, workspace_bytes, lay.slice, align);
+  BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, "attention: workspace of ", workspace_bytes, " bytes",
+                    workspace ? "" : " (null)", " is too small; this problem needs at least ",
+                    sliced_workspace_bytes(lay.slice, 1, align), " bytes (see attention_workspace_bytes)");
 
   const index_t nqb = (sh.n_q + lay.bq - 1) / lay.bq;
   const index_t items = sh.h_q * nqb;
-  const index_t threads = std::min<index_t>(attention_cpu_threads(items), static_cast<index_t>(slices));
+  const index_t threads = std::min<index_t>(attention_cpu_threads(items), static_cast<index_t>(ws.count));
   // Item -> (head, block): the last query blocks (the most keys when causal) come first.
-  auto item = [&](index_t it, unsigned char* slice) {
+  parallel_for_slots(items, static_cast<int>(threads), [&](index_t it, int slot) {
     const index_t qblock = nqb - 1 - it / sh.h_q;
-    attention_cpu_item(p, lay, it % sh.h_q, qblock * lay.bq, slice);
-  };
-  if (threads <= 1) {
-    for (index_t it = 0; it < items; ++it) item(it, base);
-    return;
-  }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    unsigned char* const slice = base + static_cast<std::size_t>(omp_get_thread_num()) * lay.slice;
-#pragma omp for schedule(dynamic)
-    for (index_t it = 0; it < items; ++it) item(it, slice);
-  }
-#endif
+    attention_cpu_item(p, lay, it % sh.h_q, qblock * lay.bq, ws[static_cast<std::size_t>(slot)]);
+  });
 }
 
 template <class C, class T>
@@ -258,6 +234,19 @@ inline std::size_t attention_workspace_bytes(cpu, index_t n_q, index_t n_kv, ind
   if (storage == dtype::f64 || opt.accumulate_double)
     return detail::attention_cpu_workspace_bytes<double>(n_q, n_kv, h_q, d_qk, d_v);
   return detail::attention_cpu_workspace_bytes<float>(n_q, n_kv, h_q, d_qk, d_v);
+}
+
+/// The same, read from the views the run will take (the way to call it: no integers to order, the
+/// storage type from the views): q [n_q, H_q, d_qk], k [n_kv, H_kv, d_qk], v [n_kv, H_kv, d_v].
+template <class TQ, class TK, class TV>
+std::size_t attention_workspace_bytes(cpu c, tensor3_view<TQ> q, tensor3_view<TK> k, tensor3_view<TV> v,
+                                      const attention_options& opt = {}) {
+  using T = std::remove_const_t<TQ>;
+  static_assert(std::is_same_v<T, std::remove_const_t<TK>> && std::is_same_v<T, std::remove_const_t<TV>>,
+                "attention_workspace_bytes: q, k and v must have the same storage type");
+  static_assert(supports_storage_v<cpu, T>, "attention_workspace_bytes: unsupported storage type");
+  (void)k;
+  return attention_workspace_bytes(c, q.extent[0], v.extent[0], q.extent[1], q.extent[2], v.extent[2], dtype_of_v<T>, opt);
 }
 
 /// Blocked exact attention in caller-owned workspace (at least attention_workspace_bytes(...) bytes;

@@ -1,9 +1,7 @@
 // basisattn/cpu/conv.hpp - conv-basis attention on the CPU backend (entry points documented in
-// <basisattn/conv/conv_basis.hpp>; this header holds the implementation).
+// <basisattn/conv.hpp>; this header holds the implementation).
 //
-// make_plan: per query head (OpenMP over heads), q and k of the head are converted to double, the
-// lower basis (and the upper one when non-causal) is recovered (conv/recovery.hpp), the structure
-// diagnostic is sampled and a checksum of q and k is kept.
+// make_plan (backend-neutral) is in <basisattn/conv/plan.hpp>.
 // run, per query head (OpenMP over heads, one workspace slice and one FFT engine per thread):
 //   1. g = the largest kernel entry (one global shift; it cancels in D^-1).
 //   2. Denominators by prefix sums of exp(u_i - g) (no FFT) and a per-row FFT error bound
@@ -18,19 +16,21 @@
 //      the basis with their own shift M_r (O(n d) each) and counted (head_report::repaired_rows).
 //   6. Sampled rows are computed exactly in double: estimated error, uniform-attention baseline.
 //   7. Heads whose estimated error exceeds options.tolerance are recomputed with exact attention.
-// backward (causal): with the anchors held fixed, in double FFTs; see conv_basis.hpp.
+// backward (causal): with the anchors held fixed, in double FFTs; see <basisattn/conv.hpp>.
 #pragma once
 
-#include <basisattn/attention/attention.hpp>
-#include <basisattn/conv/fft.hpp>
 #include <basisattn/conv/options.hpp>
-#include <basisattn/conv/recovery.hpp>
+#include <basisattn/conv/plan.hpp>
+#include <basisattn/cpu/attention.hpp>
+#include <basisattn/cpu/fft.hpp>
 #include <basisattn/core/backend.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
+#include <basisattn/core/parallel.hpp>
+#include <basisattn/core/workspace.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -43,121 +43,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 BASISATTN_BEGIN_NAMESPACE
 namespace conv {
 namespace detail {
-
-/// Rows of head h of x (n x d) in double.
-template <class T>
-mat_d head_to_double(const tensor3_view<const T>& x, index_t h) {
-  mat_d m(x.extent[0], x.extent[2]);
-  for (index_t i = 0; i < x.extent[0]; ++i)
-    for (index_t c = 0; c < x.extent[2]; ++c)
-      m(i, c) = static_cast<double>(basisattn::detail::to_compute<compute_t<T>>(x(i, h, c)));
-  return m;
-}
-
-/// The checksum of q and k of query head h (kv head hk) a plan keeps: a run refuses other q, k.
-template <class T>
-double qk_checksum(const tensor3_view<const T>& q, const tensor3_view<const T>& k, index_t h, index_t hk) {
-  return basisattn::detail::head_checksum(q, h) + basisattn::detail::head_checksum(k, hk);
-}
-
-/// for (i = 0; i < n; ++i) f(i, slot) on `threads` OpenMP threads; slot in [0, threads) is the
-/// thread's. The first exception is rethrown after the loop.
-template <class F>
-void parallel_for_slots(index_t n, int threads, F&& f) {
-#if defined(_OPENMP)
-  if (threads > 1 && n > 1) {
-    std::exception_ptr err;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (index_t i = 0; i < n; ++i) {
-#if BASISATTN_HAS_EXCEPTIONS
-      try {
-        f(i, omp_get_thread_num());
-      } catch (...) {
-#pragma omp critical(basisattn_conv_error)
-        if (!err) err = std::current_exception();
-      }
-#else
-      f(i, omp_get_thread_num());
-#endif
-    }
-    if (err) std::rethrow_exception(err);
-    return;
-  }
-#endif
-  (void)threads;
-  for (index_t i = 0; i < n; ++i) f(i, 0);
-}
-
-inline void check_options(const char* fn, const options& opt, index_t n) {
-  BASISATTN_REQUIRE(opt.k >= 1 && opt.k <= n, invalid_argument, fn, ": options.k = ", opt.k,
-                    " must be in [1, n] (n = ", n, " tokens)");
-  BASISATTN_REQUIRE(opt.probe >= 1, invalid_argument, fn, ": options.probe = ", opt.probe, " must be >= 1");
-  BASISATTN_REQUIRE(std::isfinite(opt.delta) && opt.delta >= 0, invalid_argument, fn, ": options.delta = ", opt.delta,
-                    " must be finite and >= 0");
-  BASISATTN_REQUIRE(opt.rule != anchor_rule::search || opt.delta > 0, invalid_argument, fn,
-                    ": anchor_rule::search needs options.delta > 0 (the l1 threshold per compared logit)");
-  if (opt.rule == anchor_rule::given) {
-    BASISATTN_REQUIRE(!opt.anchors.empty() && opt.anchors.front() == 0, invalid_argument, fn,
-                      ": anchor_rule::given needs options.anchors to start with 0");
-    BASISATTN_REQUIRE(static_cast<index_t>(opt.anchors.size()) <= opt.k, invalid_argument, fn, ": ",
-                      opt.anchors.size(), " anchors given but options.k = ", opt.k);
-    for (std::size_t i = 1; i < opt.anchors.size(); ++i)
-      BASISATTN_REQUIRE(opt.anchors[i] > opt.anchors[i - 1] && opt.anchors[i] < n, invalid_argument, fn,
-                        ": options.anchors must be ascending, distinct and < n = ", n, "; entry ", i, " is ",
-                        opt.anchors[i], " after ", opt.anchors[i - 1]);
-  }
-  BASISATTN_REQUIRE(opt.sample_rows >= 0, invalid_argument, fn, ": options.sample_rows = ", opt.sample_rows,
-                    " must be >= 0");
-  BASISATTN_REQUIRE(!std::isnan(opt.tolerance) && opt.tolerance >= 0, invalid_argument, fn,
-                    ": options.tolerance = ", opt.tolerance, " must be >= 0 (infinity: never fall back)");
-  BASISATTN_REQUIRE(std::isfinite(opt.fft_tolerance) && opt.fft_tolerance > 0, invalid_argument, fn,
-                    ": options.fft_tolerance = ", opt.fft_tolerance, " must be finite and > 0");
-  BASISATTN_REQUIRE(opt.diagnostic_samples >= 0, invalid_argument, fn, ": options.diagnostic_samples = ",
-                    opt.diagnostic_samples, " must be >= 0");
-  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
-                    opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
-}
-
-template <class T>
-void check_qk(const char* fn, const tensor3_view<const T>& q, const tensor3_view<const T>& k) {
-  using basisattn::detail::extents_string;
-  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn,
-                    ": q has extents ", extents_string(q), "; n, H_q and d_qk must be >= 1");
-  BASISATTN_REQUIRE(k.extent[1] >= 1, invalid_argument, fn, ": k has extents ", extents_string(k),
-                    "; H_kv must be >= 1");
-  BASISATTN_REQUIRE(k.extent[0] == q.extent[0], shape_mismatch, fn, ": conv-basis attention is self-attention (n_q == n_kv), but q ",
-                    extents_string(q), " has ", q.extent[0], " tokens and k ", extents_string(k), " has ", k.extent[0]);
-  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q), " has d_qk = ",
-                    q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
-  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q), " has H_q = ",
-                    q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ", extents_string(k));
-  BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
-}
-
-/// The arguments of a run (CPU or CUDA) against its plan: extents, mask, and the plan's shape.
-template <class T>
-basisattn::detail::attention_shape check_run_args(const char* fn, const plan& p, const tensor3_view<const T>& q,
-                                                  const tensor3_view<const T>& k, const tensor3_view<const T>& v,
-                                                  const tensor3_view<T>& out) {
-  using basisattn::detail::extents_string;
-  attention_options aopt;
-  aopt.causal = p.opt.causal;
-  aopt.scale = p.scale;
-  const basisattn::detail::attention_shape sh = basisattn::detail::check_attention_args(fn, q, k, v, out, aopt);
-  check_qk(fn, q, k);
-  BASISATTN_REQUIRE(!p.heads.empty(), invalid_argument, fn, ": the plan is empty (make it with conv::make_plan)");
-  BASISATTN_REQUIRE(sh.n_q == p.n && sh.h_q == p.h_q && sh.h_kv == p.h_kv && sh.d_qk == p.d_qk, shape_mismatch, fn,
-                    ": the plan was made for n = ", p.n, ", H_q = ", p.h_q, ", H_kv = ", p.h_kv, ", d_qk = ", p.d_qk,
-                    " but q ", extents_string(q), " and k ", extents_string(k), " were passed");
-  return sh;
-}
 
 /// Per-thread slice of a run's workspace (all in doubles; float FFTs reuse the same memory).
 struct run_slice {
@@ -176,42 +64,39 @@ struct run_slice {
 
 inline index_t run_fft_max(index_t n) { return fft_size(2 * n - 1); }
 
-inline std::size_t run_slice_bytes(index_t n, index_t d_v) {
-  const std::size_t nf = static_cast<std::size_t>(run_fft_max(n));
-  const std::size_t doubles = 2 * std::size_t(n) * std::size_t(d_v) + 3 * std::size_t(n) + (std::size_t(n) + 1) +
-                              2 * nf + 2 * 2 * (nf / 2 + 1) + std::size_t(n) + std::size_t(d_v);
-  return (doubles * sizeof(double) + 4 * 64 + 63) / 64 * 64;
+/// Lays out one slice's buffers with `w` (64-byte aligned regions, so the FFT buffers suit SIMD
+/// FFTs): with a counting carver to size a slice, with one over the slice to hand out its pointers.
+inline run_slice layout_slice(basisattn::detail::workspace_carver& w, index_t n, index_t d_v) {
+  const index_t nf = run_fft_max(n);
+  run_slice s;
+  s.v = w.take_elems<double>(n * d_v);
+  s.num = w.take_elems<double>(n * d_v);
+  s.den = w.take_elems<double>(n);
+  s.bnum = w.take_elems<double>(n);
+  s.bden = w.take_elems<double>(n);
+  s.prefix = w.take_elems<double>(n + 1);
+  s.kern = w.take_elems<double>(nf);
+  s.xbuf = w.take_elems<double>(nf);
+  s.kspec = w.take_elems<double>(2 * (nf / 2 + 1));
+  s.xspec = w.take_elems<double>(2 * (nf / 2 + 1));
+  s.exact = w.take_elems<double>(n + d_v);
+  return s;
 }
 
-inline run_slice carve_slice(void* base, index_t n, index_t d_v) {
-  const std::size_t nf = static_cast<std::size_t>(run_fft_max(n));
-  double* p = static_cast<double*>(base);
-  run_slice s;
-  auto take = [&](std::size_t count) {
-    double* r = p;
-    p += count;
-    return r;
-  };
-  auto align64 = [&] {  // FFT buffers on 64-byte boundaries (SIMD FFTs); 4 x 64 bytes are reserved
-    const auto a = reinterpret_cast<std::uintptr_t>(p);
-    p = reinterpret_cast<double*>((a + 63) / 64 * 64);
-  };
-  s.v = take(std::size_t(n) * std::size_t(d_v));
-  s.num = take(std::size_t(n) * std::size_t(d_v));
-  s.den = take(static_cast<std::size_t>(n));
-  s.bnum = take(static_cast<std::size_t>(n));
-  s.bden = take(static_cast<std::size_t>(n));
-  s.prefix = take(std::size_t(n) + 1);
-  align64();
-  s.kern = take(nf);
-  align64();
-  s.xbuf = take(nf);
-  align64();
-  s.kspec = take(2 * (nf / 2 + 1));
-  align64();
-  s.xspec = take(2 * (nf / 2 + 1));
-  s.exact = take(std::size_t(n) + std::size_t(d_v));
-  return s;
+inline constexpr std::size_t slice_align = basisattn::detail::cpu_workspace_align;
+
+/// Bytes of one slice (a multiple of slice_align).
+inline std::size_t run_slice_bytes(index_t n, index_t d_v) {
+  basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(slice_align);
+  layout_slice(w, n, d_v);
+  return w.bytes();
+}
+
+/// The buffers of the slice at `base` (moved up to slice_align when it is not aligned: then the
+/// slice needs slice_align - 1 more bytes, as run_workspace_bytes counts).
+inline run_slice carve_slice(unsigned char* base, index_t n, index_t d_v) {
+  basisattn::detail::workspace_carver w(slice_align, base);
+  return layout_slice(w, n, d_v);
 }
 
 /// A block is applied by direct convolution when that costs less than its FFTs.
@@ -322,31 +207,7 @@ void fft_numerators(const head_plan& hp, index_t n, bool causal, index_t d_v, do
 
 /// Bytes of the caller-owned workspace of a run with `threads` slices.
 inline std::size_t run_workspace_bytes(index_t n, index_t d_v, int threads) {
-  return run_slice_bytes(n, d_v) * std::size_t(threads);
-}
-
-inline int run_threads(index_t h_q) {
-  return static_cast<int>(std::max<index_t>(1, std::min<index_t>(basisattn::detail::cpu_threads(), h_q)));
-}
-
-/// Sampled rows of a head: sample_rows distinct rows, the last one always among them, ascending.
-inline std::vector<index_t> sampled_rows(index_t n, index_t count, std::uint64_t seed) {
-  std::vector<index_t> rows;
-  if (count <= 0) return rows;
-  rows.push_back(n - 1);
-  if (count >= n) {
-    rows.resize(static_cast<std::size_t>(n));
-    for (index_t i = 0; i < n; ++i) rows[std::size_t(i)] = i;
-    return rows;
-  }
-  std::mt19937_64 g(seed);
-  std::uniform_int_distribution<index_t> d(0, n - 2);
-  while (static_cast<index_t>(rows.size()) < count) {
-    const index_t r = d(g);
-    if (std::find(rows.begin(), rows.end(), r) == rows.end()) rows.push_back(r);
-  }
-  std::sort(rows.begin(), rows.end());
-  return rows;
+  return basisattn::detail::sliced_workspace_bytes(run_slice_bytes(n, d_v), std::size_t(threads), slice_align);
 }
 
 /// One head of a run. Writes out's head h and fills rep (except fell_back).
@@ -545,40 +406,6 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
 
 }  // namespace detail
 
-/// See <basisattn/conv/conv_basis.hpp>.
-template <class T>
-plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const options& opt = {}) {
-  static_assert(supports_storage_v<cpu, T>, "conv::make_plan: T must be a storage type");
-  const char* fn = "conv::make_plan";
-  detail::check_qk(fn, q, k);
-  const index_t n = q.extent[0];
-  detail::check_options(fn, opt, n);
-  if (opt.check_finite) {
-    basisattn::detail::require_finite(q, "conv::make_plan: q");
-    basisattn::detail::require_finite(k, "conv::make_plan: k");
-  }
-  plan p;
-  p.n = n;
-  p.h_q = q.extent[1];
-  p.h_kv = k.extent[1];
-  p.d_qk = q.extent[2];
-  p.scale = opt.scale > 0 ? opt.scale : 1.0 / std::sqrt(double(p.d_qk));
-  p.opt = opt;
-  p.heads.resize(static_cast<std::size_t>(p.h_q));
-  p.checksums.resize(static_cast<std::size_t>(p.h_q));
-  const index_t group = p.h_q / p.h_kv;
-  detail::parallel_for_slots(p.h_q, detail::run_threads(p.h_q), [&](index_t h, int) {
-    const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, h / group);
-    head_plan& hp = p.heads[std::size_t(h)];
-    hp.lower = detail::recover_basis(Q, K, p.scale, 0, opt);
-    if (!opt.causal) hp.upper = detail::recover_basis(K, Q, p.scale, 1, opt);
-    detail::structure_diagnostic(Q, K, p.scale, opt.causal, opt.diagnostic_samples,
-                                 opt.seed ^ (std::uint64_t(h) * 0x9E3779B97F4A7C15ull), hp);
-    p.checksums[std::size_t(h)] = detail::qk_checksum(q, k, h, h / group);
-  });
-  return p;
-}
-
 /// Bytes of caller-owned workspace a run of plan p with d_v value channels needs (current thread
 /// count; a smaller workspace that holds at least one slice runs on fewer threads).
 inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
@@ -586,7 +413,7 @@ inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
   return detail::run_workspace_bytes(p.n, d_v, detail::run_threads(p.h_q));
 }
 
-/// See <basisattn/conv/conv_basis.hpp>.
+/// See <basisattn/conv.hpp>.
 template <class T, class FFT = fft_eigen>
 report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
                  tensor3_view<T> out, void* workspace, std::size_t workspace_bytes) {
@@ -599,17 +426,19 @@ report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const
     basisattn::detail::require_finite(k, "conv::attention: k");
     basisattn::detail::require_finite(v, "conv::attention: v");
   }
-  const std::size_t slice = detail::run_slice_bytes(p.n, sh.d_v);
-  BASISATTN_REQUIRE(workspace != nullptr && workspace_bytes >= slice, invalid_argument, fn, ": workspace of ",
-                    workspace_bytes, " bytes; at least ", slice, " needed (conv::workspace_bytes)");
-  const int threads = static_cast<int>(std::min<std::size_t>(std::size_t(detail::run_threads(p.h_q)), workspace_bytes / slice));
+  const basisattn::detail::workspace_slices ws =
+      basisattn::detail::slice_workspace(workspace, workspace_bytes, detail::run_slice_bytes(p.n, sh.d_v), detail::slice_align);
+  BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, fn, ": workspace of ", workspace_bytes, " bytes",
+                    workspace ? "" : " (null)", "; at least ", detail::run_workspace_bytes(p.n, sh.d_v, 1),
+                    " needed (conv::workspace_bytes)");
+  const int threads = static_cast<int>(std::min<std::size_t>(std::size_t(detail::run_threads(p.h_q)), ws.count));
   report rep;
   rep.heads.resize(static_cast<std::size_t>(p.h_q));
-  detail::parallel_for_slots(p.h_q, threads, [&](index_t h, int slot) {
+  basisattn::detail::parallel_for_slots(p.h_q, threads, [&](index_t h, int slot) {
     BASISATTN_REQUIRE(basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
                       invalid_argument, fn,
                       ": q or k of head ", h, " differ from those the plan was made from");
-    const detail::run_slice s = detail::carve_slice(static_cast<unsigned char*>(workspace) + slice * std::size_t(slot), p.n, sh.d_v);
+    const detail::run_slice s = detail::carve_slice(ws[std::size_t(slot)], p.n, sh.d_v);
     detail::run_head<T, FFT>(p, h, q, k, v, out, s, rep.heads[std::size_t(h)]);
   });
   // 7. exact fallback per head (each call uses all threads)
@@ -647,7 +476,7 @@ report attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_
   return attention<T, FFT>(cpu{}, p, q, k, v, out);
 }
 
-/// See <basisattn/conv/conv_basis.hpp>.
+/// See <basisattn/conv.hpp>.
 template <class T, class FFT = fft_eigen>
 void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
               tensor3_view<const T> dy, tensor3_view<T> dq, tensor3_view<T> dk, tensor3_view<T> dv) {
@@ -679,8 +508,8 @@ void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T>
   const index_t n = p.n, d = p.d_qk, d_v = sh.d_v;
   std::vector<detail::mat_d> gq(std::size_t(p.h_q), detail::mat_d::Zero(n, d)),
       gk(std::size_t(p.h_kv), detail::mat_d::Zero(n, d)), gv(std::size_t(p.h_kv), detail::mat_d::Zero(n, d_v));
-  std::unique_ptr<double[]> ws(new double[detail::run_slice_bytes(n, d_v) / sizeof(double) + 1]);
-  const detail::run_slice s = detail::carve_slice(ws.get(), n, d_v);
+  std::unique_ptr<unsigned char[]> ws(new unsigned char[detail::run_workspace_bytes(n, d_v, 1)]);
+  const detail::run_slice s = detail::carve_slice(ws.get(), n, d_v);  // moves the pointer up to 64 bytes
   const index_t nf_max = detail::run_fft_max(n);
   std::vector<double> dyb(static_cast<std::size_t>(n * d_v)), dn(static_cast<std::size_t>(n * d_v)), pd(static_cast<std::size_t>(n + 1)), du(static_cast<std::size_t>(n)),
       a(static_cast<std::size_t>(nf_max)), xb(static_cast<std::size_t>(nf_max));

@@ -10,12 +10,12 @@
 //   rounding. It allocates its intermediates (this is the reference layer, not a serving kernel).
 #pragma once
 
-#include <basisattn/attention/attention.hpp>
+#include <basisattn/cpu/attention.hpp>
 #include <basisattn/attention/rope.hpp>
 #include <basisattn/bd/layers.hpp>
 #include <basisattn/core/backend.hpp>
 #include <basisattn/core/config.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 #include <basisattn/cpu/projection.hpp>
 
 #include <cmath>
@@ -23,12 +23,6 @@
 
 BASISATTN_BEGIN_NAMESPACE
 namespace bd {
-
-/// Options of a layer forward pass.
-struct forward_options {
-  index_t position_offset = 0;  ///< position of token 0 (RoPE)
-  bool check_finite = true;     ///< scan x for NaN/Inf (errc::non_finite)
-};
 
 /// Run a dense or BD projection.
 template <class T>
@@ -45,14 +39,6 @@ matrix_view<const T> cview(const matrix<T>& m) {
 template <class T>
 tensor3_view<const T> ct(const tensor3_view<T>& t) {
   return t;
-}
-template <class T>
-void check_layer_io(const matrix_view<const T>& x, const matrix_view<T>& out, index_t d_model) {
-  BASISATTN_REQUIRE(x.cols == d_model, shape_mismatch, "forward: x has ", x.cols, " columns, the layer's d_model is ",
-                    d_model);
-  BASISATTN_REQUIRE(out.cols == d_model && out.rows == x.rows, shape_mismatch, "forward: out is ", out.rows, "x", out.cols,
-                    ", expected ", x.rows, "x", d_model);
-  BASISATTN_REQUIRE(x.rows >= 1, invalid_argument, "forward: x has no tokens");
 }
 }  // namespace detail
 

@@ -19,7 +19,9 @@
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/workspace.hpp>
+#include <basisattn/core/eigen.hpp>
+#include <basisattn/core/parallel.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -40,23 +42,8 @@ namespace detail {
 using ::basisattn::detail::concat;
 using ::basisattn::detail::raise;
 
-constexpr std::size_t ws_align = 64;
-inline std::size_t align_up(std::size_t n) { return (n + ws_align - 1) / ws_align * ws_align; }
-
-/// Carves aligned sub-buffers out of a caller-owned workspace.
-struct arena {
-  unsigned char* p;
-  std::size_t left;
-  template <class C>
-  C* take(index_t n) {
-    const std::size_t need = align_up(static_cast<std::size_t>(n) * sizeof(C));
-    if (need > left) raise(errc::invalid_argument, "internal: workspace arena exhausted");
-    C* out = reinterpret_cast<C*>(p);
-    p += need;
-    left -= need;
-    return out;
-  }
-};
+constexpr std::size_t ws_align = ::basisattn::detail::cpu_workspace_align;
+using arena = ::basisattn::detail::workspace_carver;
 
 struct chunking {
   index_t threads, rows;
@@ -96,10 +83,18 @@ ws_layout layout_of(const P& p, const chunking& ch) {
   return l;
 }
 
+/// Bytes of the workspace: the weight in C (when T is narrower), then each thread's x, y and scratch
+/// blocks, in the order the run takes them.
 template <class C>
 std::size_t bytes_of(const ws_layout& l, index_t threads) {
-  auto b = [](index_t n) { return n ? align_up(static_cast<std::size_t>(n) * sizeof(C)) : 0; };
-  return b(l.shared_w) + static_cast<std::size_t>(threads) * (b(l.thread_x) + b(l.thread_y) + b(l.thread_s));
+  arena w(ws_align);
+  w.take_elems<C>(l.shared_w);
+  for (index_t t = 0; t < threads; ++t) {
+    w.take_elems<C>(l.thread_x);
+    w.take_elems<C>(l.thread_y);
+    w.take_elems<C>(l.thread_s);
+  }
+  return w.bytes();
 }
 
 template <class T, class P>
@@ -124,23 +119,16 @@ void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& a
   std::vector<C*> bx(static_cast<std::size_t>(ch.threads)), by(static_cast<std::size_t>(ch.threads)),
       bs(static_cast<std::size_t>(ch.threads));
   for (index_t t = 0; t < ch.threads; ++t) {
-    bx[static_cast<std::size_t>(t)] = l.thread_x ? ar.take<C>(l.thread_x) : nullptr;
-    by[static_cast<std::size_t>(t)] = l.thread_y ? ar.take<C>(l.thread_y) : nullptr;
-    bs[static_cast<std::size_t>(t)] = l.thread_s ? ar.take<C>(l.thread_s) : nullptr;
+    bx[static_cast<std::size_t>(t)] = ar.template take_elems<C>(l.thread_x);
+    by[static_cast<std::size_t>(t)] = ar.template take_elems<C>(l.thread_y);
+    bs[static_cast<std::size_t>(t)] = ar.template take_elems<C>(l.thread_s);
   }
   const index_t nchunks = (tokens + ch.rows - 1) / ch.rows;
   using wmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>>;
   using ymap = Eigen::Map<::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
   const wmap wm(w, w_rows, w_cols);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(ch.threads))
-#endif
-  for (index_t c = 0; c < nchunks; ++c) {
-#if defined(_OPENMP)
-    const std::size_t tid = static_cast<std::size_t>(omp_get_thread_num());
-#else
-    const std::size_t tid = 0;
-#endif
+  ::basisattn::detail::parallel_for_slots(nchunks, static_cast<int>(ch.threads), [&](index_t c, int slot) {
+    const std::size_t tid = static_cast<std::size_t>(slot);
     const index_t t0 = c * ch.rows, nt = std::min(ch.rows, tokens - t0);
     C* ydst;
     index_t ldy;
@@ -161,7 +149,7 @@ void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& a
         for (index_t j = 0; j < w_cols; ++j) yr[j] = ::basisattn::detail::from_compute<T>(src[j]);
       }
     }
-  }
+  }, ::basisattn::detail::loop_schedule::fixed);
 }
 
 /// Common prologue of both projections: validates, scans x when asked, plans the chunks and checks
@@ -178,7 +166,7 @@ bool begin_run(const P& p, const matrix_view<const T>& x, const matrix_view<T>& 
   const std::size_t need = bytes_of<compute_t<T>>(l, ch.threads);
   BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
                     workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
-  ar = arena{static_cast<unsigned char*>(workspace), workspace_bytes};
+  ar = arena(ws_align, workspace, workspace_bytes);
   return true;
 }
 
@@ -189,12 +177,13 @@ const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
     (void)n;
     return w.data();
   } else {
-    C* dst = ar.take<C>(n);
+    C* dst = ar.template take_elems<C>(n);
     const T* src = w.data();
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(::basisattn::detail::cpu_threads())
-#endif
-    for (index_t i = 0; i < n; ++i) dst[i] = ::basisattn::detail::to_compute<C>(src[i]);
+    constexpr index_t block = 16384;  // elements per work item
+    ::basisattn::detail::parallel_for_slots((n + block - 1) / block, ::basisattn::detail::cpu_threads(), [&](index_t b, int) {
+      const index_t end = std::min(n, (b + 1) * block);
+      for (index_t i = b * block; i < end; ++i) dst[i] = ::basisattn::detail::to_compute<C>(src[i]);
+    }, ::basisattn::detail::loop_schedule::fixed);
     return dst;
   }
 }
@@ -221,7 +210,7 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
   constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
   detail::ws_layout l;
-  detail::arena ar{nullptr, 0};
+  detail::arena ar(detail::ws_align);
   if (!detail::begin_run<T>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
   const bool lead = p.basis_leading();
@@ -270,7 +259,7 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
   constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
   detail::ws_layout l;
-  detail::arena ar{nullptr, 0};
+  detail::arena ar(detail::ws_align);
   if (!detail::begin_run<T>(p, x, y, p.in_dim(), p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t in = p.in_dim(), out = p.out_dim();
   const C* w = detail::weight_in_compute<C>(p.weight, ar, in * out);
@@ -302,10 +291,8 @@ auto project(cpu c, const P& p, matrix_view<const ::basisattn::detail::nondeduce
              const project_options& opt = {})
     -> decltype(project_workspace_bytes(c, p, x.rows), void()) {
   const std::size_t n = project_workspace_bytes(c, p, x.rows);
-  std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n + detail::ws_align] : nullptr);
-  void* base = ws.get();
-  if (base) base = reinterpret_cast<void*>(detail::align_up(reinterpret_cast<std::uintptr_t>(base)));
-  project(c, p, x, y, base, n, opt);
+  std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n] : nullptr);
+  project(c, p, x, y, ws.get(), n, opt);
 }
 
 }  // namespace bd

@@ -52,7 +52,7 @@ void attention(const cuda_context& ctx, tensor3_view<const ::basisattn::detail::
                tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out,
                const attention_options& opt = {}) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+  static_assert(supports_storage_v<cuda, T>,
                 "attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   const detail::attention_shape sh = detail::check_attention_args("attention(cuda)", q, k, v, out, opt);
   BASISATTN_REQUIRE(!opt.accumulate_double, unsupported,

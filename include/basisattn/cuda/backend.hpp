@@ -19,6 +19,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 BASISATTN_BEGIN_NAMESPACE
 
@@ -26,8 +27,9 @@ template <>
 struct backend_traits<cuda> {
   static constexpr const char* name = "cuda";
   static constexpr bool host_memory = false;
+  /// float, Eigen::half and Eigen::bfloat16 (fp32 arithmetic); no double.
   template <class T>
-  static constexpr bool supports_storage = is_storage_type_v<T>;
+  static constexpr bool supports_storage = is_storage_type_v<T> && !std::is_same_v<std::remove_cv_t<T>, double>;
 };
 
 namespace detail {

@@ -3,7 +3,7 @@
 // Host-side header (g++ compiles it). Programs using it link basisattn::cuda (which brings cuFFT) and
 // include <basisattn/cuda/kernels.cuh> in exactly one .cu file (see <basisattn/cuda/kernel_launch.hpp>).
 // What conv-basis attention computes, and when it is accurate: <basisattn/conv/options.hpp> and
-// <basisattn/conv/conv_basis.hpp>. This is the GPU twin of the CPU run (<basisattn/cpu/conv.hpp>):
+// <basisattn/conv.hpp>. This is the GPU twin of the CPU run (<basisattn/cpu/conv.hpp>):
 // same plan, same semantics, same report.
 //
 // The plan is made on the host: the recovery needs q and k of every head, so copy them to the host
@@ -89,13 +89,13 @@
 #pragma once
 
 #include <basisattn/attention/options.hpp>
-#include <basisattn/conv/fft.hpp>
 #include <basisattn/conv/options.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/conv.hpp>  // conv::detail::check_run_args, sampled_rows (shared with the CPU run)
+#include <basisattn/core/workspace.hpp>
+#include <basisattn/conv/plan.hpp>  // fft_size, detail::check_run_args, sampled_rows (shared with the CPU run)
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
@@ -174,7 +174,7 @@ inline cuda_run_sizes cuda_sizes(const plan& p, index_t d_v) {
 
 /// Where each piece of a CUDA run's workspace lies (byte offsets from the 256-byte aligned base).
 struct cuda_layout {
-  static constexpr std::size_t align = 256;
+  static constexpr std::size_t align = basisattn::detail::cuda_workspace_align;
   std::size_t checks = 0, results = 0, scalars = 0, vd = 0, num = 0, den = 0, bnd = 0, flags = 0, vrow = 0,
               kernels = 0, prefix = 0, items = 0, item_stats = 0, rows = 0, chunk = 0;
   std::size_t total = 0;  ///< bytes, including the slack for aligning the caller's pointer
@@ -184,12 +184,8 @@ struct cuda_layout {
 
 inline cuda_layout make_cuda_layout(const cuda_run_sizes& s, index_t chunk_items) {
   cuda_layout l;
-  std::size_t off = 0;
-  auto take = [&](std::size_t bytes) {
-    const std::size_t at = off;
-    off += (bytes + cuda_layout::align - 1) / cuda_layout::align * cuda_layout::align;
-    return at;
-  };
+  basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(cuda_layout::align);
+  auto take = [&](std::size_t bytes) { return w.take(bytes); };
   const std::size_t n = static_cast<std::size_t>(s.n), dv = static_cast<std::size_t>(s.d_v);
   l.result_words = 3 + 2 * s.samples;
   l.checks = take(8 * (2 * std::size_t(s.h_q) + 4 * std::size_t(s.h_kv) + 3));
@@ -208,7 +204,7 @@ inline cuda_layout make_cuda_layout(const cuda_run_sizes& s, index_t chunk_items
   l.rows = take(8 * std::size_t(s.samples));
   l.chunk = take(8 * std::size_t(chunk_items) * (dv + 1) * std::size_t(s.signal));
   l.chunk_items = chunk_items;
-  l.total = off + cuda_layout::align - 1;  // room for aligning any pointer the caller passes
+  l.total = basisattn::detail::sliced_workspace_bytes(w.bytes(), 1, cuda_layout::align);  // + slack for the pointer
   return l;
 }
 
@@ -257,7 +253,7 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
                  std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+  static_assert(supports_storage_v<cuda, T>,
                 "conv::attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = basisattn::detail::cuda_kernels;
   const char* fn = "conv::attention(cuda)";
@@ -274,9 +270,8 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
   chunk = std::min<index_t>(chunk, 1 + static_cast<index_t>((workspace_bytes - one.total) / detail::cuda_chunk_item_bytes(sz)));
   while (chunk > 1 && detail::make_cuda_layout(sz, chunk).total > workspace_bytes) --chunk;
   const detail::cuda_layout lay = detail::make_cuda_layout(sz, chunk);
-  unsigned char* base = static_cast<unsigned char*>(workspace);
-  base += (detail::cuda_layout::align - reinterpret_cast<std::uintptr_t>(base) % detail::cuda_layout::align) %
-          detail::cuda_layout::align;
+  unsigned char* const base =
+      basisattn::detail::slice_workspace(workspace, workspace_bytes, 1, detail::cuda_layout::align).base;
   auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
   const cudaStream_t st = ctx.stream();
   auto strides = [](const auto& t) {

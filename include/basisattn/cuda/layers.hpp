@@ -56,7 +56,7 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/layers.hpp>  // bd::forward_options, detail::check_layer_io
+#include <basisattn/core/workspace.hpp>
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
@@ -163,37 +163,10 @@ inline void check_rope_params(const char* what, const rope_params& rp, index_t d
                     " must be finite and > 0");
 }
 
-/// Carves 256-byte aligned pieces out of a caller's workspace, in order. Used twice with the same
-/// sequence of sizes: once without a base to count the bytes, once with it to hand out pointers.
-class ws_carver {
- public:
-  explicit ws_carver(void* base = nullptr) : base_(static_cast<unsigned char*>(base)) {
-    if (base_) {
-      const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(base_);
-      const std::uintptr_t a = (p + cuda_ws_align - 1) / cuda_ws_align * cuda_ws_align;
-      offset_ = static_cast<std::size_t>(a - p);
-    } else {
-      offset_ = cuda_ws_align - 1;  // room for aligning any pointer the caller passes
-    }
-  }
-  /// Next piece of `bytes` bytes (null when counting or when bytes == 0).
-  void* take(std::size_t bytes) {
-    if (bytes == 0) return nullptr;
-    void* p = base_ ? base_ + offset_ : nullptr;
-    offset_ += cuda_align_up(bytes);
-    return p;
-  }
-  template <class T>
-  T* take_elems(index_t n) {
-    return static_cast<T*>(take(static_cast<std::size_t>(n) * sizeof(T)));
-  }
-  /// Bytes consumed so far (including the alignment slack).
-  std::size_t used() const { return offset_; }
-
- private:
-  unsigned char* base_ = nullptr;
-  std::size_t offset_ = 0;
-};
+/// The workspace carver of a forward pass: 256-byte regions, counted (base null) or carved.
+inline ::basisattn::detail::workspace_carver forward_carver(void* base) {
+  return ::basisattn::detail::workspace_carver(::basisattn::detail::cuda_workspace_align, base);
+}
 
 template <class T>
 void check_forward_io(const char* what, const matrix_view<const T>& x, const matrix_view<T>& y, index_t d_model) {
@@ -226,15 +199,15 @@ mha_buffers<T> carve_mha(const cuda_context& ctx, const device_mha_layer<T>& L, 
   s = std::max(s, project_workspace_bytes(ctx, L.k, n, popt));
   s = std::max(s, project_workspace_bytes(ctx, L.v, n, popt));
   s = std::max(s, project_workspace_bytes(ctx, L.o, n, popt));
-  ws_carver w(base);
+  auto w = forward_carver(base);
   mha_buffers<T> b;
   b.q = w.take_elems<T>(n * H * d);
   b.k = w.take_elems<T>(n * Hkv * d);
   b.v = w.take_elems<T>(n * Hkv * d);
   b.a = w.take_elems<T>(n * H * d);
-  b.scratch = w.take(s);
+  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
   b.scratch_bytes = s;
-  b.total = w.used();
+  b.total = w.bytes();
   return b;
 }
 
@@ -257,7 +230,7 @@ mla_buffers<T> carve_mla(const cuda_context& ctx, const device_mla_layer<T>& L, 
   s = std::max(s, project_workspace_bytes(ctx, L.k_up, n, popt));
   s = std::max(s, project_workspace_bytes(ctx, L.v_up, n, popt));
   s = std::max(s, project_workspace_bytes(ctx, L.o, n, popt));
-  ws_carver w(base);
+  auto w = forward_carver(base);
   mla_buffers<T> b;
   b.q = w.take_elems<T>(n * H * (dn + dr));
   b.kva = w.take_elems<T>(n * (Lr + dr));
@@ -265,9 +238,9 @@ mla_buffers<T> carve_mla(const cuda_context& ctx, const device_mla_layer<T>& L, 
   b.k = dr > 0 ? w.take_elems<T>(n * H * (dn + dr)) : b.knope;  // no rope: the keys are k_nope itself
   b.v = w.take_elems<T>(n * H * dv);
   b.a = w.take_elems<T>(n * H * dv);
-  b.scratch = w.take(s);
+  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
   b.scratch_bytes = s;
-  b.total = w.used();
+  b.total = w.bytes();
   return b;
 }
 

@@ -67,6 +67,7 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
+#include <basisattn/core/workspace.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/kernel_launch.hpp>
@@ -117,12 +118,13 @@ namespace detail {
 
 /// Bytes of cuBLASLt workspace a projection may use (NVIDIA recommends 32 MiB on Hopper).
 constexpr std::size_t cublaslt_workspace_bytes = std::size_t(32) << 20;
-constexpr std::size_t cuda_ws_align = 256;
-inline std::size_t cuda_align_up(std::size_t n) { return (n + cuda_ws_align - 1) / cuda_ws_align * cuda_ws_align; }
+inline std::size_t cuda_align_up(std::size_t n) {
+  return ::basisattn::detail::align_up(n, ::basisattn::detail::cuda_workspace_align);
+}
 
 template <class T>
 constexpr cudaDataType_t cuda_data_type() {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+  static_assert(supports_storage_v<cuda, T>,
                 "CUDA projections support float, Eigen::half and Eigen::bfloat16 storage");
   if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
   else if constexpr (std::is_same_v<T, Eigen::half>) return CUDA_R_16F;

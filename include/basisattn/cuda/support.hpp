@@ -23,13 +23,13 @@
 // cudaMemcpyAsync from the plan's (pageable) host vectors: those copies wait for the stream, so the
 // plan may be destroyed as soon as run returns. The plan is not modified.
 //
-// Layout and mask as on the CPU (<basisattn/support/support_basis.hpp>): q [n_q, H_q, d], k [n_kv, H_kv, d],
+// Layout and mask as on the CPU (<basisattn/support.hpp>): q [n_q, H_q, d], k [n_kv, H_kv, d],
 // v [n_kv, H_kv, d_v], out [n_q, H_q, d_v], device memory, any element strides; GQA (query head h uses
 // kv head h / (H_q / H_kv)); causal mask end-aligned. T = float, Eigen::half or Eigen::bfloat16, fp32
 // arithmetic (options.accumulate_double raises errc::unsupported).
 //
 // Algorithm, per query head (heads one after the other on ctx's stream; the workspace holds one head's
-// buffers), as the CPU run (<basisattn/support/cpu.hpp>):
+// buffers), as the CPU run (<basisattn/cpu/support.hpp>):
 //   0. the head's q, k, v are copied to fp32 row-major buffers; accumulators num (n_q x d_v), den, m,
 //      dpoly start at 0, 0, M_bq (-inf for rows in R), 0.
 //   1. polynomial part as streamed linear attention, options.block rows at a time (never n x r features):
@@ -66,7 +66,7 @@
 //      last approximated row always in), recomputed on the GPU in double from the storage values of q,
 //      k, v and compared with the stored out (relative l2 row errors -> est_error_max / est_error_mean);
 //      checked_rows = s; with |A| = 0 (every row exact) checked_rows = 0 and both estimates are 0.
-// These are the CPU run's rules (<basisattn/support/cpu.hpp>, detail::run_head), so on the same plan
+// These are the CPU run's rules (<basisattn/cpu/support.hpp>, detail::run_head), so on the same plan
 // both backends give the same bad_rows, poly_rows and checked_rows and the same rows' estimates (up to
 // fp32 rounding order).
 // After the last head, when options.check_rows > 0 or `report` is not null, run waits for the stream
@@ -88,6 +88,7 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
+#include <basisattn/core/workspace.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/support_launch.hpp>
@@ -110,9 +111,8 @@ namespace support {
 namespace detail {
 
 /// Alignment of every region of the CUDA workspace.
-inline constexpr std::size_t cuda_ws_align = 256;
+inline constexpr std::size_t cuda_ws_align = basisattn::detail::cuda_workspace_align;
 
-inline std::size_t cuda_align_up(std::size_t x) { return (x + cuda_ws_align - 1) / cuda_ws_align * cuda_ws_align; }
 
 /// Byte offsets of the regions of the CUDA workspace: the uploaded plan tables and results of all
 /// heads, then one head's fp32 buffers.
@@ -142,12 +142,8 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   L.coef_stride = (L.nl + 1) * L.nl * (L.g + 1);
   const index_t b = L.blk, d = sh.d_qk, r = L.r, ms = fm.sketch ? fm.m : 0;
   const index_t nfeat = static_cast<index_t>(fm.degree_of.size());
-  std::size_t end = 0;
-  auto take = [&](std::size_t bytes) {
-    const std::size_t at = end;
-    end += cuda_align_up(std::max<std::size_t>(bytes, 1));
-    return at;
-  };
+  basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(cuda_ws_align);
+  auto take = [&](std::size_t bytes) { return w.take(std::max<std::size_t>(bytes, 1)); };
   auto n_of = [](index_t n, std::size_t size) { return static_cast<std::size_t>(n) * size; };
   L.qb = take(n_of(sh.h_q * sh.n_q, 1));
   L.kb = take(n_of(sh.h_kv * sh.n_kv, 1));
@@ -166,7 +162,7 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   L.bad = take(n_of(sh.h_q, sizeof(unsigned long long)));
   L.na = take(n_of(sh.h_q, sizeof(unsigned long long)));
   L.nonfinite = take(sizeof(unsigned long long));
-  L.tables_end = end;
+  L.tables_end = w.bytes();
   auto f = [&](index_t n) { return take(n_of(n, sizeof(float))); };
   L.Q = f(sh.n_q * d);
   L.K = f(sh.n_kv * d);
@@ -186,7 +182,7 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   L.tmp = f(b * (dv + 1));
   L.st = f(L.nl * r * (dv + 1));
   L.s = f(b * b);
-  L.total = end;
+  L.total = w.bytes();
   return L;
 }
 
@@ -493,7 +489,7 @@ void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tens
 /// one head's fp32 buffers, alignment slack).
 inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v) {
   BASISATTN_REQUIRE(d_v >= 1, invalid_argument, "support::workspace_bytes(cuda): d_v = ", d_v, " must be >= 1");
-  return detail::make_cuda_layout(p, d_v).total + detail::cuda_ws_align;
+  return basisattn::detail::sliced_workspace_bytes(detail::make_cuda_layout(p, d_v).total, 1, detail::cuda_ws_align);
 }
 
 /// Support-basis attention of device tensors with a plan made by make_plan(cpu{}, ...) from host copies
@@ -503,7 +499,7 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
          tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
          tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
          std::size_t workspace_bytes, head_report* report = nullptr) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
+  static_assert(supports_storage_v<cuda, T>,
                 "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = ::basisattn::detail::cuda_kernels;
   constexpr const char* fn = "support::run(cuda)";
@@ -513,18 +509,18 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
   const detail::cuda_layout L = detail::make_cuda_layout(p, sh.d_v);
   BASISATTN_REQUIRE(L.r < INT_MAX && L.blk * std::max<index_t>(L.r, sh.d_qk) < INT_MAX && sh.d_v < INT_MAX,
                     unsupported, fn, ": ", L.r, " features x ", L.blk, " rows per block exceed cuBLAS's 32-bit range");
-  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(workspace);
-  const std::size_t pad = static_cast<std::size_t>(detail::cuda_align_up(raw) - raw);
-  BASISATTN_REQUIRE(workspace && workspace_bytes >= pad && workspace_bytes - pad >= L.total, invalid_argument, fn,
-                    ": workspace of ", workspace_bytes, " bytes", workspace ? "" : " (null)",
-                    " is too small; this problem needs ", L.total + detail::cuda_ws_align,
+  const basisattn::detail::workspace_slices ws =
+      basisattn::detail::slice_workspace(workspace, workspace_bytes, L.total, detail::cuda_ws_align);
+  BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, fn, ": workspace of ", workspace_bytes, " bytes",
+                    workspace ? "" : " (null)", " is too small; this problem needs ",
+                    basisattn::detail::sliced_workspace_bytes(L.total, 1, detail::cuda_ws_align),
                     " bytes (see support::workspace_bytes)");
 
   detail::cuda_run c;
   c.ctx = &ctx;
   c.p = &p;
   c.L = L;
-  c.base = static_cast<unsigned char*>(workspace) + pad;
+  c.base = ws.base;
   detail::upload_plan(c);
   if (p.options.check_finite) {
     auto* const cnt = c.at<unsigned long long>(L.nonfinite);

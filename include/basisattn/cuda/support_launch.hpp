@@ -12,7 +12,7 @@
 // coefficient table, (nl + 1) x nl x (g + 1) doubles indexed [(bq * nl + bk) * (g + 1) + t], whose
 // row bq = nl (queries in R) is all zeros.
 //
-// Row flags (int per query row of the current head), as the CPU run's flags (<basisattn/support/cpu.hpp>):
+// Row flags (int per query row of the current head), as the CPU run's flags (<basisattn/cpu/support.hpp>):
 //   0  computed exactly only (in R, or no visible polynomial key)
 //   1  approximated (not in R, a visible polynomial key, renormalised to dpoly = 1)
 //   2  bad: recomputed (or to be recomputed) exactly from scratch; skipped by the exact part's mode 0

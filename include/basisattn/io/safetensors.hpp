@@ -17,7 +17,7 @@
 #include <basisattn/io/bytes.hpp>
 #include <basisattn/io/tensor.hpp>
 #include <basisattn/core/dtype.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 
 #include <nlohmann/json.hpp>
 

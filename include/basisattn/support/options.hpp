@@ -1,7 +1,7 @@
 // basisattn/support/options.hpp - options and per-head reports of support-basis attention.
 //
 // Public entry points (namespace basisattn::support):
-//   support_options   what make_plan / run / attention(cpu{}, ...) of <basisattn/support/support_basis.hpp>
+//   support_options   what make_plan / run / attention(cpu{}, ...) of <basisattn/support.hpp>
 //                     do: mask, scale, thresholds (one, or several magnitude levels), polynomial degree and
 //                     target error, sketching, error estimate and exact fallback.
 //   head_report       what happened to one query head: support fractions |R|/n_q and |C|/n_kv, degree,

@@ -28,7 +28,7 @@
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
 #include <basisattn/support/features.hpp>
 #include <basisattn/support/options.hpp>
 #include <basisattn/support/polynomial.hpp>

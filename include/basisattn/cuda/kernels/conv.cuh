@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(conv_threads)
   for (long long e = threadIdx.x; e < total; e += conv_threads) {
     const long long i = e / d, c = e - i * d;
     const double v = static_cast<double>(load_f(x[i * st.s[0] + h * st.s[1] + c * st.s[2]]));
-    // the weight of basisattn::detail::head_checksum (<basisattn/cpu/eigen.hpp>)
+    // the weight of basisattn::detail::head_checksum (<basisattn/core/eigen.hpp>)
     const unsigned long long hsh = (static_cast<unsigned long long>(i) * 0x9E3779B97F4A7C15ull) ^
                                    (static_cast<unsigned long long>(c + 1) * 0xC2B2AE3D27D4EB4Full);
     const double w = 0.5 + static_cast<double>(hsh >> 40) / static_cast<double>(1ull << 24);

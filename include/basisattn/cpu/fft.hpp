@@ -1,4 +1,4 @@
-// basisattn/conv/fft.hpp - FFT engines of conv-basis attention on the CPU.
+// basisattn/cpu/fft.hpp - FFT engines of conv-basis attention on the CPU.
 //
 // An FFT engine is a tag type with traits, like a backend: `fft_traits<Tag>::engine<Real>` is a
 // class with
@@ -12,10 +12,10 @@
 //   fft_eigen   Eigen's bundled FFT (unsupported/Eigen/FFT, kissfft; MPL2): header-only, the default.
 //               It builds and caches its twiddle tables on the first use of each size (allocation);
 //               one engine object per thread.
-//   fft_fftw    FFTW 3 (GPL: opt-in), in <basisattn/conv/fftw.hpp>; link fftw3 (and fftw3f for
+//   fft_fftw    FFTW 3 (GPL: opt-in), in <basisattn/cpu/fftw.hpp>; link fftw3 (and fftw3f for
 //               float): CMake option BASISATTN_WITH_FFTW.
 //
-// fft_size(m): the smallest multiple of 4 >= m whose other prime factors are 2, 3 and 5.
+// The transform lengths come from conv::fft_size (<basisattn/conv/plan.hpp>).
 #pragma once
 
 #include <basisattn/core/config.hpp>
@@ -30,7 +30,7 @@ namespace conv {
 
 /// Eigen's bundled FFT (default).
 struct fft_eigen {};
-/// FFTW 3 (opt-in, GPL): include <basisattn/conv/fftw.hpp> and link fftw3 / fftw3f.
+/// FFTW 3 (opt-in, GPL): include <basisattn/cpu/fftw.hpp> and link fftw3 / fftw3f.
 struct fft_fftw {};
 
 /// Traits of an FFT engine tag; primary template deliberately undefined.
@@ -63,16 +63,6 @@ template <class Tag> struct has_fft_traits<Tag, std::void_t<decltype(sizeof(fft_
 template <class Tag>
 inline constexpr bool is_fft_engine_v = detail::has_fft_traits<Tag>::value;
 
-/// Smallest multiple of 4 that is >= m and has no prime factor other than 2, 3 and 5.
-inline index_t fft_size(index_t m) {
-  index_t n = m < 4 ? 4 : (m + 3) / 4 * 4;
-  for (;; n += 4) {
-    index_t r = n;
-    for (index_t p : {2, 3, 5})
-      while (r % p == 0) r /= p;
-    if (r == 1) return n;
-  }
-}
 
 }  // namespace conv
 BASISATTN_END_NAMESPACE

@@ -1,12 +1,14 @@
-// basisattn/attention/attention.hpp - fast exact softmax attention (public entry; includes the CPU backend).
+// basisattn/attention.hpp - exact softmax attention (module header: options, oracle, RoPE, CPU backend).
 //
 // Shapes (tensor3_view, any strides): q [n_q, H_q, d_qk], k [n_kv, H_kv, d_qk], v [n_kv, H_kv, d_v],
 // out [n_q, H_q, d_v]; GQA/MQA when H_kv divides H_q (query head h uses kv head h / (H_q / H_kv)).
 // Options, masking and errors: <basisattn/attention/options.hpp>. Oracle: <basisattn/attention/reference.hpp>.
 //
 // Public entry points (CPU backend, implemented in <basisattn/cpu/attention.hpp>):
-//   std::size_t attention_workspace_bytes(cpu{}, n_q, n_kv, h_q, d_qk, d_v, storage, opt = {})
-//       Caller-owned workspace size for the current thread count (detail::cpu_threads()).
+//   std::size_t attention_workspace_bytes(cpu{}, q, k, v, opt = {})
+//       Caller-owned workspace size for the current thread count (detail::cpu_threads()), read from
+//       the views the run takes. attention_workspace_bytes(cpu{}, n_q, n_kv, h_q, d_qk, d_v, storage,
+//       opt = {}) computes it from sizes and a runtime dtype.
 //   attention<T>(cpu{}, q, k, v, out, opt, workspace, workspace_bytes)
 //       Blocked streaming-softmax (flash-style) attention; allocates nothing. A workspace smaller than
 //       one thread's slice raises errc::invalid_argument; one that holds fewer slices than threads runs
@@ -17,9 +19,12 @@
 // T is float, double, Eigen::half or Eigen::bfloat16 (all four views share it; out is written in full).
 // Arithmetic is in float, or in double when T is double or opt.accumulate_double is set. Views of
 // non-const data do not deduce T: write attention<float>(cpu{}, q, k, v, out) or pass const views.
+//
+// CUDA backend: attention(ctx, q, k, v, out, opt, ...) in <basisattn/cuda/attention.hpp> (through
+// <basisattn/cuda.hpp>).
 #pragma once
 
 #include <basisattn/attention/options.hpp>
-#include <basisattn/core/backend.hpp>
-#include <basisattn/core/config.hpp>
+#include <basisattn/attention/reference.hpp>
+#include <basisattn/attention/rope.hpp>
 #include <basisattn/cpu/attention.hpp>

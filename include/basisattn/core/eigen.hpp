@@ -1,7 +1,8 @@
-// basisattn/cpu/eigen.hpp - Eigen interop for the CPU backend (internal helpers in basisattn::detail).
+// basisattn/core/eigen.hpp - Eigen interop shared by every method and backend (internal helpers in
+// basisattn::detail; not a public entry point).
 //
-// Maps from views, conversions between storage and compute types, and input validation
-// (finiteness). Eigen's 16-bit GEMM is about 400x slower than float here, so 16-bit data are always
+// Maps from views, conversions between storage and compute types (correctly rounded), input
+// validation (finiteness) and the q/k checksums of the approximate methods' plans. Eigen's 16-bit GEMM is about 400x slower than float here, so 16-bit data are always
 // converted to float (or double) before any product.
 #pragma once
 
@@ -15,12 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <string>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 BASISATTN_BEGIN_NAMESPACE
 namespace detail {
@@ -191,45 +187,6 @@ double head_checksum(const tensor3_view<const T>& x, index_t h) {
 }
 /// Whether two checksums agree (NaN agrees with NaN: data with NaN planned with check_finite = false).
 inline bool same_checksum(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
-
-/// Number of threads the CPU backend uses for its own parallel loops (OpenMP's current setting,
-/// which is also what Eigen's GEMM uses unless Eigen::setNbThreads was called).
-inline int cpu_threads() {
-#if defined(_OPENMP)
-  return omp_in_parallel() ? 1 : Eigen::nbThreads();
-#else
-  return 1;
-#endif
-}
-
-/// for (i = 0; i < n; ++i) f(i) on detail::cpu_threads() OpenMP threads (dynamic schedule). An
-/// exception thrown by f is carried out of the parallel region and rethrown (the first one wins).
-template <class F>
-void parallel_for(index_t n, F&& f) {
-#if defined(_OPENMP)
-  const int threads = cpu_threads();
-  if (threads > 1 && n > 1) {
-#if BASISATTN_HAS_EXCEPTIONS
-    std::exception_ptr err;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (index_t i = 0; i < n; ++i) {
-      try {
-        f(i);
-      } catch (...) {
-#pragma omp critical(basisattn_parallel_for_error)
-        if (!err) err = std::current_exception();
-      }
-    }
-    if (err) std::rethrow_exception(err);
-#else
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (index_t i = 0; i < n; ++i) f(i);
-#endif
-    return;
-  }
-#endif
-  for (index_t i = 0; i < n; ++i) f(i);
-}
 
 }  // namespace detail
 BASISATTN_END_NAMESPACE

@@ -1,4 +1,4 @@
-// basisattn/conv/conv_basis.hpp - conv-basis attention (public entry; includes the CPU backend).
+// basisattn/conv.hpp - conv-basis attention (module header: the plan and the CPU backend).
 //
 // What it computes and when it is accurate: see <basisattn/conv/options.hpp> and the README. In short,
 // the logits of each head are approximated by k convolution matrices (piecewise-constant
@@ -13,7 +13,8 @@
 // h / (H_q / H_kv)). T is float, double, Eigen::half or Eigen::bfloat16; all arithmetic is in double
 // (FFTs in double, or float behind the dynamic-range check of fft_precision::f32_checked).
 //
-// Public entry points (namespace basisattn::conv, CPU backend in <basisattn/cpu/conv.hpp>):
+// Public entry points (namespace basisattn::conv; plan in <basisattn/conv/plan.hpp>, CPU run in
+// <basisattn/cpu/conv.hpp>):
 //   plan make_plan<T>(cpu{}, q, k, options = {})
 //       Recovers anchors and kernels per query head (and the upper-triangle basis when
 //       !options.causal) without forming the n x n logits, samples the structure diagnostic, and
@@ -41,13 +42,14 @@
 //       Non-causal plans raise errc::unsupported.
 //
 // CUDA backend: conv::workspace_bytes(ctx, plan, d_v) and conv::attention<T>(ctx, plan, q, k, v, out, ...)
-// in <basisattn/cuda/conv.hpp> run the same plan (made on the host) on device tensors with cuFFT; no
+// in <basisattn/cuda/conv.hpp> (through <basisattn/cuda.hpp>) run the same plan (made on the host) on device tensors with cuFFT; no
 // backward pass there.
 //
-// FFT engines (template argument FFT): fft_eigen (default, header-only) and fft_fftw (opt-in, GPL;
-// <basisattn/conv/fftw.hpp>). See <basisattn/conv/fft.hpp>.
+// FFT engines of the CPU run (template argument FFT): fft_eigen (default, header-only) and fft_fftw
+// (opt-in, GPL; include <basisattn/cpu/fftw.hpp>). See <basisattn/cpu/fft.hpp>.
 #pragma once
 
-#include <basisattn/conv/fft.hpp>
 #include <basisattn/conv/options.hpp>
+#include <basisattn/conv/plan.hpp>
 #include <basisattn/cpu/conv.hpp>
+#include <basisattn/cpu/fft.hpp>

@@ -1,8 +1,10 @@
-// basisattn/support/cpu.hpp - support-basis attention on the CPU backend (Eigen, OpenMP over heads).
+// basisattn/cpu/support.hpp - support-basis attention on the CPU backend (Eigen, OpenMP over heads).
 //
-// Public entry points (namespace basisattn::support; documented in <basisattn/support/support_basis.hpp>):
+// Public entry points (namespace basisattn::support; documented in <basisattn/support.hpp>):
 //   workspace_bytes(cpu{}, plan, d_v)
 //   run(cpu{}, plan, q, k, v, out, workspace, workspace_bytes, report = nullptr)
+//   run(cpu{}, plan, q, k, v, out) -> reports          allocates the workspace
+//   attention(cpu{}, q, k, v, out, options) -> reports  make_plan + run
 //
 // Per query head h (kv head hk), in compute type C (float; double for double storage or
 // options.accumulate_double), with s_ij = scale q_i.k_j and P the plan's pair polynomials:
@@ -41,7 +43,9 @@
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
 #include <basisattn/cpu/attention.hpp>
-#include <basisattn/cpu/eigen.hpp>
+#include <basisattn/core/eigen.hpp>
+#include <basisattn/core/parallel.hpp>
+#include <basisattn/core/workspace.hpp>
 #include <basisattn/support/features.hpp>
 #include <basisattn/support/options.hpp>
 #include <basisattn/support/plan.hpp>
@@ -57,17 +61,11 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 BASISATTN_BEGIN_NAMESPACE
 namespace support {
 namespace detail {
 
-inline constexpr std::size_t ws_align = 64;
-
-inline std::size_t align_up(std::size_t x) { return (x + ws_align - 1) / ws_align * ws_align; }
+inline constexpr std::size_t ws_align = basisattn::detail::cpu_workspace_align;
 
 /// Byte offsets of one thread's workspace slice.
 struct slice_layout {
@@ -88,12 +86,8 @@ slice_layout make_slice_layout(const plan& p, index_t dv) {
   lay.g = p.features.max_degree;
   lay.nl = p.levels;
   const index_t b = lay.blk, d = sh.d_qk, r = lay.r, ms = p.features.sketch ? p.features.m : 0;
-  std::size_t end = 0;
-  auto take = [&](std::size_t bytes) {
-    const std::size_t at = end;
-    end += align_up(bytes);
-    return at;
-  };
+  basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(ws_align);
+  auto take = [&](std::size_t bytes) { return w.take(bytes); };
   auto c = [&](index_t n) { return take(static_cast<std::size_t>(n) * sizeof(C)); };
   lay.q = c(sh.n_q * d);
   lay.k = c(sh.n_kv * d);
@@ -123,10 +117,11 @@ slice_layout make_slice_layout(const plan& p, index_t dv) {
   lay.pos = take(static_cast<std::size_t>(b) * sizeof(index_t));
   lay.kidx = take(static_cast<std::size_t>(b) * sizeof(index_t));
   lay.est = take(static_cast<std::size_t>(sh.n_kv + dv) * sizeof(double));
-  lay.exact_bytes = basisattn::detail::make_attention_cpu_layout<C>(sh.n_q, sh.n_kv, d, dv).slice +
-                    basisattn::detail::attention_cpu_traits<C>::align;
+  lay.exact_bytes = basisattn::detail::sliced_workspace_bytes(
+      basisattn::detail::make_attention_cpu_layout<C>(sh.n_q, sh.n_kv, d, dv).slice, 1,
+      basisattn::detail::attention_cpu_traits<C>::align);
   lay.exact = take(lay.exact_bytes);
-  lay.slice = end;
+  lay.slice = w.bytes();
   return lay;
 }
 
@@ -610,43 +605,16 @@ template <class C, class T>
 void run_impl(const plan& pl, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
               tensor3_view<T> out, void* workspace, std::size_t bytes, head_report* report) {
   const slice_layout lay = make_slice_layout<C>(pl, v.extent[2]);
-  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(workspace);
-  const std::size_t pad = static_cast<std::size_t>(align_up(raw) - raw);
-  const std::size_t slices = workspace && bytes >= pad ? (bytes - pad) / lay.slice : 0;
-  BASISATTN_REQUIRE(slices >= 1, invalid_argument, "support::run: workspace of ", bytes, " bytes",
-                    workspace ? "" : " (null)", " is too small; this problem needs at least ", lay.slice + ws_align,
-                    " bytes (see support::workspace_bytes)");
-  unsigned char* const base = static_cast<unsigned char*>(workspace) + pad;
-  const index_t h_q = pl.shape.h_q;
-  const index_t threads = std::min<index_t>(support_threads(pl), static_cast<index_t>(slices));
-  auto head = [&](index_t h, unsigned char* slice) {
+  const basisattn::detail::workspace_slices ws = basisattn::detail::slice_workspace(workspace, bytes, lay.slice, ws_align);
+  BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, "support::run: workspace of ", bytes, " bytes",
+                    workspace ? "" : " (null)", " is too small; this problem needs at least ",
+                    basisattn::detail::sliced_workspace_bytes(lay.slice, 1, ws_align), " bytes (see support::workspace_bytes)");
+  const index_t threads = std::min<index_t>(support_threads(pl), static_cast<index_t>(ws.count));
+  basisattn::detail::parallel_for_slots(pl.shape.h_q, static_cast<int>(threads), [&](index_t h, int slot) {
     head_report rep = pl.report[static_cast<std::size_t>(h)];
-    run_head<C, T>(pl, lay, slice, h, q, k, v, out, rep);
+    run_head<C, T>(pl, lay, ws[static_cast<std::size_t>(slot)], h, q, k, v, out, rep);
     if (report) report[h] = rep;
-  };
-#if defined(_OPENMP)
-  if (threads > 1) {
-#if BASISATTN_HAS_EXCEPTIONS
-    std::exception_ptr err;
-#pragma omp parallel for schedule(dynamic) num_threads(static_cast<int>(threads))
-    for (index_t h = 0; h < h_q; ++h) {
-      try {
-        head(h, base + static_cast<std::size_t>(omp_get_thread_num()) * lay.slice);
-      } catch (...) {
-#pragma omp critical(basisattn_support_run_error)
-        if (!err) err = std::current_exception();
-      }
-    }
-    if (err) std::rethrow_exception(err);
-#else
-#pragma omp parallel for schedule(dynamic) num_threads(static_cast<int>(threads))
-    for (index_t h = 0; h < h_q; ++h) head(h, base + static_cast<std::size_t>(omp_get_thread_num()) * lay.slice);
-#endif
-    return;
-  }
-#endif
-  (void)threads;
-  for (index_t h = 0; h < h_q; ++h) head(h, base);
+  });
 }
 
 }  // namespace detail
@@ -658,7 +626,7 @@ inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
   const bool dbl = p.storage == dtype::f64 || p.options.accumulate_double;
   const std::size_t slice = dbl ? detail::make_slice_layout<double>(p, d_v).slice
                                 : detail::make_slice_layout<float>(p, d_v).slice;
-  return static_cast<std::size_t>(detail::support_threads(p)) * slice + detail::ws_align;
+  return basisattn::detail::sliced_workspace_bytes(slice, static_cast<std::size_t>(detail::support_threads(p)), detail::ws_align);
 }
 
 /// Run support-basis attention with a plan made from the same q and k (extents, storage type and a
@@ -685,6 +653,26 @@ void run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, t
     detail::run_impl<double>(p, q, k, v, out, workspace, workspace_bytes, report);
   else
     detail::run_impl<float>(p, q, k, v, out, workspace, workspace_bytes, report);
+}
+
+/// run with a workspace it allocates; returns the H_q head reports.
+template <class T>
+std::vector<head_report> run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k,
+                             tensor3_view<const T> v, tensor3_view<T> out) {
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run: v has d_v = ", v.extent[2], "; must be >= 1");
+  const std::size_t bytes = workspace_bytes(cpu{}, p, v.extent[2]);
+  std::unique_ptr<unsigned char[]> ws(new unsigned char[bytes]);
+  std::vector<head_report> rep(static_cast<std::size_t>(p.shape.h_q));
+  run(cpu{}, p, q, k, v, out, ws.get(), bytes, rep.data());
+  return rep;
+}
+
+/// Support-basis attention in one call (make_plan + run); returns the H_q head reports.
+template <class T>
+std::vector<head_report> attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+                                   tensor3_view<T> out, const support_options& opt = {}) {
+  const plan p = make_plan(cpu{}, q, k, opt);
+  return run(cpu{}, p, q, k, v, out);
 }
 
 }  // namespace support

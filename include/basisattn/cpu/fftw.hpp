@@ -1,17 +1,17 @@
-// basisattn/conv/fftw.hpp - the FFTW 3 engine of conv-basis attention (opt-in).
+// basisattn/cpu/fftw.hpp - the FFTW 3 engine of conv-basis attention (opt-in).
 //
 // FFTW is GPL-licensed: including this header and linking libfftw3 (double) and libfftw3f (float)
 // makes the program subject to the GPL (or a commercial FFTW licence). basisattn itself never
 // includes it; the CMake option BASISATTN_WITH_FFTW builds our tests and benchmarks with it.
 //
-// Public entry point: the tag conv::fft_fftw (declared in <basisattn/conv/fft.hpp>) gets its traits
+// Public entry point: the tag conv::fft_fftw (declared in <basisattn/cpu/fft.hpp>) gets its traits
 // here; pass it as the FFT template argument: conv::attention<float, conv::fft_fftw>(cpu{}, ...).
 // Plans are made with FFTW_ESTIMATE (no timing runs), one pair for SIMD-aligned arrays and one with
 // FFTW_UNALIGNED for any others, on first use of each size, under a process-wide mutex (FFTW's planner is not thread-safe; execution is), and kept
 // in a process-wide cache until exit (a lookup takes the mutex; an FFT of the sizes used costs far more).
 #pragma once
 
-#include <basisattn/conv/fft.hpp>
+#include <basisattn/cpu/fft.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
 
