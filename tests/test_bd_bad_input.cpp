@@ -1,6 +1,7 @@
 // Bad input to BD preparation and projections: the library's error with a message naming the
 // problem; nothing crashes.
 #include <basisattn/cpu/layers.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

@@ -2,6 +2,7 @@
 // level, for every strategy and storage type, on random and on deliberately ill-conditioned
 // weights; properties of the shared pivoting rule; the absorbing transforms.
 #include <basisattn/bd/factorize.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

@@ -2,6 +2,7 @@
 // Q/K and V/O), GQA and MQA with RoPE (V/O only) and MLA (joint and per-side bases); both are
 // checked against a plain double reference (support/reference_layers.hpp). Shards sum to the layer.
 #include <basisattn/cpu/layers.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

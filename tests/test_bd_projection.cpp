@@ -1,6 +1,7 @@
 // CPU runtime of BD and dense projections against a plain double oracle, every storage type,
 // with and without bias, gathered and leading basis channels, several token counts and threads.
 #include <basisattn/cpu/projection.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

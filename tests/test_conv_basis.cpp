@@ -32,6 +32,7 @@
 #include <basisattn/conv.hpp>
 #if defined(BASISATTN_TEST_FFTW)
 #include <basisattn/cpu/fftw.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 #endif
 
 #include <catch2/catch.hpp>

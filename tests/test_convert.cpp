@@ -6,6 +6,7 @@
 // that BD does not touch survives the round trip; and lying or inconsistent files raise errc::io.
 #include <basisattn/basisattn.hpp>
 #include <basisattn/io/convert.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

@@ -15,6 +15,7 @@
 #include "skip_main.hpp"
 
 #include "bert_model.hpp"
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 #include "expect_error.hpp"
 #include "wordpiece_tokenizer.hpp"
 

@@ -7,6 +7,7 @@
 
 #include <basisattn/io/gguf.hpp>
 #include <basisattn/io/safetensors.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include "bd_test_util.hpp"
 #include "test_util.hpp"

@@ -9,6 +9,7 @@
 #include "bd_test_util.hpp"
 #include "gpt2_model.hpp"
 #include "llama_model.hpp"
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 #include "reference_layers.hpp"
 #include "test_util.hpp"
 

@@ -21,6 +21,7 @@
 
 #include "bpe_tokenizer.hpp"
 #include "llama_model.hpp"
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <algorithm>
 #include <chrono>

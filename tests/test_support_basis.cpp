@@ -15,6 +15,7 @@
 #include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 #include <basisattn/support.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <catch2/catch.hpp>
 

@@ -63,6 +63,7 @@
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/conv.hpp>
 #include <basisattn/cuda/cufft.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <algorithm>
 #include <chrono>

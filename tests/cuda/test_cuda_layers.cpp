@@ -42,6 +42,7 @@
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/kernel_launch.hpp>
 #include <basisattn/cuda/layers.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <algorithm>
 #include <chrono>

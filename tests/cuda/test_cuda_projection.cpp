@@ -40,6 +40,7 @@
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/projection.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <algorithm>
 #include <cmath>

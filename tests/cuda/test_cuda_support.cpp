@@ -57,6 +57,7 @@
 #include <basisattn/cuda/context.hpp>
 #include <basisattn/cuda/support.hpp>
 #include <basisattn/support.hpp>
+#include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
 #include <algorithm>
 #include <cfloat>
