@@ -11,8 +11,8 @@
 //   uniform_err  the same error for uniform attention (the mean of the visible values): with scores
 //                this small (|s| <= B ~ 0.1 off the supports) uniform attention is already close, so
 //                err must be read against it
-//   est_err      the run's own sampled estimate (max over heads of est_error_max, 16 rows per head)
-//   bad_rows     rows recomputed exactly because of non-positive denominators
+//   est_err      the run's own sampled estimate (max over heads of estimated_error, 16 rows per head)
+//   repaired_rows     rows recomputed exactly because of non-positive denominators
 //   plan_ms      time of make_plan (not included in the reported time, which is run only)
 // The fallback tolerance is infinite here (the point is to measure the approximation).
 // Arguments: n, d, causal, degree, threshold (x1000), sketch size (0: exact monomial features).
@@ -116,7 +116,7 @@ void bm_support(benchmark::State& state) {
   const bool causal = state.range(2) != 0;
   cached& c = get(n, d, causal);
   namespace sup = basisattn::support;
-  sup::support_options o;
+  sup::options o;
   o.causal = causal;
   o.max_degree = static_cast<int>(state.range(3));
   o.target_error = 1e-12;  // use max_degree
@@ -154,8 +154,8 @@ void bm_support(benchmark::State& state) {
     r = std::max(r, h.features);
     bound = std::max(bound, h.bound);
     perr = std::max(perr, h.poly_error);
-    est = std::max(est, h.est_error_max);
-    bad += double(h.bad_rows);
+    est = std::max(est, h.estimated_error);
+    bad += double(h.repaired_rows);
   }
   state.counters["R"] = rq;
   state.counters["C"] = ck;
@@ -166,7 +166,7 @@ void bm_support(benchmark::State& state) {
   state.counters["err"] = std::sqrt(e2 / w2);
   state.counters["uniform_err"] = c.uniform_err;
   state.counters["est_err"] = est;
-  state.counters["bad_rows"] = bad;
+  state.counters["repaired_rows"] = bad;
   state.counters["plan_ms"] = plan_ms;
   state.counters["ws_MB"] = double(bytes) / 1e6;
 }

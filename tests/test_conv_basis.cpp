@@ -90,7 +90,7 @@ std::vector<double> run(const qkv& x, const conv::options& o, conv::report* rep 
 template <class FFT = conv::fft_eigen>
 std::vector<double> run_plan(const qkv& x, const conv::plan& p, conv::report* rep = nullptr) {
   std::vector<double> out(std::size_t(x.n * x.hq * x.dv), std::nan(""));
-  const conv::report r = conv::attention<double, FFT>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
+  const conv::report r = conv::run<double, FFT>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
   if (rep) *rep = r;
   return out;
 }
@@ -212,7 +212,7 @@ TEST_CASE("conv: fft_size gives multiples of 4 with factors 2, 3, 5", "[conv]") 
 
 TEST_CASE("conv: a RoPE-only head with constant content is a 1-conv basis, recovered exactly", "[conv]") {
   const qkv x = switching(300, 2, 1, 16, {0}, 1.0, 11);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 1;
   o.fft_tolerance = 1e-11;
   conv::report rep;
@@ -231,7 +231,7 @@ TEST_CASE("conv: anchors land on the switches of the key content (change_scan an
   const qkv x = switching(320, 3, 1, 8, sw, 1.0, 12);
   const auto want = reference(x, true);
   for (auto rule : {conv::anchor_rule::change_scan, conv::anchor_rule::search}) {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 5;
     o.rule = rule;
     o.delta = rule == conv::anchor_rule::search ? 1e-6 : 0;
@@ -243,7 +243,7 @@ TEST_CASE("conv: anchors land on the switches of the key content (change_scan an
       CHECK(hp.explained > 1 - 1e-12);
     }
     std::vector<double> out(want.size());
-    conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
+    conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
     CHECK(rel(out, want) < 1e-9);
   }
 }
@@ -254,7 +254,7 @@ TEST_CASE("conv: error falls as k grows; k = n reproduces exact attention on any
   const auto want = reference(x, true);
   double prev = INFINITY;
   for (index_t k : {1, 2, 4, 8}) {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = k;
     o.fft_tolerance = 1e-11;
     const double e = rel(run(x, o), want);
@@ -266,7 +266,7 @@ TEST_CASE("conv: error falls as k grows; k = n reproduces exact attention on any
 
   const qkv r = random_qkv(96, 4, 2, 8, 6, 1.0, 14);
   for (bool causal : {true, false}) {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = r.n;
     o.causal = causal;
     o.fft_tolerance = 1e-11;
@@ -280,7 +280,7 @@ TEST_CASE("conv: error falls as k grows; k = n reproduces exact attention on any
 
 TEST_CASE("conv: non-causal attention with a second (upper) basis, and GQA", "[conv]") {
   const qkv x = switching(257, 4, 2, 8, {0}, 1.0, 15);  // logit depends on r - c only: k = 1 per triangle
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 1;
   o.causal = false;
   o.fft_tolerance = 1e-11;
@@ -307,7 +307,7 @@ TEST_CASE("conv: other storage types round once at the end", "[conv]") {
     for (std::size_t i = 0; i < q.size(); ++i) { q[i] = T(x.q[i]); xr.q[i] = double(float(q[i])); }
     for (std::size_t i = 0; i < k.size(); ++i) { k[i] = T(x.k[i]); xr.k[i] = double(float(k[i])); }
     for (std::size_t i = 0; i < v.size(); ++i) { v[i] = T(x.v[i]); xr.v[i] = double(float(v[i])); }
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 3;
     o.fft_tolerance = 1e-11;
     conv::attention<T>(basisattn::cpu{}, tensor3_view<const T>(q.data(), x.n, x.hq, x.d),
@@ -347,7 +347,7 @@ TEST_CASE("conv: float FFTs only behind the dynamic-range check; far-below rows 
   // tolerance, and the result is then as good as float; a tighter tolerance refuses float.
   const qkv narrow = switching(256, 1, 1, 8, {0, 100}, 0.3, 17);
   const auto want_narrow = reference(narrow, true);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 2;
   o.precision = conv::fft_precision::f32_checked;
   o.fft_tolerance = 1e-2;
@@ -401,9 +401,9 @@ TEST_CASE("conv: float FFTs only behind the dynamic-range check; far-below rows 
 TEST_CASE("conv: the error estimate is honest and the fallback returns exact attention", "[conv]") {
   const qkv x = random_qkv(300, 3, 1, 16, 8, 1.5, 19);  // no conv structure at all
   const auto want = reference(x, true);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 4;
-  o.sample_rows = 12;
+  o.check_rows = 12;
   conv::report rep;
   const auto approx = run(x, o, &rep);
   // the estimate is the exact error of sampled rows: never above the largest row error
@@ -420,7 +420,7 @@ TEST_CASE("conv: the error estimate is honest and the fallback returns exact att
     }
     const auto& hr = rep.heads[std::size_t(h)];
     INFO("head " << h << ": estimate " << hr.estimated_error << ", worst row " << worst << ", uniform " << hr.uniform_error);
-    CHECK(hr.sampled_rows == 12);
+    CHECK(hr.checked_rows == 12);
     CHECK(hr.estimated_error > 0.05);  // unstructured data: the approximation is poor, and says so
     CHECK(hr.estimated_error <= worst * (1 + 1e-9));
     CHECK(hr.mean_estimated_error <= hr.estimated_error);
@@ -510,7 +510,7 @@ TEST_CASE("conv: backward equals the exact gradient when k = n", "[conv][backwar
   test::seed(21);
   std::vector<double> dy(static_cast<std::size_t>(x.n * x.hq * x.dv));
   for (auto& e : dy) e = test::normal();
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = x.n;
   const grads g = conv_grad(x, dy, o);
   std::vector<double> dq, dk, dv;
@@ -525,11 +525,11 @@ TEST_CASE("conv: backward matches finite differences with the anchors held fixed
   test::seed(23);
   std::vector<double> dy(static_cast<std::size_t>(x.n * x.hq * x.dv));
   for (auto& e : dy) e = test::normal();
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.rule = conv::anchor_rule::given;
   o.anchors = {0, 7, 19};
   o.k = 3;
-  o.sample_rows = 0;
+  o.check_rows = 0;
   const grads g = conv_grad(x, dy, o);
   const double eps = 1e-5;
   double worst = 0, scale = 0;
@@ -563,7 +563,7 @@ TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
   std::vector<double> out(static_cast<std::size_t>(x.n * x.hq * x.dv));
   const tensor3_view<double> O(out.data(), x.n, x.hq, x.dv);
   auto plan_with = [&](conv::options o) { return conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o); };
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 33;
   test::expect_error([&] { plan_with(o); }, errc::invalid_argument, "options.k = 33");
   o.k = 0;
@@ -590,7 +590,7 @@ TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
   bad = x;
   bad.v[3] = INFINITY;
   const conv::plan p = plan_with({});
-  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, bad.Q(), bad.K(), bad.V(), O); }, errc::non_finite, "v");
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, bad.Q(), bad.K(), bad.V(), O); }, errc::non_finite, "v");
 
   // n_q != n_kv, d mismatch, out of the wrong shape
   const tensor3_view<const double> q_short(x.q.data(), 31, x.hq, x.d);
@@ -598,23 +598,23 @@ TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
   const tensor3_view<const double> k_narrow(x.k.data(), x.n, x.hkv, 4, x.hkv * x.d, x.d, 1);
   test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, x.Q(), k_narrow, {}); }, errc::shape_mismatch, "d_qk");
   const tensor3_view<double> o_bad(out.data(), x.n, x.hq, x.dv - 1);
-  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), o_bad); }, errc::shape_mismatch, "out");
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), o_bad); }, errc::shape_mismatch, "out");
 
   // q or k other than the plan's; a plan of other extents; too small a workspace
   qkv other = x;
   other.k[5] += 0.25;
-  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, other.Q(), other.K(), other.V(), O); }, errc::invalid_argument,
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, other.Q(), other.K(), other.V(), O); }, errc::invalid_argument,
                      "differ from those the plan");
   const qkv y = random_qkv(32, 4, 1, 8, 8, 1.0, 25);
   std::vector<double> out4(static_cast<std::size_t>(y.n * y.hq * y.dv));
-  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, y.Q(), y.K(), y.V(), {out4.data(), y.n, y.hq, y.dv}); },
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, y.Q(), y.K(), y.V(), {out4.data(), y.n, y.hq, y.dv}); },
                      errc::shape_mismatch, "plan was made for");
   std::vector<double> ws(16);
-  test::expect_error([&] { conv::attention<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), O, ws.data(), 128); },
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), O, ws.data(), 128); },
                      errc::invalid_argument, "workspace");
 
   // backward: non-causal plans are refused
-  conv::options nc;
+  conv::options nc = test::no_fallback();
   nc.causal = false;
   const conv::plan pn = plan_with(nc);
   std::vector<double> gq(x.q.size()), gk(x.k.size()), gv(x.v.size());
@@ -686,7 +686,7 @@ TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward,
   // FFTW picks its codelets (SIMD width, aligned or not) by machine and pointer: the two engines agree
   // to the FFT error model of the header comment, never bitwise.
   const qkv x = switching(300, 2, 1, 16, {0, 77, 160}, 1.0, 26);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 3;
   o.fft_tolerance = 1e-11;
   const conv::plan p = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);

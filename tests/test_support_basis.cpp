@@ -71,7 +71,7 @@ struct problem {
 
 /// Exact outputs (double oracle) of a problem.
 template <class T>
-Eigen::MatrixXd oracle(const tens<T>& q, const tens<T>& k, const tens<T>& v, const support::support_options& o) {
+Eigen::MatrixXd oracle(const tens<T>& q, const tens<T>& k, const tens<T>& v, const support::options& o) {
   tens<double> ref(q.v.extent[0], q.v.extent[1], v.v.extent[2]);
   attention_options ao;
   ao.causal = o.causal;
@@ -127,7 +127,7 @@ struct run_result {
 
 template <class T>
 run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, tens<T>& out,
-                       const support::support_options& o) {
+                       const support::options& o) {
   run_result r;
   r.plan = support::make_plan(cpu{}, q.c(), k.c(), o);
   r.rep = support::run(cpu{}, r.plan, q.c(), k.c(), v.c(), out.v);
@@ -138,7 +138,7 @@ run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, ten
 /// pairs, which bounds every partial sum of a score's dot product (its rounding error is <= gamma_d
 /// kappa', about sqrt(d) u kappa' as a root mean square).
 template <class T>
-double score_scale(const tens<T>& q, const tens<T>& k, const support::support_options& o) {
+double score_scale(const tens<T>& q, const tens<T>& k, const support::options& o) {
   const index_t nq = q.v.extent[0], nkv = k.v.extent[0], hq = q.v.extent[1], d = q.v.extent[2];
   const index_t group = hq / k.v.extent[1], off = nkv - nq;
   const double scale = o.scale > 0 ? o.scale : 1.0 / std::sqrt(double(d));
@@ -223,7 +223,7 @@ TEST_CASE("support: polynomial part alone is within its fitted error", "[support
       q.fill(0.3);
       k.fill(0.3);
       v.fill(1.0);
-      support::support_options o;
+      support::options o;
       o.causal = causal;
       o.threshold = 100;  // nothing in the supports
       o.max_degree = deg;
@@ -237,8 +237,8 @@ TEST_CASE("support: polynomial part alone is within its fitted error", "[support
         CHECK(h.key_support == 0);
         CHECK(h.degree == deg);
         CHECK(h.features == support::monomial_feature_count(pr.d, deg));
-        CHECK(h.bad_rows == 0);
-        CHECK(!h.fallback);
+        CHECK(h.repaired_rows == 0);
+        CHECK(!h.fell_back);
         CHECK(h.poly_error > 1e-7);  // a real approximation
       }
       const Eigen::MatrixXd want = oracle(q, k, v, o);
@@ -256,7 +256,7 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
     q.fill(1.0);
     k.fill(1.0);
     v.fill(1.0);
-    support::support_options o;
+    support::options o;
     o.causal = causal;
     o.threshold = 0;
     const run_result r = run_support(q, k, v, out, o);
@@ -264,7 +264,7 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
       CHECK(h.query_support == 1.0);
       CHECK(h.key_support == 1.0);
       CHECK(h.degree == 0);
-      CHECK(h.est_error_max < 1e-13);
+      CHECK(h.estimated_error < 1e-13);
     }
     // Every pair exact: the blocked-attention bound with kappa' from the data (test_attention.cpp), here
     // kappa' = 5.9 and 5.6 (was a hard-coded 4). Measured rel_error / bound <= 0.13 (AVX-512), 0.081 (SSE2).
@@ -277,7 +277,7 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
     q.fill(1.0);
     k.fill(1.0);
     v.fill(1.0);
-    support::support_options o;
+    support::options o;
     o.threshold = 0;
     run_support(q, k, v, out, o);
     // kappa' = 6.9 (was 4); measured rel_error / bound = 0.061.
@@ -290,7 +290,7 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
     q.fill(1.0);
     k.fill(1.0);
     v.fill(1.0);
-    support::support_options o;
+    support::options o;
     o.threshold = 0;
     run_support(q, k, v, out, o);
     // kappa' = 6.0 (was 4); measured rel_error / bound = 0.39, the exact u_half term dominating.
@@ -312,7 +312,7 @@ TEST_CASE("support: mixed supports, causal (end-aligned) and non-causal, GQA", "
     q.fill(0.1, 0.15, 20);  // 15% of rows are outliers: entries ~2
     k.fill(0.1, 0.15, 20);
     v.fill(1.0);
-    support::support_options o;
+    support::options o;
     o.causal = c.causal;
     o.threshold = 0.5;
     o.max_degree = 2;
@@ -327,7 +327,7 @@ TEST_CASE("support: mixed supports, causal (end-aligned) and non-causal, GQA", "
       CHECK(h.key_support > 0.03);
       CHECK(h.key_support < 0.4);
       CHECK(h.degree == 2);
-      CHECK(h.bad_rows == 0);
+      CHECK(h.repaired_rows == 0);
     }
     const Eigen::MatrixXd want = oracle(q, k, v, o);
     CHECK(bound_ratio(out, want, v, r.plan, r.rep, test::u<double>()) <= 1.0);
@@ -343,7 +343,7 @@ TEST_CASE("support: float storage with the same data stays within the fitted err
   q.fill(0.1, 0.15, 20);
   k.fill(0.1, 0.15, 20);
   v.fill(1.0);
-  support::support_options o;
+  support::options o;
   o.threshold = 0.5;
   o.target_error = 1e-14;
   const run_result r = run_support(q, k, v, out, o);
@@ -380,7 +380,7 @@ TEST_CASE("support: multi-threshold error falls as levels are added", "[support]
         for (index_t e = 0; e < d; ++e) t->set(i, j, e, sc * test::normal());
       }
   v.fill(1.0);
-  support::support_options o;
+  support::options o;
   o.causal = true;
   o.max_degree = 2;  // a fixed degree (target unreachable) makes the effect of the bounds visible
   o.target_error = 1e-14;
@@ -395,7 +395,7 @@ TEST_CASE("support: multi-threshold error falls as levels are added", "[support]
     const run_result r = run_support(q, k, v, out, o);
     errs.push_back(rel_error(out.to_double(), want));
     CHECK(bound_ratio(out, want, v, r.plan, r.rep, test::u<double>()) <= 1.0);
-    for (const auto& hr : r.rep) CHECK(hr.bad_rows == 0);
+    for (const auto& hr : r.rep) CHECK(hr.repaired_rows == 0);
   }
   // Note: at degree 1 the measured error *rises* when levels are added on this data (the interpolants
   // of different pairs have different biases p(0) - 1, which no longer cancel in the normalisation);
@@ -420,7 +420,7 @@ TEST_CASE("support: sketching error falls with the sketch size", "[support]") {
   q.fill(0.35);
   k.fill(0.35);
   v.fill(1.0);
-  support::support_options o;
+  support::options o;
   o.causal = false;
   o.threshold = 100;
   o.max_degree = 2;
@@ -465,7 +465,7 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
   q.fill(1.0);  // large entries...
   k.fill(1.0);
   v.fill(1.0);
-  support::support_options o;
+  support::options o;
   o.threshold = 100;  // ...with a threshold that puts nothing in the supports
   o.max_degree = 2;
   o.target_error = 1e-3;
@@ -479,9 +479,9 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
     const auto& hr = r0.rep[static_cast<std::size_t>(h)];
     CHECK(hr.poly_error > 1e-3);  // the target could not be met at degree 2
     CHECK(hr.checked_rows == 8);
-    CHECK(hr.est_error_max > 0.05);
-    CHECK(hr.est_error_mean <= hr.est_error_max);
-    CHECK(!hr.fallback);
+    CHECK(hr.estimated_error > 0.05);
+    CHECK(hr.mean_estimated_error <= hr.estimated_error);
+    CHECK(!hr.fell_back);
     // the estimate's rows are real rows: their errors are at most the worst row's
     double worst = 0;
     for (index_t i = 0; i < pr.n_q; ++i) {
@@ -492,13 +492,13 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
       }
       worst = std::max(worst, (g - w).norm() / w.norm());
     }
-    CHECK(hr.est_error_max <= worst * (1 + 1e-6));
+    CHECK(hr.estimated_error <= worst * (1 + 1e-6));
   }
   // With the fallback: flagged, and equal to the exact CPU attention bit for bit.
   o.tolerance = 0.05;
   tens<float> out(pr.n_q, pr.h_q, pr.d_v), exact(pr.n_q, pr.h_q, pr.d_v);
   const run_result r1 = run_support(q, k, v, out, o);
-  for (const auto& hr : r1.rep) CHECK(hr.fallback);
+  for (const auto& hr : r1.rep) CHECK(hr.fell_back);
   attention_options ao;
   ao.causal = o.causal;
   attention(cpu{}, q.c(), k.c(), v.c(), exact.v, ao);
@@ -511,8 +511,8 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
   good_k.fill(0.1);
   const run_result r2 = run_support(good_q, good_k, v, out2, o);
   for (const auto& hr : r2.rep) {
-    CHECK(!hr.fallback);
-    CHECK(hr.est_error_max < 1e-3);
+    CHECK(!hr.fell_back);
+    CHECK(hr.estimated_error < 1e-3);
   }
 }
 
@@ -532,7 +532,7 @@ TEST_CASE("support: non-positive denominators are detected and recomputed exactl
       k.set(i, 0, 0, 1.0);
       for (index_t e = 0; e < dv; ++e) v.set(i, 0, e, test::normal());
     }
-    support::support_options o;
+    support::options o;
     o.causal = causal;
     o.scale = 5;
     o.threshold = 2;
@@ -542,7 +542,7 @@ TEST_CASE("support: non-positive denominators are detected and recomputed exactl
     const run_result r = run_support(q, k, v, out, o);
     CHECK(r.rep[0].degree == 1);
     CHECK(r.rep[0].bound == Approx(5.0));
-    CHECK(r.rep[0].bad_rows == negatives);
+    CHECK(r.rep[0].repaired_rows == negatives);
     const Eigen::MatrixXd want = oracle(q, k, v, o);
     for (index_t i = 0; i < n; ++i) {
       if (i % 3 == 0) continue;
@@ -555,7 +555,7 @@ TEST_CASE("support: non-positive denominators are detected and recomputed exactl
 TEST_CASE("support: a loose bound in float storage gives no non-finite output", "[support]") {
   // Entries N(0, 5^2), d = 8, scale 1: B = scale max||q|| max||k|| > 300, so the degree-1 polynomial's
   // coefficients times e^{-B} (about e^{-0.29 B} / 2) underflow in float and its sums are 0 or denormal. Every such row must be
-  // caught (bad_rows) and recomputed exactly; nothing non-finite may escape. Key 0 is large (in C): row
+  // caught (repaired_rows) and recomputed exactly; nothing non-finite may escape. Key 0 is large (in C): row
   // 0 of the causal mask sees only it, so its output must be v_0 exactly, though its shift starts at B.
   const index_t n = 64, d = 8, dv = 4;
   test::seed(41);
@@ -564,7 +564,7 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
   k.fill(5.0);
   v.fill(1.0);
   for (index_t e = 0; e < d; ++e) k.set(0, 0, e, 100.0);
-  support::support_options o;
+  support::options o;
   o.threshold = 60;  // only key 0 is above it
   o.scale = 1;
   o.max_degree = 1;
@@ -572,12 +572,12 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
   o.block = 16;
   const run_result r = run_support(q, k, v, out, o);
   const support::head_report& h = r.rep[0];
-  INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows " << h.bad_rows << ", poly rows "
+  INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows " << h.repaired_rows << ", poly rows "
                 << h.poly_rows);
   REQUIRE(h.bound > 300);
   CHECK(h.key_support == Approx(1.0 / n));
-  CHECK(h.bad_rows > 0);
-  CHECK(h.bad_rows + h.poly_rows <= n);
+  CHECK(h.repaired_rows > 0);
+  CHECK(h.repaired_rows + h.poly_rows <= n);
   CHECK(h.checked_rows == std::min<std::int64_t>(16, h.poly_rows));
   CHECK(out.to_double().allFinite());
   for (index_t e = 0; e < dv; ++e) CHECK(out.at(0, 0, e) == Approx(v.at(0, 0, e)).epsilon(1e-6));
@@ -586,7 +586,7 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
   o.tolerance = 1e9;
   tens<float> out2(n, 1, dv);
   const run_result r2 = run_support(q, k, v, out2, o);
-  CHECK(r2.rep[0].fallback);
+  CHECK(r2.rep[0].fell_back);
   // The fallback is basisattn::attention on the head: the same call, shapes and options as here, so
   // bit for bit equal (as in "error estimate and exact fallback on bad data"); that path's accuracy is
   // test_attention.cpp's. Against the oracle, its bound u_f + u_f (kappa' sqrt(d) + sqrt(n) + 4), the
@@ -610,7 +610,7 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
       q1.set(i, 0, 0, 1.0);
       k1.set(i, 0, 0, 1.0);
     }
-    support::support_options o3;
+    support::options o3;
     o3.causal = causal;
     o3.scale = 320;
     o3.threshold = 2;
@@ -619,7 +619,7 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
     o3.block = 16;
     const run_result r3 = run_support(q1, k1, v, o1, o3);
     CHECK(r3.rep[0].bound == Approx(320.0));
-    CHECK(r3.rep[0].bad_rows == n);
+    CHECK(r3.rep[0].repaired_rows == n);
     CHECK(r3.rep[0].poly_rows == 0);
     CHECK(r3.rep[0].checked_rows == 0);
     CHECK(o1.to_double().allFinite());
@@ -653,7 +653,7 @@ TEST_CASE("support: caller-owned workspace gives the same result as the allocati
   q.fill(0.1, 0.1, 20);
   k.fill(0.1, 0.1, 20);
   v.fill(1.0);
-  support::support_options o;
+  support::options o;
   const support::plan p = support::make_plan(cpu{}, q.c(), k.c(), o);
   const auto rep_a = support::run(cpu{}, p, q.c(), k.c(), v.c(), a.v);
   const std::size_t bytes = support::workspace_bytes(cpu{}, p, pr.d_v);
@@ -676,10 +676,10 @@ TEST_CASE("support: caller-owned workspace gives the same result as the allocati
     CHECK(x.poly_error == y.poly_error);
     CHECK(x.poly_rows == y.poly_rows);
     CHECK(x.checked_rows == y.checked_rows);
-    CHECK(x.est_error_max == y.est_error_max);
-    CHECK(x.est_error_mean == y.est_error_mean);
-    CHECK(x.fallback == y.fallback);
-    CHECK(x.bad_rows == y.bad_rows);
+    CHECK(x.estimated_error == y.estimated_error);
+    CHECK(x.mean_estimated_error == y.mean_estimated_error);
+    CHECK(x.fell_back == y.fell_back);
+    CHECK(x.repaired_rows == y.repaired_rows);
   }
   // the one-call form too
   tens<float> c(pr.n_q, pr.h_q, pr.d_v);
@@ -696,9 +696,9 @@ TEST_CASE("support: bad input", "[support]") {
   k.fill(0.1);
   v.fill(1.0);
   using test::expect_error;
-  auto plan_with = [&](const support::support_options& o) { return support::make_plan(cpu{}, q.c(), k.c(), o); };
+  auto plan_with = [&](const support::options& o) { return support::make_plan(cpu{}, q.c(), k.c(), o); };
   auto opt = [](auto f) {
-    support::support_options o;
+    support::options o;
     f(o);
     return o;
   };

@@ -27,6 +27,7 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -66,6 +67,7 @@ void report_model(const capture::model_capture& mc, std::ostream& md) {
     for (auto& r : rows) {
       conv::options o;
       o.k = r.k;
+      o.tolerance = std::numeric_limits<double>::infinity();  // the approximation's own error, no fallback
       o.scale = L.scale;
       o.causal = L.causal;
       if (r.rule == "search") {

@@ -180,7 +180,7 @@ struct threshold_stats {
 /// Per (variant, threshold) results.
 struct config_stats {
   std::vector<double> err, perf, err_with_perf, est, poly_error, degree, features;
-  index_t beats_uniform = 0, beats_perf = 0, perf_heads = 0, bad_rows = 0, fallbacks = 0, nonfinite = 0;
+  index_t beats_uniform = 0, beats_perf = 0, perf_heads = 0, repaired_rows = 0, fallbacks = 0, nonfinite = 0;
   index_t exact_rows = 0, rows = 0, est_blind = 0;
   double support_s = 0;
 };
@@ -310,7 +310,7 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
         std::vector<support::head_report> reps(static_cast<std::size_t>(H));
         const auto t0 = clock_type::now();
         for (index_t h = 0; h < H; ++h) {
-          support::support_options o;
+          support::options o;
           o.causal = L.causal;
           o.scale = L.scale;
           o.threshold = T[std::size_t(h)][t];
@@ -331,17 +331,17 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
           const support::head_report& rp = reps[std::size_t(h)];
           const double e = head_error(out, L.out, n, H, dv, h);
           cs.err.push_back(e);
-          cs.est.push_back(rp.est_error_max);
+          cs.est.push_back(rp.estimated_error);
           cs.poly_error.push_back(rp.poly_error);
           cs.degree.push_back(rp.degree);
           cs.features.push_back(double(rp.features));
           cs.beats_uniform += e < uerr[std::size_t(h)];
-          cs.bad_rows += rp.bad_rows;
+          cs.repaired_rows += rp.repaired_rows;
           cs.rows += n;
           cs.exact_rows += rows_matching(out, L.out, n, H, dv, h, 1e-5);
-          cs.est_blind += e > 1e-3 && rp.est_error_max < 0.1 * e;
+          cs.est_blind += e > 1e-3 && rp.estimated_error < 0.1 * e;
           cs.nonfinite += head_nonfinite(out, n, H, dv, h);
-          cs.fallbacks += rp.fallback;
+          cs.fallbacks += rp.fell_back;
           // Cross-check the report's supports against the thresholds applied here.
           const std::size_t k = cs.err.size() - 1;  // index of this head within the model
           const double qs = tstats[t].qsup[k], ks = tstats[t].ksup[k];
@@ -458,7 +458,7 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
                     variants[vi].name.c_str(), rules[t].name.c_str(), range_str(cs.degree, "%.0f").c_str(),
                     range_str(cs.features, "%.0f").c_str(), quantile(cs.poly_error, 0.5), quantile(cs.err, 0.5),
                     quantile(cs.err, 0.9), quantile(cs.err, 1.0), quantile(uniform, 0.5), pct(double(cs.beats_uniform), double(heads)),
-                    (long long)cs.bad_rows, pct(double(cs.bad_rows), double(cs.rows)), pct(double(cs.exact_rows), double(cs.rows)),
+                    (long long)cs.repaired_rows, pct(double(cs.repaired_rows), double(cs.rows)), pct(double(cs.exact_rows), double(cs.rows)),
                     (long long)cs.nonfinite, quantile(cs.est, 0.5), pct(double(cs.est_blind), double(heads)));
       md << buf;
     }
@@ -515,7 +515,7 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
       if (cs.perf_heads > 0) std::snprintf(pf, sizeof pf, "%.3g", quantile(cs.perf, 0.5));
       std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %s | %.3f | %.0f%% | %.3g | %.3g | %s | %.0f%% | %.0f%% | %.2f |\n",
                     mc.model.c_str(), (long long)n, vn.c_str(), tn.c_str(), quantile(tstats[t].exact_share, 0.5),
-                    pct(double(cs.bad_rows), double(cs.rows)), quantile(cs.err, 0.5), quantile(uniform, 0.5), pf,
+                    pct(double(cs.repaired_rows), double(cs.rows)), quantile(cs.err, 0.5), quantile(uniform, 0.5), pf,
                     pct(double(cs.beats_uniform), double(heads)), pct(double(cs.exact_rows), double(cs.rows)), exact_s / cs.support_s);
       sum.summary.push_back(buf);
     }
@@ -548,14 +548,14 @@ const char* column_notes =
     "  per layer, head and m), x = q or k times scale^(1/2), with m = that head's support-basis feature count;\n"
     "  causal by prefix sums, in double. Its error as err; **beats Performer**: share of heads (with a\n"
     "  polynomial part) where support-basis has the smaller error. `-`: no polynomial part, so no m.\n"
-    "- **bad rows**: total over heads of head_report::bad_rows (rows whose polynomial sum or total denominator was\n"
+    "- **bad rows**: total over heads of head_report::repaired_rows (rows whose polynomial sum or total denominator was\n"
     "  not a normal positive number, or whose output overflowed; the library recomputes them exactly, so they are\n"
     "  exact in err) and their share of all rows.\n"
     "  **rows exact**: share of all rows whose output matches exact attention to a relative l2 error of 1e-5 (rows in\n"
     "  R, bad rows, and rows the polynomial happens to get right): when it is near 100%, a small err says nothing\n"
     "  about the polynomial, only that the method fell back to exact attention row by row.\n"
     "- **non-finite heads**: heads whose output has an Inf or NaN (err is then inf).\n"
-    "- **est med**: median over heads of head_report::est_error_max (the library's own estimate: max relative row\n"
+    "- **est med**: median over heads of head_report::estimated_error (the library's own estimate: max relative row\n"
     "  error over 8 rows recomputed in double). **est < err/10**: share of heads where err > 1e-3 and that\n"
     "  estimate is more than 10x below it (the estimate misses the error).\n"
     "- `deg 2 double`: deg 2 with options.accumulate_double (all arithmetic in double; isolates float range effects).\n"
@@ -577,7 +577,7 @@ const char* what_this_shows =
     "- **Degree 1** is uniform attention with a slight tilt: error 0.77-1.09 with nothing exact, just under uniform\n"
     "  attention (0.83-1.11; on SmolLM2 uniform attention is worse than outputting zeros).\n"
     "- **Degree 2** goes negative on much of the real score range: 77-89% of rows have a denominator <= 0 with\n"
-    "  nothing exact, and the library recomputes them exactly (reported as bad_rows). The rows left are so wrong that\n"
+    "  nothing exact, and the library recomputes them exactly (reported as repaired_rows). The rows left are so wrong that\n"
     "  the median head error is 0.53 / 1.41 / 4.58, and 40-81% of heads are worse than uniform attention.\n"
     "- **Degree 3** (exact or sketched): over 99.9% of rows are bad rows with nothing exact. Its error near 0 is exact\n"
     "  attention by a detour (see rows exact = 99-100%), at 3-14x the exact time; it says nothing about the\n"

@@ -23,9 +23,9 @@
 //       extents that disagree (n_q != n_kv included), non_finite for NaN/Inf in q or k.
 //   std::size_t workspace_bytes(cpu{}, plan, d_v)
 //       Caller-owned workspace of a run (O(threads (n d_v + n))).
-//   report attention<T, FFT = fft_eigen>(cpu{}, plan, q, k, v, out, workspace, workspace_bytes)
-//   report attention<T, FFT = fft_eigen>(cpu{}, plan, q, k, v, out)          allocates the workspace
-//   report attention<T, FFT = fft_eigen>(cpu{}, q, k, v, out, options = {})   plan + run
+//   report run<T, FFT = fft_eigen>(cpu{}, plan, q, k, v, out, workspace, workspace_bytes)
+//   report run<T, FFT = fft_eigen>(cpu{}, plan, q, k, v, out)          allocates the workspace
+//   report attention<T, FFT = fft_eigen>(cpu{}, q, k, v, out, options = {})   make_plan + run
 //       Writes out in full and returns the per-head report (error estimate, uniform baseline,
 //       repaired rows, float FFTs used, fallback). q and k must be those of the plan (checked by
 //       checksum: errc::invalid_argument otherwise). The workspace holds every buffer; the FFT
@@ -41,7 +41,7 @@
 //       lies far below the head's global maximum (beyond ~30 nats) lose accuracy. Allocates.
 //       Non-causal plans raise errc::unsupported.
 //
-// CUDA backend: conv::workspace_bytes(ctx, plan, d_v) and conv::attention<T>(ctx, plan, q, k, v, out, ...)
+// CUDA backend: conv::workspace_bytes(ctx, plan, d_v) and conv::run<T>(ctx, plan, q, k, v, out, ...)
 // in <basisattn/cuda/conv.hpp> (through <basisattn/cuda.hpp>) run the same plan (made on the host) on device tensors with cuFFT; no
 // backward pass there.
 //

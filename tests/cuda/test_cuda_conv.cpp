@@ -299,7 +299,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   const conv::plan p = conv::make_plan<T>(cpu{}, Q, K, o);
   matrix<T> want(x.n * x.hq, x.dv);
   outcome r;
-  r.cpu = conv::attention<T>(cpu{}, p, Q, K, V, tensor3_view<T>(want.data(), x.n, x.hq, x.dv));
+  r.cpu = conv::run<T>(cpu{}, p, Q, K, V, tensor3_view<T>(want.data(), x.n, x.hq, x.dv));
 
   const device3<T> dq(ctx, qh, x.n, x.hq, x.d, 3), dk(ctx, kh, x.n, x.hkv, x.d, 1), dv(ctx, vh, x.n, x.hkv, x.dv, 2);
   const index_t ldo = x.dv + 3;
@@ -309,7 +309,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   poison(ctx, dout);
   poison(ctx, ws);
   // an odd workspace pointer: the run aligns it itself
-  r.gpu = conv::attention<T>(ctx, p, dq.view(), dk.view(), dv.view(),
+  r.gpu = conv::run<T>(ctx, p, dq.view(), dk.view(), dv.view(),
                              tensor3_view<T>(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1), ws.data() + 5, bytes, plans);
   ctx.synchronize();
   std::vector<T> got(static_cast<std::size_t>(x.n * x.hq * ldo));
@@ -351,7 +351,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     CHECK(a.anchors == b.anchors);
     CHECK(a.upper_anchors == b.upper_anchors);
     CHECK(a.degenerate == b.degenerate);
-    CHECK(a.sampled_rows == b.sampled_rows);
+    CHECK(a.checked_rows == b.checked_rows);
     // The run's contract, and its decisions where they are not near a threshold.
     CHECK(a.fft_error_bound <= o.fft_tolerance);
     CHECK(b.fft_error_bound <= o.fft_tolerance);
@@ -373,8 +373,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     fallbacks_cpu += b.fell_back;
 
     // Estimates: against each other and each against its own bound.
-    const std::vector<index_t> picked = conv::detail::sampled_rows(x.n, o.sample_rows, o.seed + std::uint64_t(h) * 7919u);
-    if (b.sampled_rows > 0) {
+    const std::vector<index_t> picked = conv::detail::sampled_rows(x.n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
+    if (b.checked_rows > 0) {
       double allow = 0, uallow = 0, own_a = 0, own_b = 0;
       for (index_t row : picked) {
         const row_oracle& ro = rows[std::size_t(row)];
@@ -498,10 +498,10 @@ void conv_large(bool causal) {
   for (index_t i = 0; i < nseg; ++i) sw.push_back(i * (n / nseg));
   const test::qkv x = test::periodic(n, hq, hkv, d, sw, 8, seed);
   const test::qkv xs = stored_values<T>(x);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.causal = causal;
   o.fft_tolerance = 1e-12;
-  o.sample_rows = 16;
+  o.check_rows = 16;
   o.seed = seed;
   o.k = 32;
   if (!causal) {
@@ -535,7 +535,7 @@ void conv_large(bool causal) {
   poison(ctx, dout);
   poison(ctx, ws);
   const auto t2 = std::chrono::steady_clock::now();
-  const conv::report rep = conv::attention<T>(ctx, p, dq.view(), dk.view(), dvv.view(),
+  const conv::report rep = conv::run<T>(ctx, p, dq.view(), dk.view(), dvv.view(),
                                               tensor3_view<T>(dout.data(), n, hq, dv, ldo, dv, 1), ws.data(), bytes, plans);
   ctx.synchronize();
   const double t_gpu = seconds_since(t2);
@@ -556,7 +556,7 @@ void conv_large(bool causal) {
   std::vector<std::vector<index_t>> rows(static_cast<std::size_t>(hq));
   for (index_t h = 0; h < hq; ++h) {
     auto& r = rows[std::size_t(h)];
-    r = conv::detail::sampled_rows(n, o.sample_rows, o.seed + std::uint64_t(h) * 7919u);
+    r = conv::detail::sampled_rows(n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
     for (index_t i = 0; i < 48; ++i) r.push_back(i * (n - 1) / 47);  // 0 and n - 1 among them
     std::sort(r.begin(), r.end());
     r.erase(std::unique(r.begin(), r.end()), r.end());
@@ -583,7 +583,7 @@ void conv_large(bool causal) {
     CHECK(hr.upper_anchors == (causal ? 0 : 32));
     CHECK(!hr.float_fft);
     CHECK(!hr.fell_back);
-    CHECK(hr.sampled_rows == 16);
+    CHECK(hr.checked_rows == 16);
     CHECK(hr.fft_error_bound <= o.fft_tolerance);
     CHECK(hr.repaired_rows >= fc.certain);
     CHECK(hr.repaired_rows <= fc.certain + fc.unsure);
@@ -596,7 +596,7 @@ void conv_large(bool causal) {
       }
     const double F = fft_margin(n, dv, false) * hr.fft_error_bound * vm + direct;
     double own = 0;
-    for (index_t row : conv::detail::sampled_rows(n, o.sample_rows, o.seed + std::uint64_t(h) * 7919u))
+    for (index_t row : conv::detail::sampled_rows(n, o.check_rows, o.seed + std::uint64_t(h) * 7919u))
       for (std::size_t w = 0; w < work.size(); ++w)
         if (work[w].first == h && work[w].second == row) {
           const row_bounds rb = bounds_of(orc[w], n, d, dv, vm);
@@ -638,14 +638,14 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: exact structure, causa
   cufft_plan_cache plans;
   {
     INFO("3 switches, 2 query heads on 1 kv head, causal");
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 3;
     o.fft_tolerance = 1e-11;
     check_case<float>(ctx, plans, test::switching(300, 2, 1, 16, {0, 77, 160}, 1.0, seed), o);
   }
   for (auto rule : {conv::anchor_rule::change_scan, conv::anchor_rule::search}) {
     INFO("5 switches, 3 query heads on 1 kv head, rule " << (rule == conv::anchor_rule::search ? "search" : "change_scan"));
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 5;
     o.rule = rule;
     o.delta = rule == conv::anchor_rule::search ? 1e-3 : 0;
@@ -654,7 +654,7 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: exact structure, causa
   }
   for (double scale : {0.0, 0.7}) {
     INFO("non-causal, 4 query heads on 2 kv heads, scale " << scale);
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 1;
     o.causal = false;
     o.scale = scale;
@@ -671,7 +671,7 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: k = n on unstructured 
   cufft_plan_cache plans;
   const test::qkv x = test::random_qkv(96, 4, 2, 8, 6, 1.0, seed);
   for (bool causal : {true, false}) {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = x.n;
     o.causal = causal;
     o.fft_tolerance = 1e-11;
@@ -687,7 +687,7 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: k = n on unstructured 
   // device and code path, and the run is deterministic by design (no atomics in its arithmetic:
   // <basisattn/cuda/conv.hpp> step 4; only maxima and counts use atomics).
   const std::size_t held = plans.size();
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 7;
   const auto a = check_case<float>(ctx, plans, x, o);
   const std::size_t after_first = plans.size();
@@ -703,7 +703,7 @@ TEST_CASE("CUDA conv-basis attention: wide logit range (repaired rows) and float
   cuda_context ctx;
   cufft_plan_cache plans;
   {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 3;
     o.fft_tolerance = 1e-11;
     const auto r = check_case<float>(ctx, plans, test::switching(256, 2, 1, 8, {0, 50, 120}, 6.0, seed), o);
@@ -713,7 +713,7 @@ TEST_CASE("CUDA conv-basis attention: wide logit range (repaired rows) and float
     }
   }
   {
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 2;
     o.precision = conv::fft_precision::f32_checked;
     o.fft_tolerance = 1e-2;
@@ -733,13 +733,13 @@ TEST_CASE("CUDA conv-basis attention: error estimate and exact fallback agree wi
   cuda_context ctx;
   cufft_plan_cache plans;
   const test::qkv x = test::random_qkv(300, 3, 1, 16, 8, 1.5, seed);  // no conv structure
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 4;
-  o.sample_rows = 12;
+  o.check_rows = 12;
   o.fft_tolerance = 1e-11;
   const auto r = check_case<float>(ctx, plans, x, o);
   for (const auto& h : r.gpu.heads) {
-    CHECK(h.sampled_rows == 12);
+    CHECK(h.checked_rows == 12);
     CHECK(h.estimated_error > 0.05);  // unstructured data: the approximation is poor, and says so
     CHECK(!h.fell_back);
   }
@@ -748,7 +748,7 @@ TEST_CASE("CUDA conv-basis attention: error estimate and exact fallback agree wi
   o.tolerance = 0.05;
   const auto f = check_case<float>(ctx, plans, x, o);
   CHECK(f.gpu.fallbacks == x.hq);
-  o.sample_rows = 0;  // no estimate, no fallback
+  o.check_rows = 0;  // no estimate, no fallback
   check_case<float>(ctx, plans, x, o);
 }
 
@@ -758,7 +758,7 @@ TEST_CASE("CUDA conv-basis attention: fp16 and bf16 storage") {
   cuda_context ctx;
   cufft_plan_cache plans;
   const test::qkv x = test::switching(200, 2, 2, 8, {0, 64, 130}, 1.0, seed);
-  conv::options o;
+  conv::options o = test::no_fallback();
   o.k = 3;
   o.fft_tolerance = 1e-11;
   check_case<Eigen::half>(ctx, plans, x, o);
@@ -776,36 +776,36 @@ TEST_CASE("CUDA conv-basis attention, small cases for compute-sanitizer", "[sani
   cufft_plan_cache plans;
   {
     INFO("causal, wide logits (repaired rows), GQA, one block per chunk");
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 3;
-    o.sample_rows = 4;
+    o.check_rows = 4;
     o.fft_tolerance = 1e-11;
     check_case<Eigen::half>(ctx, plans, test::switching(96, 2, 1, 8, {0, 30, 61}, 6.0, seed), o, 1);
   }
   {
     INFO("non-causal, explicit scale");
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 2;
     o.causal = false;
     o.scale = 0.7;
-    o.sample_rows = 4;
+    o.check_rows = 4;
     o.fft_tolerance = 1e-11;
     check_case<float>(ctx, plans, test::switching(80, 2, 2, 8, {0, 33}, 1.0, seed + 1), o);
   }
   {
     INFO("float FFTs behind the check");
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 2;
     o.precision = conv::fft_precision::f32_checked;
     o.fft_tolerance = 1e-2;
-    o.sample_rows = 4;
+    o.check_rows = 4;
     check_case<float>(ctx, plans, test::switching(64, 1, 1, 8, {0, 20}, 0.3, seed + 2), o);
   }
   {
     INFO("exact fallback");
-    conv::options o;
+    conv::options o = test::no_fallback();
     o.k = 2;
-    o.sample_rows = 4;
+    o.check_rows = 4;
     o.tolerance = 0.05;
     o.fft_tolerance = 1e-11;
     check_case<float>(ctx, plans, test::random_qkv(64, 2, 1, 8, 8, 1.5, seed + 3), o);
@@ -824,14 +824,14 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   const test::qkv x = test::random_qkv(32, 2, 1, 8, 8, 1.0, 24);
   const auto qh = to_storage<float>(x.q), kh = to_storage<float>(x.k), vh = to_storage<float>(x.v);
   const conv::plan p = conv::make_plan<float>(cpu{}, tensor3_view<const float>(qh.data(), x.n, x.hq, x.d),
-                                              tensor3_view<const float>(kh.data(), x.n, x.hkv, x.d));
+                                              tensor3_view<const float>(kh.data(), x.n, x.hkv, x.d), test::no_fallback());
   const device3<float> dq(ctx, qh, x.n, x.hq, x.d, 0), dk(ctx, kh, x.n, x.hkv, x.d, 0), dv(ctx, vh, x.n, x.hkv, x.dv, 0);
   device_buffer<float> dout(x.n * x.hq * x.dv);
   const tensor3_view<float> O(dout.data(), x.n, x.hq, x.dv);
   const std::size_t bytes = conv::workspace_bytes(ctx, p, x.dv);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));
   auto run = [&](const device3<float>& q, const device3<float>& k, const device3<float>& v, tensor3_view<float> out,
-                 std::size_t b) { conv::attention<float>(ctx, p, q.view(), k.view(), v.view(), out, ws.data(), b); };
+                 std::size_t b) { conv::run<float>(ctx, p, q.view(), k.view(), v.view(), out, ws.data(), b); };
 
   run(dq, dk, dv, O, bytes);  // well formed
   ctx.synchronize();
@@ -851,7 +851,7 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
                      errc::shape_mismatch, "plan was made for");
   // n_q != n_kv
   test::expect_error([&] {
-    conv::attention<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.view(), dv.view(),
+    conv::run<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.view(), dv.view(),
                            tensor3_view<float>(dout.data(), x.n - 1, x.hq, x.dv), ws.data(), bytes);
   }, errc::shape_mismatch, "self-attention");
   // NaN/Inf in v
@@ -863,6 +863,6 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   const test::qkv wide = test::random_qkv(8, 1, 1, 300, 4, 1.0, 26);
   const auto wq = to_storage<float>(wide.q), wk = to_storage<float>(wide.k);
   const conv::plan pw = conv::make_plan<float>(cpu{}, tensor3_view<const float>(wq.data(), wide.n, 1, wide.d),
-                                               tensor3_view<const float>(wk.data(), wide.n, 1, wide.d));
+                                               tensor3_view<const float>(wk.data(), wide.n, 1, wide.d), test::no_fallback());
   test::expect_error([&] { (void)conv::workspace_bytes(ctx, pw, 4); }, errc::unsupported, "256");
 }

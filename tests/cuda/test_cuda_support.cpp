@@ -26,9 +26,9 @@
 // FLT_MIN, certainly not when dpoly_i - gamma_N W_i >= FLT_MIN and the later checks cannot fire (the
 // exact part rescales the renormalised row by e^(m - m_new) >= e^-80, the output stays below 1e30),
 // unsure otherwise. Rows in R and rows without a visible polynomial key are never bad (their
-// denominator holds the largest weight, 1). Hence, on each backend: poly_rows + bad_rows = |P| (P: rows
-// not in R with a visible polynomial key), certain <= bad_rows <= certain + unsure, checked_rows =
-// min(check_rows, poly_rows), fallback = (est_error_max > tolerance, or poly_error >= 1 with a finite
+// denominator holds the largest weight, 1). Hence, on each backend: poly_rows + repaired_rows = |P| (P: rows
+// not in R with a visible polynomial key), certain <= repaired_rows <= certain + unsure, checked_rows =
+// min(check_rows, poly_rows), fallback = (estimated_error > tolerance, or poly_error >= 1 with a finite
 // tolerance) when check_rows > 0. With no unsure row both backends estimate on the same rows
 // A[floor((j + 1) |A| / s) - 1], from stored outputs that differ by exactly ||out_gpu,r - out_cpu,r||, and
 // from exact rows ye_r each within dbl_r of the truth (dbl_r as in test_cuda_conv.cpp), so
@@ -426,7 +426,7 @@ void check_exact_heads(const support::plan& pl, const host_tensor<T>& q, const h
   }
 }
 
-/// One backend's report against its own stored outputs: est_error_max / est_error_mean lie within what
+/// One backend's report against its own stored outputs: estimated_error / mean_estimated_error lie within what
 /// the rows' errors against the oracle allow (each backend's exact rows are within dbl_r of ours).
 struct est_range {
   double max_lo = 0, max_hi = 0, mean_lo = 0, mean_hi = 0;
@@ -457,7 +457,7 @@ est_range own_estimate(const support::plan& pl, const std::vector<double>& qd, c
 
 /// Fill, plan on the host, run on both backends, compare (see the header comment).
 template <class T>
-void compare_backends(const cuda_context& ctx, const problem& pr, const support::support_options& o, data_kind kind,
+void compare_backends(const cuda_context& ctx, const problem& pr, const support::options& o, data_kind kind,
                       std::mt19937_64& g, const std::string& what) {
   INFO(what << " | dtype " << to_string(dtype_of_v<T>) << ", n_q " << pr.n_q << ", n_kv " << pr.n_kv << ", heads "
             << pr.h_q << "/" << pr.h_kv << ", d " << pr.d << ", d_v " << pr.d_v << ", causal " << o.causal);
@@ -514,20 +514,20 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       const auto& b = cpu_rep[static_cast<std::size_t>(h)];
       const row_forecast& f = fc[std::size_t(h)];
       const double vm = vmax[std::size_t(h / (pr.h_q / pr.h_kv))];
-      INFO("run " << run << ", head " << h << ": est_error_max gpu " << a.est_error_max << " cpu " << b.est_error_max
-                  << ", bad rows gpu " << a.bad_rows << " cpu " << b.bad_rows << " (forecast " << f.bad << " + " << f.unsure
+      INFO("run " << run << ", head " << h << ": estimated_error gpu " << a.estimated_error << " cpu " << b.estimated_error
+                  << ", bad rows gpu " << a.repaired_rows << " cpu " << b.repaired_rows << " (forecast " << f.bad << " + " << f.unsure
                   << " unsure of " << f.P.size() << "), poly rows gpu " << a.poly_rows << " cpu " << b.poly_rows
-                  << ", fallback gpu " << a.fallback << " cpu " << b.fallback);
+                  << ", fallback gpu " << a.fell_back << " cpu " << b.fell_back);
       CHECK(a.degree == b.degree);  // make_plan's part is copied from the plan
       CHECK(a.features == b.features);
       CHECK(a.query_support == b.query_support);
       for (const support::head_report* x : {&a, &b}) {
-        CHECK(x->poly_rows + x->bad_rows == static_cast<std::int64_t>(f.P.size()));
-        CHECK(x->bad_rows >= f.bad);
-        CHECK(x->bad_rows <= f.bad + f.unsure);
+        CHECK(x->poly_rows + x->repaired_rows == static_cast<std::int64_t>(f.P.size()));
+        CHECK(x->repaired_rows >= f.bad);
+        CHECK(x->repaired_rows <= f.bad + f.unsure);
         CHECK(x->checked_rows == std::min<std::int64_t>(o.check_rows, x->poly_rows));
         const bool no_guarantee = x->poly_error >= 1 && std::isfinite(tol);
-        CHECK(x->fallback == (o.check_rows > 0 && (x->est_error_max > tol || no_guarantee)));
+        CHECK(x->fell_back == (o.check_rows > 0 && (x->estimated_error > tol || no_guarantee)));
       }
       if (f.unsure > 0) {  // the row sets may differ: no row-by-row comparison for this head
         compare_head[std::size_t(h)] = false;
@@ -538,26 +538,26 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       if (o.check_rows > 0 && !rows.empty()) {
         const est_range ra = own_estimate(plan, qd, kd, vd, got, h, rows, vm), rb = own_estimate(plan, qd, kd, vd, want, h, rows, vm);
         INFO("gpu estimate within [" << ra.max_lo << ", " << ra.max_hi << "], cpu within [" << rb.max_lo << ", " << rb.max_hi << "]");
-        CHECK(a.est_error_max >= ra.max_lo);
-        CHECK(a.est_error_max <= ra.max_hi);
-        CHECK(a.est_error_mean >= ra.mean_lo);
-        CHECK(a.est_error_mean <= ra.mean_hi);
-        CHECK(b.est_error_max >= rb.max_lo);
-        CHECK(b.est_error_max <= rb.max_hi);
-        CHECK(b.est_error_mean >= rb.mean_lo);
-        CHECK(b.est_error_mean <= rb.mean_hi);
+        CHECK(a.estimated_error >= ra.max_lo);
+        CHECK(a.estimated_error <= ra.max_hi);
+        CHECK(a.mean_estimated_error >= ra.mean_lo);
+        CHECK(a.mean_estimated_error <= ra.mean_hi);
+        CHECK(b.estimated_error >= rb.max_lo);
+        CHECK(b.estimated_error <= rb.max_hi);
+        CHECK(b.mean_estimated_error >= rb.mean_lo);
+        CHECK(b.mean_estimated_error <= rb.mean_hi);
         // Each fallback follows its own estimate (checked above); they must agree where both estimates
         // are certainly on the same side of the tolerance (poly_error is the plan's: the same on both).
-        if ((ra.max_lo > tol && rb.max_lo > tol) || (ra.max_hi <= tol && rb.max_hi <= tol)) CHECK(a.fallback == b.fallback);
+        if ((ra.max_lo > tol && rb.max_lo > tol) || (ra.max_hi <= tol && rb.max_hi <= tol)) CHECK(a.fell_back == b.fell_back);
       } else {
-        CHECK(a.est_error_max == 0);
-        CHECK(b.est_error_max == 0);
-        CHECK(a.fallback == b.fallback);
+        CHECK(a.estimated_error == 0);
+        CHECK(b.estimated_error == 0);
+        CHECK(a.fell_back == b.fell_back);
       }
       // A head that fell back is exact attention: against the oracle, not the other backend.
-      if (a.fallback || b.fallback) compare_head[std::size_t(h)] = false;
-      exact_gpu[std::size_t(h)] = a.fallback;
-      exact_cpu[std::size_t(h)] = b.fallback;
+      if (a.fell_back || b.fell_back) compare_head[std::size_t(h)] = false;
+      exact_gpu[std::size_t(h)] = a.fell_back;
+      exact_cpu[std::size_t(h)] = b.fell_back;
     }
     // Outputs of the heads and rows both backends treated alike.
     double num = 0, den = 0;
@@ -600,7 +600,7 @@ void suite() {
       {{100, 100, 4, 1, 16, 8}, true, 2, 48}, {{50, 77, 2, 1, 48, 40}, true, 2, 16},
   };
   for (const cfg& c : mixed) {
-    support::support_options o;
+    support::options o;
     o.causal = c.causal;
     o.threshold = 0.5;
     o.max_degree = c.degree;
@@ -613,7 +613,7 @@ void suite() {
   // Polynomial part alone (nothing in the supports), both masks, degrees 1 and 2.
   for (const bool causal : {false, true})
     for (const int degree : {1, 2}) {
-      support::support_options o;
+      support::options o;
       o.causal = causal;
       o.threshold = 100;
       o.max_degree = degree;
@@ -625,7 +625,7 @@ void suite() {
 
   // Everything exact (threshold 0: degree 0, no polynomial part).
   for (const bool causal : {false, true}) {
-    support::support_options o;
+    support::options o;
     o.causal = causal;
     o.threshold = 0;
     compare_backends<T>(ctx, problem{70, 90, 3, 1, 16, 8}, o, data_kind::large, g, "all exact");
@@ -634,7 +634,7 @@ void suite() {
   // Sketched features: degree 2 (one GEMM and one product per degree) and 3, causal and not.
   for (const bool causal : {false, true})
     for (const int degree : {2, 3}) {
-      support::support_options o;
+      support::options o;
       o.causal = causal;
       o.threshold = 0.5;
       o.max_degree = degree;
@@ -650,7 +650,7 @@ void suite() {
 
   // Multi-threshold: six levels over two decades of row scales, causal; and three levels non-causal GQA.
   {
-    support::support_options o;
+    support::options o;
     o.causal = true;
     o.max_degree = 2;
     o.target_error = 1e-14;
@@ -664,7 +664,7 @@ void suite() {
   }
 
   // Default options (automatic degree, error estimate on 16 rows, fallback tolerance 1e-2).
-  compare_backends<T>(ctx, problem{}, support::support_options{}, data_kind::outliers, g, "default options");
+  compare_backends<T>(ctx, problem{}, support::options{}, data_kind::outliers, g, "default options");
 }
 
 /// Small cases for compute-sanitizer reaching every kernel of <basisattn/cuda/kernels/support.cuh>: the
@@ -677,7 +677,7 @@ void sanitize_suite() {
   std::mt19937_64 g(seed);
   cuda_context ctx;
   {
-    support::support_options o;
+    support::options o;
     o.threshold = 0.5;
     o.max_degree = 2;
     o.target_error = 1e-14;
@@ -706,7 +706,7 @@ void sanitize_suite() {
       k.at(i, 0, 0) = 1.0f;
       for (index_t e = 0; e < dv; ++e) v.at(i, 0, e) = static_cast<float>(nd(g));
     }
-    support::support_options o;
+    support::options o;
     o.scale = 5;
     o.threshold = 2;
     o.max_degree = 1;
@@ -723,8 +723,8 @@ void sanitize_suite() {
       dout.download(ctx, got, non_finite, padding_touched);
       CHECK(non_finite == 0);
       CHECK(padding_touched == 0);
-      CHECK(rep[0].bad_rows > 0);
-      CHECK(rep[0].fallback == (tol == 0.0));  // poly_error >= 1 here: a finite tolerance always falls back
+      CHECK(rep[0].repaired_rows > 0);
+      CHECK(rep[0].fell_back == (tol == 0.0));  // poly_error >= 1 here: a finite tolerance always falls back
     }
   }
 }
@@ -736,7 +736,7 @@ void sanitize_suite() {
 /// 3), 969 exact monomial features, blocks of 256 rows. Host cost (16 cores): the data (~30M normal
 /// draws, ~1 s), the plan (O(n d) per head), the oracle on ~64 sampled rows per head at O(n (d + d_v))
 /// each (~5 GFLOP in all, parallel over rows): a few seconds, printed.
-/// Checks: every output finite, padding untouched; bad_rows = 0, poly_rows = |P|, checked_rows = 16
+/// Checks: every output finite, padding untouched; repaired_rows = 0, poly_rows = |P|, checked_rows = 16
 /// (derived below from the plan's bounds: every polynomial denominator is far above FLT_MIN); the run's
 /// estimate against its own outputs (as in compare_backends); and per sampled row
 ///   ||out_r - y_r|| <= G_r + u_T ||y_r|| + sqrt(d_v) eta_T + 2 u_32 (sqrt(n + r) + g + sqrt(d) kappa'_r
@@ -766,7 +766,7 @@ void support_large(bool causal) {
   k.fill(g, 0.1, 0.01, 10);
   v.fill(g, 1.0);
   const double t_data = since(t0);
-  support::support_options o;
+  support::options o;
   o.causal = causal;
   o.threshold = 0.5;
   o.max_degree = 3;
@@ -779,7 +779,7 @@ void support_large(bool causal) {
   const double t_plan = since(t1);
   const std::vector<double> qd = values_of(q), kd = values_of(k), vd = values_of(v);
 
-  // bad_rows = 0, derived: a row with a visible polynomial key has dpoly >= (1 - eps) e^(s - M) >= (1 - eps)
+  // repaired_rows = 0, derived: a row with a visible polynomial key has dpoly >= (1 - eps) e^(s - M) >= (1 - eps)
   // e^(-2B) (|s| <= B, M = B with one level); its fp32 evaluation is within gamma_N W of it, W <= cmax dpoly,
   // cmax = (sum_t |a_t| B^t) e^B / (1 - eps) (the pair's polynomial); the exact part then rescales the
   // renormalised row by e^(m - m_new) >= e^-(smax + 2B - log((1 - eps) / 2)), smax = scale max||q|| max||k||
@@ -864,12 +864,12 @@ void support_large(bool causal) {
   for (index_t h = 0; h < hq; ++h) {
     const support::head_report& r = rep[std::size_t(h)];
     const support::head_report& pr = plan.report[std::size_t(h)];
-    INFO("head " << h << ": bad rows " << r.bad_rows << ", poly rows " << r.poly_rows << " (|P| " << P[std::size_t(h)]
-                 << "), checked " << r.checked_rows << ", estimate max " << r.est_error_max << " mean " << r.est_error_mean);
-    CHECK(r.bad_rows == 0);
+    INFO("head " << h << ": bad rows " << r.repaired_rows << ", poly rows " << r.poly_rows << " (|P| " << P[std::size_t(h)]
+                 << "), checked " << r.checked_rows << ", estimate max " << r.estimated_error << " mean " << r.mean_estimated_error);
+    CHECK(r.repaired_rows == 0);
     CHECK(r.poly_rows == P[std::size_t(h)]);
     CHECK(r.checked_rows == std::min<std::int64_t>(16, P[std::size_t(h)]));
-    CHECK(!r.fallback);
+    CHECK(!r.fell_back);
     const double eps = 1.001 * pr.poly_error, width = double(plan.head_width[std::size_t(h)]);
     // the run's estimate against its own outputs (its rows are among the sampled ones)
     double max_lo = 0, max_hi = 0, mean_lo = 0, mean_hi = 0;
@@ -902,10 +902,10 @@ void support_large(bool causal) {
         mean_hi += hi / s;
       }
     }
-    CHECK(r.est_error_max >= max_lo);
-    CHECK(r.est_error_max <= max_hi);
-    CHECK(r.est_error_mean >= mean_lo);
-    CHECK(r.est_error_mean <= mean_hi);
+    CHECK(r.estimated_error >= max_lo);
+    CHECK(r.estimated_error <= max_hi);
+    CHECK(r.mean_estimated_error >= mean_lo);
+    CHECK(r.mean_estimated_error <= mean_hi);
   }
   std::printf("support %s %lld tokens %s: max row error / allowed %.3g; host: data %.1f s, plan %.1f s, oracle %.1f s; "
               "gpu run %.2f s\n",
@@ -968,7 +968,7 @@ TEST_CASE("CUDA support-basis: non-positive denominators are detected and recomp
       k.at(i, 0, 0) = 1.0f;
       for (index_t e = 0; e < dv; ++e) v.at(i, 0, e) = static_cast<float>(nd(g));
     }
-    support::support_options o;
+    support::options o;
     o.causal = causal;
     o.scale = 5;
     o.threshold = 2;
@@ -980,7 +980,7 @@ TEST_CASE("CUDA support-basis: non-positive denominators are detected and recomp
     REQUIRE(f.unsure == 0);
     REQUIRE(f.bad == negatives);
     const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    REQUIRE(cpu_rep[0].bad_rows == negatives);
+    REQUIRE(cpu_rep[0].repaired_rows == negatives);
     const double nan = std::numeric_limits<double>::quiet_NaN();
     const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan);
     device_tensor<float> dout(ctx, want, 0.0);
@@ -988,7 +988,7 @@ TEST_CASE("CUDA support-basis: non-positive denominators are detected and recomp
     const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dvv.cview(), dout.view());
     index_t non_finite = 0, padding_touched = 0;
     dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(gpu_rep[0].bad_rows == negatives);
+    CHECK(gpu_rep[0].repaired_rows == negatives);
     CHECK(gpu_rep[0].poly_rows == cpu_rep[0].poly_rows);
     CHECK(gpu_rep[0].checked_rows == cpu_rep[0].checked_rows);
     CHECK(non_finite == 0);
@@ -1007,7 +1007,7 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
   q.fill(g, 1.0);  // large entries with a threshold that puts nothing in the supports
   k.fill(g, 1.0);
   v.fill(g, 1.0);
-  support::support_options o;
+  support::options o;
   o.threshold = 100;
   o.max_degree = 2;
   o.target_error = 1e-3;
@@ -1032,10 +1032,10 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
     for (std::size_t h = 0; h < gpu_rep.size(); ++h) {
       CHECK(gpu_rep[h].checked_rows == 8);
       CHECK(cpu_rep[h].checked_rows == 8);
-      CHECK(cpu_rep[h].est_error_max > 0.05);
-      CHECK(gpu_rep[h].est_error_max > 0.05);
-      CHECK(gpu_rep[h].est_error_mean <= gpu_rep[h].est_error_max);
-      CHECK(!gpu_rep[h].fallback);
+      CHECK(cpu_rep[h].estimated_error > 0.05);
+      CHECK(gpu_rep[h].estimated_error > 0.05);
+      CHECK(gpu_rep[h].mean_estimated_error <= gpu_rep[h].estimated_error);
+      CHECK(!gpu_rep[h].fell_back);
     }
   }
   // With the fallback: a head falls back exactly when its own estimate exceeds 0.05 (or its polynomial
@@ -1053,10 +1053,10 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
     std::vector<bool> fb_gpu, fb_cpu;
     for (std::size_t h = 0; h < gpu_rep.size(); ++h) {
       for (const auto* x : {&gpu_rep[h], &cpu_rep[h]})
-        CHECK(x->fallback == (x->est_error_max > o.tolerance || x->poly_error >= 1));
-      CHECK(gpu_rep[h].fallback);  // the estimates above are far beyond 0.05 on these data
-      fb_gpu.push_back(gpu_rep[h].fallback);
-      fb_cpu.push_back(cpu_rep[h].fallback);
+        CHECK(x->fell_back == (x->estimated_error > o.tolerance || x->poly_error >= 1));
+      CHECK(gpu_rep[h].fell_back);  // the estimates above are far beyond 0.05 on these data
+      fb_gpu.push_back(gpu_rep[h].fell_back);
+      fb_cpu.push_back(cpu_rep[h].fell_back);
     }
     check_exact_heads(plan, q, k, v, got, fb_gpu, true, "gpu fallback");
     check_exact_heads(plan, q, k, v, want, fb_cpu, false, "cpu fallback");
@@ -1066,7 +1066,7 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
 TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output, as on the CPU") {
   // The CPU test's data (tests/test_support_basis.cpp): entries N(0, 5^2), d = 8, scale 1, degree 1:
   // B > 300, so the polynomial sums are 0, denormal or barely normal in fp32. Which rows end up bad
-  // then depends on fp32 rounding (and on denormal flushing in cuBLAS), so bad_rows is not compared
+  // then depends on fp32 rounding (and on denormal flushing in cuBLAS), so repaired_rows is not compared
   // with the CPU here; the row rules' invariants are. Key 0 is large (in C): causal row 0 sees only it,
   // has no visible polynomial key, so its shift restarts at -inf and its output is v_0 (not bad).
   const std::uint64_t seed = cudatest::test_seed("support loose bound");
@@ -1080,7 +1080,7 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
   k.fill(g, 5.0);
   v.fill(g, 1.0);
   for (index_t e = 0; e < d; ++e) k.at(0, 0, e) = 100.0f;
-  support::support_options o;
+  support::options o;
   o.threshold = 60;  // only key 0 is above it
   o.scale = 1;
   o.max_degree = 1;
@@ -1096,14 +1096,14 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
     dout.download(ctx, got, non_finite, padding_touched);
     const support::head_report& h = gpu_rep[0];
-    INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows gpu " << h.bad_rows << " cpu "
-                  << cpu_rep[0].bad_rows << ", poly rows gpu " << h.poly_rows << " cpu " << cpu_rep[0].poly_rows);
+    INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows gpu " << h.repaired_rows << " cpu "
+                  << cpu_rep[0].repaired_rows << ", poly rows gpu " << h.poly_rows << " cpu " << cpu_rep[0].poly_rows);
     REQUIRE(h.bound > 300);
     CHECK(non_finite == 0);
     CHECK(padding_touched == 0);
-    CHECK(h.bad_rows + h.poly_rows <= n);
+    CHECK(h.repaired_rows + h.poly_rows <= n);
     CHECK(h.checked_rows == std::min<std::int64_t>(o.check_rows, h.poly_rows));
-    CHECK(!h.fallback);
+    CHECK(!h.fell_back);
     // row 0: the exact part alone, one key: fp32 computes 1 * v_0 / 1 exactly (p = expf(0) = 1)
     for (index_t e = 0; e < dv; ++e) CHECK(std::abs(got.at(0, 0, e) - v.at(0, 0, e)) <= 1e-6 * std::abs(v.at(0, 0, e)) + 1e-30);
     // The polynomial guarantees nothing here (poly_error >= 1): with a finite tolerance the head falls
@@ -1117,8 +1117,8 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     poison(ctx, dout.buf);
     const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
     dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(cpu_rep[0].fallback);
-    CHECK(gpu_rep[0].fallback);
+    CHECK(cpu_rep[0].fell_back);
+    CHECK(gpu_rep[0].fell_back);
     CHECK(non_finite == 0);
     CHECK(padding_touched == 0);
     // scores up to ~|q_0| ||k_0|| ~ 1e3: the exact-attention model with the data's kappa (~3e3 here)
@@ -1136,7 +1136,7 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
       q1.at(i, 0, 0) = 1.0f;
       k1.at(i, 0, 0) = 1.0f;
     }
-    support::support_options o3;
+    support::options o3;
     o3.causal = causal;
     o3.scale = 320;
     o3.threshold = 2;
@@ -1153,14 +1153,14 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     poison(ctx, do1.buf);
     const auto gpu_rep = support::run<float>(ctx, plan, dq1.cview(), dk1.cview(), dv_.cview(), do1.view());
     do1.download(ctx, g1, non_finite, padding_touched);
-    REQUIRE(cpu_rep[0].bad_rows == n);
-    CHECK(gpu_rep[0].bad_rows == n);
+    REQUIRE(cpu_rep[0].repaired_rows == n);
+    CHECK(gpu_rep[0].repaired_rows == n);
     CHECK(gpu_rep[0].poly_rows == 0);
     CHECK(cpu_rep[0].poly_rows == 0);
     CHECK(gpu_rep[0].checked_rows == 0);
-    CHECK(gpu_rep[0].est_error_max == 0);
-    CHECK(gpu_rep[0].est_error_mean == 0);
-    CHECK(!gpu_rep[0].fallback);
+    CHECK(gpu_rep[0].estimated_error == 0);
+    CHECK(gpu_rep[0].mean_estimated_error == 0);
+    CHECK(!gpu_rep[0].fell_back);
     CHECK(non_finite == 0);
     CHECK(padding_touched == 0);
     // every row recomputed exactly: exact attention against the oracle (all scores equal: kappa = 320)
@@ -1225,7 +1225,7 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
         std::string::npos);
   // accumulate_double is CPU-only
   {
-    support::support_options o;
+    support::options o;
     o.accumulate_double = true;
     const support::plan pd = support::make_plan(cpu{}, q.cview(), k.cview(), o);
     device_buffer<unsigned char> w2(static_cast<index_t>(support::workspace_bytes(ctx, pd, pr.d_v)));

@@ -11,11 +11,13 @@
 
 #include "test_util.hpp"
 
+#include <basisattn/conv/options.hpp>
 #include <basisattn/core/view.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace test {
@@ -113,6 +115,15 @@ inline qkv random_qkv(index_t n, index_t hq, index_t hkv, index_t d, index_t dv,
   for (auto* a : {&x.q, &x.k}) for (auto& e : *a) e = mag * normal();
   for (auto& e : x.v) e = normal();
   return x;
+}
+
+/// Options that measure the conv-basis approximation itself: no fallback to exact attention (the
+/// library's default tolerance, 1e-2, would replace inaccurate heads by exact ones). Tests of the
+/// fallback set their own tolerance.
+inline basisattn::conv::options no_fallback() {
+  basisattn::conv::options o;
+  o.tolerance = std::numeric_limits<double>::infinity();
+  return o;
 }
 
 }  // namespace test

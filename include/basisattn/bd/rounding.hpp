@@ -3,12 +3,9 @@
 // by shared_basis::round_pair (bd/factorize.hpp) to round C_g and A_S B jointly.
 #pragma once
 
-#include <basisattn/bd/options.hpp>
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/eigen.hpp>
-#include <basisattn/core/error.hpp>
-#include <basisattn/core/parallel.hpp>
 #include <basisattn/core/view.hpp>
 
 #include <Eigen/Dense>
@@ -18,17 +15,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
-#include <vector>
+#include <type_traits>
 
 BASISATTN_BEGIN_NAMESPACE
 namespace bd {
 namespace detail {
-using ::basisattn::detail::concat;
-using ::basisattn::detail::raise;
-using dmat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using lu_t = Eigen::PartialPivLU<Eigen::MatrixXd>;
-
 template <class TS>
 double round_to(double x) {
   return static_cast<double>(::basisattn::detail::to_compute<compute_t<TS>>(::basisattn::detail::from_compute<TS>(x)));

@@ -26,6 +26,7 @@
 
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
+#include <basisattn/core/report.hpp>
 
 #include <cmath>
 #include <cstddef>
@@ -75,10 +76,11 @@ struct options {
   double scale = 0;
   /// Exactly computed rows per head for the error estimate (the last row is always one of them);
   /// 0 disables the estimate (and the fallback).
-  index_t sample_rows = 8;
-  /// A head whose estimated error (largest relative l2 error of a sampled row) exceeds this is
-  /// recomputed with exact attention. Infinity (the default) never falls back.
-  double tolerance = std::numeric_limits<double>::infinity();
+  index_t check_rows = 8;
+  /// A head whose estimated error (largest relative l2 error of a checked row) exceeds this is
+  /// recomputed with exact attention: safe by default, as support::options (1e-2). Infinity never
+  /// falls back (to measure the approximation itself).
+  double tolerance = 1e-2;
   /// Rows whose FFT error bound (relative to max |v|) exceeds this are recomputed directly from the
   /// basis (O(n d) each) instead of being taken from the FFTs; must be > 0.
   double fft_tolerance = 1e-6;
@@ -140,27 +142,22 @@ struct plan {
   std::vector<double> checksums;  ///< per query head: a checksum of q and k (see detail::qk_checksum)
 };
 
-/// What one run measured for one query head.
-struct head_report {
+/// What one run measured for one query head: the fields every approximate method reports
+/// (<basisattn/core/report.hpp>: estimated_error and mean_estimated_error over the checked rows,
+/// checked_rows, repaired_rows = rows whose FFT error bound exceeded fft_tolerance or whose FFT
+/// denominator was <= 0 or not finite, recomputed directly from the basis; fell_back =
+/// estimated_error > tolerance) and conv-basis' own.
+struct head_report : approx_head_report {
   index_t anchors = 0;        ///< lower-triangle basis size
   index_t upper_anchors = 0;  ///< upper-triangle basis size (non-causal)
   bool degenerate = false;    ///< a basis degenerated to the first columns (see basis::degenerate)
   double explained = std::numeric_limits<double>::quiet_NaN();  ///< copied from the plan
-  /// Largest and mean relative l2 error ||y_r - y_exact_r|| / ||y_exact_r|| over the sampled rows
-  /// (NaN when sample_rows == 0). Measured before any fallback.
-  double estimated_error = std::numeric_limits<double>::quiet_NaN();
-  double mean_estimated_error = std::numeric_limits<double>::quiet_NaN();
-  /// The same measure for uniform attention (mean of the visible values) on the same rows: the
+  /// The estimate's measure for uniform attention (mean of the visible values) on the same rows: the
   /// baseline an approximation must beat to be useful.
   double uniform_error = std::numeric_limits<double>::quiet_NaN();
-  index_t sampled_rows = 0;
-  /// Rows recomputed directly from the basis because their FFT error bound exceeded fft_tolerance,
-  /// or their FFT denominator was <= 0 or not finite.
-  index_t repaired_rows = 0;
   /// Largest per-row FFT error bound among the rows kept from the FFTs (relative to max |v|).
   double fft_error_bound = 0;
   bool float_fft = false;  ///< the FFTs of this head ran in float (fft_precision::f32_checked)
-  bool fell_back = false;  ///< estimated_error > tolerance: the head was recomputed exactly
 };
 
 /// What one run measured.

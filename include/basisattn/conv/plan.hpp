@@ -75,7 +75,7 @@ inline void check_options(const char* fn, const options& opt, index_t n) {
                         ": options.anchors must be ascending, distinct and < n = ", n, "; entry ", i, " is ",
                         opt.anchors[i], " after ", opt.anchors[i - 1]);
   }
-  BASISATTN_REQUIRE(opt.sample_rows >= 0, invalid_argument, fn, ": options.sample_rows = ", opt.sample_rows,
+  BASISATTN_REQUIRE(opt.check_rows >= 0, invalid_argument, fn, ": options.check_rows = ", opt.check_rows,
                     " must be >= 0");
   BASISATTN_REQUIRE(!std::isnan(opt.tolerance) && opt.tolerance >= 0, invalid_argument, fn,
                     ": options.tolerance = ", opt.tolerance, " must be >= 0 (infinity: never fall back)");
@@ -125,7 +125,7 @@ inline int run_threads(index_t h_q) {
   return static_cast<int>(std::max<index_t>(1, std::min<index_t>(basisattn::detail::cpu_threads(), h_q)));
 }
 
-/// Sampled rows of a head: sample_rows distinct rows, the last one always among them, ascending.
+/// Sampled rows of a head: check_rows distinct rows, the last one always among them, ascending.
 inline std::vector<index_t> sampled_rows(index_t n, index_t count, std::uint64_t seed) {
   std::vector<index_t> rows;
   if (count <= 0) return rows;

@@ -355,8 +355,8 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
   rep.fft_error_bound = worst;
 
   // 6. error estimate on sampled rows
-  const std::vector<index_t> rows = sampled_rows(n, p.opt.sample_rows, p.opt.seed + std::uint64_t(h) * 7919u);
-  rep.sampled_rows = static_cast<index_t>(rows.size());
+  const std::vector<index_t> rows = sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+  rep.checked_rows = static_cast<index_t>(rows.size());
   if (!rows.empty()) {
     double emax = 0, esum = 0, umax = 0;
     double* pr = s.exact;           // n probabilities
@@ -415,16 +415,16 @@ inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
 
 /// See <basisattn/conv.hpp>.
 template <class T, class FFT = fft_eigen>
-report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
                  tensor3_view<T> out, void* workspace, std::size_t workspace_bytes) {
-  static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::attention: T must be a storage type");
-  static_assert(is_fft_engine_v<FFT>, "conv::attention: unknown FFT engine (include its header)");
-  const char* fn = "conv::attention";
+  static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::run: T must be a storage type");
+  static_assert(is_fft_engine_v<FFT>, "conv::run: unknown FFT engine (include its header)");
+  const char* fn = "conv::run";
   const basisattn::detail::attention_shape sh = detail::check_run_args(fn, p, q, k, v, out);
   if (p.opt.check_finite) {
-    basisattn::detail::require_finite(q, "conv::attention: q");
-    basisattn::detail::require_finite(k, "conv::attention: k");
-    basisattn::detail::require_finite(v, "conv::attention: v");
+    basisattn::detail::require_finite(q, "conv::run: q");
+    basisattn::detail::require_finite(k, "conv::run: k");
+    basisattn::detail::require_finite(v, "conv::run: v");
   }
   const basisattn::detail::workspace_slices ws =
       basisattn::detail::slice_workspace(workspace, workspace_bytes, detail::run_slice_bytes(p.n, sh.d_v), detail::slice_align);
@@ -459,13 +459,13 @@ report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const
 
 /// Same, allocating the workspace.
 template <class T, class FFT = fft_eigen>
-report attention(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
                  tensor3_view<T> out) {
-  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::attention: v has d_v = ", v.extent[2], " < 1");
-  BASISATTN_REQUIRE(p.n >= 1, invalid_argument, "conv::attention: the plan is empty (make it with conv::make_plan)");
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run: v has d_v = ", v.extent[2], " < 1");
+  BASISATTN_REQUIRE(p.n >= 1, invalid_argument, "conv::run: the plan is empty (make it with conv::make_plan)");
   const std::size_t bytes = workspace_bytes(cpu{}, p, v.extent[2]);
   std::unique_ptr<double[]> ws(new double[(bytes + sizeof(double) - 1) / sizeof(double)]);
-  return attention<T, FFT>(cpu{}, p, q, k, v, out, ws.get(), bytes);
+  return run<T, FFT>(cpu{}, p, q, k, v, out, ws.get(), bytes);
 }
 
 /// Plan and run in one call.
@@ -473,7 +473,7 @@ template <class T, class FFT = fft_eigen>
 report attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v, tensor3_view<T> out,
                  const options& opt = {}) {
   const plan p = make_plan<T>(cpu{}, q, k, opt);
-  return attention<T, FFT>(cpu{}, p, q, k, v, out);
+  return run<T, FFT>(cpu{}, p, q, k, v, out);
 }
 
 /// See <basisattn/conv.hpp>.

@@ -24,12 +24,12 @@
 //      rescaled by e^{m_old - m_new}, so no exp overflows): rows not in R against the keys in C; rows
 //      in R (m_i = -inf, num = den = 0) against every visible key.
 //   4. bad rows (step 2, or a final denominator that is not a normal positive number, or a non-finite
-//      numerator) are recomputed exactly and counted (report.bad_rows); out_i = num_i / den_i, and a
+//      numerator) are recomputed exactly and counted (report.repaired_rows); out_i = num_i / den_i, and a
 //      row whose output still overflows is recomputed exactly too (and counted).
 //   5. error estimate over the approximated rows A (not in R, not bad, with a visible polynomial key;
 //      report.poly_rows = |A|): s = min(options.check_rows, |A|) rows A[floor((j+1) |A| / s) - 1] (evenly
 //      spread, the last always in) are recomputed in double from the storage values; relative l2 row
-//      errors against the stored out give est_error_max / est_error_mean. When that max exceeds
+//      errors against the stored out give estimated_error / mean_estimated_error. When that max exceeds
 //      options.tolerance, or poly_error >= 1 with a finite tolerance (the polynomial guarantees
 //      nothing), the head is recomputed with the exact blocked CPU attention (flagged).
 // Heads are spread over detail::cpu_threads() OpenMP threads, each with its own workspace slice;
@@ -535,7 +535,7 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
     if (flag[i] == 2 || !(dd >= tiny) || !std::isfinite(dd) || !num.row(i).allFinite()) rows[n++] = i;
   }
   recompute(n);
-  rep.bad_rows = n;
+  rep.repaired_rows = n;
   auto write_rows = [&](bool all) {
     index_t over = 0;
     for (index_t i = 0; i < c.nq; ++i) {
@@ -554,7 +554,7 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
   n = write_rows(true);
   if (n > 0) {
     recompute(n);
-    rep.bad_rows += n;
+    rep.repaired_rows += n;
     write_rows(false);
   }
 
@@ -566,9 +566,9 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
   rep.poly_rows = na;
   const index_t s = std::min<index_t>(static_cast<index_t>(pl.options.check_rows), na);
   rep.checked_rows = s;
-  rep.est_error_max = rep.est_error_mean = 0;
-  rep.fallback = false;
-  if (pl.options.check_rows == 0) return;
+  rep.fell_back = false;
+  if (pl.options.check_rows == 0) return;  // estimate disabled: the estimates stay NaN
+  rep.estimated_error = rep.mean_estimated_error = 0;  // 0 when every row was computed exactly
   double* const sbuf = c.template at<double>(lay.est);
   double* const y = sbuf + c.nkv;
   double sum = 0;
@@ -582,14 +582,14 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
       y2 += y[e] * y[e];
     }
     const double err = std::isfinite(e2) ? (y2 > 0 ? std::sqrt(e2 / y2) : std::sqrt(e2)) : INFINITY;
-    rep.est_error_max = std::max(rep.est_error_max, err);
+    rep.estimated_error = std::max(rep.estimated_error, err);
     sum += err;
   }
-  if (s > 0) rep.est_error_mean = sum / double(s);
+  if (s > 0) rep.mean_estimated_error = sum / double(s);
   // The fallback: the estimate is above the tolerance, or the polynomial guarantees nothing on its
   // range (poly_error >= 1: its weights may be off by 100% or change sign) while a tolerance is set.
   const bool no_guarantee = rep.poly_error >= 1 && std::isfinite(pl.options.tolerance);
-  if (rep.est_error_max > pl.options.tolerance || no_guarantee) {
+  if (rep.estimated_error > pl.options.tolerance || no_guarantee) {
     attention_options ao;
     ao.causal = c.causal;
     ao.scale = sh.scale;
@@ -597,7 +597,7 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
     ao.check_finite = false;
     basisattn::attention(cpu{}, q.sub1(h, 1), k.sub1(c.hk, 1), v.sub1(c.hk, 1), out.sub1(h, 1), ao, base + lay.exact,
               lay.exact_bytes);
-    rep.fallback = true;
+    rep.fell_back = true;
   }
 }
 
@@ -670,7 +670,7 @@ std::vector<head_report> run(cpu, const plan& p, tensor3_view<const T> q, tensor
 /// Support-basis attention in one call (make_plan + run); returns the H_q head reports.
 template <class T>
 std::vector<head_report> attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
-                                   tensor3_view<T> out, const support_options& opt = {}) {
+                                   tensor3_view<T> out, const options& opt = {}) {
   const plan p = make_plan(cpu{}, q, k, opt);
   return run(cpu{}, p, q, k, v, out);
 }

@@ -16,9 +16,9 @@
 //       buffer (nf = fft_size(2 n - 1)), and this size takes the largest c with that buffer (in
 //       double) <= max_chunk_bytes (at least one block, at most all blocks of a head). The rest is
 //       O(n d_v + k n) per head, reused from head to head. Any alignment of the pointer is accepted.
-//   report conv::attention<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes, fft_plans)
-//   report conv::attention<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes)   temporary plans
-//   report conv::attention<T>(ctx, plan, q, k, v, out)             allocates workspace and plans
+//   report conv::run<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes, fft_plans)
+//   report conv::run<T>(ctx, plan, q, k, v, out, workspace, workspace_bytes)   temporary plans
+//   report conv::run<T>(ctx, plan, q, k, v, out)             allocates workspace and plans
 //       q [n, H_q, d_qk], k [n, H_kv, d_qk], v [n, H_kv, d_v], out [n, H_q, d_v]: device memory, any
 //       element strides; self-attention (n_q == n_kv), GQA/MQA (query head h reads kv head
 //       h / (H_q / H_kv)), causal or not as the plan says. T = float, Eigen::half or Eigen::bfloat16;
@@ -158,7 +158,7 @@ inline cuda_run_sizes cuda_sizes(const plan& p, index_t d_v) {
   s.h_kv = p.h_kv;
   s.nf = fft_size(2 * p.n - 1);
   s.signal = 2 * (s.nf / 2 + 1);
-  s.samples = std::min(p.opt.sample_rows, p.n);
+  s.samples = std::min(p.opt.check_rows, p.n);
   std::vector<basisattn::detail::cuda_kernels::conv_item> items;
   for (index_t h = 0; h < p.h_q; ++h) {
     index_t prefix = 0;
@@ -249,14 +249,14 @@ inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d
 
 /// See the top of this header.
 template <class T>
-report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
                  std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
   static_assert(supports_storage_v<cuda, T>,
-                "conv::attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+                "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = basisattn::detail::cuda_kernels;
-  const char* fn = "conv::attention(cuda)";
+  const char* fn = "conv::run(cuda)";
   const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
   BASISATTN_REQUIRE(out.data != nullptr && v.data != nullptr, invalid_argument, fn, ": v or out data is null");
   detail::check_cuda_dims(fn, sh.d_qk, sh.d_v);
@@ -403,9 +403,9 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
     ck::launch_conv_repair(hp, p.opt.causal, out.data, h, os.data(), st);
 
     // 6. sampled rows, exactly
-    const std::vector<index_t> picked = detail::sampled_rows(n, p.opt.sample_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked = detail::sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
     rows.assign(picked.begin(), picked.end());
-    hr.sampled_rows = static_cast<index_t>(rows.size());
+    hr.checked_rows = static_cast<index_t>(rows.size());
     if (!rows.empty()) {
       BASISATTN_CUDA_CHECK(cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
       double* err = reinterpret_cast<double*>(res + 3);
@@ -423,16 +423,16 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
     const std::uint64_t* r = res.data() + std::size_t(h) * std::size_t(lay.result_words);
     hr.repaired_rows = static_cast<index_t>(r[0]);
     hr.fft_error_bound = detail::bits_to_double(r[1]);
-    if (hr.sampled_rows > 0) {
+    if (hr.checked_rows > 0) {
       double emax = 0, esum = 0, umax = 0;
-      for (index_t i = 0; i < hr.sampled_rows; ++i) {
+      for (index_t i = 0; i < hr.checked_rows; ++i) {
         const double e = detail::bits_to_double(r[3 + i]), u = detail::bits_to_double(r[3 + sz.samples + i]);
         emax = std::max(emax, e);
         esum += e;
         umax = std::max(umax, u);
       }
       hr.estimated_error = emax;
-      hr.mean_estimated_error = esum / double(hr.sampled_rows);
+      hr.mean_estimated_error = esum / double(hr.checked_rows);
       hr.uniform_error = umax;
     }
   }
@@ -452,27 +452,27 @@ report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::ba
 
 /// Same, with cuFFT plans made for this call only.
 template <class T>
-report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
                  std::size_t workspace_bytes) {
   cufft_plan_cache plans;
-  report r = attention<T>(ctx, p, q, k, v, out, workspace, workspace_bytes, plans);
+  report r = run<T>(ctx, p, q, k, v, out, workspace, workspace_bytes, plans);
   ctx.synchronize();  // the plans are destroyed on return (a fallback may still be running: harmless, it uses none)
   return r;
 }
 
 /// Same, allocating the workspace (and the cuFFT plans) for this call.
 template <class T>
-report attention(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                  tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
-  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::attention(cuda): v has d_v = ", v.extent[2], " < 1");
+  BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run(cuda): v has d_v = ", v.extent[2], " < 1");
   BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty(), invalid_argument,
-                    "conv::attention(cuda): the plan is empty (make it with conv::make_plan)");
+                    "conv::run(cuda): the plan is empty (make it with conv::make_plan)");
   const std::size_t bytes = workspace_bytes(ctx, p, v.extent[2]);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));
-  report r = attention<T>(ctx, p, q, k, v, out, ws.data(), bytes);
+  report r = run<T>(ctx, p, q, k, v, out, ws.data(), bytes);
   ctx.synchronize();  // the workspace is freed on return
   return r;
 }

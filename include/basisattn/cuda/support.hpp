@@ -59,23 +59,23 @@
 //   4. bad rows (step 2, or a final den not in [FLT_MIN, finite], or a non-finite num entry) are
 //      recomputed exactly from scratch; out = num / den, rounded once to T; a row whose fp32 output
 //      num * (1 / den) is still non-finite is recomputed exactly too and stored again.
-//      head_report::bad_rows counts the distinct recomputed rows of both rounds.
+//      head_report::repaired_rows counts the distinct recomputed rows of both rounds.
 //   5. error estimate over the approximated rows A (ascending: not in R, not bad, with a visible
 //      polynomial key; head_report::poly_rows = |A|, listed on the device by a one-block scan):
 //      s = min(options.check_rows, |A|) rows A[floor((j + 1) |A| / s) - 1], j < s (evenly spread, the
 //      last approximated row always in), recomputed on the GPU in double from the storage values of q,
-//      k, v and compared with the stored out (relative l2 row errors -> est_error_max / est_error_mean);
+//      k, v and compared with the stored out (relative l2 row errors -> estimated_error / mean_estimated_error);
 //      checked_rows = s; with |A| = 0 (every row exact) checked_rows = 0 and both estimates are 0.
 // These are the CPU run's rules (<basisattn/cpu/support.hpp>, detail::run_head), so on the same plan
-// both backends give the same bad_rows, poly_rows and checked_rows and the same rows' estimates (up to
+// both backends give the same repaired_rows, poly_rows and checked_rows and the same rows' estimates (up to
 // fp32 rounding order).
 // After the last head, when options.check_rows > 0 or `report` is not null, run waits for the stream
 // (ctx.synchronize()) and reads the per-head bad-row counts, |A| and error summaries back (a few bytes
-// per head, into local variables). With options.check_rows > 0, a head whose est_error_max exceeds
+// per head, into local variables). With options.check_rows > 0, a head whose estimated_error exceeds
 // options.tolerance, or whose plan has poly_error >= 1 while options.tolerance is finite (the
 // polynomial guarantees nothing on [-B, B]), is then recomputed exactly with this file's own exact
 // kernel (step 3 with every row against every visible key: no head dim limit, fp32) and flagged
-// (head_report::fallback). With check_rows = 0 and no report, run returns without waiting.
+// (head_report::fell_back). With check_rows = 0 and no report, run returns without waiting.
 //
 // Errors: the CPU run's argument checks (errc::shape_mismatch / invalid_argument with the same messages,
 // the plan's extents and storage type, a too small or null workspace); options.check_finite scans v on
@@ -547,25 +547,25 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
     unsigned long long bad = 0, na = 0;
     detail::cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);
     detail::cuda_download(ctx, &na, c.at<unsigned long long>(L.na) + h, 1);
-    rep.bad_rows = static_cast<std::int64_t>(bad);
+    rep.repaired_rows = static_cast<std::int64_t>(bad);
     rep.poly_rows = static_cast<std::int64_t>(na);
     rep.checked_rows = std::min<std::int64_t>(check_rows, rep.poly_rows);
-    rep.est_error_max = rep.est_error_mean = 0;
+    if (check_rows > 0) rep.estimated_error = rep.mean_estimated_error = 0;  // else disabled: NaN, as on the CPU
     if (rep.checked_rows > 0) {
       double summary[2] = {0, 0};
       detail::cuda_download(ctx, summary, c.at<double>(L.summary) + 2 * h, 2);
-      rep.est_error_max = summary[0];
-      rep.est_error_mean = summary[1];
+      rep.estimated_error = summary[0];
+      rep.mean_estimated_error = summary[1];
     }
-    rep.fallback = false;
+    rep.fell_back = false;
     // As the CPU: the estimate is above the tolerance, or the polynomial guarantees nothing on its
     // range (poly_error >= 1) while a tolerance is set; only with the estimate enabled.
     const bool no_guarantee = rep.poly_error >= 1 && std::isfinite(tol);
-    if (check_rows > 0 && (rep.est_error_max > tol || no_guarantee)) {
+    if (check_rows > 0 && (rep.estimated_error > tol || no_guarantee)) {
       detail::load_head(c, q, k, v);
       ck::launch_support_exact(detail::exact_params(c, 2), ctx.stream());
       detail::store_head(c, out);
-      rep.fallback = true;
+      rep.fell_back = true;
     }
     if (report) report[h] = rep;
   }

@@ -1,7 +1,7 @@
 // basisattn/support/options.hpp - options and per-head reports of support-basis attention.
 //
 // Public entry points (namespace basisattn::support):
-//   support_options   what make_plan / run / attention(cpu{}, ...) of <basisattn/support.hpp>
+//   options   what make_plan / run / attention(cpu{}, ...) of <basisattn/support.hpp>
 //                     do: mask, scale, thresholds (one, or several magnitude levels), polynomial degree and
 //                     target error, sketching, error estimate and exact fallback.
 //   head_report       what happened to one query head: support fractions |R|/n_q and |C|/n_kv, degree,
@@ -9,11 +9,12 @@
 //                     output-error estimate, fallback flag and recomputed rows (filled by run).
 //
 // Internal (basisattn::support::detail):
-//   check_support_options(fn, opt) raises errc::invalid_argument naming the bad field.
+//   check_options(fn, opt) raises errc::invalid_argument naming the bad field.
 #pragma once
 
 #include <basisattn/core/config.hpp>
 #include <basisattn/core/error.hpp>
+#include <basisattn/core/report.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -28,7 +29,7 @@ namespace support {
 inline constexpr int max_supported_degree = 8;
 
 /// Options of support-basis attention.
-struct support_options {
+struct options {
   /// End-aligned causal mask (query i sees keys j <= i + n_kv - n_q), as attention_options::causal.
   bool causal = true;
   /// Softmax scale applied to q.k; 0 selects 1/sqrt(d_qk).
@@ -72,8 +73,16 @@ struct support_options {
   bool check_finite = true;
 };
 
-/// What support-basis attention did for one query head.
-struct head_report {
+/// The name before options were named the same in every method (conv::options, support::options).
+using support_options [[deprecated("use basisattn::support::options")]] = options;
+
+/// What support-basis attention did for one query head: the fields every approximate method reports
+/// (<basisattn/core/report.hpp>: estimated_error and mean_estimated_error over the checked rows,
+/// checked_rows = min(check_rows, poly_rows), repaired_rows = rows whose polynomial sum or
+/// denominator was not a normal positive number, or whose numerator or output was not finite,
+/// recomputed exactly (a share near 1 means the polynomial failed on this head); fell_back =
+/// estimated_error > tolerance, or poly_error >= 1 with a finite tolerance) and support-basis' own.
+struct head_report : approx_head_report {
   // ---- filled by make_plan ----
   double query_support = 0;  ///< |R| / n_q: query rows computed exactly against every key
   double key_support = 0;    ///< |C| / n_kv (of this head's kv head): keys computed exactly for every query
@@ -82,21 +91,13 @@ struct head_report {
   double bound = 0;          ///< largest score bound B over the polynomial pairs (scores lie in [-B, B])
   double poly_error = 0;     ///< largest max relative error of a pair's polynomial on its [-B, B]
   // ---- filled by run ----
-  std::int64_t poly_rows = 0;     ///< rows whose output came (partly) from the polynomial; the others are exact
-  std::int64_t checked_rows = 0;  ///< rows of the error estimate (min(check_rows, poly_rows))
-  double est_error_max = 0;       ///< max over the checked rows of ||y - y_exact|| / ||y_exact||
-  double est_error_mean = 0;      ///< mean of the same
-  bool fallback = false;          ///< est_error_max > tolerance, or poly_error >= 1 with a finite tolerance:
-                                  ///< the head was recomputed exactly
-  std::int64_t bad_rows = 0;      ///< rows whose polynomial sum or denominator was not a normal positive
-                                  ///< number, or whose numerator or output was not finite: recomputed
-                                  ///< exactly (a share near 1 means the polynomial failed on this head)
+  std::int64_t poly_rows = 0;  ///< rows whose output came (partly) from the polynomial; the others are exact
 };
 
 namespace detail {
 
 /// Validate support options for entry point `fn`.
-inline void check_support_options(const char* fn, const support_options& opt) {
+inline void check_options(const char* fn, const options& opt) {
   BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
                     opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
   BASISATTN_REQUIRE(std::isfinite(opt.threshold) && opt.threshold >= 0, invalid_argument, fn,

@@ -53,7 +53,7 @@ struct pair_poly {
 /// The plan of one support-basis attention problem (see the header comment).
 struct plan {
   basisattn::detail::attention_shape shape;  ///< n_q, n_kv, heads, dims, effective scale
-  support_options options;                    ///< the options it was made with
+  ::basisattn::support::options options;      ///< the options it was made with
   dtype storage = dtype::f32;                 ///< storage type of q and k (run requires the same)
   int levels = 1;                             ///< L: buckets 0..L-1 are polynomial, bucket L is exact
   feature_map features;                       ///< layout up to the highest degree any pair uses
@@ -106,7 +106,7 @@ void bucket_rows(const tensor3_view<const T>& x, index_t head, const std::vector
 /// Checks of q and k shared by make_plan and run.
 template <class T>
 void check_plan_args(const char* fn, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
-                     const support_options& opt) {
+                     const options& opt) {
   BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn, ": q has extents ",
                     basisattn::detail::extents_string(q), "; n_q, H_q and d_qk must be >= 1");
   BASISATTN_REQUIRE(k.extent[0] >= 1 && k.extent[1] >= 1 && k.extent[2] >= 1, invalid_argument, fn, ": k has extents ",
@@ -148,10 +148,10 @@ basisattn::detail::attention_shape check_run_args(const char* fn, const plan& p,
 
 /// Make the plan of support-basis attention for q and k (see the header comment).
 template <class T>
-plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const support_options& opt = {}) {
+plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const options& opt = {}) {
   static_assert(supports_storage_v<cpu, T>, "support::make_plan: T must be a storage type");
   constexpr const char* fn = "support::make_plan";
-  detail::check_support_options(fn, opt);
+  detail::check_options(fn, opt);
   detail::check_plan_args(fn, q, k, opt);
   if (opt.check_finite) {
     basisattn::detail::require_finite(q, "support::make_plan: q");

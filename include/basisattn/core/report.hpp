@@ -1,0 +1,33 @@
+// basisattn/core/report.hpp - what an approximate method's run measured for one query head.
+//
+// Conv-basis and support-basis attention both derive their per-head report from approx_head_report,
+// so the fields an engine watches have one name whichever method ran:
+//   estimated_error / mean_estimated_error   relative l2 row error ||y_r - y*_r|| / ||y*_r|| over
+//                                             the rows checked exactly (before any fallback)
+//   checked_rows                              rows computed exactly for the estimate (options.check_rows)
+//   repaired_rows                             rows the fast path could not vouch for (an error bound
+//                                             above its tolerance, a denominator <= 0, a non-finite
+//                                             value), recomputed exactly
+//   fell_back                                 the estimate exceeded options.tolerance (or the method
+//                                             could guarantee nothing): the head was recomputed with
+//                                             exact attention
+#pragma once
+
+#include <basisattn/core/config.hpp>
+
+#include <limits>
+
+BASISATTN_BEGIN_NAMESPACE
+
+struct approx_head_report {
+  /// Largest relative l2 error over the checked rows; NaN when the estimate is disabled
+  /// (options.check_rows = 0), 0 when no row needed checking (support-basis: every row exact).
+  double estimated_error = std::numeric_limits<double>::quiet_NaN();
+  /// Mean of the same (NaN or 0 likewise).
+  double mean_estimated_error = std::numeric_limits<double>::quiet_NaN();
+  index_t checked_rows = 0;   ///< rows computed exactly for the estimate
+  index_t repaired_rows = 0;  ///< rows recomputed exactly because the fast path failed its own check
+  bool fell_back = false;     ///< the head was recomputed with exact attention
+};
+
+BASISATTN_END_NAMESPACE
