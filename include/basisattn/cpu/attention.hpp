@@ -284,4 +284,24 @@ void attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_vi
   attention(cpu{}, q, k, v, out, opt, workspace.get(), bytes);
 }
 
+namespace detail {
+template <class Q, class K, class V, class O>
+struct is_attention_views : std::false_type {};
+template <class T>
+struct is_attention_views<tensor3_view<const T>, tensor3_view<const T>, tensor3_view<const T>, tensor3_view<T>>
+    : std::true_type {};
+}  // namespace detail
+
+/// Any other argument types (views of non-const data without attention<T>, mixed storage types,
+/// something that is not a view): one plain error at the caller's line instead of a page of failed
+/// deductions. Never selected when the arguments are views the two overloads above accept.
+template <class Q, class K, class V, class O, class... Rest,
+          std::enable_if_t<!detail::is_attention_views<Q, K, V, O>::value, int> = 0>
+void attention(cpu, const Q&, const K&, const V&, const O&, const Rest&...) {
+  static_assert(detail::is_attention_views<Q, K, V, O>::value,
+                "attention(cpu{}, q, k, v, out, ...): q, k, v must be tensor3_view<const T> and out "
+                "tensor3_view<T>, one storage type T for all four. Views of non-const data do not deduce T: "
+                "write attention<T>(cpu{}, q, k, v, out, ...) or pass const views.");
+}
+
 BASISATTN_END_NAMESPACE

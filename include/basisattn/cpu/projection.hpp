@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <variant>
 #include <vector>
 
 BASISATTN_BEGIN_NAMESPACE
@@ -293,6 +294,29 @@ auto project(cpu c, const P& p, matrix_view<const ::basisattn::detail::nondeduce
   const std::size_t n = project_workspace_bytes(c, p, x.rows);
   std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n] : nullptr);
   project(c, p, x, y, ws.get(), n, opt);
+}
+
+namespace detail {
+template <class P, class Y>
+struct is_projection_io : std::false_type {};
+template <class T>
+struct is_projection_io<bd_projection<T>, matrix_view<T>> : std::true_type {};
+template <class T>
+struct is_projection_io<dense_projection<T>, matrix_view<T>> : std::true_type {};
+template <class T>
+struct is_projection_io<std::variant<dense_projection<T>, bd_projection<T>>, matrix_view<T>> : std::true_type {};
+}  // namespace detail
+
+/// Any other argument types (activations of another storage type than the projection's, something
+/// that is not a view): one plain error at the caller's line instead of a page of failed deductions.
+/// Never selected when y is a matrix_view<T> of the projection's T.
+template <class P, class X, class Y, class... Rest,
+          std::enable_if_t<!detail::is_projection_io<P, Y>::value, int> = 0>
+void project(cpu, const P&, const X&, const Y&, const Rest&...) {
+  static_assert(detail::is_projection_io<P, Y>::value,
+                "bd::project(cpu{}, p, x, y, ...): x and y must be matrix_view<const T> and matrix_view<T> of the "
+                "projection's storage type T (a bd_projection<Eigen::half> takes and gives Eigen::half "
+                "activations: convert float activations to T first).");
 }
 
 }  // namespace bd
