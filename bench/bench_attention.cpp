@@ -56,8 +56,8 @@ void set_threads(int t) {
 void set_counters(benchmark::State& state, index_t n, bool causal) {
   const double flops = (causal ? 2.0 : 4.0) * double(n) * double(n) * double(head_dim) * double(heads);
   state.counters["GFLOP"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["s_per_head"] = benchmark::Counter(double(heads), benchmark::Counter::kIsIterationInvariantRate |
-                                                                       benchmark::Counter::kInvert);
+  state.counters["s_per_head"] =
+      benchmark::Counter(double(heads), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
 void bm_attention_blocked(benchmark::State& state) {
@@ -72,8 +72,8 @@ void bm_attention_blocked(benchmark::State& state) {
                                                                  basisattn::dtype::f32, opt);
   std::vector<unsigned char> workspace(bytes);
   for (auto _ : state) {
-    basisattn::attention(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), opt,
-                         workspace.data(), workspace.size());
+    basisattn::attention(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), opt, workspace.data(),
+                         workspace.size());
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
   }

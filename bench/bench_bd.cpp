@@ -59,7 +59,8 @@ struct kv_up {
       const auto sb = bd::factorize<float>([&] {
         std::vector<matrix_view<const float>> heads;
         const auto v = w.views();
-        for (index_t h = 0; h < ds::heads; ++h) heads.push_back(v.wkv_b.block(0, h * (ds::qk_nope + ds::v_head), ds::kv_lora_rank, ds::qk_nope));
+        for (index_t h = 0; h < ds::heads; ++h)
+          heads.push_back(v.wkv_b.block(0, h * (ds::qk_nope + ds::v_head), ds::kv_lora_rank, ds::qk_nope));
         return heads;
       }());
       bd = bd::make_bd_projection<float>(sb);
@@ -77,8 +78,9 @@ void run_projection(benchmark::State& state, bool permuted) {
   std::mt19937 g(7);
   std::normal_distribution<float> nd;
   for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
-  std::vector<unsigned char> ws(std::max(bd::project_workspace_bytes(cpu{}, p.bd, tokens),
-                                         bd::project_workspace_bytes(cpu{}, p.dense, tokens)) + 64);
+  std::vector<unsigned char> ws(
+      std::max(bd::project_workspace_bytes(cpu{}, p.bd, tokens), bd::project_workspace_bytes(cpu{}, p.dense, tokens)) +
+      64);
   bd::project_options po;
   po.check_finite = false;  // time the projections alone
   std::vector<double> td, tb;
@@ -145,7 +147,8 @@ void BM_factorize_model(benchmark::State& state) {
     for (index_t side = 0; side < 2; ++side) {
       std::vector<matrix_view<const float>> heads;
       for (index_t h = 0; h < ds::heads; ++h)
-        heads.push_back(views.wkv_b.block(0, h * (ds::qk_nope + ds::v_head) + side * ds::qk_nope, ds::kv_lora_rank, ds::qk_nope));
+        heads.push_back(
+            views.wkv_b.block(0, h * (ds::qk_nope + ds::v_head) + side * ds::qk_nope, ds::kv_lora_rank, ds::qk_nope));
       const auto sb = bd::factorize<T>(heads);
       benchmark::DoNotOptimize(sb.basis().data());
     }
@@ -165,7 +168,24 @@ BENCHMARK(BM_kv_up_projection_gather)
     ->Args({4096, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK_TEMPLATE(BM_prepare_model, Eigen::half)->ArgName("threads")->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kSecond)->Iterations(2);
-BENCHMARK_TEMPLATE(BM_prepare_model, float)->ArgName("threads")->Arg(2)->UseManualTime()->Unit(benchmark::kSecond)->Iterations(2);
-BENCHMARK_TEMPLATE(BM_factorize_model, Eigen::half)->ArgName("threads")->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kSecond)->Iterations(2);
+BENCHMARK_TEMPLATE(BM_prepare_model, Eigen::half)
+    ->ArgName("threads")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseManualTime()
+    ->Unit(benchmark::kSecond)
+    ->Iterations(2);
+BENCHMARK_TEMPLATE(BM_prepare_model, float)
+    ->ArgName("threads")
+    ->Arg(2)
+    ->UseManualTime()
+    ->Unit(benchmark::kSecond)
+    ->Iterations(2);
+BENCHMARK_TEMPLATE(BM_factorize_model, Eigen::half)
+    ->ArgName("threads")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseManualTime()
+    ->Unit(benchmark::kSecond)
+    ->Iterations(2);
 BENCHMARK_MAIN();

@@ -71,7 +71,8 @@ struct problem {
     exact.resize(v.size());
     const int reps = n >= 32768 ? 1 : 3;
     const auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < reps; ++r) basisattn::attention<float>(basisattn::cpu{}, Q(), K(), V(), {exact.data(), n, 1, d});
+    for (int r = 0; r < reps; ++r)
+      basisattn::attention<float>(basisattn::cpu{}, Q(), K(), V(), {exact.data(), n, 1, d});
     exact_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
   }
   basisattn::tensor3_view<const float> Q() const { return {q.data(), n, 1, d}; }
@@ -151,8 +152,17 @@ void conv_args(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
-BENCHMARK(BM_exact)->ArgNames({"n", "d"})->Args({1024, 64})->Args({4096, 64})->Args({16384, 64})->Args({65536, 64})
-    ->Args({4096, 128})->Args({16384, 128})->Args({65536, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_exact)
+    ->ArgNames({"n", "d"})
+    ->Args({1024, 64})
+    ->Args({4096, 64})
+    ->Args({16384, 64})
+    ->Args({65536, 64})
+    ->Args({4096, 128})
+    ->Args({16384, 128})
+    ->Args({65536, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK_TEMPLATE(BM_conv, conv::fft_eigen)->Apply(conv_args);
 #if defined(BASISATTN_BENCH_FFTW)
 BENCHMARK_TEMPLATE(BM_conv, conv::fft_fftw)->Apply(conv_args);

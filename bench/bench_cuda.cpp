@@ -122,18 +122,25 @@ using steady = std::chrono::steady_clock;
 
 template <class T>
 std::string type_name() {
-  if constexpr (std::is_same_v<T, Eigen::half>) return "fp16";
-  else if constexpr (std::is_same_v<T, Eigen::bfloat16>) return "bf16";
-  else return "fp32";
+  if constexpr (std::is_same_v<T, Eigen::half>)
+    return "fp16";
+  else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return "bf16";
+  else
+    return "fp32";
 }
 
 /// The counter value of a projection method: 0 none (plain cublasGemmEx), 1 cublaslt, 2 prefill.
 double method_code(bd::cuda_epilogue e) {
   switch (e) {
-    case bd::cuda_epilogue::none: return 0;
-    case bd::cuda_epilogue::cublaslt: return 1;
-    case bd::cuda_epilogue::prefill: return 2;
-    case bd::cuda_epilogue::automatic: break;
+    case bd::cuda_epilogue::none:
+      return 0;
+    case bd::cuda_epilogue::cublaslt:
+      return 1;
+    case bd::cuda_epilogue::prefill:
+      return 2;
+    case bd::cuda_epilogue::automatic:
+      break;
   }
   return -1;  // never returned by bd::project
 }
@@ -355,7 +362,9 @@ void add_mla_layer(long tokens) {
   benchmark::RegisterBenchmark(name.c_str(), BM_mla_layer_cuda<T>)
       ->ArgNames({"tokens"})
       ->Args({tokens})
-      ->Iterations(tokens <= 1024 ? 20 : tokens <= 4096 ? 10 : 3)
+      ->Iterations(tokens <= 1024   ? 20
+                   : tokens <= 4096 ? 10
+                                    : 3)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
 }
@@ -364,7 +373,7 @@ template <class T>
 void add_projections() {
   for (long tokens : {4096, 16384, 65536}) {
     for (long e : {0, 1, 2}) add_projection<T>(tokens, e, 0, 100);  // basis leading: automatic, cublaslt, prefill
-    add_projection<T>(tokens, 0, 1, 100);                             // gathered basis, automatic
+    add_projection<T>(tokens, 0, 1, 100);                           // gathered basis, automatic
   }
 }
 

@@ -94,8 +94,8 @@ class l2_flusher {
 /// flush outside its events; even iterations exact first, odd iterations approx first. Appends the
 /// seconds of each to se / sa and sets the iteration's manual time to their sum.
 template <class Exact, class Approx>
-void timed_pairs(benchmark::State& state, const basisattn::cuda_context& ctx, l2_flusher& l2, Exact&& exact, Approx&& approx,
-                 std::vector<double>& se, std::vector<double>& sa) {
+void timed_pairs(benchmark::State& state, const basisattn::cuda_context& ctx, l2_flusher& l2, Exact&& exact,
+                 Approx&& approx, std::vector<double>& se, std::vector<double>& sa) {
   event_timer te, ta;
   long it = 0;
   for (auto _ : state) {
@@ -105,8 +105,10 @@ void timed_pairs(benchmark::State& state, const basisattn::cuda_context& ctx, l2
       l2.flush(ctx.stream());
       event_timer& t = run_approx ? ta : te;
       t.start(ctx.stream());
-      if (run_approx) approx();
-      else exact();
+      if (run_approx)
+        approx();
+      else
+        exact();
       t.stop(ctx.stream());
     }
     se.push_back(te.seconds());

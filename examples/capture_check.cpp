@@ -51,9 +51,12 @@ int main(int argc, char** argv) {
   std::size_t positional = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--shared" && i + 1 < argc) shared_dir = argv[++i];
-    else if (a == "--cache" && i + 1 < argc) model_cache = argv[++i];
-    else if (positional < ns.size() && !a.empty() && a[0] != '-') ns[positional++] = std::atol(a.c_str());
+    if (a == "--shared" && i + 1 < argc)
+      shared_dir = argv[++i];
+    else if (a == "--cache" && i + 1 < argc)
+      model_cache = argv[++i];
+    else if (positional < ns.size() && !a.empty() && a[0] != '-')
+      ns[positional++] = std::atol(a.c_str());
     else {
       std::fprintf(stderr, "usage: %s [--shared DIR] [--cache DIR] [stories260K_n [smollm2_n [slm4096_n]]]\n", argv[0]);
       return 2;
@@ -66,7 +69,8 @@ int main(int argc, char** argv) {
   };
   const std::vector<job> jobs = {
       {"stories260K", [&](std::string& why) { return capture::load_stories260k_capture(shared_dir, ns[0], why); }},
-      {"SmolLM2-135M", [&](std::string& why) { return capture::load_smollm2_capture(model_cache, shared_dir, ns[1], why); }},
+      {"SmolLM2-135M",
+       [&](std::string& why) { return capture::load_smollm2_capture(model_cache, shared_dir, ns[1], why); }},
       {"slm4096", [&](std::string& why) { return capture::load_slm4096_capture(shared_dir, ns[2], why); }},
   };
 
@@ -94,8 +98,8 @@ int main(int argc, char** argv) {
     const double thr = std::sqrt(std::log(double(n)));
     std::printf("%s: %s; %s\n", mc->model.c_str(), mc->text.c_str(), mc->positions.c_str());
     std::printf("threshold sqrt(ln n) = %.4f; q', k' = q sqrt(scale), k sqrt(scale)\n", thr);
-    std::printf("%-13s %5s %5s %4s %5s %4s %8s %8s %8s %10s %10s %7s %7s %7s %7s\n", "model", "layer", "n", "H_q", "H_kv", "d",
-                "scale", "max|q|", "max|k|", "rel.err", "fwd.check", "q>thr", "k>thr", "q'>thr", "k'>thr");
+    std::printf("%-13s %5s %5s %4s %5s %4s %8s %8s %8s %10s %10s %7s %7s %7s %7s\n", "model", "layer", "n", "H_q",
+                "H_kv", "d", "scale", "max|q|", "max|k|", "rel.err", "fwd.check", "q>thr", "k>thr", "q'>thr", "k'>thr");
     const auto t1 = std::chrono::steady_clock::now();
     for (const capture::layer_capture& c : mc->layers) {
       std::vector<double> ref(c.out.size());
@@ -103,11 +107,11 @@ int main(int argc, char** argv) {
                                      basisattn::tensor3_view<double>(ref.data(), c.n, c.h_q, c.d_v), c.options());
       const double err = rel_error(c.out, ref);
       const double rs = std::sqrt(c.scale);
-      std::printf("%-13s %5ld %5ld %4ld %5ld %4ld %8.5f %8.3f %8.3f %10.3e %10.3e %7.4f %7.4f %7.4f %7.4f\n", mc->model.c_str(),
-                  long(c.layer), long(c.n), long(c.h_q), long(c.h_kv), long(c.d), c.scale, capture::max_abs(c.q),
-                  capture::max_abs(c.k), err, c.forward_check, capture::rows_above(c.q_view(), thr),
-                  capture::rows_above(c.k_view(), thr), capture::rows_above(c.q_view(), thr / rs),
-                  capture::rows_above(c.k_view(), thr / rs));
+      std::printf("%-13s %5ld %5ld %4ld %5ld %4ld %8.5f %8.3f %8.3f %10.3e %10.3e %7.4f %7.4f %7.4f %7.4f\n",
+                  mc->model.c_str(), long(c.layer), long(c.n), long(c.h_q), long(c.h_kv), long(c.d), c.scale,
+                  capture::max_abs(c.q), capture::max_abs(c.k), err, c.forward_check,
+                  capture::rows_above(c.q_view(), thr), capture::rows_above(c.k_view(), thr),
+                  capture::rows_above(c.q_view(), thr / rs), capture::rows_above(c.k_view(), thr / rs));
       worst_ref = std::max(worst_ref, err);
       worst_fwd = std::max(worst_fwd, c.forward_check);
     }

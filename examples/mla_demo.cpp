@@ -78,8 +78,11 @@ int main(int argc, char** argv) {
   try {
     std::printf("basisattn %d.%d.%d - BD on a DeepSeek-V2-Lite-shaped MLA layer\n", BASISATTN_VERSION_MAJOR,
                 BASISATTN_VERSION_MINOR, BASISATTN_VERSION_PATCH);
-    std::printf("shapes: hidden %ld, heads %ld, latent (kv_lora_rank) %ld, qk_nope %ld, qk_rope %ld, v_head %ld; random weights, seed 1\n",
-                long(ds::hidden), long(ds::heads), long(ds::kv_lora_rank), long(ds::qk_nope), long(ds::qk_rope), long(ds::v_head));
+    std::printf(
+        "shapes: hidden %ld, heads %ld, latent (kv_lora_rank) %ld, qk_nope %ld, qk_rope %ld, v_head %ld; random "
+        "weights, seed 1\n",
+        long(ds::hidden), long(ds::heads), long(ds::kv_lora_rank), long(ds::qk_nope), long(ds::qk_rope),
+        long(ds::v_head));
     const ds::weights w(1);
 
     auto t0 = std::chrono::steady_clock::now();
@@ -90,9 +93,10 @@ int main(int argc, char** argv) {
     std::printf("\npreparation (fp32, strategy %s, one basis for the 16 K heads, one for the 16 V heads): %.3f s\n",
                 bd::to_string(rep.used), prep_s);
     const auto& vrep = std::get<bd::bd_projection<float>>(layer.v_up).report;
-    std::printf("  K basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld basis swaps;\n"
-                "           estimated error growth vs dense rounding %.2fx\n",
-                long(k_up.rank), long(k_up.in_dim), rep.min_rcond, rep.max_abs_coeff, long(rep.swaps), rep.error_growth);
+    std::printf(
+        "  K basis: %ld of %ld latent channels; min rcond(A_S) %.3g; max |C| %.3g; %ld basis swaps;\n"
+        "           estimated error growth vs dense rounding %.2fx\n",
+        long(k_up.rank), long(k_up.in_dim), rep.min_rcond, rep.max_abs_coeff, long(rep.swaps), rep.error_growth);
     std::printf("  V basis: min rcond(A_S) %.3g; max |C| %.3g; %ld basis swaps; estimated error growth %.2fx\n",
                 vrep.min_rcond, vrep.max_abs_coeff, long(vrep.swaps), vrep.error_growth);
     std::printf("  weight bytes: dense %.2f MiB, BD %.2f MiB (K/V up-projection %.2f -> %.2f MiB, -25%%)\n",
@@ -110,7 +114,8 @@ int main(int argc, char** argv) {
       const auto dense64 = bd::prepare_mla<double>(w.views(), ds::config(), dense_opt);
       bd::forward(cpu{}, dense64, x_err.view(), ref.view());
     }
-    std::printf("\nlayer output error, %ld tokens, causal; relative to the dense layer computed in double:\n", long(t_err));
+    std::printf("\nlayer output error, %ld tokens, causal; relative to the dense layer computed in double:\n",
+                long(t_err));
     std::printf("  %-5s %14s %14s %14s\n", "dtype", "dense layer", "BD layer", "BD vs dense");
     const layer_errors e32 = layer_error<float>(w, x_err, ref);
     std::printf("  %-5s %14.3g %14.3g %14.3g   (unit roundoff 6.0e-08)\n", "fp32", e32.dense, e32.bd, e32.bd_vs_dense);
@@ -121,11 +126,12 @@ int main(int argc, char** argv) {
     const auto dense = bd::make_dense_projection<float>(w.k_up_weight().view());
     matrix<float> x(t_time, ds::kv_lora_rank), y(t_time, ds::heads * ds::qk_nope);
     for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
-    std::vector<unsigned char> ws(std::max(bd::project_workspace_bytes(cpu{}, dense, t_time),
-                                           bd::project_workspace_bytes(cpu{}, k_up, t_time)));
+    std::vector<unsigned char> ws(
+        std::max(bd::project_workspace_bytes(cpu{}, dense, t_time), bd::project_workspace_bytes(cpu{}, k_up, t_time)));
     bd::project_options po;
     po.check_finite = false;
-    std::printf("\nK up-projection (latent -> 16 x 128), fp32, %ld tokens, median of 7 alternating runs:\n", long(t_time));
+    std::printf("\nK up-projection (latent -> 16 x 128), fp32, %ld tokens, median of 7 alternating runs:\n",
+                long(t_time));
 #if defined(_OPENMP)
     const int max_threads = omp_get_max_threads();
 #else
@@ -149,8 +155,8 @@ int main(int argc, char** argv) {
       std::sort(td.begin(), td.end());
       std::sort(tb.begin(), tb.end());
       const double md = td[td.size() / 2], mb = tb[tb.size() / 2];
-      std::printf("  %d thread%s: dense %.2f ms, BD %.2f ms, dense/BD time ratio %.3f (FLOP limit 512/384 = 1.333)\n", threads,
-                  threads > 1 ? "s" : " ", md * 1e3, mb * 1e3, md / mb);
+      std::printf("  %d thread%s: dense %.2f ms, BD %.2f ms, dense/BD time ratio %.3f (FLOP limit 512/384 = 1.333)\n",
+                  threads, threads > 1 ? "s" : " ", md * 1e3, mb * 1e3, md / mb);
       if (max_threads == 1) break;
     }
     return 0;

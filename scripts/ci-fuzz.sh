@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-60}
 dir=${1:-build-fuzz}
 mkdir -p "$dir"
-inc="-Iinclude -Itests/support -isystem /usr/include/eigen3"
+inc="-Iinclude -Itests/common -isystem /usr/include/eigen3"
 san="-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
 g++ -std=c++17 -O1 $inc tests/fuzz/make_corpus.cpp -o "$dir/make_corpus"
 rm -rf "$dir/corpus" && "$dir/make_corpus" "$dir/corpus"

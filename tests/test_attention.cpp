@@ -80,8 +80,10 @@ struct tensor {
     for (auto& x : buf) x = detail::from_compute<T>(std::nanf(""));
   }
   double at(index_t i, index_t j, index_t k) const {
-    if constexpr (std::is_same_v<T, double>) return v(i, j, k);
-    else return static_cast<double>(detail::to_compute<float>(v(i, j, k)));
+    if constexpr (std::is_same_v<T, double>)
+      return v(i, j, k);
+    else
+      return static_cast<double>(detail::to_compute<float>(v(i, j, k)));
   }
   /// Values as a (e0 * e1) x e2 double matrix, row (i * e1 + j).
   Eigen::MatrixXd to_double() const {
@@ -126,7 +128,8 @@ double score_extent(const tensor<T>& q, const tensor<T>& k, const attn_case& c, 
     for (index_t i = 0; i < c.n_q; ++i)
       for (index_t j = 0; j < (c.causal ? i + off + 1 : c.n_kv); ++j) {
         double s = 0;
-        for (index_t e = 0; e < c.d_qk; ++e) s += absolute ? std::abs(q.at(i, h, e) * k.at(j, h / group, e)) : q.at(i, h, e) * k.at(j, h / group, e);
+        for (index_t e = 0; e < c.d_qk; ++e)
+          s += absolute ? std::abs(q.at(i, h, e) * k.at(j, h / group, e)) : q.at(i, h, e) * k.at(j, h / group, e);
         mx = std::max(mx, scale * std::abs(s));
       }
   return mx;
@@ -213,7 +216,6 @@ Eigen::MatrixXd head(const tensor<T>& t, index_t h) {
     for (index_t e = 0; e < m.cols(); ++e) m(i, e) = t.at(i, h, e);
   return m;
 }
-
 
 }  // namespace
 
@@ -437,15 +439,17 @@ TEST_CASE("caller-owned workspace gives the same result, and too small a workspa
   acc.accumulate_double = true;
   CHECK(attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc) > bytes);
   test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, ws.data(), 256); },
-                errc::invalid_argument, "workspace of 256 bytes");
+                     errc::invalid_argument, "workspace of 256 bytes");
   test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, nullptr, 0); },
-                errc::invalid_argument, "too small");
-  test::expect_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument, "n_q = 0");
+                     errc::invalid_argument, "too small");
+  test::expect_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument,
+                     "n_q = 0");
   // From the views: every extent in its place (n_q != n_kv, d_qk != d_v, GQA), storage from the type.
   tensor<float> qs(37, 4, 32), ks(300, 2, 32), vs(300, 2, 24);
   CHECK(attention_workspace_bytes(cpu{}, qs.c(), ks.c(), vs.c(), opt) ==
         attention_workspace_bytes(cpu{}, 37, 300, 4, 32, 24, dtype::f32, opt));
-  CHECK(attention_workspace_bytes(cpu{}, q.c(), k.c(), v.c(), acc) == attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc));
+  CHECK(attention_workspace_bytes(cpu{}, q.c(), k.c(), v.c(), acc) ==
+        attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc));
 }
 
 // ---- argument checks ---------------------------------------------------------------------------------
@@ -473,7 +477,8 @@ TEST_CASE("bad attention arguments raise basisattn::error naming the problem") {
   both(q.c(), k.c(), v_n.c(), out.v, def, errc::shape_mismatch, "k [8, 2, 16] has n_kv = 8 tokens but v [9, 2, 12]");
   both(q.c(), k.c(), v_h.c(), out.v, def, errc::shape_mismatch, "has H_kv = 2 heads but v [8, 3, 12]");
   both(q.c(), k_h3.c(), v_h3.c(), out.v, def, errc::shape_mismatch, "H_q = 4 heads, not a multiple of the H_kv = 3");
-  both(q.c(), k.c(), v.c(), out_d.v, def, errc::shape_mismatch, "out has extents [8, 4, 11] but must be [n_q, H_q, d_v] = [8, 4, 12]");
+  both(q.c(), k.c(), v.c(), out_d.v, def, errc::shape_mismatch,
+       "out has extents [8, 4, 11] but must be [n_q, H_q, d_v] = [8, 4, 12]");
   both(q.c(), k.c(), v.c(), out_h.v, def, errc::shape_mismatch, "out has extents [8, 2, 12]");
   both(q.c(), k.c(), v.c(), out_n.v, def, errc::shape_mismatch, "out has extents [7, 4, 12]");
   both(tensor3_view<const float>(q.buf.data(), 0, 4, 16), k.c(), v.c(), tensor3_view<float>(out.buf.data(), 0, 4, 12),
@@ -482,7 +487,8 @@ TEST_CASE("bad attention arguments raise basisattn::error naming the problem") {
   SECTION("causal needs n_q <= n_kv; non-causal does not") {
     tensor<float> q9(9, 4, 16), out9(9, 4, 12);
     q9.fill_random();
-    both(q9.c(), k.c(), v.c(), out9.v, def, errc::invalid_argument, "causal attention needs n_q <= n_kv, but q has n_q = 9");
+    both(q9.c(), k.c(), v.c(), out9.v, def, errc::invalid_argument,
+         "causal attention needs n_q <= n_kv, but q has n_q = 9");
     attention_options nc;
     nc.causal = false;
     CHECK_NOTHROW(attention<float>(cpu{}, q9.c(), k.c(), v.c(), out9.v, nc));
@@ -507,7 +513,7 @@ TEST_CASE("bad attention arguments raise basisattn::error naming the problem") {
     vh.fill_random();
     kh.v(7, 0, 15) = Eigen::half(std::nanf(""));
     test::expect_error([&] { attention<Eigen::half>(cpu{}, qh.c(), kh.c(), vh.c(), oh.v); }, errc::non_finite,
-                  "k has a non-finite value at (7, 0, 15)");
+                       "k has a non-finite value at (7, 0, 15)");
     attention_options unchecked;
     unchecked.check_finite = false;
     CHECK_NOTHROW(attention<Eigen::half>(cpu{}, qh.c(), kh.c(), vh.c(), oh.v, unchecked));

@@ -29,7 +29,8 @@ TEST_CASE("factorize rejects bad shapes and r >= m") {
   expect_error([&] { bd::factorize<float>(views(h)); }, errc::invalid_argument, "must be smaller than m");
   h = {test::random_matrix<float>(20, 4), test::random_matrix<float>(20, 5)};
   expect_error([&] { bd::factorize<float>(views(h)); }, errc::shape_mismatch, "head 1 is 20x5");
-  expect_error([&] { bd::factorize<float>(std::vector<matrix_view<const float>>{}); }, errc::invalid_argument, "no heads");
+  expect_error([&] { bd::factorize<float>(std::vector<matrix_view<const float>>{}); }, errc::invalid_argument,
+               "no heads");
   auto a = test::random_matrix<float>(20, 4);
   auto b = test::random_matrix<float>(5, 3);
   expect_error([&] { bd::factorize_pair<float>(a.view(), b.view()); }, errc::shape_mismatch, "B must have");
@@ -43,7 +44,8 @@ TEST_CASE("factorize rejects NaN and Inf weights") {
   test::seed(2);
   std::vector<matrix<float>> h = {test::random_matrix<float>(20, 4), test::random_matrix<float>(20, 4)};
   h[1](7, 2) = std::nanf("");
-  expect_error([&] { bd::factorize<float>(views(h)); }, errc::non_finite, "A of head 1 has a non-finite value at (7, 2)");
+  expect_error([&] { bd::factorize<float>(views(h)); }, errc::non_finite,
+               "A of head 1 has a non-finite value at (7, 2)");
   h[1](7, 2) = INFINITY;
   expect_error([&] { bd::factorize<float>(views(h)); }, errc::non_finite, "head 1");
   auto a = test::random_matrix<float>(20, 4);
@@ -116,10 +118,12 @@ TEST_CASE("projections reject mismatched shapes, small workspaces and non-finite
   auto x2 = test::random_matrix<float>(10, 15);
   expect_error([&] { bd::project(cpu{}, p, x2.view(), y.view()); }, errc::shape_mismatch, "x has 15 columns");
   x(3, 3) = std::nanf("");
-  expect_error([&] { bd::project(cpu{}, p, x.view(), y.view()); }, errc::non_finite, "project: x has a non-finite value");
+  expect_error([&] { bd::project(cpu{}, p, x.view(), y.view()); }, errc::non_finite,
+               "project: x has a non-finite value");
   x(3, 3) = 0;
   unsigned char tiny[8];
-  const auto dense = bd::make_dense_projection<Eigen::half>(matrix_view<const float>(h[0].view()).t().block(0, 0, 4, 16).t());
+  const auto dense =
+      bd::make_dense_projection<Eigen::half>(matrix_view<const float>(h[0].view()).t().block(0, 0, 4, 16).t());
   matrix<Eigen::half> xh(10, 16), yh(10, 4);
   expect_error([&] { bd::project(cpu{}, dense, xh.view(), yh.view(), tiny, sizeof tiny); }, errc::invalid_argument,
                "workspace of 8 bytes");
@@ -154,16 +158,19 @@ TEST_CASE("layer preparation rejects RoPE with Q/K BD, bad shapes and split kv g
   // A NaN/Inf names the entry point, the caller's argument and the caller's coordinates (column 11 of
   // wv is column 3 of kv head 1), and wv and wo give different texts.
   wv(3, 11) = INFINITY;
-  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite, "prepare_mha: wv has a non-finite value at (3, 11)");
+  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite,
+               "prepare_mha: wv has a non-finite value at (3, 11)");
   wv(3, 11) = 0;
   wo(5, 7) = NAN;
-  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite, "prepare_mha: wo has a non-finite value at (5, 7)");
+  expect_error([&] { bd::prepare_mha<float>(w, cfg); }, errc::non_finite,
+               "prepare_mha: wo has a non-finite value at (5, 7)");
   wo(5, 7) = 0;
   std::vector<float> bv(static_cast<std::size_t>(Hkv * d), 0.0f);
   bv[9] = NAN;
   bd::mha_weights<float> wb = w;
   wb.bv = bv.data();
-  expect_error([&] { bd::prepare_mha<float>(wb, cfg); }, errc::non_finite, "prepare_mha: bv has a non-finite value at (0, 9)");
+  expect_error([&] { bd::prepare_mha<float>(wb, cfg); }, errc::non_finite,
+               "prepare_mha: bv has a non-finite value at (0, 9)");
   matrix<float> x(5, dm + 1), y(5, dm);
   const auto L2 = bd::prepare_mha<float>(w, cfg);
   expect_error([&] { bd::forward(cpu{}, L2, x.view(), y.view()); }, errc::shape_mismatch, "x has 33 columns");
@@ -185,7 +192,8 @@ TEST_CASE("MLA preparation rejects inconsistent shapes") {
   expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::shape_mismatch, "wkv_b is 32x32, expected 32x28");
   cfg.v_head_dim = dv;
   wb(17, 20) = NAN;
-  expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::non_finite, "prepare_mla: wkv_b has a non-finite value at (17, 20)");
+  expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::non_finite,
+               "prepare_mla: wkv_b has a non-finite value at (17, 20)");
   wb(17, 20) = 0;
   w.kv_a_norm = nullptr;
   expect_error([&] { bd::prepare_mla<float>(w, cfg); }, errc::invalid_argument, "kv_a_norm is missing");

@@ -117,8 +117,8 @@ void identity_on_random_weights() {
   // error is the double arithmetic alone, bounded as in product_bound.
   {
     const double err = product_error(f, sb), tol = product_bound(f, sb, 8 * test::u<T>());
-    INFO(to_string(dtype_of_v<T>) << " default options: error " << err / test::u<T>() << " u, bound " << tol / test::u<T>()
-                                  << " u, margin " << tol / err);
+    INFO(to_string(dtype_of_v<T>) << " default options: error " << err / test::u<T>() << " u, bound "
+                                  << tol / test::u<T>() << " u, margin " << tol / err);
     CHECK(err <= tol);
   }
 }
@@ -259,8 +259,8 @@ TEST_CASE("error refinement: no single swap lowers sum_g ||C_g||_F^2 by 0.1%, an
   CHECK(best_swap >= best * (1 - 1e-3) - 1e-9);
 }
 
-TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error below rounding each to nearest", "", float,
-                   Eigen::half, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error below rounding each to nearest", "",
+                   float, Eigen::half, Eigen::bfloat16) {
   const auto f = make_heads<double>(3, 64, 8, 40, 0.0, 31);
   const auto sb = bd::factorize<TestType>(f.views(), {});
   double nearest = 0, aware = 0, den = 0;
@@ -271,8 +271,9 @@ TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error b
     const Eigen::MatrixXd a = test::to_double(f.views()[static_cast<std::size_t>(g)]);
     const Eigen::MatrixXd p = a * b;
     const Eigen::MatrixXd qa = test::bd_product(sb, test::to_double(rp.coeff), test::to_double(rp.b_prime));
-    const Eigen::MatrixXd qn = test::bd_product(sb, test::to_double(sb.template coefficients<TestType>(g)),
-                                       test::to_double(sb.template absorb_rows<TestType>(g, f.b[static_cast<std::size_t>(g)].view())));
+    const Eigen::MatrixXd qn = test::bd_product(
+        sb, test::to_double(sb.template coefficients<TestType>(g)),
+        test::to_double(sb.template absorb_rows<TestType>(g, f.b[static_cast<std::size_t>(g)].view())));
     aware += (qa - p).squaredNorm(), nearest += (qn - p).squaredNorm(), den += p.squaredNorm();
     CHECK(rp.product_error == Approx((qa - p).norm() / p.norm()).epsilon(1e-6));
   }
@@ -295,7 +296,8 @@ TEST_CASE("absorbing transforms match explicit products in double") {
     CHECK((sb.basis_block(g) - a_s).norm() == 0.0);
     // |L||U| of P A_S = L U (partial pivoting, deterministic: the factorization the library solves with).
     const Eigen::PartialPivLU<Eigen::MatrixXd> lu(a_s);
-    const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(), uu = lu.matrixLU().triangularView<Eigen::Upper>();
+    const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(),
+                          uu = lu.matrixLU().triangularView<Eigen::Upper>();
     const Eigen::MatrixXd lu_abs = lu.permutationP().transpose() * (l.cwiseAbs() * uu.cwiseAbs());
     // A_S B: the library's product and this one are r-term sums, each within gamma_r |A_S||B| of the
     // exact product.
@@ -307,8 +309,9 @@ TEST_CASE("absorbing transforms match explicit products in double") {
     // W A_S^T: the same with W (float, exact in double).
     const auto w = test::random_matrix<float>(5, 6);
     const Eigen::MatrixXd wd = test::to_double(w);
-    const double e_cols = test::max_error_ratio(test::to_double(sb.absorb_cols<double>(g, w.view())), wd * a_s.transpose(),
-                                                2 * gr * wd.cwiseAbs() * a_s.cwiseAbs().transpose());
+    const double e_cols =
+        test::max_error_ratio(test::to_double(sb.absorb_cols<double>(g, w.view())), wd * a_s.transpose(),
+                              2 * gr * wd.cwiseAbs() * a_s.cwiseAbs().transpose());
     INFO("W A_S^T: worst entry at " << e_cols << " of its bound");
     CHECK(e_cols <= 1);
     // b A_S^-1 by the LU solve: b' (A_S + dA) = b with |dA| <= gamma_3r P^T|L||U| (Higham Thm 9.4), so

@@ -1,6 +1,6 @@
 // Layer level: the BD layer's output equals the dense layer's output up to rounding, for MHA (BD on
 // Q/K and V/O), GQA and MQA with RoPE (V/O only) and MLA (joint and per-side bases); both are
-// checked against a plain double reference (support/reference_layers.hpp). Shards sum to the layer.
+// checked against a plain double reference (common/reference_layers.hpp). Shards sum to the layer.
 #include <basisattn/cpu/layers.hpp>
 #include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 
@@ -22,7 +22,8 @@ namespace {
 template <class T>
 Eigen::RowVectorXd row_of(const std::vector<T>& v) {
   Eigen::RowVectorXd r(static_cast<index_t>(v.size()));
-  for (std::size_t i = 0; i < v.size(); ++i) r(static_cast<index_t>(i)) = static_cast<double>(detail::to_compute<compute_t<T>>(v[i]));
+  for (std::size_t i = 0; i < v.size(); ++i)
+    r(static_cast<index_t>(i)) = static_cast<double>(detail::to_compute<compute_t<T>>(v[i]));
   return r;
 }
 
@@ -147,7 +148,8 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   softmax_gain sg;
   {
     const Eigen::MatrixXd xd = test::to_double(x);
-    Eigen::MatrixXd q = (xd * rp.wq).rowwise() + rp.bq, k = (xd * rp.wk).rowwise() + rp.bk, v = (xd * rp.wv).rowwise() + rp.bv;
+    Eigen::MatrixXd q = (xd * rp.wq).rowwise() + rp.bq, k = (xd * rp.wk).rowwise() + rp.bk,
+                    v = (xd * rp.wv).rowwise() + rp.bv;
     if (rope) ref::rope(q, H, d, 10000, interleaved, 0), ref::rope(k, Hkv, d, 10000, interleaved, 0);
     for (index_t h = 0; h < H; ++h) {
       const index_t g = h / (H / Hkv);
@@ -187,9 +189,10 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   const double tol_b = eb_model.tol<T>(sg, e_w);
   const double ed = test::rel_error(test::to_double(yd), want), eb = test::rel_error(test::to_double(yb), want);
   INFO(to_string(dtype_of_v<T>) << " H " << H << "/" << Hkv << " rope " << rope << ": kappa " << sg.kappa << ", g_q "
-                                << sg.g_q << ", g_k " << sg.g_k << "; dense error " << ed / test::u<T>() << " u of " << tol_d / test::u<T>()
-                                << " u (margin " << tol_d / ed << "), BD error " << eb / test::u<T>() << " u of "
-                                << tol_b / test::u<T>() << " u (margin " << tol_b / eb << ")");
+                                << sg.g_q << ", g_k " << sg.g_k << "; dense error " << ed / test::u<T>() << " u of "
+                                << tol_d / test::u<T>() << " u (margin " << tol_d / ed << "), BD error "
+                                << eb / test::u<T>() << " u of " << tol_b / test::u<T>() << " u (margin " << tol_b / eb
+                                << ")");
   CHECK(ed <= tol_d);
   CHECK(eb <= tol_b);
   // Size: K/V projections lose r rows per kv head; nothing else changes.
@@ -215,7 +218,8 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   // The shards compute the BD layer's sums (the output projection split by rows), each output rounded
   // to T before the double sum: the BD bound plus shard_rounding.
   const double tol_s = tol_b + shard_rounding(parts, want, test::u<T>()), es = test::rel_error(sum, want);
-  INFO("shard sum error " << es / test::u<T>() << " u of " << tol_s / test::u<T>() << " u (margin " << tol_s / es << ")");
+  INFO("shard sum error " << es / test::u<T>() << " u of " << tol_s / test::u<T>() << " u (margin " << tol_s / es
+                          << ")");
   CHECK(es <= tol_s);
 }
 
@@ -233,7 +237,8 @@ void mla_case(bd::basis_sharing sharing) {
   bd::mla_config cfg{dm, H, Lr, dn, dr, dv};
 
   ref::mla_params rp;
-  rp.wq = test::to_double(wq), rp.wkv_a = test::to_double(wa), rp.wkv_b = test::to_double(wb), rp.wo = test::to_double(wo);
+  rp.wq = test::to_double(wq), rp.wkv_a = test::to_double(wa), rp.wkv_b = test::to_double(wb),
+  rp.wo = test::to_double(wo);
   rp.norm = row_of(g);
   rp.heads = H, rp.lora = Lr, rp.nope = dn, rp.rope_dim = dr, rp.vdim = dv;
   const Eigen::MatrixXd want = ref::mla(rp, test::to_double(x));
@@ -284,7 +289,8 @@ void mla_case(bd::basis_sharing sharing) {
   // BD: W_Q A_S^T (q side) and C of k_up (k side), C of v_up and A_S W_O (linear path).
   layer_error_model em;
   em.n_lin = 5;
-  em.s_lin = std::sqrt(double(dm)) + 1.5 * std::sqrt(double(Lr)) + 4 + std::sqrt(double(n)) + std::sqrt(double(H * dv)) + 4;
+  em.s_lin =
+      std::sqrt(double(dm)) + 1.5 * std::sqrt(double(Lr)) + 4 + std::sqrt(double(n)) + std::sqrt(double(H * dv)) + 4;
   em.n_q = 2;
   em.s_q = std::sqrt(double(dm)) + 1;
   em.n_k = 3;
@@ -297,9 +303,10 @@ void mla_case(bd::basis_sharing sharing) {
   const double tol_b = eb_model.tol<T>(sg, std::max(bd_weight_error(Lb.k_up), bd_weight_error(Lb.v_up)));
   const double ed = test::rel_error(test::to_double(yd), want), eb = test::rel_error(test::to_double(yb), want);
   INFO(to_string(dtype_of_v<T>) << " MLA sharing " << static_cast<int>(sharing) << ": kappa " << sg.kappa << ", g_q "
-                                << sg.g_q << ", g_k " << sg.g_k << "; dense error " << ed / test::u<T>() << " u of " << tol_d / test::u<T>()
-                                << " u (margin " << tol_d / ed << "), BD error " << eb / test::u<T>() << " u of "
-                                << tol_b / test::u<T>() << " u (margin " << tol_b / eb << ")");
+                                << sg.g_q << ", g_k " << sg.g_k << "; dense error " << ed / test::u<T>() << " u of "
+                                << tol_d / test::u<T>() << " u (margin " << tol_d / ed << "), BD error "
+                                << eb / test::u<T>() << " u of " << tol_b / test::u<T>() << " u (margin " << tol_b / eb
+                                << ")");
   CHECK(ed <= tol_d);
   CHECK(eb <= tol_b);
   CHECK(Ld.bytes() == Ld.dense_bytes());
@@ -314,14 +321,15 @@ void mla_case(bd::basis_sharing sharing) {
   }
   // As for MHA: the BD bound plus the rounding of each shard's output (shard_rounding).
   const double tol_s = tol_b + shard_rounding(parts, want, test::u<T>()), es = test::rel_error(sum, want);
-  INFO("shard sum error " << es / test::u<T>() << " u of " << tol_s / test::u<T>() << " u (margin " << tol_s / es << ")");
+  INFO("shard sum error " << es / test::u<T>() << " u of " << tol_s / test::u<T>() << " u (margin " << tol_s / es
+                          << ")");
   CHECK(es <= tol_s);
 }
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("MHA layer: BD on Q/K and V/O equals dense and the double reference", "", float, double,
-                   Eigen::half, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("MHA layer: BD on Q/K and V/O equals dense and the double reference", "", float, double, Eigen::half,
+                   Eigen::bfloat16) {
   mha_case<TestType>(4, 4, false, true);
 }
 

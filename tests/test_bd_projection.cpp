@@ -102,12 +102,14 @@ void bd_projection_case(bool with_bias, index_t tokens, int threads) {
   // their sum E bounds |want - oracle| entrywise (gamma in u_64, |A_S^-1| taken as |X^|).
   {
     Eigen::MatrixXd oracle(tokens, G * r), e(tokens, G * r);
-    const double us = std::is_same_v<T, double> ? 0.0 : test::u<T>(), es = std::is_same_v<T, double> ? 0.0 : test::eta<T>();
+    const double us = std::is_same_v<T, double> ? 0.0 : test::u<T>(),
+                 es = std::is_same_v<T, double> ? 0.0 : test::eta<T>();
     const double g3r = test::gamma<double>(3 * r);
     for (index_t g = 0; g < G; ++g) {
       const Eigen::MatrixXd ad = test::to_double(a[g]), as = sb.basis_block(g), xi = as.inverse();  // X^
       const Eigen::PartialPivLU<Eigen::MatrixXd> lu(as);
-      const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(), u = lu.matrixLU().triangularView<Eigen::Upper>();
+      const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(),
+                            u = lu.matrixLU().triangularView<Eigen::Upper>();
       const Eigen::MatrixXd lu_abs = lu.permutationP().transpose() * (l.cwiseAbs() * u.cwiseAbs());
       const Eigen::MatrixXd solve_gain = g3r * lu_abs * xi.cwiseAbs();  // |C^ - C*| <= |C^| solve_gain
       Eigen::RowVectorXd bd = Eigen::RowVectorXd::Zero(r), bh = Eigen::RowVectorXd::Zero(r);
@@ -121,11 +123,10 @@ void bd_projection_case(bool with_bias, index_t tokens, int threads) {
       k.rowwise() += bd;
       oracle.middleCols(g * r, r) = k * xi;
       const Eigen::MatrixXd xa = (xd.cwiseAbs() * ad.cwiseAbs()).rowwise() + bd.cwiseAbs();
-      Eigen::MatrixXd eg = xr.cwiseAbs() * ((us * ch.cwiseAbs()).array() + es).matrix() +
-                           xr.cwiseAbs() * (ch.cwiseAbs() * solve_gain) +
-                           test::gamma<double>(m + 1) * xa * xi.cwiseAbs() +
-                           test::gamma<double>(r) * k.cwiseAbs() * xi.cwiseAbs() +
-                           k.cwiseAbs() * (xi.cwiseAbs() * solve_gain);
+      Eigen::MatrixXd eg =
+          xr.cwiseAbs() * ((us * ch.cwiseAbs()).array() + es).matrix() + xr.cwiseAbs() * (ch.cwiseAbs() * solve_gain) +
+          test::gamma<double>(m + 1) * xa * xi.cwiseAbs() + test::gamma<double>(r) * k.cwiseAbs() * xi.cwiseAbs() +
+          k.cwiseAbs() * (xi.cwiseAbs() * solve_gain);
       if (with_bias) eg.rowwise() += ((us * bh.cwiseAbs()).array() + es).matrix() + bh.cwiseAbs() * solve_gain;
       e.middleCols(g * r, r) = eg + test::gamma<double>(nr + 2) * mag.middleCols(g * r, r);
     }
@@ -250,7 +251,8 @@ TEST_CASE("slices of a projection are the matching columns of the whole") {
   for (index_t g = 0; g < 4; ++g) want.middleCols(g * 6, 6) += xs, mag.middleCols(g * 6, 6) += xs.cwiseAbs();
   const double gamma_bd = test::gamma<float>(25);
   CHECK(((test::to_double(y) - want).cwiseAbs().array() <= gamma_bd * mag.array()).all());
-  CHECK(((test::to_double(ys) - want.middleCols(6, 12)).cwiseAbs().array() <= gamma_bd * mag.middleCols(6, 12).array()).all());
+  CHECK(((test::to_double(ys) - want.middleCols(6, 12)).cwiseAbs().array() <= gamma_bd * mag.middleCols(6, 12).array())
+            .all());
 
   const auto d = bd::make_dense_projection<float>(test::random_matrix<float>(30, 10).view());
   const auto dc = bd::slice_columns(d, 3, 4);
@@ -261,5 +263,6 @@ TEST_CASE("slices of a projection are the matching columns of the whole") {
   const Eigen::MatrixXd wd = test::to_double(d.weight), want_d = xd * wd, mag_d = xd.cwiseAbs() * wd.cwiseAbs();
   const double gamma_d = test::gamma<float>(30);
   CHECK(((test::to_double(yd) - want_d).cwiseAbs().array() <= gamma_d * mag_d.array()).all());
-  CHECK(((test::to_double(yc) - want_d.middleCols(3, 4)).cwiseAbs().array() <= gamma_d * mag_d.middleCols(3, 4).array()).all());
+  CHECK(((test::to_double(yc) - want_d.middleCols(3, 4)).cwiseAbs().array() <= gamma_d * mag_d.middleCols(3, 4).array())
+            .all());
 }

@@ -81,7 +81,8 @@ double rel(const std::vector<double>& got, const std::vector<double>& want) {
 
 std::vector<double> run(const qkv& x, const conv::options& o, conv::report* rep = nullptr) {
   std::vector<double> out(std::size_t(x.n * x.hq * x.dv), std::nan(""));
-  const conv::report r = conv::attention<double>(basisattn::cpu{}, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, o);
+  const conv::report r =
+      conv::attention<double>(basisattn::cpu{}, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, o);
   if (rep) *rep = r;
   return out;
 }
@@ -90,7 +91,8 @@ std::vector<double> run(const qkv& x, const conv::options& o, conv::report* rep 
 template <class FFT = conv::fft_eigen>
 std::vector<double> run_plan(const qkv& x, const conv::plan& p, conv::report* rep = nullptr) {
   std::vector<double> out(std::size_t(x.n * x.hq * x.dv), std::nan(""));
-  const conv::report r = conv::run<double, FFT>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
+  const conv::report r =
+      conv::run<double, FFT>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv});
   if (rep) *rep = r;
   return out;
 }
@@ -192,7 +194,8 @@ double frob_slack(const qkv& x, const conv::plan& p) {
   double worst = 0;
   for (index_t h = 0; h < x.hq; ++h) {
     const head_scales sc = scales_of(x, p, h);
-    worst = std::max(worst, sc.delta + 2 * test::u<double>() * (sc.kappa * std::sqrt(double(x.d)) + std::sqrt(double(x.n)) + 4));
+    worst = std::max(
+        worst, sc.delta + 2 * test::u<double>() * (sc.kappa * std::sqrt(double(x.d)) + std::sqrt(double(x.n)) + 4));
   }
   return worst;
 }
@@ -205,7 +208,8 @@ TEST_CASE("conv: fft_size gives multiples of 4 with factors 2, 3, 5", "[conv]") 
     CHECK(n >= m);
     CHECK(n % 4 == 0);
     index_t r = n;
-    for (index_t p : {2, 3, 5}) while (r % p == 0) r /= p;
+    for (index_t p : {2, 3, 5})
+      while (r % p == 0) r /= p;
     CHECK(r == 1);
   }
 }
@@ -304,15 +308,25 @@ TEST_CASE("conv: other storage types round once at the end", "[conv]") {
     std::vector<T> q(x.q.size()), k(x.k.size()), v(x.v.size()), out(want.size());
     // store the rounded inputs and compare with the oracle on the same rounded inputs
     qkv xr = x;
-    for (std::size_t i = 0; i < q.size(); ++i) { q[i] = T(x.q[i]); xr.q[i] = double(float(q[i])); }
-    for (std::size_t i = 0; i < k.size(); ++i) { k[i] = T(x.k[i]); xr.k[i] = double(float(k[i])); }
-    for (std::size_t i = 0; i < v.size(); ++i) { v[i] = T(x.v[i]); xr.v[i] = double(float(v[i])); }
+    for (std::size_t i = 0; i < q.size(); ++i) {
+      q[i] = T(x.q[i]);
+      xr.q[i] = double(float(q[i]));
+    }
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      k[i] = T(x.k[i]);
+      xr.k[i] = double(float(k[i]));
+    }
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      v[i] = T(x.v[i]);
+      xr.v[i] = double(float(v[i]));
+    }
     conv::options o = test::no_fallback();
     o.k = 3;
     o.fft_tolerance = 1e-11;
     conv::attention<T>(basisattn::cpu{}, tensor3_view<const T>(q.data(), x.n, x.hq, x.d),
-                       tensor3_view<const T>(k.data(), x.n, x.hkv, x.d), tensor3_view<const T>(v.data(), x.n, x.hkv, x.dv),
-                       tensor3_view<T>(out.data(), x.n, x.hq, x.dv), o);
+                       tensor3_view<const T>(k.data(), x.n, x.hkv, x.d),
+                       tensor3_view<const T>(v.data(), x.n, x.hkv, x.dv), tensor3_view<T>(out.data(), x.n, x.hq, x.dv),
+                       o);
     std::vector<double> got(out.size());
     for (std::size_t i = 0; i < out.size(); ++i) got[i] = double(float(out[i]));
     // rounded inputs break the exact structure by ~u_T per logit: compare with the oracle on them
@@ -394,7 +408,8 @@ TEST_CASE("conv: float FFTs only behind the dynamic-range check; far-below rows 
   // AVX-512 and SSE2: the denominators' prefix sums, which dominate, have no FMA to contract), 1.2e-4 on
   // head 0.
   std::vector<double> allowed;
-  for (index_t h = 0; h < wide.hq; ++h) allowed.push_back(o.fft_tolerance * vmax_of(wide, h / (wide.hq / wide.hkv)) + row_slack(wide, p, h));
+  for (index_t h = 0; h < wide.hq; ++h)
+    allowed.push_back(o.fft_tolerance * vmax_of(wide, h / (wide.hq / wide.hkv)) + row_slack(wide, p, h));
   CHECK(worst_row_ratio(wide, out, reference(wide, true), allowed) <= 1);
 }
 
@@ -419,7 +434,8 @@ TEST_CASE("conv: the error estimate is honest and the fallback returns exact att
       worst = std::max(worst, std::sqrt(num / den));
     }
     const auto& hr = rep.heads[std::size_t(h)];
-    INFO("head " << h << ": estimate " << hr.estimated_error << ", worst row " << worst << ", uniform " << hr.uniform_error);
+    INFO("head " << h << ": estimate " << hr.estimated_error << ", worst row " << worst << ", uniform "
+                 << hr.uniform_error);
     CHECK(hr.checked_rows == 12);
     CHECK(hr.estimated_error > 0.05);  // unstructured data: the approximation is poor, and says so
     CHECK(hr.estimated_error <= worst * (1 + 1e-9));
@@ -457,7 +473,8 @@ void exact_grad(const qkv& x, const std::vector<double>& dy, double s, std::vect
       double m = -INFINITY;
       for (index_t j = 0; j <= i; ++j) {
         double dot = 0;
-        for (index_t c = 0; c < x.d; ++c) dot += x.q[std::size_t((i * x.hq + h) * x.d + c)] * x.k[std::size_t((j * x.hkv + hk) * x.d + c)];
+        for (index_t c = 0; c < x.d; ++c)
+          dot += x.q[std::size_t((i * x.hq + h) * x.d + c)] * x.k[std::size_t((j * x.hkv + hk) * x.d + c)];
         p[std::size_t(j)] = s * dot;
         m = std::max(m, p[std::size_t(j)]);
       }
@@ -470,7 +487,8 @@ void exact_grad(const qkv& x, const std::vector<double>& dy, double s, std::vect
         double dot = 0;
         for (index_t c = 0; c < x.dv; ++c) {
           dot += dy[std::size_t((i * x.hq + h) * x.dv + c)] * x.v[std::size_t((j * x.hkv + hk) * x.dv + c)];
-          dv[std::size_t((j * x.hkv + hk) * x.dv + c)] += p[std::size_t(j)] * dy[std::size_t((i * x.hq + h) * x.dv + c)];
+          dv[std::size_t((j * x.hkv + hk) * x.dv + c)] +=
+              p[std::size_t(j)] * dy[std::size_t((i * x.hq + h) * x.dv + c)];
         }
         dp[std::size_t(j)] = dot;
         pdp += p[std::size_t(j)] * dot;
@@ -494,7 +512,8 @@ grads conv_grad(const qkv& x, const std::vector<double>& dy, const conv::options
   const conv::plan p = conv::make_plan<double>(basisattn::cpu{}, x.Q(), x.K(), o);
   grads g{std::vector<double>(x.q.size()), std::vector<double>(x.k.size()), std::vector<double>(x.v.size())};
   conv::backward<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
-                         {g.dq.data(), x.n, x.hq, x.d}, {g.dk.data(), x.n, x.hkv, x.d}, {g.dv.data(), x.n, x.hkv, x.dv});
+                         {g.dq.data(), x.n, x.hq, x.d}, {g.dk.data(), x.n, x.hkv, x.d},
+                         {g.dv.data(), x.n, x.hkv, x.dv});
   return g;
 }
 
@@ -590,25 +609,32 @@ TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
   bad = x;
   bad.v[3] = INFINITY;
   const conv::plan p = plan_with({});
-  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, bad.Q(), bad.K(), bad.V(), O); }, errc::non_finite, "v");
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, bad.Q(), bad.K(), bad.V(), O); }, errc::non_finite,
+                     "v");
 
   // n_q != n_kv, d mismatch, out of the wrong shape
   const tensor3_view<const double> q_short(x.q.data(), 31, x.hq, x.d);
-  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, q_short, x.K(), {}); }, errc::shape_mismatch, "self-attention");
+  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, q_short, x.K(), {}); }, errc::shape_mismatch,
+                     "self-attention");
   const tensor3_view<const double> k_narrow(x.k.data(), x.n, x.hkv, 4, x.hkv * x.d, x.d, 1);
-  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, x.Q(), k_narrow, {}); }, errc::shape_mismatch, "d_qk");
+  test::expect_error([&] { conv::make_plan<double>(basisattn::cpu{}, x.Q(), k_narrow, {}); }, errc::shape_mismatch,
+                     "d_qk");
   const tensor3_view<double> o_bad(out.data(), x.n, x.hq, x.dv - 1);
-  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), o_bad); }, errc::shape_mismatch, "out");
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), o_bad); }, errc::shape_mismatch,
+                     "out");
 
   // q or k other than the plan's; a plan of other extents; too small a workspace
   qkv other = x;
   other.k[5] += 0.25;
-  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, other.Q(), other.K(), other.V(), O); }, errc::invalid_argument,
-                     "differ from those the plan");
+  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, other.Q(), other.K(), other.V(), O); },
+                     errc::invalid_argument, "differ from those the plan");
   const qkv y = random_qkv(32, 4, 1, 8, 8, 1.0, 25);
   std::vector<double> out4(static_cast<std::size_t>(y.n * y.hq * y.dv));
-  test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, y.Q(), y.K(), y.V(), {out4.data(), y.n, y.hq, y.dv}); },
-                     errc::shape_mismatch, "plan was made for");
+  test::expect_error(
+      [&] {
+        conv::run<double>(basisattn::cpu{}, p, y.Q(), y.K(), y.V(), {out4.data(), y.n, y.hq, y.dv});
+      },
+      errc::shape_mismatch, "plan was made for");
   std::vector<double> ws(16);
   test::expect_error([&] { conv::run<double>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), O, ws.data(), 128); },
                      errc::invalid_argument, "workspace");
@@ -618,10 +644,13 @@ TEST_CASE("conv: bad input raises clear errors", "[conv][errors]") {
   nc.causal = false;
   const conv::plan pn = plan_with(nc);
   std::vector<double> gq(x.q.size()), gk(x.k.size()), gv(x.v.size());
-  test::expect_error([&] {
-    conv::backward<double>(basisattn::cpu{}, pn, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv}, {gq.data(), x.n, x.hq, x.d},
-                           {gk.data(), x.n, x.hkv, x.d}, {gv.data(), x.n, x.hkv, x.dv});
-  }, errc::unsupported, "causal");
+  test::expect_error(
+      [&] {
+        conv::backward<double>(basisattn::cpu{}, pn, x.Q(), x.K(), x.V(), {out.data(), x.n, x.hq, x.dv},
+                               {gq.data(), x.n, x.hq, x.d}, {gk.data(), x.n, x.hkv, x.d},
+                               {gv.data(), x.n, x.hkv, x.dv});
+      },
+      errc::unsupported, "causal");
 }
 
 #if defined(BASISATTN_TEST_FFTW)
@@ -650,7 +679,8 @@ void grad_magnitudes(const qkv& x, const std::vector<double>& dy, const conv::pl
       std::fill(y.begin(), y.end(), 0.0);
       for (index_t c = 0; c <= r; ++c)
         for (index_t j = 0; j < x.dv; ++j) y[std::size_t(j)] += w[std::size_t(c)] / l * x.va(c, hk, j);
-      for (index_t j = 0; j < x.dv; ++j) dyy += std::abs(dy[std::size_t((r * x.hq + h) * x.dv + j)] * y[std::size_t(j)]);
+      for (index_t j = 0; j < x.dv; ++j)
+        dyy += std::abs(dy[std::size_t((r * x.hq + h) * x.dv + j)] * y[std::size_t(j)]);
       for (index_t c = 0; c <= r; ++c) {
         const double pr = w[std::size_t(c)] / l;
         double dpv = 0;
@@ -682,7 +712,8 @@ double diff_over(const std::vector<double>& a, const std::vector<double>& b, con
 
 }  // namespace
 
-TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward, float checked, backward)", "[conv][fftw]") {
+TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward, float checked, backward)",
+          "[conv][fftw]") {
   // FFTW picks its codelets (SIMD width, aligned or not) by machine and pointer: the two engines agree
   // to the FFT error model of the header comment, never bitwise.
   const qkv x = switching(300, 2, 1, 16, {0, 77, 160}, 1.0, 26);
@@ -702,7 +733,8 @@ TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward,
   // (measured 1.9e-15: margin 22).
   std::vector<double> allowed;
   for (index_t h = 0; h < x.hq; ++h)
-    allowed.push_back((ra.heads[std::size_t(h)].fft_error_bound + rb.heads[std::size_t(h)].fft_error_bound) * vmax_of(x, h / (x.hq / x.hkv)));
+    allowed.push_back((ra.heads[std::size_t(h)].fft_error_bound + rb.heads[std::size_t(h)].fft_error_bound) *
+                      vmax_of(x, h / (x.hq / x.hkv)));
   CHECK(worst_row_ratio(x, b, a, allowed) <= 1);
   CHECK(rel(b, a) <= 2 * fft_model<double>(fft_max(x.n)));
   // float FFTs through FFTW, as in the float case above: per row within the float numerator model
@@ -723,11 +755,14 @@ TEST_CASE("conv: the FFTW engine gives the same results as Eigen's FFT (forward,
   test::seed(27);
   std::vector<double> dy(a.size());
   for (auto& e : dy) e = test::normal();
-  std::vector<double> g1q(x.q.size()), g1k(x.k.size()), g1v(x.v.size()), g2q(g1q.size()), g2k(g1k.size()), g2v(g1v.size());
+  std::vector<double> g1q(x.q.size()), g1k(x.k.size()), g1v(x.v.size()), g2q(g1q.size()), g2k(g1k.size()),
+      g2v(g1v.size());
   conv::backward<double, conv::fft_eigen>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
-                                          {g1q.data(), x.n, x.hq, x.d}, {g1k.data(), x.n, x.hkv, x.d}, {g1v.data(), x.n, x.hkv, x.dv});
+                                          {g1q.data(), x.n, x.hq, x.d}, {g1k.data(), x.n, x.hkv, x.d},
+                                          {g1v.data(), x.n, x.hkv, x.dv});
   conv::backward<double, conv::fft_fftw>(basisattn::cpu{}, p, x.Q(), x.K(), x.V(), {dy.data(), x.n, x.hq, x.dv},
-                                         {g2q.data(), x.n, x.hq, x.d}, {g2k.data(), x.n, x.hkv, x.d}, {g2v.data(), x.n, x.hkv, x.dv});
+                                         {g2q.data(), x.n, x.hq, x.d}, {g2k.data(), x.n, x.hkv, x.d},
+                                         {g2v.data(), x.n, x.hkv, x.dv});
   // Every FFT-computed quantity of the backward pass (the forward numerators behind y, the correlation
   // behind dv, the one behind dp) is one convolution through three transforms: relative error <=
   // fft_model<double>(N) = 2.0e-14 of the size of its terms (grad_magnitudes; the prefix sums and the

@@ -2,7 +2,7 @@
 // and Q/K/V biases, and BERT-style MHA) written to a temporary folder, converted, written, read
 // back and loaded. Checks: the loaded layers are bit-identical to prepare_mha on the same weights;
 // their forward pass matches a double-precision reference of the dense layer; the recorded product
-// errors agree with an independent computation (tests/support/bd_test_util.hpp); every tensor
+// errors agree with an independent computation (tests/common/bd_test_util.hpp); every tensor
 // that BD does not touch survives the round trip; and lying or inconsistent files raise errc::io.
 #include <basisattn/basisattn.hpp>
 #include <basisattn/io/convert.hpp>
@@ -32,13 +32,14 @@ struct synthetic {
   bd::mha_config cfg;
   index_t layers = 2;
   bool bert = false;
-  std::vector<matrix<float>> wq, wk, wv, wo;             // PyTorch (out, in)
-  std::vector<std::vector<float>> bq, bk, bv, bo;        // empty when absent
-  std::vector<float> extra;                              // a non-attention tensor
+  std::vector<matrix<float>> wq, wk, wv, wo;       // PyTorch (out, in)
+  std::vector<std::vector<float>> bq, bk, bv, bo;  // empty when absent
+  std::vector<float> extra;                        // a non-attention tensor
 };
 
 std::string attn_prefix(const synthetic& s, index_t l) {
-  return s.bert ? "encoder.layer." + std::to_string(l) + ".attention." : "model.layers." + std::to_string(l) + ".self_attn.";
+  return s.bert ? "encoder.layer." + std::to_string(l) + ".attention."
+                : "model.layers." + std::to_string(l) + ".self_attn.";
 }
 std::array<std::string, 4> weight_names(const synthetic& s, index_t l) {
   const std::string p = attn_prefix(s, l);
@@ -47,7 +48,8 @@ std::array<std::string, 4> weight_names(const synthetic& s, index_t l) {
 }
 
 /// Random weights with the given shape, written as model.safetensors + config.json in a fresh folder.
-synthetic make_checkpoint(const std::string& tag, bool bert, index_t dm, index_t H, index_t Hkv, index_t d, bool biases) {
+synthetic make_checkpoint(const std::string& tag, bool bert, index_t dm, index_t H, index_t Hkv, index_t d,
+                          bool biases) {
   synthetic s;
   s.bert = bert;
   s.cfg = bd::mha_config{dm, H, Hkv, d};
@@ -73,7 +75,8 @@ synthetic make_checkpoint(const std::string& tag, bool bert, index_t dm, index_t
     for (int i = 0; i < 4; ++i) {
       ts.push_back(io::make_tensor(n[i] + ".weight", w[i]->view(), io::tensor_type::f32));
       if (!b[i]->empty()) {
-        auto t = io::make_tensor(n[i] + ".bias", matrix_view<const float>(b[i]->data(), 1, index_t(b[i]->size())), io::tensor_type::f32);
+        auto t = io::make_tensor(n[i] + ".bias", matrix_view<const float>(b[i]->data(), 1, index_t(b[i]->size())),
+                                 io::tensor_type::f32);
         t.shape = {b[i]->size()};
         ts.push_back(std::move(t));
       }
@@ -85,8 +88,8 @@ synthetic make_checkpoint(const std::string& tag, bool bert, index_t dm, index_t
   ts.push_back(std::move(e));
   io::write_safetensors(s.model, ts);
   std::ofstream(s.dir + "/config.json") << "{\"hidden_size\": " << dm << ", \"num_attention_heads\": " << H
-                                        << ", \"num_key_value_heads\": " << Hkv << ", \"num_hidden_layers\": " << s.layers
-                                        << ", \"head_dim\": " << d << "}";
+                                        << ", \"num_key_value_heads\": " << Hkv
+                                        << ", \"num_hidden_layers\": " << s.layers << ", \"head_dim\": " << d << "}";
   return s;
 }
 
@@ -94,7 +97,7 @@ template <class T>
 bd::mha_weights<float> weights_of(const synthetic& s, index_t l) {
   auto p = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
   return bd::mha_weights<float>{s.wq[l].view().t(), s.wk[l].view().t(), s.wv[l].view().t(), s.wo[l].view().t(),
-                                p(s.bq[l]), p(s.bk[l]), p(s.bv[l]), p(s.bo[l])};
+                                p(s.bq[l]),         p(s.bk[l]),         p(s.bv[l]),         p(s.bo[l])};
 }
 
 template <class T>
@@ -203,7 +206,8 @@ void round_trip(const synthetic& s, io::tensor_type type) {
     test::poison(y);
     bd::forward(cpu{}, loaded, matrix_view<const T>(xt.view()), y.view());
     ref::mha_params rp;
-    rp.wq = test::to_double(w.wq), rp.wk = test::to_double(w.wk), rp.wv = test::to_double(w.wv), rp.wo = test::to_double(w.wo);
+    rp.wq = test::to_double(w.wq), rp.wk = test::to_double(w.wk), rp.wv = test::to_double(w.wv),
+    rp.wo = test::to_double(w.wo);
     auto row = [](const std::vector<float>& b) {
       Eigen::RowVectorXd r(Eigen::Index(b.size()));
       for (std::size_t i = 0; i < b.size(); ++i) r(Eigen::Index(i)) = b[i];
@@ -246,8 +250,10 @@ TEST_CASE("convert: bad checkpoints and lying BD files raise clear errors") {
   test::expect_error([&] { io::open_checkpoint(s.model, s.dir + "/nolayers.json"); }, errc::io, "num_hidden_layers");
   // unknown tensor names
   std::vector<float> v(16, 1.0f);
-  io::write_safetensors(s.dir + "/other.safetensors", {io::make_tensor("x.weight", matrix_view<const float>(v.data(), 4, 4), io::tensor_type::f32)});
-  test::expect_error([&] { io::open_checkpoint(s.dir + "/other.safetensors", s.dir + "/config.json"); }, errc::unsupported, "neither");
+  io::write_safetensors(s.dir + "/other.safetensors",
+                        {io::make_tensor("x.weight", matrix_view<const float>(v.data(), 4, 4), io::tensor_type::f32)});
+  test::expect_error([&] { io::open_checkpoint(s.dir + "/other.safetensors", s.dir + "/config.json"); },
+                     errc::unsupported, "neither");
   // bad options
   io::convert_options o;
   o.type = io::tensor_type::i32;
@@ -270,22 +276,27 @@ TEST_CASE("convert: bad checkpoints and lying BD files raise clear errors") {
   };
   auto find = [](io::conversion& x, const std::string& suffix) -> io::safetensors_tensor& {
     for (auto& t : x.tensors)
-      if (t.name.size() >= suffix.size() && t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0) return t;
+      if (t.name.size() >= suffix.size() && t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0)
+        return t;
     throw std::runtime_error("no tensor " + suffix);
   };
   lie([&](io::conversion& x) { x.metadata.erase("basisattn.format"); }, "bd/1");
   lie([&](io::conversion& x) { x.metadata["basisattn.layers"] = "[{"; }, "not valid JSON");
   lie([&](io::conversion& x) { x.metadata["basisattn.config"] = "{\"d_model\": 40}"; }, "n_heads");
   lie([&](io::conversion& x) { find(x, ".bd_basis").data[0] = 200; }, "out of range");
-  lie([&](io::conversion& x) {
-    auto& b = find(x, ".bd_basis");
-    std::copy(b.data.begin(), b.data.begin() + 4, b.data.begin() + 4);  // entry 1 repeats entry 0
-  }, "repeated");
-  lie([&](io::conversion& x) {
-    auto& t = find(x, ".bd_coeff");
-    t.shape[0] -= 1;
-    t.data.resize(t.data.size() - t.shape[1] * 2);
-  }, "bd_coeff");
+  lie(
+      [&](io::conversion& x) {
+        auto& b = find(x, ".bd_basis");
+        std::copy(b.data.begin(), b.data.begin() + 4, b.data.begin() + 4);  // entry 1 repeats entry 0
+      },
+      "repeated");
+  lie(
+      [&](io::conversion& x) {
+        auto& t = find(x, ".bd_coeff");
+        t.shape[0] -= 1;
+        t.data.resize(t.data.size() - t.shape[1] * 2);
+      },
+      "bd_coeff");
   lie([&](io::conversion& x) { x.tensors.erase(x.tensors.begin()); }, "no tensor");
   fs::remove_all(s.dir);
 }

@@ -20,7 +20,6 @@ using Catch::Contains;
 namespace {
 using test::expect_error;
 
-
 /// Parse every prefix and some byte-flipped copies of a valid file: each must either parse or raise
 /// basisattn::error (io or unsupported); nothing else may happen. Returns the number that parsed.
 template <class Parse>
@@ -60,9 +59,9 @@ sample sample_safetensors() {
   test::seed(1);
   sample s{test::random_matrix<float>(3, 5), test::random_matrix<double>(2, 2), {}};
   std::vector<io::safetensors_tensor> t = {io::make_tensor("layer.0.a", s.a.view(), io::tensor_type::f32),
-                                            io::make_tensor("layer.0.a_half", s.a.view(), io::tensor_type::f16),
-                                            io::make_tensor("b", s.b.view(), io::tensor_type::bf16),
-                                            io::make_tensor("b64", s.b.view(), io::tensor_type::f64)};
+                                           io::make_tensor("layer.0.a_half", s.a.view(), io::tensor_type::f16),
+                                           io::make_tensor("b", s.b.view(), io::tensor_type::bf16),
+                                           io::make_tensor("b64", s.b.view(), io::tensor_type::f64)};
   io::safetensors_tensor ints{"ids", io::tensor_type::i32, {4}, {}};
   for (std::int32_t i = 0; i < 4; ++i) {
     const auto v = build::bytes().put(i * 7).v;
@@ -117,18 +116,23 @@ TEST_CASE("safetensors: broken files are refused with a clear error") {
   expect_error([&] { io::parse_safetensors({1, 2, 3}); }, errc::io, "truncated reading header length");
   expect_error([&] { io::parse_safetensors(with_header("{", 0)); }, errc::io, "not valid JSON");
   expect_error([&] { io::parse_safetensors(with_header("[1]", 0)); }, errc::io, "not a JSON object");
-  expect_error([&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F7","shape":[1],"data_offsets":[0,4]}})", 4)); },
-               errc::io, "unknown dtype 'F7'");
-  expect_error([&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4)); },
-               errc::io, "non-negative integer");
-  expect_error([&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 8)); },
-               errc::io, "has 4 bytes but dtype F32 and its shape need 8");
-  expect_error([&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4)); },
-               errc::io, "outside the data section of 4 bytes");
+  expect_error(
+      [&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F7","shape":[1],"data_offsets":[0,4]}})", 4)); },
+      errc::io, "unknown dtype 'F7'");
+  expect_error(
+      [&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4)); },
+      errc::io, "non-negative integer");
+  expect_error(
+      [&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 8)); },
+      errc::io, "has 4 bytes but dtype F32 and its shape need 8");
+  expect_error(
+      [&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4)); },
+      errc::io, "outside the data section of 4 bytes");
   expect_error(
       [&] {
         io::parse_safetensors(with_header(
-            R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12));
+            R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+            12));
       },
       errc::io, "overlap");
   expect_error([&] { io::parse_safetensors(with_header(R"({"x":{"dtype":"F32","shape":[1]}})", 4)); }, errc::io,
@@ -142,8 +146,8 @@ TEST_CASE("safetensors: broken files are refused with a clear error") {
   // Huge shapes whose byte count overflows.
   expect_error(
       [&] {
-        io::parse_safetensors(with_header(
-            R"({"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}})", 4));
+        io::parse_safetensors(
+            with_header(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}})", 4));
       },
       errc::io, "overflows");
   expect_error([&] { io::read_safetensors("/nonexistent/file.safetensors"); }, errc::io, "cannot open");
@@ -203,7 +207,8 @@ TEST_CASE("gguf: metadata, shapes and dequantized values of every supported type
   double e40 = 0, e41 = 0, e80 = 0, ref = 0;
   for (int i = 0; i < 64; ++i) {
     CHECK(h[std::size_t(i)] == float(Eigen::half(x[std::size_t(i)])));
-    e40 += std::pow(a[std::size_t(i)] - x[std::size_t(i)], 2), e41 += std::pow(c[std::size_t(i)] - x[std::size_t(i)], 2);
+    e40 += std::pow(a[std::size_t(i)] - x[std::size_t(i)], 2),
+        e41 += std::pow(c[std::size_t(i)] - x[std::size_t(i)], 2);
     e80 += std::pow(d[std::size_t(i)] - x[std::size_t(i)], 2), ref += x[std::size_t(i)] * x[std::size_t(i)];
   }
   // Quantisation error bounds of the formats: 4 bits ~ 1/16 of the range, 8 bits ~ 1/256.
@@ -234,15 +239,21 @@ TEST_CASE("gguf: broken and unsupported files are refused with a clear error") {
   bad[4] = 1;
   expect_error([&] { io::parse_gguf(bad); }, errc::unsupported, "GGUF version 1");
   // Unsupported tensor type (Q4_K = 12).
-  expect_error([&] { io::parse_gguf(build::gguf({{"w", 12, {256}, std::vector<unsigned char>(144)}})); }, errc::unsupported,
-               "GGML type 12");
+  expect_error(
+      [&] {
+        io::parse_gguf(build::gguf({{"w", 12, {256}, std::vector<unsigned char>(144)}}));
+      },
+      errc::unsupported, "GGML type 12");
   // Tensor data beyond the end.
   auto cut = good;
   cut.resize(cut.size() - 4);
   expect_error([&] { io::parse_gguf(cut); }, errc::io, "lies outside the data section");
   // A block type whose element count is not a multiple of 32.
-  expect_error([&] { io::parse_gguf(build::gguf({{"w", 2, {33}, std::vector<unsigned char>(36)}})); }, errc::io,
-               "not a multiple of its block size 32");
+  expect_error(
+      [&] {
+        io::parse_gguf(build::gguf({{"w", 2, {33}, std::vector<unsigned char>(36)}}));
+      },
+      errc::io, "not a multiple of its block size 32");
   // Misaligned offset, too many dimensions, absurd counts.
   build::bytes b;
   b.v = {'G', 'G', 'U', 'F'};
@@ -321,7 +332,8 @@ TEST_CASE("llama2.c tokenizer: byte fallback, dummy prefix and best-score merges
   scores[pieces.size() - 3] = -1.0f;  // "ab"
   scores[pieces.size() - 2] = -2.0f;  // " a"
   scores[pieces.size() - 1] = -0.5f;  // " ab"
-  const auto t = io::parse_llama2c_tokenizer(build::llama2c_tokenizer(pieces, scores), static_cast<index_t>(pieces.size()));
+  const auto t =
+      io::parse_llama2c_tokenizer(build::llama2c_tokenizer(pieces, scores), static_cast<index_t>(pieces.size()));
   const std::int32_t sp = 259, a = 260, b = 261, ab = 262, sab = 264;
   // " a b" pieces: ' ' 'a' 'b' -> merge "ab" (-1) beats " a" (-2) -> ' ' 'ab' -> " ab" (-0.5)
   CHECK(t.encode("ab") == std::vector<std::int32_t>{1, sab});

@@ -55,19 +55,19 @@ const std::vector<reference>& refs() {
        {5.17490046e-02f, -2.26436494e-02f, 7.07916805e-02f, 6.27963190e-02f, -3.02354445e-02f, 2.43348236e-02f,
         -5.92559635e-02f, 6.78843551e-02f}},
       {"Cr\u00e8me Br\u00fbl\u00e9e in S\u00e3o Paulo: \u00c9COLE, \u0141\u00f3d\u017a, Stra\u00dfe & \u00c6r\u00f8.",
-       {101, 13675, 21382, 7987, 9307, 2063, 1999, 7509, 9094, 1024, 12431, 1010, 17814, 1010, 2358, 27807, 1004, 1097, 2099,
-        16415, 1012, 102},
+       {101,  13675, 21382, 7987, 9307,  2063, 1999, 7509, 9094,  1024, 12431,
+        1010, 17814, 1010,  2358, 27807, 1004, 1097, 2099, 16415, 1012, 102},
        {5.59055626e-02f, 2.91562088e-03f, -2.36425186e-02f, 2.60730222e-02f, -5.89467142e-02f, -1.28243221e-02f,
         -4.33075551e-02f, 1.86918841e-02f}},
       {"I paid 1,234.56 USD (approx. \u20ac1,100) on 2023-11-05 at 10:30.",
-       {101, 1045, 3825, 1015, 1010, 22018, 1012, 5179, 13751, 1006, 22480, 1012, 1574, 2487, 1010, 2531, 1007, 2006, 16798, 2509,
-        1011, 2340, 1011, 5709, 2012, 2184, 1024, 2382, 1012, 102},
+       {101,  1045, 3825, 1015,  1010, 22018, 1012, 5179, 13751, 1006, 22480, 1012, 1574, 2487, 1010,
+        2531, 1007, 2006, 16798, 2509, 1011,  2340, 1011, 5709,  2012, 2184,  1024, 2382, 1012, 102},
        {-1.01565799e-02f, 1.38684004e-02f, -1.21796076e-02f, -5.67986802e-03f, 2.33764103e-02f, -1.11541530e-01f,
         1.00582108e-02f, 7.50114181e-02f}},
       {"\u5317\u4eac is the capital of China; \u041c\u043e\u0441\u043a\u0432\u0430 \u2014 of Russia. \u03a9mega "
        "\u03b1\u03b2\u03b3.",
-       {101, 1781, 1755, 2003, 1996, 3007, 1997, 2859, 1025, 1191, 14150, 29747, 23925, 25529, 10260, 1517, 1997, 3607, 1012, 1179,
-        4168, 3654, 1155, 29720, 29721, 1012, 102},
+       {101,   1781, 1755, 2003, 1996, 3007, 1997, 2859, 1025, 1191,  14150, 29747, 23925, 25529,
+        10260, 1517, 1997, 3607, 1012, 1179, 4168, 3654, 1155, 29720, 29721, 1012,  102},
        {6.07265589e-02f, 7.92616101e-02f, -1.38469930e-03f, 8.05024931e-03f, -1.54046187e-02f, 1.86234346e-02f,
         5.25377300e-02f, 2.04395533e-03f}},
   };
@@ -100,7 +100,9 @@ double dot(const std::vector<float>& a, const std::vector<float>& b) {
   for (std::size_t i = 0; i < a.size(); ++i) s += double(a[i]) * double(b[i]);
   return s;
 }
-double cosine(const std::vector<float>& a, const std::vector<float>& b) { return dot(a, b) / std::sqrt(dot(a, a) * dot(b, b)); }
+double cosine(const std::vector<float>& a, const std::vector<float>& b) {
+  return dot(a, b) / std::sqrt(dot(a, a) * dot(b, b));
+}
 
 /// Deviation of a model's outputs from dense fp32 over the reference sentences: the largest
 /// 1 - cos of the embeddings and the largest |delta| of the final hidden states.
@@ -112,8 +114,10 @@ deviation deviation_from_dense32(bool use_bd) {
   deviation d;
   for (const auto& r : refs()) {
     const matrix<float> h0 = model<float>(false).hidden(r.ids), h = model<T>(use_bd).hidden(r.ids);
-    for (index_t i = 0; i < h.size(); ++i) d.max_abs = std::max(d.max_abs, double(std::abs(h.data()[i] - h0.data()[i])));
-    d.one_minus_cos = std::max(d.one_minus_cos, 1.0 - cosine(model<float>(false).embed(r.ids), model<T>(use_bd).embed(r.ids)));
+    for (index_t i = 0; i < h.size(); ++i)
+      d.max_abs = std::max(d.max_abs, double(std::abs(h.data()[i] - h0.data()[i])));
+    d.one_minus_cos =
+        std::max(d.one_minus_cos, 1.0 - cosine(model<float>(false).embed(r.ids), model<T>(use_bd).embed(r.ids)));
   }
   return d;
 }
@@ -157,7 +161,8 @@ per_sentence deviations(bool use_bd) {
     const matrix<float>& h0 = ref[s];
     const matrix<float> h = model<T>(use_bd).hidden(wikitext_sentences()[s]);
     double sq = 0;
-    for (index_t i = 0; i < h.size(); ++i) sq += std::pow(double(h.data()[i]) - double(h0.data()[i]), 2) / double(h.size());
+    for (index_t i = 0; i < h.size(); ++i)
+      sq += std::pow(double(h.data()[i]) - double(h0.data()[i]), 2) / double(h.size());
     d.mean_sq.push_back(sq);
     d.one_minus_cos.push_back(1.0 - cosine(mean_pool(h0), mean_pool(h)));
   }
@@ -198,7 +203,8 @@ double worst_product_error_ratio() {
     const std::vector<float> bq = vec(p + "attention.self.query.bias"), bk = vec(p + "attention.self.key.bias"),
                              bv = vec(p + "attention.self.value.bias"), bo = vec(p + "attention.output.dense.bias");
     REQUIRE(wq.rows() == E);
-    const bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(), bq.data(), bk.data(), bv.data(), bo.data()};
+    const bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(),
+                                   bq.data(),     bk.data(),     bv.data(),     bo.data()};
     const bd::product_errors e = bd::measure_product_errors(w, model<T>(true).attn[std::size_t(l)]);
     g = std::max({g, e.qk_ratio(), e.vo_ratio()});
   }
@@ -226,7 +232,8 @@ TEST_CASE("WordPiece tokenizer: ids match Hugging Face tokenizers") {
   }
   CHECK(tokenizer().encode("Hello, world!", false) == std::vector<std::int32_t>{7592, 1010, 2088, 999});
   CHECK(tokenizer().encode("") == std::vector<std::int32_t>{101, 102});
-  CHECK(tokenizer().encode(std::string(150, 'x')) == std::vector<std::int32_t>{101, 100, 102});  // > 100 characters: [UNK]
+  CHECK(tokenizer().encode(std::string(150, 'x')) ==
+        std::vector<std::int32_t>{101, 100, 102});  // > 100 characters: [UNK]
   test::expect_error([] { tokenizer().encode("bad \xC3("); }, errc::invalid_argument, "invalid UTF-8");
 }
 
@@ -235,14 +242,15 @@ TEST_CASE("WordPiece tokenizer: malformed tokenizer.json is refused") {
   test::expect_error([] { wordpiece_tokenizer::from_json("{\"model\": "); }, errc::io, "not valid JSON");
   test::expect_error([] { wordpiece_tokenizer::from_json("[]"); }, errc::io, "not a JSON object");
   test::expect_error([] { wordpiece_tokenizer::from_json("{}"); }, errc::io, "no 'model' object");
-  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}}})"); }, errc::unsupported,
-                     "only WordPiece");
-  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 7}}})"); }, errc::io,
-                     "model.vocab['a']");
-  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0, "b": 0}}})"); },
-                     errc::io, "gives id 0 to two tokens");
-  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})"); }, errc::io,
-                     "'[UNK]' is not in model.vocab");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}}})"); },
+                     errc::unsupported, "only WordPiece");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 7}}})"); },
+                     errc::io, "model.vocab['a']");
+  test::expect_error(
+      [] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0, "b": 0}}})"); },
+      errc::io, "gives id 0 to two tokens");
+  test::expect_error([] { wordpiece_tokenizer::from_json(R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})"); },
+                     errc::io, "'[UNK]' is not in model.vocab");
   test::expect_error(
       [] {
         wordpiece_tokenizer::from_json(
@@ -281,8 +289,8 @@ TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact,
   // fp32: BD is an exact reparametrisation; what is left is float rounding (measured 1.3e-12 and
   // ~1e-6 here; a wrong basis or coefficient moves both by orders of magnitude).
   const deviation bd32 = deviation_from_dense32<float>(true);
-  std::printf("BD fp32 vs dense fp32 over %zu sentences: max 1 - cos %.3e, max |delta| %.3e\n", refs().size(), bd32.one_minus_cos,
-              bd32.max_abs);
+  std::printf("BD fp32 vs dense fp32 over %zu sentences: max 1 - cos %.3e, max |delta| %.3e\n", refs().size(),
+              bd32.one_minus_cos, bd32.max_abs);
   CHECK(bd32.one_minus_cos < 1e-10);
   CHECK(bd32.max_abs < 1e-4);
   // 16-bit, on 64 WikiText-2 sentences. Error model: storing the model in T perturbs every weight;
@@ -299,20 +307,26 @@ TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact,
   // both types (bounds 2.19 and 2.15). A wrong coefficient or basis moves the ratios by orders of
   // magnitude.
   auto check_type = [](const char* type, double g, const per_sentence& dense, const per_sentence& bd) {
-    const ratio rc = ratio_of_means(bd.one_minus_cos, dense.one_minus_cos), rs = ratio_of_means(bd.mean_sq, dense.mean_sq);
+    const ratio rc = ratio_of_means(bd.one_minus_cos, dense.one_minus_cos),
+                rs = ratio_of_means(bd.mean_sq, dense.mean_sq);
     double mc = 0, md = 0;
     for (std::size_t i = 0; i < dense.one_minus_cos.size(); ++i)
-      mc += dense.one_minus_cos[i] / double(dense.one_minus_cos.size()), md += bd.one_minus_cos[i] / double(dense.one_minus_cos.size());
+      mc += dense.one_minus_cos[i] / double(dense.one_minus_cos.size()),
+          md += bd.one_minus_cos[i] / double(dense.one_minus_cos.size());
     const double rms = std::sqrt(rs.value), rms_se = rs.se / (2 * rms);
-    std::printf("  %s: g %.3f (g^2 %.3f); mean 1 - cos dense %.3e, BD %.3e, ratio %.3f +- %.3f; RMS hidden ratio %.3f +- %.3f\n",
-                type, g, g * g, mc, md, rc.value, rc.se, rms, rms_se);
+    std::printf(
+        "  %s: g %.3f (g^2 %.3f); mean 1 - cos dense %.3e, BD %.3e, ratio %.3f +- %.3f; RMS hidden ratio %.3f +- "
+        "%.3f\n",
+        type, g, g * g, mc, md, rc.value, rc.se, rms, rms_se);
     INFO(type << ": g " << g);
     CHECK(rc.value <= g * g + 4 * rc.se);
     CHECK(rms <= g + 4 * rms_se);
   };
-  std::printf("BD vs dense in 16 bits, deviation from dense fp32 over %zu WikiText-2 sentences:\n", wikitext_sentences().size());
+  std::printf("BD vs dense in 16 bits, deviation from dense fp32 over %zu WikiText-2 sentences:\n",
+              wikitext_sentences().size());
   REQUIRE(wikitext_sentences().size() == 64);
-  check_type("fp16", worst_product_error_ratio<Eigen::half>(), deviations<Eigen::half>(false), deviations<Eigen::half>(true));
+  check_type("fp16", worst_product_error_ratio<Eigen::half>(), deviations<Eigen::half>(false),
+             deviations<Eigen::half>(true));
   check_type("bf16", worst_product_error_ratio<Eigen::bfloat16>(), deviations<Eigen::bfloat16>(false),
              deviations<Eigen::bfloat16>(true));
 }

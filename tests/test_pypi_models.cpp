@@ -60,10 +60,13 @@ void check_side(const side& s) {
       ab = test::bd_pair_error<Eigen::bfloat16>(a, b, bd::factorize<Eigen::bfloat16>(a, o));
     }
   }
-  const double d16 = test::dense_rounding_error<Eigen::half>(a, b), db = test::dense_rounding_error<Eigen::bfloat16>(a, b);
-  std::printf("%-22s | f32 %9.2e %9.2e %9.2e %9.2e | f16 %6.2fx %6.2fx %6.2fx %6.2fx | bf16 %6.2fx %6.2fx %6.2fx %6.2fx | est %5.2fx\n",
-              s.name.c_str(), e32[0], e32[1], e32[2], a32, e16[0] / d16, e16[1] / d16, e16[2] / d16, a16 / d16, eb[0] / db, eb[1] / db,
-              eb[2] / db, ab / db, growth);
+  const double d16 = test::dense_rounding_error<Eigen::half>(a, b),
+               db = test::dense_rounding_error<Eigen::bfloat16>(a, b);
+  std::printf(
+      "%-22s | f32 %9.2e %9.2e %9.2e %9.2e | f16 %6.2fx %6.2fx %6.2fx %6.2fx | bf16 %6.2fx %6.2fx %6.2fx %6.2fx | est "
+      "%5.2fx\n",
+      s.name.c_str(), e32[0], e32[1], e32[2], a32, e16[0] / d16, e16[1] / d16, e16[2] / d16, a16 / d16, eb[0] / db,
+      eb[1] / db, eb[2] / db, ab / db, growth);
   INFO(s.name);
   // The shared pivot is never worse than first-r or residual-min; with error-aware rounding (what
   // the prepared layers use) fp32 stays within 2e-7 relative. The 16-bit ratios are printed: about
@@ -86,15 +89,16 @@ bool test_prerequisites(std::string& why) {
 TEST_CASE("SmolLM2-135M GGUF: metadata, tensor directory and BD on the V/O pairs of every fifth layer") {
   const auto f = io::read_gguf(smollm2);
   CHECK(f.get_string("general.architecture") == "llama");
-  const index_t L = static_cast<index_t>(f.get_u64("llama.block_count")), D = static_cast<index_t>(f.get_u64("llama.embedding_length")),
+  const index_t L = static_cast<index_t>(f.get_u64("llama.block_count")),
+                D = static_cast<index_t>(f.get_u64("llama.embedding_length")),
                 H = static_cast<index_t>(f.get_u64("llama.attention.head_count")),
                 Hkv = static_cast<index_t>(f.get_u64("llama.attention.head_count_kv"));
   CHECK(L == 30);
   CHECK(D == 576);
   CHECK(f.get_strings("tokenizer.ggml.tokens").size() == f.get_u64("llama.vocab_size"));
   const index_t hd = D / H, grp = H / Hkv;
-  std::printf("%-22s | %-41s | %-33s | %-33s |\n", "side", "fp32 error: first_r res_min pivot +aware", "fp16 / dense: same columns",
-              "bf16 / dense: same columns");
+  std::printf("%-22s | %-41s | %-33s | %-33s |\n", "side", "fp32 error: first_r res_min pivot +aware",
+              "fp16 / dense: same columns", "bf16 / dense: same columns");
   // Every fifth layer (0, 5, ..., 25) keeps the test under a minute; the full per-layer table is the
   // fidelity report's job.
   for (index_t l = 0; l < L; l += 5) {

@@ -82,13 +82,15 @@ struct slm_model {
 
 slm_model load_slm() {
   flat_file f{read_all(slm_path)};
-  if (f.bytes.size() < 32 || std::memcmp(f.bytes.data(), "GPT2", 4) != 0) throw std::runtime_error("not a GPT2 flat file");
+  if (f.bytes.size() < 32 || std::memcmp(f.bytes.data(), "GPT2", 4) != 0)
+    throw std::runtime_error("not a GPT2 flat file");
   f.pos = 4;
   slm_model m;
   const std::int32_t version = f.i32();
   m.vocab = f.i32(), m.block = f.i32(), m.n_layer = f.i32(), m.n_head = f.i32(), m.n_embd = f.i32();
   const index_t ff = f.i32();
-  if (version != 1 || m.n_embd != 64 || m.n_head != 4 || m.n_layer != 4) throw std::runtime_error("unexpected slm4096 header");
+  if (version != 1 || m.n_embd != 64 || m.n_head != 4 || m.n_layer != 4)
+    throw std::runtime_error("unexpected slm4096 header");
   m.tok = f.take(m.vocab, m.n_embd);
   m.pos = f.take(m.block, m.n_embd);
   for (index_t l = 0; l < m.n_layer; ++l) {
@@ -96,7 +98,7 @@ slm_model load_slm() {
     L.ln1_w = f.take(1, m.n_embd), L.ln1_b = f.take(1, m.n_embd);
     L.c_attn_w = f.take(3 * m.n_embd, m.n_embd), L.c_attn_b = f.take(1, 3 * m.n_embd);
     L.c_proj_w = f.take(m.n_embd, m.n_embd), L.c_proj_b = f.take(1, m.n_embd);
-    f.take(2, m.n_embd);                                       // ln_2
+    f.take(2, m.n_embd);                                                             // ln_2
     f.take(ff, m.n_embd), f.take(1, ff), f.take(m.n_embd, ff), f.take(1, m.n_embd);  // mlp
     m.layers.push_back(std::move(L));
   }
@@ -116,7 +118,8 @@ stories_model load_stories() {
   stories_model m;
   m.dim = f.i32(), m.hidden = f.i32(), m.n_layers = f.i32(), m.n_heads = f.i32(), m.n_kv = f.i32(), m.vocab = f.i32(),
   m.seq = f.i32();
-  if (m.dim != 64 || m.n_heads != 8 || m.n_kv != 4 || m.n_layers != 5) throw std::runtime_error("unexpected stories260K header");
+  if (m.dim != 64 || m.n_heads != 8 || m.n_kv != 4 || m.n_layers != 5)
+    throw std::runtime_error("unexpected stories260K header");
   const index_t kvd = m.n_kv * m.dim / m.n_heads;
   m.tok = f.take(m.vocab, m.dim);
   m.rms_att = f.take(m.n_layers, m.dim);
@@ -139,7 +142,8 @@ std::vector<pair_side> real_sides() {
   const index_t E = s.n_embd, hd = E / s.n_head;
   for (index_t l = 0; l < s.n_layer; ++l) {
     const auto& L = s.layers[l];
-    pair_side qk{"slm4096 L" + std::to_string(l) + " Q/K", {}, {}}, vo{"slm4096 L" + std::to_string(l) + " V/O", {}, {}};
+    pair_side qk{"slm4096 L" + std::to_string(l) + " Q/K", {}, {}},
+        vo{"slm4096 L" + std::to_string(l) + " V/O", {}, {}};
     const matrix<float> wo = xw_form(L.c_proj_w, 0, E);  // (in = H hd) x E
     for (index_t h = 0; h < s.n_head; ++h) {
       qk.a.push_back(xw_form(L.c_attn_w, E + h * hd, hd));  // W_K^h: E x hd
@@ -163,7 +167,7 @@ std::vector<pair_side> real_sides() {
     const matrix<float> wo = xw_form(m.wo[l], 0, m.dim);
     for (index_t g = 0; g < m.n_kv; ++g) {
       vo.a.push_back(xw_form(m.wv[l], g * hd2, hd2));  // 64 x 8
-      matrix<float> b(hd2, grp * m.dim);                 // [W_O^h for h in group], side by side
+      matrix<float> b(hd2, grp * m.dim);               // [W_O^h for h in group], side by side
       for (index_t k = 0; k < grp; ++k)
         for (index_t i = 0; i < hd2; ++i)
           for (index_t j = 0; j < m.dim; ++j) b(i, k * m.dim + j) = wo((g * grp + k) * hd2 + i, j);
@@ -220,13 +224,15 @@ score_stats attention_scores(const ref::mha_params& p, const Eigen::MatrixXd& x)
     const index_t g = h / (p.heads / p.kv_heads);
     for (index_t t = 0; t < x.rows(); ++t) {
       Eigen::VectorXd s(t + 1), pr(t + 1);
-      for (index_t j = 0; j <= t; ++j) s(j) = scale * q.row(t).segment(h * p.d, p.d).dot(k.row(j).segment(g * p.d, p.d));
+      for (index_t j = 0; j <= t; ++j)
+        s(j) = scale * q.row(t).segment(h * p.d, p.d).dot(k.row(j).segment(g * p.d, p.d));
       r.max_abs = std::max(r.max_abs, s.cwiseAbs().maxCoeff());
       pr = (s.array() - s.maxCoeff()).exp();
       pr /= pr.sum();
       const Eigen::RowVectorXd o = pr.transpose() * v.block(0, g * p.d, t + 1, p.d);
       Eigen::VectorXd c(t + 1);
-      for (index_t j = 0; j <= t; ++j) c(j) = scale * q.row(t).segment(h * p.d, p.d).norm() * k.row(j).segment(g * p.d, p.d).norm();
+      for (index_t j = 0; j <= t; ++j)
+        c(j) = scale * q.row(t).segment(h * p.d, p.d).norm() * k.row(j).segment(g * p.d, p.d).norm();
       double f = 0;
       for (index_t j = 0; j <= t; ++j) f += pr(j) * c(j) * (v.row(j).segment(g * p.d, p.d) - o).norm();
       num += f * f, den += o.squaredNorm();
@@ -257,7 +263,8 @@ score_stats attention_scores(const ref::mha_params& p, const Eigen::MatrixXd& x)
 /// kappa 10.5 and 32.
 double layer_tolerance(double kappa, index_t d_model, index_t d_head, index_t n) {
   const double dm = double(d_model), dh = double(d_head);
-  return test::u<float>() * (16 + kappa * (std::sqrt(dh) + 2 * std::sqrt(dm / dh)) + 2 * std::sqrt(dm) + std::sqrt(double(n)));
+  return test::u<float>() *
+         (16 + kappa * (std::sqrt(dh) + 2 * std::sqrt(dm / dh)) + 2 * std::sqrt(dm) + std::sqrt(double(n)));
 }
 
 }  // namespace
@@ -274,22 +281,23 @@ bool test_prerequisites(std::string& why) {
 TEST_CASE("BD on every eligible pair of the real models: fp32 at rounding level, pivoting best in 16 bits") {
   const auto sides = real_sides();
   REQUIRE(sides.size() == 13);
-  std::printf("%-22s %6s | %10s %10s %10s %10s %10s | (errors relative to ||AB||; 16-bit as x dense rounding;\n", "side",
-              "dtype", "first_r", "res_min", "pivot", "+aware", "dense");
-  std::printf("%-22s %6s | %10s %10s %10s %10s %10s |  est. = the pivot basis's error_growth, nearest rounding)\n", "", "", "", "",
-              "", "", "");
+  std::printf("%-22s %6s | %10s %10s %10s %10s %10s | (errors relative to ||AB||; 16-bit as x dense rounding;\n",
+              "side", "dtype", "first_r", "res_min", "pivot", "+aware", "dense");
+  std::printf("%-22s %6s | %10s %10s %10s %10s %10s |  est. = the pivot basis's error_growth, nearest rounding)\n", "",
+              "", "", "", "", "", "");
   for (const auto& s : sides) {
     double e32[4], d32, e16[4], d16, eb[4], db, growth = 0;
     side_errors<float>(s, e32, d32);
     side_errors<Eigen::half>(s, e16, d16, &growth);
     side_errors<Eigen::bfloat16>(s, eb, db);
-    std::printf("%-22s %6s | %10.2e %10.2e %10.2e %10.2e %10.2e |\n", s.name.c_str(), "f32", e32[0], e32[1], e32[2], e32[3], d32);
-    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e | est. %.2fx\n", s.name.c_str(), "f16", e16[0] / d16, e16[1] / d16,
-                e16[2] / d16, e16[3] / d16, d16, growth);
-    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e |\n", s.name.c_str(), "bf16", eb[0] / db, eb[1] / db, eb[2] / db,
-                eb[3] / db, db);
-    INFO(s.name << ": f32 " << e32[2] << ", f16 " << e16[0] << " " << e16[1] << " " << e16[2] << ", bf16 " << eb[0] << " "
-                << eb[1] << " " << eb[2]);
+    std::printf("%-22s %6s | %10.2e %10.2e %10.2e %10.2e %10.2e |\n", s.name.c_str(), "f32", e32[0], e32[1], e32[2],
+                e32[3], d32);
+    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e | est. %.2fx\n", s.name.c_str(), "f16", e16[0] / d16,
+                e16[1] / d16, e16[2] / d16, e16[3] / d16, d16, growth);
+    std::printf("%-22s %6s | %9.2fx %9.2fx %9.2fx %9.2fx %10.2e |\n", s.name.c_str(), "bf16", eb[0] / db, eb[1] / db,
+                eb[2] / db, eb[3] / db, db);
+    INFO(s.name << ": f32 " << e32[2] << ", f16 " << e16[0] << " " << e16[1] << " " << e16[2] << ", bf16 " << eb[0]
+                << " " << eb[1] << " " << eb[2]);
     // FP32: at the rounding level of the format (the paper's FP32 claim), 2e-7 relative.
     CHECK(e32[2] <= 2e-7);
     // 16-bit: the shared pivot is never worse than first-r or residual-min on these weights.
@@ -323,21 +331,23 @@ TEST_CASE("slm4096 layer 0 attention on real text: BD (Q/K and V/O) equals dense
     REQUIRE(id != std::string::npos);
     double mean = 0, var = 0;
     std::vector<double> v(static_cast<std::size_t>(E));
-    for (index_t j = 0; j < E; ++j) v[j] = double(m.tok(static_cast<index_t>(id), j)) + double(m.pos(t, j)), mean += v[j];
+    for (index_t j = 0; j < E; ++j)
+      v[j] = double(m.tok(static_cast<index_t>(id), j)) + double(m.pos(t, j)), mean += v[j];
     mean /= double(E);
     for (index_t j = 0; j < E; ++j) var += (v[j] - mean) * (v[j] - mean);
     var /= double(E);
     for (index_t j = 0; j < E; ++j)
       x(t, j) = float((v[j] - mean) / std::sqrt(var + 1e-5) * double(L.ln1_w(0, j)) + double(L.ln1_b(0, j)));
   }
-  const matrix<float> wq = xw_form(L.c_attn_w, 0, E), wk = xw_form(L.c_attn_w, E, E), wv = xw_form(L.c_attn_w, 2 * E, E),
-                      wo = xw_form(L.c_proj_w, 0, E);
+  const matrix<float> wq = xw_form(L.c_attn_w, 0, E), wk = xw_form(L.c_attn_w, E, E),
+                      wv = xw_form(L.c_attn_w, 2 * E, E), wo = xw_form(L.c_proj_w, 0, E);
   const float* b = L.c_attn_b.data();
   bd::mha_weights<float> w{wq.view(), wk.view(), wv.view(), wo.view(), b, b + E, b + 2 * E, L.c_proj_b.data()};
   bd::mha_config cfg{E, H, H, E / H};
   ref::mha_params rp;
   rp.wq = test::to_double(wq), rp.wk = test::to_double(wk), rp.wv = test::to_double(wv), rp.wo = test::to_double(wo);
-  rp.bq = test::to_double(matrix_view<const float>(b, 1, E)), rp.bk = test::to_double(matrix_view<const float>(b + E, 1, E));
+  rp.bq = test::to_double(matrix_view<const float>(b, 1, E)),
+  rp.bk = test::to_double(matrix_view<const float>(b + E, 1, E));
   rp.bv = test::to_double(matrix_view<const float>(b + 2 * E, 1, E)), rp.bo = test::to_double(L.c_proj_b);
   rp.heads = H, rp.kv_heads = H, rp.d = E / H;
   const Eigen::MatrixXd want = ref::mha(rp, test::to_double(x));
@@ -351,10 +361,12 @@ TEST_CASE("slm4096 layer 0 attention on real text: BD (Q/K and V/O) equals dense
   const double ed = test::rel_error(test::to_double(yd), want), eb = test::rel_error(test::to_double(yb), want);
   const score_stats sc = attention_scores(rp, test::to_double(x));
   const double tol = layer_tolerance(sc.kappa, E, E / H, n);
-  std::printf("slm4096 layer 0 attention, fp32: dense error %.3g (%.1f u), BD error %.3g (%.1f u), BD vs dense %.3g, bytes %zu vs %zu;"
-              " max |score| %.2f, kappa %.2f, tolerance %.1f u\n",
-              ed, ed / test::u<float>(), eb, eb / test::u<float>(), test::rel_error(test::to_double(yb), test::to_double(yd)), Lb.bytes(),
-              Lb.dense_bytes(), sc.max_abs, sc.kappa, tol / test::u<float>());
+  std::printf(
+      "slm4096 layer 0 attention, fp32: dense error %.3g (%.1f u), BD error %.3g (%.1f u), BD vs dense %.3g, bytes %zu "
+      "vs %zu;"
+      " max |score| %.2f, kappa %.2f, tolerance %.1f u\n",
+      ed, ed / test::u<float>(), eb, eb / test::u<float>(), test::rel_error(test::to_double(yb), test::to_double(yd)),
+      Lb.bytes(), Lb.dense_bytes(), sc.max_abs, sc.kappa, tol / test::u<float>());
   // layer_tolerance's error model (its comment), kappa measured on this input: 127.5 u. Measured
   // dense 3.8 u, BD 8.0 u (AVX-512 build), 4.4 u, 8.6 u (generic x86-64 build).
   CHECK(ed <= tol);
@@ -375,8 +387,8 @@ TEST_CASE("stories260K layer 0 GQA attention with RoPE on real tokens: BD on V/O
     const double inv = 1.0 / std::sqrt(ss / double(D) + 1e-5);
     for (index_t j = 0; j < D; ++j) x(t, j) = float(double(m.tok(ids[t], j)) * inv * double(m.rms_att(0, j)));
   }
-  const matrix<float> wq = xw_form(m.wq[0], 0, D), wk = xw_form(m.wk[0], 0, Hkv * hd), wv = xw_form(m.wv[0], 0, Hkv * hd),
-                      wo = xw_form(m.wo[0], 0, D);
+  const matrix<float> wq = xw_form(m.wq[0], 0, D), wk = xw_form(m.wk[0], 0, Hkv * hd),
+                      wv = xw_form(m.wv[0], 0, Hkv * hd), wo = xw_form(m.wo[0], 0, D);
   bd::mha_weights<float> w{wq.view(), wk.view(), wv.view(), wo.view()};
   bd::mha_config cfg{D, H, Hkv, hd};
   cfg.use_rope = true;
@@ -395,9 +407,11 @@ TEST_CASE("stories260K layer 0 GQA attention with RoPE on real tokens: BD on V/O
   const double ed = test::rel_error(test::to_double(yd), want), eb = test::rel_error(test::to_double(yb), want);
   const score_stats sc = attention_scores(rp, test::to_double(x));
   const double tol = layer_tolerance(sc.kappa, D, hd, n);
-  std::printf("stories260K layer 0 attention, fp32: dense error %.3g (%.1f u), BD error %.3g (%.1f u), bytes %zu vs %zu;"
-              " max |score| %.2f, kappa %.2f, tolerance %.1f u\n",
-              ed, ed / test::u<float>(), eb, eb / test::u<float>(), Lb.bytes(), Lb.dense_bytes(), sc.max_abs, sc.kappa, tol / test::u<float>());
+  std::printf(
+      "stories260K layer 0 attention, fp32: dense error %.3g (%.1f u), BD error %.3g (%.1f u), bytes %zu vs %zu;"
+      " max |score| %.2f, kappa %.2f, tolerance %.1f u\n",
+      ed, ed / test::u<float>(), eb, eb / test::u<float>(), Lb.bytes(), Lb.dense_bytes(), sc.max_abs, sc.kappa,
+      tol / test::u<float>());
   // layer_tolerance's error model (its comment), kappa measured on this input: 308.7 u. Measured
   // dense 8.8 u, BD 9.6 u (AVX-512 build), 9.7 u, 10.6 u (generic x86-64 build).
   CHECK(ed <= tol);
@@ -516,17 +530,19 @@ ratio rms_ratio(const std::vector<double>& a, const std::vector<double>& c, cons
 /// it holds or fails by the machine). bd16, d16, d32: per-token NLL of the BD fp16, dense fp16 and
 /// dense fp32 models; g: the worst bd::measure_product_errors ratio over the BD model's layers and
 /// sides.
-void check_fp16_paired(const char* name, const ppl_result& bd16, const ppl_result& d16, const ppl_result& d32, double g) {
+void check_fp16_paired(const char* name, const ppl_result& bd16, const ppl_result& d16, const ppl_result& d32,
+                       double g) {
   const std::vector<std::size_t> blocks = sequence_blocks(d32);
   const std::vector<double> dbd = difference(bd16, d16), dst = difference(d16, d32);
   const paired p = paired_difference(dbd, blocks), e = paired_difference(dst, blocks);
   const ratio r = rms_ratio(dbd, dst, blocks);
   const double bound = std::sqrt(1 + std::max(g * g, 1.0));
-  std::printf("%s per-token NLL differences (%zu tokens; mean +- standard error over %zu sequences as blocks, RMS):\n"
-              "  BD - dense, fp16:        %+.3e +- %.3e, RMS %.3e (mean / SE %+.2f)\n"
-              "  dense fp16 - dense fp32: %+.3e +- %.3e, RMS %.3e\n"
-              "  RMS ratio (BD - dense fp16) / (dense fp16 - fp32): %.3f +- %.3f; g %.3f, bound sqrt(1 + max(g^2, 1)) = %.3f\n",
-              name, dbd.size(), p.blocks, p.mean, p.se, p.rms, p.mean / p.se, e.mean, e.se, e.rms, r.value, r.se, g, bound);
+  std::printf(
+      "%s per-token NLL differences (%zu tokens; mean +- standard error over %zu sequences as blocks, RMS):\n"
+      "  BD - dense, fp16:        %+.3e +- %.3e, RMS %.3e (mean / SE %+.2f)\n"
+      "  dense fp16 - dense fp32: %+.3e +- %.3e, RMS %.3e\n"
+      "  RMS ratio (BD - dense fp16) / (dense fp16 - fp32): %.3f +- %.3f; g %.3f, bound sqrt(1 + max(g^2, 1)) = %.3f\n",
+      name, dbd.size(), p.blocks, p.mean, p.se, p.rms, p.mean / p.se, e.mean, e.se, e.rms, r.value, r.se, g, bound);
   INFO(name << ": mean " << p.mean << " +- " << p.se << ", RMS ratio " << r.value << " +- " << r.se << ", g " << g);
   REQUIRE(p.blocks >= 32);  // whole sequences: 1,273 documents or 32 windows
   // (a) The perplexity change, exp(mean) - 1 = mean to 1e-9, within the paper's FP16 figure,
@@ -577,7 +593,8 @@ TEST_CASE("stories260K: the llama2.c reader, tokenizer and forward pass reproduc
   // positions run the same computation on logits of the same size); the reference picked e, its
   // argmax, so here lg[e] >= ref[e] - eps >= ref[v] - eps >= lg[v] - 2 eps for every v.
   const std::string want_text =
-      " Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
+      " Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+      "a big, red ball.";
   const std::vector<std::int32_t> ids = tok.encode(want_text.substr(1), true);
   REQUIRE(ids.size() > prompt.size());
   CHECK(std::equal(prompt.begin(), prompt.end(), ids.begin()));
@@ -598,9 +615,10 @@ TEST_CASE("stories260K: the llama2.c reader, tokenizer and forward pass reproduc
     if (margin < min_margin) min_margin = margin, worst_step = steps;
     if (steps == 0) std::printf("stories260K first greedy step: token %d by %.4f over the runner-up\n", int(e), margin);
   }
-  std::printf("stories260K greedy continuation by teacher forcing: %zu steps, the expected token the strict argmax at %zu;"
-              " smallest margin over the runner-up %.4g (step %zu); tolerance -%.1e\n",
-              steps, strict, min_margin, worst_step, tol);
+  std::printf(
+      "stories260K greedy continuation by teacher forcing: %zu steps, the expected token the strict argmax at %zu;"
+      " smallest margin over the runner-up %.4g (step %zu); tolerance -%.1e\n",
+      steps, strict, min_margin, worst_step, tol);
   INFO("smallest margin " << min_margin << " at step " << worst_step);
   // Measured (AVX-512 and generic x86-64 builds alike): the expected token is the strict argmax at
   // all 40 steps, by at least 0.133 (step 16), 330 times tol.
@@ -620,7 +638,8 @@ namespace {
 /// 1..n-1 without cross-line context. SOURCE.txt's reference splits multi-byte characters into
 /// bytes (98,201 tokens); run.c's own encoder looks them up whole first (97,590 tokens on this text).
 template <class T>
-ppl_result stories_perplexity(const models::llama_model<T>& m, const io::llama2c_tokenizer& tok, const std::vector<std::string>& lines) {
+ppl_result stories_perplexity(const models::llama_model<T>& m, const io::llama2c_tokenizer& tok,
+                              const std::vector<std::string>& lines) {
   ppl_result r;
   for (const auto& line : lines) r.add(m, tok.encode(line, true, false));
   return r;
@@ -643,7 +662,9 @@ double worst_product_error_ratio(const io::llama2c_checkpoint& ck, const models:
 }
 }  // namespace
 
-TEST_CASE("stories260K perplexity on the whole TinyStories sample: dense reproduces 7.6402, BD changes it at rounding level") {
+TEST_CASE(
+    "stories260K perplexity on the whole TinyStories sample: dense reproduces 7.6402, BD changes it at rounding "
+    "level") {
   const auto ck = io::read_llama2c(stories_path);
   const auto tok = io::read_llama2c_tokenizer(stories_tok, ck.config.vocab_size);
   const auto lines = nonempty_lines(tinystories);
@@ -659,11 +680,14 @@ TEST_CASE("stories260K perplexity on the whole TinyStories sample: dense reprodu
   const ppl_result d16 = stories_perplexity(models::llama_model<Eigen::half>::from_llama2c(ck, false), tok, lines);
   const auto m16bd = models::llama_model<Eigen::half>::from_llama2c(ck, true);
   const ppl_result b16 = stories_perplexity(m16bd, tok, lines);
-  const double c32 = std::exp(bd32.mean()) / std::exp(dense.mean()) - 1, c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
+  const double c32 = std::exp(bd32.mean()) / std::exp(dense.mean()) - 1,
+               c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
   const paired p32 = paired_difference(difference(bd32, dense), sequence_blocks(dense));
-  std::printf("stories260K ppl: fp32 dense %.6f, BD %.6f (%+.5f%%; per token %+.3e +- %.3e, RMS %.3e); fp16 dense %.6f, BD %.6f (%+.5f%%)\n",
-              std::exp(dense.mean()), std::exp(bd32.mean()), 100 * c32, p32.mean, p32.se, p32.rms, std::exp(d16.mean()),
-              std::exp(b16.mean()), 100 * c16);
+  std::printf(
+      "stories260K ppl: fp32 dense %.6f, BD %.6f (%+.5f%%; per token %+.3e +- %.3e, RMS %.3e); fp16 dense %.6f, BD "
+      "%.6f (%+.5f%%)\n",
+      std::exp(dense.mean()), std::exp(bd32.mean()), 100 * c32, p32.mean, p32.se, p32.rms, std::exp(d16.mean()),
+      std::exp(b16.mean()), 100 * c16);
   // fp32: BD is an exact reparametrisation; the paper's FP32 figure, +0.0004%, as the bound.
   // Measured +4.1e-8 (AVX-512 build) and -4.7e-8 (generic x86-64 build): 85x below it.
   CHECK(std::abs(c32) <= 4e-6);
@@ -677,7 +701,8 @@ template <class T>
 ppl_result slm_perplexity(const models::gpt2_model<T>& m, const std::vector<std::int32_t>& ids) {
   ppl_result r;
   for (std::size_t s = 0; s + 1 < ids.size(); s += 128)
-    r.add(m, std::vector<std::int32_t>(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(std::min(s + 129, ids.size()))));
+    r.add(m, std::vector<std::int32_t>(ids.begin() + std::ptrdiff_t(s),
+                                       ids.begin() + std::ptrdiff_t(std::min(s + 129, ids.size()))));
   return r;
 }
 std::vector<std::int32_t> slm_ids() {
@@ -700,8 +725,8 @@ double worst_product_error_ratio(const models::gpt2_model<T>& m) {
   double g = 0;
   for (index_t l = 0; l < s.n_layer; ++l) {
     const auto& L = s.layers[std::size_t(l)];
-    const matrix<float> wq = xw_form(L.c_attn_w, 0, E), wk = xw_form(L.c_attn_w, E, E), wv = xw_form(L.c_attn_w, 2 * E, E),
-                        wo = xw_form(L.c_proj_w, 0, E);
+    const matrix<float> wq = xw_form(L.c_attn_w, 0, E), wk = xw_form(L.c_attn_w, E, E),
+                        wv = xw_form(L.c_attn_w, 2 * E, E), wo = xw_form(L.c_proj_w, 0, E);
     const float* b = L.c_attn_b.data();
     const bd::mha_weights<float> w{wq.view(), wk.view(), wv.view(), wo.view(), b, b + E, b + 2 * E, L.c_proj_b.data()};
     const bd::product_errors e = bd::measure_product_errors(w, m.attn[std::size_t(l)]);
@@ -711,7 +736,9 @@ double worst_product_error_ratio(const models::gpt2_model<T>& m) {
 }
 }  // namespace
 
-TEST_CASE("slm4096: the GPT-2 forward pass reproduces SOURCE.txt, and BD on Q/K and V/O changes perplexity at rounding level") {
+TEST_CASE(
+    "slm4096: the GPT-2 forward pass reproduces SOURCE.txt, and BD on Q/K and V/O changes perplexity at rounding "
+    "level") {
   const auto ids = slm_ids();
   REQUIRE(ids.size() == 4096);
   const auto dense = models::gpt2_model<float>::from_flat_file(slm_path, false);
@@ -725,11 +752,14 @@ TEST_CASE("slm4096: the GPT-2 forward pass reproduces SOURCE.txt, and BD on Q/K 
   const ppl_result d16 = slm_perplexity(models::gpt2_model<Eigen::half>::from_flat_file(slm_path, false), ids);
   const auto m16bd = models::gpt2_model<Eigen::half>::from_flat_file(slm_path, true);
   const ppl_result b16 = slm_perplexity(m16bd, ids);
-  const double c32 = std::exp(b32.mean()) / std::exp(d32.mean()) - 1, c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
+  const double c32 = std::exp(b32.mean()) / std::exp(d32.mean()) - 1,
+               c16 = std::exp(b16.mean()) / std::exp(d16.mean()) - 1;
   const paired p32 = paired_difference(difference(b32, d32), sequence_blocks(d32));
-  std::printf("slm4096 ppl: fp32 dense %.6f, BD %.6f (%+.5f%%; per token %+.3e +- %.3e, RMS %.3e); fp16 dense %.6f, BD %.6f (%+.5f%%)\n",
-              std::exp(d32.mean()), std::exp(b32.mean()), 100 * c32, p32.mean, p32.se, p32.rms, std::exp(d16.mean()),
-              std::exp(b16.mean()), 100 * c16);
+  std::printf(
+      "slm4096 ppl: fp32 dense %.6f, BD %.6f (%+.5f%%; per token %+.3e +- %.3e, RMS %.3e); fp16 dense %.6f, BD %.6f "
+      "(%+.5f%%)\n",
+      std::exp(d32.mean()), std::exp(b32.mean()), 100 * c32, p32.mean, p32.se, p32.rms, std::exp(d16.mean()),
+      std::exp(b16.mean()), 100 * c16);
   // fp32: BD is an exact reparametrisation; the paper's FP32 figure, +0.0004%, as the bound.
   // Measured -4.3e-10 (AVX-512 build) and -3.6e-9 (generic x86-64 build): 1,000x below it.
   CHECK(std::abs(c32) <= 4e-6);

@@ -78,7 +78,8 @@ std::uint64_t fnv1a(const std::vector<std::int32_t>& ids) {
 /// Logits of window [s, s + len] (its first len tokens, positions from 0) and their NLL on tokens
 /// s + 1 .. s + len.
 template <class M>
-matrix<float> window_logits(const M& m, const std::vector<std::int32_t>& ids, std::size_t s, std::size_t len, double& nll) {
+matrix<float> window_logits(const M& m, const std::vector<std::int32_t>& ids, std::size_t s, std::size_t len,
+                            double& nll) {
   const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(s + len + 1));
   matrix<float> lg = m.logits(std::vector<std::int32_t>(w.begin(), w.end() - 1));
   nll += models::nll_sum(lg, w);
@@ -88,7 +89,8 @@ matrix<float> window_logits(const M& m, const std::vector<std::int32_t>& ids, st
 /// NLL of every predicted token of window [s, s + len] (its first len tokens, positions from 0),
 /// appended to `out`; returns the logits.
 template <class M>
-matrix<float> window_nll(const M& m, const std::vector<std::int32_t>& ids, std::size_t s, std::size_t len, std::vector<double>& out) {
+matrix<float> window_nll(const M& m, const std::vector<std::int32_t>& ids, std::size_t s, std::size_t len,
+                         std::vector<double>& out) {
   const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(s + len + 1));
   matrix<float> lg = m.logits(std::vector<std::int32_t>(w.begin(), w.end() - 1));
   for (index_t t = 0; t < index_t(len); ++t) {  // as models::nll_sum, one token at a time
@@ -121,7 +123,8 @@ pair_result compare_bd(const std::vector<std::int32_t>& ids, std::size_t len) {
   pair_result r;
   for (std::size_t s = 0; s + len + 1 <= ids.size(); s += len + 1) {
     const matrix<float> a = window_nll(dense, ids, s, len, r.dense), b = window_nll(bd, ids, s, len, r.bd);
-    for (index_t i = 0; i < a.size(); ++i) r.max_dlogit = std::max(r.max_dlogit, double(std::abs(a.data()[i] - b.data()[i])));
+    for (index_t i = 0; i < a.size(); ++i)
+      r.max_dlogit = std::max(r.max_dlogit, double(std::abs(a.data()[i] - b.data()[i])));
   }
   return r;
 }
@@ -138,13 +141,15 @@ inline paired paired_difference(const std::vector<double>& x, const std::vector<
   REQUIRE(x.size() == y.size());
   paired p;
   const std::size_t n = x.size();
-  for (std::size_t t = 0; t < n; ++t) p.mean += (x[t] - y[t]) / double(n), p.rms += (x[t] - y[t]) * (x[t] - y[t]) / double(n);
+  for (std::size_t t = 0; t < n; ++t)
+    p.mean += (x[t] - y[t]) / double(n), p.rms += (x[t] - y[t]) * (x[t] - y[t]) / double(n);
   p.rms = std::sqrt(p.rms);
   p.blocks = n / block;
   double var = 0;
   for (std::size_t b = 0; b < p.blocks; ++b) {
     double m = 0, sq = 0;
-    for (std::size_t t = b * block; t < (b + 1) * block; ++t) m += (x[t] - y[t]) / double(block), sq += (x[t] - y[t]) * (x[t] - y[t]);
+    for (std::size_t t = b * block; t < (b + 1) * block; ++t)
+      m += (x[t] - y[t]) / double(block), sq += (x[t] - y[t]) * (x[t] - y[t]);
     var += (m - p.mean) * (m - p.mean) / double(p.blocks - 1);
     p.block_rms.push_back(std::sqrt(sq / double(block)));
   }
@@ -177,10 +182,13 @@ TEST_CASE("SmolLM2 tokenizer: GGUF metadata, hand-checked merges, ids of an inde
   CHECK(tok.pre_tokenize("I'm they'll x'S") == std::vector<std::string>{"I", "'m", " they", "'ll", " x", "'", "S"});
   // Ids from Hugging Face `tokenizers` with the same vocabulary, merges and pre-tokenizer.
   CHECK(tok.encode("Hello world") == std::vector<std::int32_t>{19556, 905});
-  CHECK(tok.encode("naïve café résumé façade") == std::vector<std::int32_t>{3546, 46494, 37366, 412, 2756, 5422, 2756, 40852});
+  CHECK(tok.encode("naïve café résumé façade") ==
+        std::vector<std::int32_t>{3546, 46494, 37366, 412, 2756, 5422, 2756, 40852});
   CHECK(tok.encode("numbers 2000 and 3.14159 and 1,000,000") ==
-        std::vector<std::int32_t>{28707, 216, 34, 32, 32, 32, 284, 216, 35, 30, 33, 36, 33, 37, 41, 284, 216, 33, 28, 32, 32, 32, 28, 32, 32, 32});
-  CHECK(tok.encode("  leading   spaces\tand\ttabs  ") == std::vector<std::int32_t>{216, 2899, 256, 5600, 197, 397, 197, 100, 7366, 256});
+        std::vector<std::int32_t>{28707, 216, 34,  32,  32, 32, 284, 216, 35, 30, 33, 36, 33,
+                                  37,    41,  284, 216, 33, 28, 32,  32,  32, 28, 32, 32, 32});
+  CHECK(tok.encode("  leading   spaces\tand\ttabs  ") ==
+        std::vector<std::int32_t>{216, 2899, 256, 5600, 197, 397, 197, 100, 7366, 256});
   CHECK(tok.encode("<|im_start|>user\nhi<|im_end|>") ==  // special tokens are plain text here
         std::vector<std::int32_t>{44, 108, 306, 79, 3738, 108, 46, 4093, 198, 6004, 44, 108, 306, 79, 486, 108, 46});
   // The whole test split: 304,830 ids, the same sequence (FNV-1a) as the independent BPE.
@@ -189,13 +197,15 @@ TEST_CASE("SmolLM2 tokenizer: GGUF metadata, hand-checked merges, ids of an inde
   CHECK(ids.size() == 304830);
   CHECK(fnv1a(ids) == 0x416277b5a58221d1ull);
   CHECK(tok.decode(ids) == all);
-  for (const std::string s : {"", " ", "Zürich – Genève — “quotes” …", "日本語のテキスト、句読点。", "emoji 😀👍🏽 ok",
-                              "e\u0301 combining, NBSP\u00a0and\u2009thin", "def f(a, b):\n    return a**b\n\n\n"})
+  for (const std::string s :
+       {"", " ", "Zürich – Genève — “quotes” …", "日本語のテキスト、句読点。", "emoji 😀👍🏽 ok",
+        "e\u0301 combining, NBSP\u00a0and\u2009thin", "def f(a, b):\n    return a**b\n\n\n"})
     CHECK(tok.decode(tok.encode(s)) == s);
   // A byte without a one-byte token (SmolLM2 has none for 0x04) takes part in no merge and is dropped
   // ("ab" alone is one token); the independent BPE gives the same a, b.
   CHECK(tok.encode("ab") == std::vector<std::int32_t>{tok.id_of("ab")});
-  CHECK(tok.encode("a\x04" "b") == std::vector<std::int32_t>{tok.id_of("a"), tok.id_of("b")});
+  CHECK(tok.encode("a\x04"
+                   "b") == std::vector<std::int32_t>{tok.id_of("a"), tok.id_of("b")});
 }
 
 TEST_CASE("SmolLM2 tokenizer: malformed metadata raises errc::io or errc::unsupported") {
@@ -223,14 +233,14 @@ TEST_CASE("SmolLM2 tokenizer: malformed metadata raises errc::io or errc::unsupp
   // A working toy: "a b" then "ab c".
   const bpe_tokenizer toy(with({"ab", "abc"}), {"a b", "ab c"}, split);
   CHECK(toy.encode("abcab") == std::vector<std::int32_t>{257, 256});
-  CHECK(code_of([&] { bpe_tokenizer(with({"ab"}), {"ab"}, split); }) == errc::io);          // no separating space
-  CHECK(code_of([&] { bpe_tokenizer(with({"ab"}), {"a  b"}, split); }) == errc::io);        // two spaces
-  CHECK(code_of([&] { bpe_tokenizer(with({}), {"a b"}, split); }) == errc::io);             // result not a token
-  CHECK(code_of([&] { bpe_tokenizer(with({"ab", "ab"}), {}, split); }) == errc::io);       // duplicate token
-  CHECK(code_of([&] { bpe_tokenizer(with({""}), {}, split); }) == errc::io);              // empty token
+  CHECK(code_of([&] { bpe_tokenizer(with({"ab"}), {"ab"}, split); }) == errc::io);    // no separating space
+  CHECK(code_of([&] { bpe_tokenizer(with({"ab"}), {"a  b"}, split); }) == errc::io);  // two spaces
+  CHECK(code_of([&] { bpe_tokenizer(with({}), {"a b"}, split); }) == errc::io);       // result not a token
+  CHECK(code_of([&] { bpe_tokenizer(with({"ab", "ab"}), {}, split); }) == errc::io);  // duplicate token
+  CHECK(code_of([&] { bpe_tokenizer(with({""}), {}, split); }) == errc::io);          // empty token
   std::vector<std::string> no_a = bytes;
   no_a['a'] = "zz";
-  CHECK(code_of([&] { bpe_tokenizer(no_a, {}, split); }) == errc::io);                    // printable byte missing
+  CHECK(code_of([&] { bpe_tokenizer(no_a, {}, split); }) == errc::io);  // printable byte missing
   io::gguf_file f;
   CHECK(code_of([&] { bpe_tokenizer::from_gguf(f); }) == errc::io);  // no tokenizer.ggml.model
   f.metadata["tokenizer.ggml.model"].type = io::gguf_value::kind::string;
@@ -244,7 +254,9 @@ TEST_CASE("SmolLM2 tokenizer: malformed metadata raises errc::io or errc::unsupp
   CHECK(code_of([&] { bpe_tokenizer::from_gguf(f); }) == errc::io);  // no tokens array
 }
 
-TEST_CASE("SmolLM2 forward: logits match an independent float64 reference, shuffled tokens and the other RoPE pairing are far worse") {
+TEST_CASE(
+    "SmolLM2 forward: logits match an independent float64 reference, shuffled tokens and the other RoPE pairing are "
+    "far worse") {
   const auto t0 = std::chrono::steady_clock::now();
   auto m = models::llama_model<float>::from_gguf(smollm2(), false);
   std::printf("SmolLM2 fp32 load + prepare: %.2f s\n", seconds_since(t0));
@@ -259,8 +271,8 @@ TEST_CASE("SmolLM2 forward: logits match an independent float64 reference, shuff
   CHECK(m.rms_eps == Approx(1e-5).epsilon(1e-6));
   // The numpy float64 reference (see the top): argmax and logits at 5 positions of 24 tokens.
   const std::vector<std::int32_t> ids24 = wikitext_tokens(24);
-  CHECK(ids24 == std::vector<std::int32_t>{446, 6356, 389, 9226, 352, 446, 216, 2738, 6356, 389, 9226, 352, 314, 354, 2321, 4771,
-                                           3297, 8552, 284, 16984, 17523, 1673, 909, 761});
+  CHECK(ids24 == std::vector<std::int32_t>{446, 6356, 389,  9226, 352,  446,  216, 2738,  6356,  389,  9226, 352,
+                                           314, 354,  2321, 4771, 3297, 8552, 284, 16984, 17523, 1673, 909,  761});
   const matrix<float> lg = m.logits(ids24);
   struct ref {
     index_t t, v;
@@ -291,14 +303,18 @@ TEST_CASE("SmolLM2 forward: logits match an independent float64 reference, shuff
   for (auto& a : m.attn) a.config.rope.style = rope_style::half;
   double nll_h = 0;
   window_logits(m, ids, 0, len, nll_h);
-  const double ppl = std::exp(nll / double(len)), ppl_s = std::exp(nll_s / double(len)), ppl_h = std::exp(nll_h / double(len));
-  std::printf("SmolLM2 fp32, first %zu tokens: ppl %.4f; shuffled tokens %.2f; rotate-half RoPE pairing %.2f (%.1f s in all)\n",
-              ids.size(), ppl, ppl_s, ppl_h, seconds_since(t0));
+  const double ppl = std::exp(nll / double(len)), ppl_s = std::exp(nll_s / double(len)),
+               ppl_h = std::exp(nll_h / double(len));
+  std::printf(
+      "SmolLM2 fp32, first %zu tokens: ppl %.4f; shuffled tokens %.2f; rotate-half RoPE pairing %.2f (%.1f s in all)\n",
+      ids.size(), ppl, ppl_s, ppl_h, seconds_since(t0));
   CHECK(ppl_s > 5 * ppl);
   CHECK(ppl_h > 3 * ppl);
 }
 
-TEST_CASE("SmolLM2 on wikitext-2: sane dense perplexity, and BD on V/O (shared pivot) changes it at rounding level in fp32 and fp16") {
+TEST_CASE(
+    "SmolLM2 on wikitext-2: sane dense perplexity, and BD on V/O (shared pivot) changes it at rounding level in fp32 "
+    "and fp16") {
   // The first 1,024 tokens of the test split, 2 windows of 512 (positions from 0), 1,022 predictions.
   const std::vector<std::int32_t> ids = wikitext_tokens(2 * 512);
   const auto t0 = std::chrono::steady_clock::now();
@@ -311,15 +327,18 @@ TEST_CASE("SmolLM2 on wikitext-2: sane dense perplexity, and BD on V/O (shared p
                e16 = paired_difference(r16.dense, r32.dense, 73);
   std::printf("SmolLM2 fp32, %zu predicted tokens: dense ppl %.6f, BD %.6f (%+.6f%%), max |dlogit| %.3g (%.1f s)\n", n,
               r32.dense_ppl(), r32.bd_ppl(), 100 * r32.change(), r32.max_dlogit, s32);
-  std::printf("SmolLM2 fp16, %zu predicted tokens: dense ppl %.6f (%+.4f%% vs fp32), BD %.6f (%+.6f%%), max |dlogit| %.3g (%.1f s)\n",
-              n, r16.dense_ppl(), 100 * (r16.dense_ppl() / r32.dense_ppl() - 1), r16.bd_ppl(), 100 * r16.change(), r16.max_dlogit,
-              seconds_since(t0) - s32);
-  std::printf("per-token NLL differences (mean +- standard error over %zu blocks, RMS):\n"
-              "  BD - dense, fp32:          %+.3e +- %.3e, RMS %.3e\n"
-              "  BD - dense, fp16:          %+.3e +- %.3e, RMS %.3e (mean / SE %+.2f)\n"
-              "  dense fp16 - dense fp32:   %+.3e +- %.3e, RMS %.3e (BD fp16 RMS / this RMS: %.3f)\n",
-              p16.blocks, p32.mean, p32.se, p32.rms, p16.mean, p16.se, p16.rms, p16.mean / p16.se, e16.mean, e16.se, e16.rms,
-              p16.rms / e16.rms);
+  std::printf(
+      "SmolLM2 fp16, %zu predicted tokens: dense ppl %.6f (%+.4f%% vs fp32), BD %.6f (%+.6f%%), max |dlogit| %.3g "
+      "(%.1f s)\n",
+      n, r16.dense_ppl(), 100 * (r16.dense_ppl() / r32.dense_ppl() - 1), r16.bd_ppl(), 100 * r16.change(),
+      r16.max_dlogit, seconds_since(t0) - s32);
+  std::printf(
+      "per-token NLL differences (mean +- standard error over %zu blocks, RMS):\n"
+      "  BD - dense, fp32:          %+.3e +- %.3e, RMS %.3e\n"
+      "  BD - dense, fp16:          %+.3e +- %.3e, RMS %.3e (mean / SE %+.2f)\n"
+      "  dense fp16 - dense fp32:   %+.3e +- %.3e, RMS %.3e (BD fp16 RMS / this RMS: %.3f)\n",
+      p16.blocks, p32.mean, p32.se, p32.rms, p16.mean, p16.se, p16.rms, p16.mean / p16.se, e16.mean, e16.se, e16.rms,
+      p16.rms / e16.rms);
   double lo = INFINITY, hi = 0;
   for (std::size_t b = 0; b < p16.blocks; ++b)
     lo = std::min(lo, p16.block_rms[b] / e16.block_rms[b]), hi = std::max(hi, p16.block_rms[b] / e16.block_rms[b]);

@@ -126,8 +126,7 @@ struct run_result {
 };
 
 template <class T>
-run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, tens<T>& out,
-                       const support::options& o) {
+run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, tens<T>& out, const support::options& o) {
   run_result r;
   r.plan = support::make_plan(cpu{}, q.c(), k.c(), o);
   r.rep = support::run(cpu{}, r.plan, q.c(), k.c(), v.c(), out.v);
@@ -167,7 +166,8 @@ double poly_condition(const support::plan& p) {
     for (const auto& pp : head) {
       if (pp.degree == 0) continue;
       double s = 0;
-      for (std::size_t t = 0; t < pp.poly.coef.size(); ++t) s += std::abs(pp.poly.coef[t]) * std::pow(pp.bound, double(t));
+      for (std::size_t t = 0; t < pp.poly.coef.size(); ++t)
+        s += std::abs(pp.poly.coef[t]) * std::pow(pp.bound, double(t));
       worst = std::max(worst, std::exp(2 * pp.bound) * s);
     }
   return worst;
@@ -219,7 +219,8 @@ TEST_CASE("support: polynomial part alone is within its fitted error", "[support
     for (const int deg : {1, 2}) {
       problem pr;
       test::seed(10 + deg);
-      tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+      tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+          out(pr.n_q, pr.h_q, pr.d_v);
       q.fill(0.3);
       k.fill(0.3);
       v.fill(1.0);
@@ -252,7 +253,8 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
   problem pr;
   test::seed(3);
   for (const bool causal : {false, true}) {
-    tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+    tens<double> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+        out(pr.n_q, pr.h_q, pr.d_v);
     q.fill(1.0);
     k.fill(1.0);
     v.fill(1.0);
@@ -273,7 +275,8 @@ TEST_CASE("support: threshold 0 puts every row in the supports: exact to roundin
   }
   // float and half storage (float arithmetic).
   {
-    tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+    tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+        out(pr.n_q, pr.h_q, pr.d_v);
     q.fill(1.0);
     k.fill(1.0);
     v.fill(1.0);
@@ -339,7 +342,8 @@ TEST_CASE("support: mixed supports, causal (end-aligned) and non-causal, GQA", "
 TEST_CASE("support: float storage with the same data stays within the fitted error", "[support]") {
   problem pr;
   test::seed(21);
-  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+      out(pr.n_q, pr.h_q, pr.d_v);
   q.fill(0.1, 0.15, 20);
   k.fill(0.1, 0.15, 20);
   v.fill(1.0);
@@ -388,8 +392,8 @@ TEST_CASE("support: multi-threshold error falls as levels are added", "[support]
   o.block = 32;
   const Eigen::MatrixXd want = oracle(q, k, v, o);
   std::vector<double> errs;
-  for (const std::vector<double>& lv : {std::vector<double>{1.2}, std::vector<double>{0.3, 1.2},
-                                        std::vector<double>{0.02, 0.05, 0.1, 0.3, 0.6, 1.2}}) {
+  for (const std::vector<double>& lv :
+       {std::vector<double>{1.2}, std::vector<double>{0.3, 1.2}, std::vector<double>{0.02, 0.05, 0.1, 0.3, 0.6, 1.2}}) {
     tens<double> out(n, h, dv);
     o.levels = lv;
     const run_result r = run_support(q, k, v, out, o);
@@ -599,7 +603,8 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
   attention(cpu{}, q.c(), k.c(), v.c(), exact2.v, ao2);
   CHECK(out2.buf == exact2.buf);
   const Eigen::MatrixXd want = oracle(q, k, v, o);
-  CHECK(rel_error(out2.to_double(), want) <= exact_tolerance(test::u<float>(), test::u<float>(), score_scale(q, k, o), d, n));
+  CHECK(rel_error(out2.to_double(), want) <=
+        exact_tolerance(test::u<float>(), test::u<float>(), score_scale(q, k, o), d, n));
 
   // d = 1, every q and k entry 1, scale 320: every score is B = 320. The degree-1 fit interpolates exp
   // at +-B/sqrt(2), so p(B) e^{-B} ~ 1.2 e^{-94} ~ 1.8e-41: a positive float denormal, whose inverse
@@ -648,8 +653,8 @@ TEST_CASE("support: a loose bound in float storage gives no non-finite output", 
 TEST_CASE("support: caller-owned workspace gives the same result as the allocating overload", "[support]") {
   problem pr;
   test::seed(29);
-  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), a(pr.n_q, pr.h_q, pr.d_v),
-      b(pr.n_q, pr.h_q, pr.d_v);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+      a(pr.n_q, pr.h_q, pr.d_v), b(pr.n_q, pr.h_q, pr.d_v);
   q.fill(0.1, 0.1, 20);
   k.fill(0.1, 0.1, 20);
   v.fill(1.0);
@@ -691,7 +696,8 @@ TEST_CASE("support: caller-owned workspace gives the same result as the allocati
 TEST_CASE("support: bad input", "[support]") {
   problem pr;
   test::seed(31);
-  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v), out(pr.n_q, pr.h_q, pr.d_v);
+  tens<float> q(pr.n_q, pr.h_q, pr.d), k(pr.n_kv, pr.h_kv, pr.d), v(pr.n_kv, pr.h_kv, pr.d_v),
+      out(pr.n_q, pr.h_q, pr.d_v);
   q.fill(0.1);
   k.fill(0.1);
   v.fill(1.0);
@@ -704,14 +710,22 @@ TEST_CASE("support: bad input", "[support]") {
   };
   expect_error([&] { plan_with(opt([](auto& o) { o.threshold = -1; })); }, errc::invalid_argument, "threshold");
   expect_error([&] { plan_with(opt([](auto& o) { o.threshold = NAN; })); }, errc::invalid_argument, "threshold");
-  expect_error([&] { plan_with(opt([](auto& o) { o.levels = {0.5, 0.5}; })); }, errc::invalid_argument,
+  expect_error([&] { plan_with(opt([](auto& o) {
+                       o.levels = {0.5, 0.5};
+                     })); }, errc::invalid_argument,
                "strictly increasing");
   expect_error([&] { plan_with(opt([](auto& o) { o.levels = {-0.5, 0.5}; })); }, errc::invalid_argument, "levels[0]");
   expect_error([&] { plan_with(opt([](auto& o) { o.max_degree = 0; })); }, errc::invalid_argument, "max_degree");
   expect_error([&] { plan_with(opt([](auto& o) { o.max_degree = 9; })); }, errc::invalid_argument, "max_degree");
   expect_error([&] { plan_with(opt([](auto& o) { o.target_error = 0; })); }, errc::invalid_argument, "target_error");
-  expect_error([&] { plan_with(opt([](auto& o) { o.sketch = true; o.sketch_size = 0; })); }, errc::invalid_argument,
-               "sketch_size");
+  expect_error(
+      [&] {
+        plan_with(opt([](auto& o) {
+          o.sketch = true;
+          o.sketch_size = 0;
+        }));
+      },
+      errc::invalid_argument, "sketch_size");
   expect_error([&] { plan_with(opt([](auto& o) { o.tolerance = NAN; })); }, errc::invalid_argument, "tolerance");
   expect_error([&] { plan_with(opt([](auto& o) { o.tolerance = -1; })); }, errc::invalid_argument, "tolerance");
   expect_error([&] { plan_with(opt([](auto& o) { o.block = 0; })); }, errc::invalid_argument, "block");
@@ -730,7 +744,8 @@ TEST_CASE("support: bad input", "[support]") {
   const support::plan p = support::make_plan(cpu{}, q.c(), k.c());
   tens<float> out_bad(pr.n_q, pr.h_q, pr.d_v + 1), v_short(pr.n_kv - 1, pr.h_kv, pr.d_v);
   v_short.fill(1.0);
-  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out_bad.v); }, errc::shape_mismatch, "out has extents");
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out_bad.v); }, errc::shape_mismatch,
+               "out has extents");
   expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v_short.c(), out.v); }, errc::shape_mismatch, "n_kv");
   {
     tens<float> q2(pr.n_q - 1, pr.h_q, pr.d), out2(pr.n_q - 1, pr.h_q, pr.d_v);
@@ -772,5 +787,6 @@ TEST_CASE("support: bad input", "[support]") {
   expect_error([&] { support::make_plan(cpu{}, q.c(), k.c()); }, errc::non_finite, "k has a non-finite value");
   k.v(5, 0, 1) = k501;
   v.v(7, 1, 0) = NAN;
-  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v); }, errc::non_finite, "v has a non-finite value");
+  expect_error([&] { support::run(cpu{}, p, q.c(), k.c(), v.c(), out.v); }, errc::non_finite,
+               "v has a non-finite value");
 }

@@ -91,8 +91,8 @@ namespace io = basisattn::io;
 struct layer_capture {
   index_t layer = 0;
   index_t n = 0, h_q = 0, h_kv = 0, d = 0, d_v = 0;
-  double scale = 0;    ///< the softmax scale the model applies to q.k (not folded into q)
-  bool causal = true;  ///< query i sees keys 0..i
+  double scale = 0;                 ///< the softmax scale the model applies to q.k (not folded into q)
+  bool causal = true;               ///< query i sees keys 0..i
   std::vector<float> q, k, v, out;  ///< [n, h_q, d], [n, h_kv, d], [n, h_kv, d_v], [n, h_q, d_v]
   /// ||W_O out - a|| / ||a|| (Frobenius) with a the model's attention block output: 0 when the
   /// capture reproduces the model's forward exactly.
@@ -288,19 +288,22 @@ inline std::vector<std::int32_t> stories260k_tokens(const io::llama2c_tokenizer&
 /// stories260K's captures on n TinyStories tokens (n <= 512, its context), or nothing (why says
 /// which file is missing).
 inline std::optional<model_capture> load_stories260k_capture(const std::string& shared_dir, index_t n, std::string& why,
-                                                             index_t offset = 0, const std::vector<index_t>& layers = {}) {
+                                                             index_t offset = 0,
+                                                             const std::vector<index_t>& layers = {}) {
   const stories260k_paths p(shared_dir);
   if (!detail::all_present({p.model, p.tokenizer, p.text}, " (set the shared folder holding models/ and data/)", why))
     return std::nullopt;
   const io::llama2c_checkpoint ck = io::read_llama2c(p.model);
-  BASISATTN_REQUIRE(n >= 1 && n <= ck.config.seq_len, invalid_argument, "stories260K: n = ", n, " outside its context 1..",
-                    ck.config.seq_len);
+  BASISATTN_REQUIRE(n >= 1 && n <= ck.config.seq_len, invalid_argument, "stories260K: n = ", n,
+                    " outside its context 1..", ck.config.seq_len);
   const io::llama2c_tokenizer tok = io::read_llama2c_tokenizer(p.tokenizer, ck.config.vocab_size);
   const auto m = models::llama_model<float>::from_llama2c(ck, false);
   model_capture c;
   c.model = "stories260K";
-  c.text = "TinyStories sample, [BOS]+line concatenated, tokens " + std::to_string(offset) + ".." + std::to_string(offset + n - 1);
-  c.positions = "RoPE, adjacent pairs (2i, 2i+1), base " + detail::fmt_g(m.attn.front().config.rope.theta) + ", positions 0..n-1";
+  c.text = "TinyStories sample, [BOS]+line concatenated, tokens " + std::to_string(offset) + ".." +
+           std::to_string(offset + n - 1);
+  c.positions =
+      "RoPE, adjacent pairs (2i, 2i+1), base " + detail::fmt_g(m.attn.front().config.rope.theta) + ", positions 0..n-1";
   c.ids = stories260k_tokens(tok, p.text, n, offset);
   c.layers = capture_attention(m, c.ids, layers);
   return c;
@@ -312,12 +315,13 @@ inline std::optional<model_capture> load_stories260k_capture(const std::string& 
 struct smollm2_paths {
   std::string model, text;
   smollm2_paths(const std::string& model_cache, const std::string& shared_dir)
-      : model(model_cache + "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), text(shared_dir + "/data/wikitext-2-raw/wiki.test.raw") {}
+      : model(model_cache + "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        text(shared_dir + "/data/wikitext-2-raw/wiki.test.raw") {}
 };
 
 /// Tokens [offset, offset + n) of wiki.test.raw from its first byte (bytes as stored), no BOS.
-inline std::vector<std::int32_t> wikitext_tokens(const models::bpe_tokenizer& tok, const std::string& text_path, index_t n,
-                                                 index_t offset = 0) {
+inline std::vector<std::int32_t> wikitext_tokens(const models::bpe_tokenizer& tok, const std::string& text_path,
+                                                 index_t n, index_t offset = 0) {
   BASISATTN_REQUIRE(n >= 1 && offset >= 0, invalid_argument, "wikitext_tokens: n ", n, ", offset ", offset);
   const std::string text = detail::read_text(text_path);
   // Encode a prefix long enough (BPE of a prefix can differ from the whole text only in its last
@@ -334,18 +338,21 @@ inline std::vector<std::int32_t> wikitext_tokens(const models::bpe_tokenizer& to
 }
 
 /// SmolLM2-135M's captures on n WikiText-2 test tokens (n <= the file's context length), or nothing.
-inline std::optional<model_capture> load_smollm2_capture(const std::string& model_cache, const std::string& shared_dir, index_t n,
-                                                         std::string& why, index_t offset = 0,
+inline std::optional<model_capture> load_smollm2_capture(const std::string& model_cache, const std::string& shared_dir,
+                                                         index_t n, std::string& why, index_t offset = 0,
                                                          const std::vector<index_t>& layers = {}) {
   const smollm2_paths p(model_cache, shared_dir);
-  if (!detail::all_present({p.model, p.text}, " (the GGUF comes from scripts/fetch-models.sh)", why)) return std::nullopt;
+  if (!detail::all_present({p.model, p.text}, " (the GGUF comes from scripts/fetch-models.sh)", why))
+    return std::nullopt;
   const io::gguf_file f = io::read_gguf(p.model);
   const auto m = models::llama_model<float>::from_gguf(f, false);
-  BASISATTN_REQUIRE(n >= 1 && n <= m.cfg.seq_len, invalid_argument, "SmolLM2: n = ", n, " outside its context 1..", m.cfg.seq_len);
+  BASISATTN_REQUIRE(n >= 1 && n <= m.cfg.seq_len, invalid_argument, "SmolLM2: n = ", n, " outside its context 1..",
+                    m.cfg.seq_len);
   const models::bpe_tokenizer tok = models::bpe_tokenizer::from_gguf(f);
   model_capture c;
   c.model = "SmolLM2-135M";
-  c.text = "WikiText-2 raw test, byte-level BPE, no BOS, tokens " + std::to_string(offset) + ".." + std::to_string(offset + n - 1);
+  c.text = "WikiText-2 raw test, byte-level BPE, no BOS, tokens " + std::to_string(offset) + ".." +
+           std::to_string(offset + n - 1);
   c.positions = "RoPE, adjacent pairs of the GGUF-permuted heads (= HF rotate-half), base " +
                 detail::fmt_g(m.attn.front().config.rope.theta) + ", positions 0..n-1";
   c.ids = wikitext_tokens(tok, p.text, n, offset);
@@ -367,7 +374,8 @@ inline std::vector<std::int32_t> slm4096_tokens(const std::string& corpus_path, 
   const std::string vocab = "\n ,-.026:?ABCDEFGHILMOPQRSTWabcdefghijklmnopqrstuvwxyz";
   const std::string text = detail::read_text(corpus_path);
   BASISATTN_REQUIRE(n >= 1 && offset >= 0 && static_cast<std::size_t>(offset + n) <= text.size(), invalid_argument,
-                    "slm4096_tokens: characters [", offset, ", ", offset + n, ") outside the ", text.size(), " of ", corpus_path);
+                    "slm4096_tokens: characters [", offset, ", ", offset + n, ") outside the ", text.size(), " of ",
+                    corpus_path);
   std::vector<std::int32_t> ids;
   for (index_t i = offset; i < offset + n; ++i) {
     const auto id = vocab.find(text[static_cast<std::size_t>(i)]);

@@ -47,7 +47,8 @@ struct weights {
     basisattn::matrix<float> wk(kv_lora_rank, heads * qk_nope);
     for (index_t i = 0; i < kv_lora_rank; ++i)
       for (index_t h = 0; h < heads; ++h)
-        for (index_t j = 0; j < qk_nope; ++j) wk(i, h * qk_nope + j) = wkv_b[std::size_t(i * heads * (qk_nope + v_head) + h * (qk_nope + v_head) + j)];
+        for (index_t j = 0; j < qk_nope; ++j)
+          wk(i, h * qk_nope + j) = wkv_b[std::size_t(i * heads * (qk_nope + v_head) + h * (qk_nope + v_head) + j)];
     return wk;
   }
   basisattn::bd::mla_weights<float> views() const {

@@ -48,8 +48,8 @@ struct bert_config {
     const nlohmann::json j = nlohmann::json::parse(bytes.begin(), bytes.end(), nullptr, /*allow_exceptions=*/false);
     BASISATTN_REQUIRE(!j.is_discarded() && j.is_object(), io, path, ": not a JSON object");
     auto count = [&](const char* key) {
-      BASISATTN_REQUIRE(j.contains(key) && j[key].is_number_integer() && j[key].get<std::int64_t>() > 0, io, path, ": '", key,
-                        "' must be a positive integer");
+      BASISATTN_REQUIRE(j.contains(key) && j[key].is_number_integer() && j[key].get<std::int64_t>() > 0, io, path,
+                        ": '", key, "' must be a positive integer");
       return static_cast<index_t>(j[key].get<std::int64_t>());
     };
     auto text = [&](const char* key, const char* fallback) {
@@ -65,14 +65,17 @@ struct bert_config {
     c.intermediate_size = count("intermediate_size");
     c.max_positions = count("max_position_embeddings");
     c.type_vocab_size = count("type_vocab_size");
-    BASISATTN_REQUIRE(j.contains("layer_norm_eps") && j["layer_norm_eps"].is_number() && j["layer_norm_eps"].get<double>() > 0,
-                      io, path, ": 'layer_norm_eps' must be a positive number");
+    BASISATTN_REQUIRE(
+        j.contains("layer_norm_eps") && j["layer_norm_eps"].is_number() && j["layer_norm_eps"].get<double>() > 0, io,
+        path, ": 'layer_norm_eps' must be a positive number");
     c.layer_norm_eps = j["layer_norm_eps"].get<double>();
     BASISATTN_REQUIRE(c.hidden_size % c.n_heads == 0, io, path, ": hidden_size ", c.hidden_size,
                       " is not a multiple of num_attention_heads ", c.n_heads);
     const std::string act = text("hidden_act", "gelu"), pos = text("position_embedding_type", "absolute");
-    BASISATTN_REQUIRE(act == "gelu", unsupported, path, ": hidden_act '", act, "' (only the erf GELU, \"gelu\", is implemented)");
-    BASISATTN_REQUIRE(pos == "absolute", unsupported, path, ": position_embedding_type '", pos, "' (only \"absolute\")");
+    BASISATTN_REQUIRE(act == "gelu", unsupported, path, ": hidden_act '", act,
+                      "' (only the erf GELU, \"gelu\", is implemented)");
+    BASISATTN_REQUIRE(pos == "absolute", unsupported, path, ": position_embedding_type '", pos,
+                      "' (only \"absolute\")");
     return c;
   }
 };
@@ -97,14 +100,14 @@ struct bert_model {
     const index_t E = cfg.hidden_size, F = cfg.intermediate_size;
     auto mat = [&](const std::string& name, index_t rows, index_t cols) {
       const io::tensor_info& t = f.get(pre + name);
-      BASISATTN_REQUIRE(t.shape.size() == 2 && t.shape[0] == std::uint64_t(rows) && t.shape[1] == std::uint64_t(cols), io,
-                        "bert: tensor '", t.name, "' should be ", rows, "x", cols);
+      BASISATTN_REQUIRE(t.shape.size() == 2 && t.shape[0] == std::uint64_t(rows) && t.shape[1] == std::uint64_t(cols),
+                        io, "bert: tensor '", t.name, "' should be ", rows, "x", cols);
       return io::as_matrix(t, f.bytes);
     };
     auto vec = [&](const std::string& name, index_t n) {
       const io::tensor_info& t = f.get(pre + name);
-      BASISATTN_REQUIRE(t.shape.size() == 1 && t.shape[0] == std::uint64_t(n), io, "bert: tensor '", t.name, "' should have ",
-                        n, " values");
+      BASISATTN_REQUIRE(t.shape.size() == 1 && t.shape[0] == std::uint64_t(n), io, "bert: tensor '", t.name,
+                        "' should have ", n, " values");
       return io::to_float(t, f.bytes);
     };
     bert_model m;
@@ -122,13 +125,17 @@ struct bert_model {
     for (index_t l = 0; l < cfg.n_layers; ++l) {
       const std::string p = "encoder.layer." + std::to_string(l) + ".";
       // PyTorch Linear weights are (out, in); the layers want y = x W, i.e. the transposes.
-      const matrix<float> wq = mat(p + "attention.self.query.weight", E, E), wk = mat(p + "attention.self.key.weight", E, E),
-                          wv = mat(p + "attention.self.value.weight", E, E), wo = mat(p + "attention.output.dense.weight", E, E);
+      const matrix<float> wq = mat(p + "attention.self.query.weight", E, E),
+                          wk = mat(p + "attention.self.key.weight", E, E),
+                          wv = mat(p + "attention.self.value.weight", E, E),
+                          wo = mat(p + "attention.output.dense.weight", E, E);
       const std::vector<float> bq = vec(p + "attention.self.query.bias", E), bk = vec(p + "attention.self.key.bias", E),
-                               bv = vec(p + "attention.self.value.bias", E), bo = vec(p + "attention.output.dense.bias", E);
+                               bv = vec(p + "attention.self.value.bias", E),
+                               bo = vec(p + "attention.output.dense.bias", E);
       // With BD on Q/K, b_K is carried through the basis change by prepare_mha (b_K A_S^-1); its
       // contribution q . b_K is the same for every key and cancels in the softmax either way.
-      bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(), bq.data(), bk.data(), bv.data(), bo.data()};
+      bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(),
+                               bq.data(),     bk.data(),     bv.data(),     bo.data()};
       m.attn.push_back(bd::prepare_mha<T>(w, ac, ao));
       m.attn_ln_w.push_back(vec(p + "attention.output.LayerNorm.weight", E));
       m.attn_ln_b.push_back(vec(p + "attention.output.LayerNorm.bias", E));
@@ -150,8 +157,8 @@ struct bert_model {
     matrix<float> x(n, E);
     for (index_t t = 0; t < n; ++t) {
       const std::int32_t id = ids[std::size_t(t)];
-      BASISATTN_REQUIRE(id >= 0 && id < cfg.vocab_size, invalid_argument, "bert: token id ", id, " outside the vocabulary of ",
-                        cfg.vocab_size);
+      BASISATTN_REQUIRE(id >= 0 && id < cfg.vocab_size, invalid_argument, "bert: token id ", id,
+                        " outside the vocabulary of ", cfg.vocab_size);
       for (index_t j = 0; j < E; ++j) x(t, j) = word(id, j) + pos(t, j) + type(0, j);
     }
     x = layer_norm<float>(x, emb_ln_w, emb_ln_b, cfg.layer_norm_eps);

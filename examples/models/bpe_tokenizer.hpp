@@ -207,7 +207,8 @@ class bpe_tokenizer {
       std::size_t end = seg + 1;
       const bool digit_alone = split_ == pre_split::digits_then_gpt2 && c[seg].cls == detail::char_class::number;
       if (!digit_alone)
-        while (end < c.size() && !(split_ == pre_split::digits_then_gpt2 && c[end].cls == detail::char_class::number)) ++end;
+        while (end < c.size() && !(split_ == pre_split::digits_then_gpt2 && c[end].cls == detail::char_class::number))
+          ++end;
       for (std::size_t i = seg; i < end;) {
         const std::size_t len = detail::gpt2_match(c, i, end);
         pieces.push_back(text.substr(c[i].begin, c[i + len - 1].end - c[i].begin));
@@ -251,8 +252,8 @@ class bpe_tokenizer {
   std::vector<std::string> tokens_;
   pre_split split_;
   std::unordered_map<std::string, std::int32_t> vocab_;
-  std::vector<std::int32_t> byte_token_;                        // byte -> id of its one-byte token
-  std::unordered_map<std::uint32_t, unsigned char> unbyte_;     // mapped code point -> byte
+  std::vector<std::int32_t> byte_token_;                                             // byte -> id of its one-byte token
+  std::unordered_map<std::uint32_t, unsigned char> unbyte_;                          // mapped code point -> byte
   std::unordered_map<std::uint64_t, std::pair<std::int32_t, std::int32_t>> merges_;  // (l, r) -> (rank, id)
 
   static std::uint64_t pair_key(std::int32_t l, std::int32_t r) {
@@ -260,8 +261,8 @@ class bpe_tokenizer {
   }
 
   void build_vocab() {
-    BASISATTN_REQUIRE(!tokens_.empty() && tokens_.size() < (std::size_t(1) << 31), io, "bpe_tokenizer: ", tokens_.size(),
-                      " tokens");
+    BASISATTN_REQUIRE(!tokens_.empty() && tokens_.size() < (std::size_t(1) << 31), io,
+                      "bpe_tokenizer: ", tokens_.size(), " tokens");
     for (std::size_t i = 0; i < tokens_.size(); ++i) {
       BASISATTN_REQUIRE(!tokens_[i].empty(), io, "bpe_tokenizer: token ", i, " is empty");
       BASISATTN_REQUIRE(vocab_.emplace(tokens_[i], std::int32_t(i)).second, io, "bpe_tokenizer: token '", tokens_[i],
@@ -287,8 +288,9 @@ class bpe_tokenizer {
     for (std::size_t r = 0; r < merges.size(); ++r) {
       const std::string& m = merges[r];
       const std::size_t sp = m.find(' ');
-      BASISATTN_REQUIRE(sp != std::string::npos && sp > 0 && sp + 1 < m.size() && m.find(' ', sp + 1) == std::string::npos, io,
-                        "bpe_tokenizer: merge ", r, " ('", m, "') is not two tokens separated by one space");
+      BASISATTN_REQUIRE(
+          sp != std::string::npos && sp > 0 && sp + 1 < m.size() && m.find(' ', sp + 1) == std::string::npos, io,
+          "bpe_tokenizer: merge ", r, " ('", m, "') is not two tokens separated by one space");
       const std::string l = m.substr(0, sp), rt = m.substr(sp + 1);
       const std::int32_t li = id_of(l), ri = id_of(rt), mi = id_of(l + rt);
       BASISATTN_REQUIRE(li >= 0 && ri >= 0 && mi >= 0, io, "bpe_tokenizer: merge ", r, " ('", m,

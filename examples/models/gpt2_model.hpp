@@ -25,7 +25,8 @@ namespace models {
 
 /// LayerNorm over each row (weight and bias; GPT-2 uses eps 1e-5), result rounded to T.
 template <class T>
-matrix<T> layer_norm(const matrix<float>& x, const std::vector<float>& w, const std::vector<float>& b, double eps = 1e-5) {
+matrix<T> layer_norm(const matrix<float>& x, const std::vector<float>& w, const std::vector<float>& b,
+                     double eps = 1e-5) {
   matrix<T> out(x.rows(), x.cols());
   for (index_t t = 0; t < x.rows(); ++t) {
     double mean = 0, var = 0;
@@ -58,12 +59,13 @@ struct gpt2_model {
     const std::int32_t version = r.i32("version");
     m.vocab = r.i32("vocab"), m.block = r.i32("block"), m.n_layer = r.i32("n_layer"), m.n_head = r.i32("n_head");
     m.n_embd = r.i32("n_embd"), m.n_ff = r.i32("n_ff");
-    BASISATTN_REQUIRE(version == 1 && m.vocab > 0 && m.block > 0 && m.n_layer > 0 && m.n_head > 0 && m.n_embd > 0 && m.n_ff > 0 &&
-                          m.n_embd % m.n_head == 0,
+    BASISATTN_REQUIRE(version == 1 && m.vocab > 0 && m.block > 0 && m.n_layer > 0 && m.n_head > 0 && m.n_embd > 0 &&
+                          m.n_ff > 0 && m.n_embd % m.n_head == 0,
                       io, path, ": bad header");
     auto mat = [&](index_t rows, index_t cols, const char* what) {
       matrix<float> x(rows, cols);
-      std::memcpy(x.data(), r.take(io::checked_mul(std::uint64_t(rows * cols), 4, what), what), std::size_t(rows * cols) * 4);
+      std::memcpy(x.data(), r.take(io::checked_mul(std::uint64_t(rows * cols), 4, what), what),
+                  std::size_t(rows * cols) * 4);
       return x;
     };
     auto vec = [&](index_t n, const char* what) {
@@ -85,8 +87,9 @@ struct gpt2_model {
       const matrix<float> c_proj = mat(E, E, "c_proj.w");
       const std::vector<float> c_proj_b = vec(E, "c_proj.b");
       const auto all = c_attn.view().t();  // E x 3E in y = x W form
-      bd::mha_weights<float> w{all.block(0, 0, E, E), all.block(0, E, E, E), all.block(0, 2 * E, E, E), c_proj.view().t(),
-                               c_attn_b.data(), c_attn_b.data() + E, c_attn_b.data() + 2 * E, c_proj_b.data()};
+      bd::mha_weights<float> w{all.block(0, 0, E, E),   all.block(0, E, E, E), all.block(0, 2 * E, E, E),
+                               c_proj.view().t(),       c_attn_b.data(),       c_attn_b.data() + E,
+                               c_attn_b.data() + 2 * E, c_proj_b.data()};
       m.attn.push_back(bd::prepare_mha<T>(w, ac, ao));
       m.ln2_w.push_back(vec(E, "ln_2.w"));
       m.ln2_b.push_back(vec(E, "ln_2.b"));

@@ -92,7 +92,8 @@ inline std::vector<float> gguf_vector(const io::gguf_file& f, const std::string&
 /// A positive integer from GGUF metadata, as index_t (errc::io when 0 or huge).
 inline index_t gguf_dim(const io::gguf_file& f, const std::string& key) {
   const std::uint64_t v = f.get_u64(key);
-  BASISATTN_REQUIRE(v > 0 && v < (std::uint64_t(1) << 31), io, "gguf: metadata '", key, "' = ", v, " is not a usable size");
+  BASISATTN_REQUIRE(v > 0 && v < (std::uint64_t(1) << 31), io, "gguf: metadata '", key, "' = ", v,
+                    " is not a usable size");
   return static_cast<index_t>(v);
 }
 
@@ -115,7 +116,8 @@ inline io::llama2c_config gguf_llama_config(const io::gguf_file& f) {
   k.vocab_size = static_cast<index_t>(emb.shape[0]);
   k.shared_classifier = f.find("output.weight") == nullptr;
   BASISATTN_REQUIRE(k.dim % k.n_heads == 0 && k.n_heads % k.n_kv_heads == 0 && k.head_dim() % 2 == 0, io,
-                    "gguf: ", k.n_heads, " heads, ", k.n_kv_heads, " kv heads do not divide dim ", k.dim, " into even head dims");
+                    "gguf: ", k.n_heads, " heads, ", k.n_kv_heads, " kv heads do not divide dim ", k.dim,
+                    " into even head dims");
   if (f.has("llama.rope.dimension_count"))
     BASISATTN_REQUIRE(f.get_u64("llama.rope.dimension_count") == std::uint64_t(k.head_dim()), unsupported,
                       "gguf: partial RoPE (llama.rope.dimension_count ", f.get_u64("llama.rope.dimension_count"),
@@ -128,12 +130,12 @@ struct llama_model {
   io::llama2c_config cfg;
   double rope_theta = 10000.0;  // RoPE frequency base
   double rms_eps = 1e-5;        // RMSNorm epsilon
-  matrix<float> embedding;  // vocab x dim
+  matrix<float> embedding;      // vocab x dim
   std::vector<std::vector<float>> rms_att, rms_ffn;
   std::vector<float> rms_final;
   std::vector<bd::mha_layer<T>> attn;
   std::vector<bd::dense_projection<T>> w1, w3, w2;  // y = x W
-  bd::dense_projection<T> classifier;                // dim -> vocab
+  bd::dense_projection<T> classifier;               // dim -> vocab
 
   static llama_model from_llama2c(const io::llama2c_checkpoint& c, bool use_bd, const bd::prepare_options& prep = {}) {
     llama_model m;
@@ -171,7 +173,8 @@ struct llama_model {
     m.cfg = gguf_llama_config(f);
     const auto& k = m.cfg;
     if (f.has("llama.rope.freq_base")) m.rope_theta = f.get_f64("llama.rope.freq_base");
-    if (f.has("llama.attention.layer_norm_rms_epsilon")) m.rms_eps = f.get_f64("llama.attention.layer_norm_rms_epsilon");
+    if (f.has("llama.attention.layer_norm_rms_epsilon"))
+      m.rms_eps = f.get_f64("llama.attention.layer_norm_rms_epsilon");
     BASISATTN_REQUIRE(std::isfinite(m.rope_theta) && m.rope_theta > 0 && std::isfinite(m.rms_eps) && m.rms_eps >= 0, io,
                       "gguf: rope freq_base ", m.rope_theta, " or rms epsilon ", m.rms_eps, " out of range");
     const index_t D = k.dim, F = k.hidden_dim, QD = k.n_heads * k.head_dim(), KD = k.kv_dim();
@@ -188,8 +191,10 @@ struct llama_model {
       const std::string p = "blk." + std::to_string(l) + ".";
       m.rms_att.push_back(gguf_vector(f, p + "attn_norm.weight", D));
       m.rms_ffn.push_back(gguf_vector(f, p + "ffn_norm.weight", D));
-      const matrix<float> wq = gguf_matrix(f, p + "attn_q.weight", QD, D), wk = gguf_matrix(f, p + "attn_k.weight", KD, D),
-                          wv = gguf_matrix(f, p + "attn_v.weight", KD, D), wo = gguf_matrix(f, p + "attn_output.weight", D, QD);
+      const matrix<float> wq = gguf_matrix(f, p + "attn_q.weight", QD, D),
+                          wk = gguf_matrix(f, p + "attn_k.weight", KD, D),
+                          wv = gguf_matrix(f, p + "attn_v.weight", KD, D),
+                          wo = gguf_matrix(f, p + "attn_output.weight", D, QD);
       bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t()};
       m.attn.push_back(bd::prepare_mha<T>(w, ac, ao));
       m.w1.push_back(bd::make_dense_projection<T>(gguf_matrix(f, p + "ffn_gate.weight", F, D).view().t()));

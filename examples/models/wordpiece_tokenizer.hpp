@@ -80,8 +80,8 @@ struct wordpiece_tokenizer {
       const json& n = j["normalizer"];
       BASISATTN_REQUIRE(n.is_object() && n.contains("type") && n["type"].is_string(), io, source,
                         ": normalizer must be an object with a string 'type'");
-      BASISATTN_REQUIRE(n["type"] == "BertNormalizer", unsupported, source, ": normalizer '", n["type"].get<std::string>(),
-                        "' (only BertNormalizer is implemented)");
+      BASISATTN_REQUIRE(n["type"] == "BertNormalizer", unsupported, source, ": normalizer '",
+                        n["type"].get<std::string>(), "' (only BertNormalizer is implemented)");
       t.clean_text = flag(n, "clean_text", true, "normalizer");
       t.handle_chinese_chars = flag(n, "handle_chinese_chars", true, "normalizer");
       t.lowercase = flag(n, "lowercase", true, "normalizer");
@@ -110,11 +110,12 @@ struct wordpiece_tokenizer {
     std::vector<bool> used(n_vocab, false);
     for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
       const json& v = it.value();
-      BASISATTN_REQUIRE(v.is_number_integer() && v.get<std::int64_t>() >= 0 && v.get<std::int64_t>() < std::int64_t(n_vocab),
-                        io, source, ": model.vocab['", it.key(), "'] must be an integer id in [0, ", n_vocab, "), got ", v.dump());
+      BASISATTN_REQUIRE(
+          v.is_number_integer() && v.get<std::int64_t>() >= 0 && v.get<std::int64_t>() < std::int64_t(n_vocab), io,
+          source, ": model.vocab['", it.key(), "'] must be an integer id in [0, ", n_vocab, "), got ", v.dump());
       const std::size_t id = static_cast<std::size_t>(v.get<std::int64_t>());
-      BASISATTN_REQUIRE(!used[id], io, source, ": model.vocab gives id ", id, " to two tokens ('", t.id_to_token[id], "' and '",
-                        it.key(), "')");
+      BASISATTN_REQUIRE(!used[id], io, source, ": model.vocab gives id ", id, " to two tokens ('", t.id_to_token[id],
+                        "' and '", it.key(), "')");
       used[id] = true;
       t.id_to_token[id] = it.key();
       t.vocab.emplace(it.key(), static_cast<std::int32_t>(id));
@@ -146,8 +147,8 @@ struct wordpiece_tokenizer {
                         ": post_processor must be an object with a string 'type'");
       if (p["type"] == "BertProcessing") {
         for (const char* key : {"cls", "sep"}) {
-          BASISATTN_REQUIRE(p.contains(key) && p[key].is_array() && p[key].size() == 2 && p[key][0].is_string(), io, source,
-                            ": post_processor.", key, " must be [token, id]");
+          BASISATTN_REQUIRE(p.contains(key) && p[key].is_array() && p[key].size() == 2 && p[key][0].is_string(), io,
+                            source, ": post_processor.", key, " must be [token, id]");
         }
         cls = p["cls"][0].get<std::string>();
         sep = p["sep"][0].get<std::string>();
@@ -176,8 +177,10 @@ struct wordpiece_tokenizer {
         continue;
       }
       const std::size_t first = norm.size();
-      if (strip_accents) strip_accent_into(c, norm);
-      else norm.push_back(c);
+      if (strip_accents)
+        strip_accent_into(c, norm);
+      else
+        norm.push_back(c);
       if (lowercase)
         for (std::size_t i = first; i < norm.size(); ++i) norm[i] = to_lower(norm[i]);
     }
@@ -249,8 +252,9 @@ struct wordpiece_tokenizer {
     return false;
   }
   static bool is_whitespace(char32_t c) {  // Unicode White_Space
-    static const char32_t r[][2] = {{0x09, 0x0D}, {0x20, 0x20}, {0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680},
-                                    {0x2000, 0x200A}, {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000}};
+    static const char32_t r[][2] = {{0x09, 0x0D},     {0x20, 0x20},     {0x85, 0x85},     {0xA0, 0xA0},
+                                    {0x1680, 0x1680}, {0x2000, 0x200A}, {0x2028, 0x2029}, {0x202F, 0x202F},
+                                    {0x205F, 0x205F}, {0x3000, 0x3000}};
     return in_ranges(c, r, sizeof r / sizeof r[0]);
   }
   static bool is_control(char32_t c) {  // Cc (but \t \n \r count as white space) and BMP Cf
@@ -283,12 +287,12 @@ struct wordpiece_tokenizer {
   /// Nonspacing marks (category Mn) in the blocks of combining diacritics, Cyrillic, Hebrew,
   /// Arabic, Devanagari and the kana voicing marks: removed when stripping accents.
   static bool is_nonspacing_mark(char32_t c) {
-    static const char32_t r[][2] = {{0x300, 0x36F},   {0x483, 0x487},   {0x591, 0x5BD},   {0x5BF, 0x5BF},   {0x5C1, 0x5C2},
-                                    {0x5C4, 0x5C5},   {0x5C7, 0x5C7},   {0x610, 0x61A},   {0x64B, 0x65F},   {0x670, 0x670},
-                                    {0x900, 0x902},   {0x93A, 0x93A},   {0x93C, 0x93C},   {0x941, 0x948},   {0x94D, 0x94D},
-                                    {0x951, 0x957},   {0x962, 0x963},
-                                    {0x1AB0, 0x1ABD}, {0x1ABF, 0x1ACE}, {0x1DC0, 0x1DFF}, {0x20D0, 0x20DC}, {0x20E1, 0x20E1},
-                                    {0x20E5, 0x20F0}, {0x3099, 0x309A}, {0xFE20, 0xFE2F}};
+    static const char32_t r[][2] = {
+        {0x300, 0x36F},   {0x483, 0x487},   {0x591, 0x5BD},   {0x5BF, 0x5BF},   {0x5C1, 0x5C2},
+        {0x5C4, 0x5C5},   {0x5C7, 0x5C7},   {0x610, 0x61A},   {0x64B, 0x65F},   {0x670, 0x670},
+        {0x900, 0x902},   {0x93A, 0x93A},   {0x93C, 0x93C},   {0x941, 0x948},   {0x94D, 0x94D},
+        {0x951, 0x957},   {0x962, 0x963},   {0x1AB0, 0x1ABD}, {0x1ABF, 0x1ACE}, {0x1DC0, 0x1DFF},
+        {0x20D0, 0x20DC}, {0x20E1, 0x20E1}, {0x20E5, 0x20F0}, {0x3099, 0x309A}, {0xFE20, 0xFE2F}};
     return in_ranges(c, r, sizeof r / sizeof r[0]);
   }
   /// Appends what NFD followed by removing the nonspacing marks makes of c, for the precomposed
@@ -303,40 +307,44 @@ struct wordpiece_tokenizer {
         "................................Oo.............Uu..............."  // U+0180..U+01BF
         ".............AaIiOoUuUuUuUuUu.AaAa....GgKkOoOo..j...Gg..NnAa...."  // U+01C0..U+01FF
         "AaAaEeEeIiIiOoOoRrRrUuUuSsTt..Hh......AaEeOoOoOoOoYy............"  // U+0200..U+023F
-        "................";  // U+0240..U+024F
+        "................";                                                 // U+0240..U+024F
     static const char latin_additional[] =
-        "AaBbBbBbCcDdDdDdDdDdEeEeEeEeEeFfGgHhHhHhHhHhIiIiKkKkKkLlLlLlLlMm"  // U+1E00..U+1E3F
-        "MmMmNnNnNnNnOoOoOoOoPpPpRrRrRrRrSsSsSsSsSsTtTtTtTtUuUuUuUuUuVvVv"  // U+1E40..U+1E7F
-        "WwWwWwWwWwXxXxYyZzZzZzhtwy......AaAaAaAaAaAaAaAaAaAaAaAaEeEeEeEe"  // U+1E80..U+1EBF
+        "AaBbBbBbCcDdDdDdDdDdEeEeEeEeEeFfGgHhHhHhHhHhIiIiKkKkKkLlLlLlLlMm"   // U+1E00..U+1E3F
+        "MmMmNnNnNnNnOoOoOoOoPpPpRrRrRrRrSsSsSsSsSsTtTtTtTtUuUuUuUuUuVvVv"   // U+1E40..U+1E7F
+        "WwWwWwWwWwXxXxYyZzZzZzhtwy......AaAaAaAaAaAaAaAaAaAaAaAaEeEeEeEe"   // U+1E80..U+1EBF
         "EeEeEeEeIiIiOoOoOoOoOoOoOoOoOoOoOoOoUuUuUuUuUuUuUuYyYyYyYy......";  // U+1EC0..U+1EFF
     static_assert(sizeof latin == 0x250 - 0xC0 + 1 && sizeof latin_additional == 0x100 + 1, "one entry per code point");
     // Sorted (code point, base) pairs whose base is not ASCII.
     static const char32_t pairs[][2] = {
-        {0x1E2, 0xC6}, {0x1E3, 0xE6}, {0x1EE, 0x1B7}, {0x1EF, 0x292}, {0x1FC, 0xC6}, {0x1FD, 0xE6}, {0x1FE, 0xD8},
-        {0x1FF, 0xF8}, {0x374, 0x2B9}, {0x37E, 0x3B}, {0x385, 0xA8}, {0x386, 0x391}, {0x387, 0xB7}, {0x388, 0x395}, {0x389, 0x397},
-        {0x38A, 0x399}, {0x38C, 0x39F}, {0x38E, 0x3A5}, {0x38F, 0x3A9}, {0x390, 0x3B9}, {0x3AA, 0x399}, {0x3AB, 0x3A5},
-        {0x3AC, 0x3B1}, {0x3AD, 0x3B5}, {0x3AE, 0x3B7}, {0x3AF, 0x3B9}, {0x3B0, 0x3C5}, {0x3CA, 0x3B9}, {0x3CB, 0x3C5},
-        {0x3CC, 0x3BF}, {0x3CD, 0x3C5}, {0x3CE, 0x3C9}, {0x3D3, 0x3D2}, {0x3D4, 0x3D2}, {0x400, 0x415}, {0x401, 0x415},
-        {0x403, 0x413}, {0x407, 0x406}, {0x40C, 0x41A}, {0x40D, 0x418}, {0x40E, 0x423}, {0x419, 0x418}, {0x439, 0x438},
-        {0x450, 0x435}, {0x451, 0x435}, {0x453, 0x433}, {0x457, 0x456}, {0x45C, 0x43A}, {0x45D, 0x438}, {0x45E, 0x443},
-        {0x476, 0x474}, {0x477, 0x475}, {0x4C1, 0x416}, {0x4C2, 0x436}, {0x4D0, 0x410}, {0x4D1, 0x430}, {0x4D2, 0x410},
-        {0x4D3, 0x430}, {0x4D6, 0x415}, {0x4D7, 0x435}, {0x4DA, 0x4D8}, {0x4DB, 0x4D9}, {0x4DC, 0x416}, {0x4DD, 0x436},
-        {0x4DE, 0x417}, {0x4DF, 0x437}, {0x4E2, 0x418}, {0x4E3, 0x438}, {0x4E4, 0x418}, {0x4E5, 0x438}, {0x4E6, 0x41E},
-        {0x4E7, 0x43E}, {0x4EA, 0x4E8}, {0x4EB, 0x4E9}, {0x4EC, 0x42D}, {0x4ED, 0x44D}, {0x4EE, 0x423}, {0x4EF, 0x443},
-        {0x4F0, 0x423}, {0x4F1, 0x443}, {0x4F2, 0x423}, {0x4F3, 0x443}, {0x4F4, 0x427}, {0x4F5, 0x447}, {0x4F8, 0x42B},
-        {0x4F9, 0x44B}, {0x1E9B, 0x17F}, {0x304C, 0x304B}, {0x304E, 0x304D}, {0x3050, 0x304F}, {0x3052, 0x3051},
-        {0x3054, 0x3053}, {0x3056, 0x3055}, {0x3058, 0x3057}, {0x305A, 0x3059}, {0x305C, 0x305B}, {0x305E, 0x305D},
-        {0x3060, 0x305F}, {0x3062, 0x3061}, {0x3065, 0x3064}, {0x3067, 0x3066}, {0x3069, 0x3068}, {0x3070, 0x306F},
-        {0x3071, 0x306F}, {0x3073, 0x3072}, {0x3074, 0x3072}, {0x3076, 0x3075}, {0x3077, 0x3075}, {0x3079, 0x3078},
-        {0x307A, 0x3078}, {0x307C, 0x307B}, {0x307D, 0x307B}, {0x3094, 0x3046}, {0x309E, 0x309D}, {0x30AC, 0x30AB},
-        {0x30AE, 0x30AD}, {0x30B0, 0x30AF}, {0x30B2, 0x30B1}, {0x30B4, 0x30B3}, {0x30B6, 0x30B5}, {0x30B8, 0x30B7},
-        {0x30BA, 0x30B9}, {0x30BC, 0x30BB}, {0x30BE, 0x30BD}, {0x30C0, 0x30BF}, {0x30C2, 0x30C1}, {0x30C5, 0x30C4},
-        {0x30C7, 0x30C6}, {0x30C9, 0x30C8}, {0x30D0, 0x30CF}, {0x30D1, 0x30CF}, {0x30D3, 0x30D2}, {0x30D4, 0x30D2},
-        {0x30D6, 0x30D5}, {0x30D7, 0x30D5}, {0x30D9, 0x30D8}, {0x30DA, 0x30D8}, {0x30DC, 0x30DB}, {0x30DD, 0x30DB},
-        {0x30F4, 0x30A6}, {0x30F7, 0x30EF}, {0x30F8, 0x30F0}, {0x30F9, 0x30F1}, {0x30FA, 0x30F2}, {0x30FE, 0x30FD}};
+        {0x1E2, 0xC6},    {0x1E3, 0xE6},    {0x1EE, 0x1B7},   {0x1EF, 0x292},   {0x1FC, 0xC6},    {0x1FD, 0xE6},
+        {0x1FE, 0xD8},    {0x1FF, 0xF8},    {0x374, 0x2B9},   {0x37E, 0x3B},    {0x385, 0xA8},    {0x386, 0x391},
+        {0x387, 0xB7},    {0x388, 0x395},   {0x389, 0x397},   {0x38A, 0x399},   {0x38C, 0x39F},   {0x38E, 0x3A5},
+        {0x38F, 0x3A9},   {0x390, 0x3B9},   {0x3AA, 0x399},   {0x3AB, 0x3A5},   {0x3AC, 0x3B1},   {0x3AD, 0x3B5},
+        {0x3AE, 0x3B7},   {0x3AF, 0x3B9},   {0x3B0, 0x3C5},   {0x3CA, 0x3B9},   {0x3CB, 0x3C5},   {0x3CC, 0x3BF},
+        {0x3CD, 0x3C5},   {0x3CE, 0x3C9},   {0x3D3, 0x3D2},   {0x3D4, 0x3D2},   {0x400, 0x415},   {0x401, 0x415},
+        {0x403, 0x413},   {0x407, 0x406},   {0x40C, 0x41A},   {0x40D, 0x418},   {0x40E, 0x423},   {0x419, 0x418},
+        {0x439, 0x438},   {0x450, 0x435},   {0x451, 0x435},   {0x453, 0x433},   {0x457, 0x456},   {0x45C, 0x43A},
+        {0x45D, 0x438},   {0x45E, 0x443},   {0x476, 0x474},   {0x477, 0x475},   {0x4C1, 0x416},   {0x4C2, 0x436},
+        {0x4D0, 0x410},   {0x4D1, 0x430},   {0x4D2, 0x410},   {0x4D3, 0x430},   {0x4D6, 0x415},   {0x4D7, 0x435},
+        {0x4DA, 0x4D8},   {0x4DB, 0x4D9},   {0x4DC, 0x416},   {0x4DD, 0x436},   {0x4DE, 0x417},   {0x4DF, 0x437},
+        {0x4E2, 0x418},   {0x4E3, 0x438},   {0x4E4, 0x418},   {0x4E5, 0x438},   {0x4E6, 0x41E},   {0x4E7, 0x43E},
+        {0x4EA, 0x4E8},   {0x4EB, 0x4E9},   {0x4EC, 0x42D},   {0x4ED, 0x44D},   {0x4EE, 0x423},   {0x4EF, 0x443},
+        {0x4F0, 0x423},   {0x4F1, 0x443},   {0x4F2, 0x423},   {0x4F3, 0x443},   {0x4F4, 0x427},   {0x4F5, 0x447},
+        {0x4F8, 0x42B},   {0x4F9, 0x44B},   {0x1E9B, 0x17F},  {0x304C, 0x304B}, {0x304E, 0x304D}, {0x3050, 0x304F},
+        {0x3052, 0x3051}, {0x3054, 0x3053}, {0x3056, 0x3055}, {0x3058, 0x3057}, {0x305A, 0x3059}, {0x305C, 0x305B},
+        {0x305E, 0x305D}, {0x3060, 0x305F}, {0x3062, 0x3061}, {0x3065, 0x3064}, {0x3067, 0x3066}, {0x3069, 0x3068},
+        {0x3070, 0x306F}, {0x3071, 0x306F}, {0x3073, 0x3072}, {0x3074, 0x3072}, {0x3076, 0x3075}, {0x3077, 0x3075},
+        {0x3079, 0x3078}, {0x307A, 0x3078}, {0x307C, 0x307B}, {0x307D, 0x307B}, {0x3094, 0x3046}, {0x309E, 0x309D},
+        {0x30AC, 0x30AB}, {0x30AE, 0x30AD}, {0x30B0, 0x30AF}, {0x30B2, 0x30B1}, {0x30B4, 0x30B3}, {0x30B6, 0x30B5},
+        {0x30B8, 0x30B7}, {0x30BA, 0x30B9}, {0x30BC, 0x30BB}, {0x30BE, 0x30BD}, {0x30C0, 0x30BF}, {0x30C2, 0x30C1},
+        {0x30C5, 0x30C4}, {0x30C7, 0x30C6}, {0x30C9, 0x30C8}, {0x30D0, 0x30CF}, {0x30D1, 0x30CF}, {0x30D3, 0x30D2},
+        {0x30D4, 0x30D2}, {0x30D6, 0x30D5}, {0x30D7, 0x30D5}, {0x30D9, 0x30D8}, {0x30DA, 0x30D8}, {0x30DC, 0x30DB},
+        {0x30DD, 0x30DB}, {0x30F4, 0x30A6}, {0x30F7, 0x30EF}, {0x30F8, 0x30F0}, {0x30F9, 0x30F1}, {0x30FA, 0x30F2},
+        {0x30FE, 0x30FD}};
     if (is_nonspacing_mark(c)) return;
     if (c >= 0xC0 && c < 0x250 && latin[c - 0xC0] != '.') return out.push_back(char32_t(latin[c - 0xC0]));
-    if (c >= 0x1E00 && c < 0x1F00 && latin_additional[c - 0x1E00] != '.') return out.push_back(char32_t(latin_additional[c - 0x1E00]));
+    if (c >= 0x1E00 && c < 0x1F00 && latin_additional[c - 0x1E00] != '.')
+      return out.push_back(char32_t(latin_additional[c - 0x1E00]));
     if (c >= 0xAC00 && c <= 0xD7A3) {  // Hangul syllable -> leading consonant, vowel (, trailing consonant)
       const char32_t s = c - 0xAC00;
       out.push_back(0x1100 + s / 588), out.push_back(0x1161 + (s % 588) / 28);
@@ -347,8 +355,10 @@ struct wordpiece_tokenizer {
     std::size_t lo = 0, hi = n;
     while (lo < hi) {
       const std::size_t mid = (lo + hi) / 2;
-      if (pairs[mid][0] < c) lo = mid + 1;
-      else hi = mid;
+      if (pairs[mid][0] < c)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     out.push_back(lo < n && pairs[lo][0] == c ? pairs[lo][1] : c);
   }
@@ -356,9 +366,9 @@ struct wordpiece_tokenizer {
     if (c >= U'A' && c <= U'Z') return c + 32;
     if (c < 0xC0) return c;
     if (c <= 0xDE) return c == 0xD7 ? c : c + 0x20;  // Latin-1 capitals (not the multiplication sign)
-    if (c >= 0x100 && c <= 0x17F) {                   // Latin Extended-A: case pairs
-      if (c == 0x130) return U'i';                    // İ (HF: i + U+0307, which step 3 removes anyway)
-      if (c == 0x178) return 0xFF;                    // Ÿ
+    if (c >= 0x100 && c <= 0x17F) {                  // Latin Extended-A: case pairs
+      if (c == 0x130) return U'i';                   // İ (HF: i + U+0307, which step 3 removes anyway)
+      if (c == 0x178) return 0xFF;                   // Ÿ
       const bool odd_upper = (c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E);
       if (c == 0x138 || c == 0x149 || c == 0x17F) return c;  // ĸ, ŉ, ſ: lowercase, no pair
       return (c % 2 == 1) == odd_upper ? c + 1 : c;
@@ -372,8 +382,8 @@ struct wordpiece_tokenizer {
     if (c >= 0x400 && c <= 0x40F) return c + 0x50;  // Cyrillic Ѐ..Џ
     if (c == 0x4C0) return 0x4CF;
     if (c == 0x1E9E) return 0xDF;  // capital sharp s
-    if ((c >= 0x460 && c <= 0x481) || (c >= 0x48A && c <= 0x4BF) || (c >= 0x4D0 && c <= 0x4FF) || (c >= 0x1E00 && c <= 0x1E95) ||
-        (c >= 0x1EA0 && c <= 0x1EFF))
+    if ((c >= 0x460 && c <= 0x481) || (c >= 0x48A && c <= 0x4BF) || (c >= 0x4D0 && c <= 0x4FF) ||
+        (c >= 0x1E00 && c <= 0x1E95) || (c >= 0x1EA0 && c <= 0x1EFF))
       return c % 2 == 0 ? c + 1 : c;  // Cyrillic extensions, Latin Extended Additional: even = capital
     if (c >= 0x4C1 && c <= 0x4CE) return c % 2 == 1 ? c + 1 : c;
     return c;
@@ -387,11 +397,16 @@ struct wordpiece_tokenizer {
       const unsigned char b = static_cast<unsigned char>(s[i]);
       std::size_t len = 0;
       char32_t c = 0, min = 0;
-      if (b < 0x80) len = 1, c = b;
-      else if ((b & 0xE0) == 0xC0) len = 2, c = b & 0x1F, min = 0x80;
-      else if ((b & 0xF0) == 0xE0) len = 3, c = b & 0x0F, min = 0x800;
-      else if ((b & 0xF8) == 0xF0) len = 4, c = b & 0x07, min = 0x10000;
-      BASISATTN_REQUIRE(len != 0 && i + len <= s.size(), invalid_argument, "wordpiece_tokenizer: invalid UTF-8 at byte ", i);
+      if (b < 0x80)
+        len = 1, c = b;
+      else if ((b & 0xE0) == 0xC0)
+        len = 2, c = b & 0x1F, min = 0x80;
+      else if ((b & 0xF0) == 0xE0)
+        len = 3, c = b & 0x0F, min = 0x800;
+      else if ((b & 0xF8) == 0xF0)
+        len = 4, c = b & 0x07, min = 0x10000;
+      BASISATTN_REQUIRE(len != 0 && i + len <= s.size(), invalid_argument,
+                        "wordpiece_tokenizer: invalid UTF-8 at byte ", i);
       for (std::size_t k = 1; k < len; ++k) {
         const unsigned char cb = static_cast<unsigned char>(s[i + k]);
         BASISATTN_REQUIRE((cb & 0xC0) == 0x80, invalid_argument, "wordpiece_tokenizer: invalid UTF-8 at byte ", i + k);
@@ -411,7 +426,8 @@ struct wordpiece_tokenizer {
     } else if (c < 0x800) {
       s.push_back(char(0xC0 | (c >> 6))), s.push_back(char(0x80 | (c & 0x3F)));
     } else if (c < 0x10000) {
-      s.push_back(char(0xE0 | (c >> 12))), s.push_back(char(0x80 | ((c >> 6) & 0x3F))), s.push_back(char(0x80 | (c & 0x3F)));
+      s.push_back(char(0xE0 | (c >> 12))), s.push_back(char(0x80 | ((c >> 6) & 0x3F))),
+          s.push_back(char(0x80 | (c & 0x3F)));
     } else {
       s.push_back(char(0xF0 | (c >> 18))), s.push_back(char(0x80 | ((c >> 12) & 0x3F)));
       s.push_back(char(0x80 | ((c >> 6) & 0x3F))), s.push_back(char(0x80 | (c & 0x3F)));

@@ -59,9 +59,14 @@ bd::product_errors per_head(const bd::mha_weights<float>& w, const bd::mha_confi
     bd::mha_config cg = c;
     cg.n_heads = grp, cg.n_kv_heads = 1;
     auto off = [](const float* p, index_t k) { return p ? p + k : nullptr; };
-    const bd::mha_weights<float> wg{w.wq.block(0, g * grp * d, dm, grp * d), w.wk.block(0, g * d, dm, d), w.wv.block(0, g * d, dm, d),
-                                    w.wo.block(g * grp * d, 0, grp * d, dm), off(w.bq, g * grp * d), off(w.bk, g * d),
-                                    off(w.bv, g * d), g == 0 ? w.bo : nullptr};
+    const bd::mha_weights<float> wg{w.wq.block(0, g * grp * d, dm, grp * d),
+                                    w.wk.block(0, g * d, dm, d),
+                                    w.wv.block(0, g * d, dm, d),
+                                    w.wo.block(g * grp * d, 0, grp * d, dm),
+                                    off(w.bq, g * grp * d),
+                                    off(w.bk, g * d),
+                                    off(w.bv, g * d),
+                                    g == 0 ? w.bo : nullptr};
     const bd::product_errors e = bd::measure_product_errors(wg, bd::prepare_mha<T>(wg, cg, o));
     n[0] += e.qk * e.qk * e.qk_norm2, n[1] += e.vo * e.vo * e.vo_norm2;
     n[2] += e.qk_dense * e.qk_dense * e.qk_norm2, n[3] += e.vo_dense * e.vo_dense * e.vo_norm2;
@@ -74,13 +79,16 @@ bd::product_errors per_head(const bd::mha_weights<float>& w, const bd::mha_confi
 }
 
 template <class T>
-void measure_all(const report::model_weights& m, index_t l, std::vector<row>& rows_qk, std::vector<row>& rows_vo, int ti) {
+void measure_all(const report::model_weights& m, index_t l, std::vector<row>& rows_qk, std::vector<row>& rows_vo,
+                 int ti) {
   const auto w = m.layers[std::size_t(l)].weights();
   for (int si = 0; si < n_strategies; ++si) {
     bd::mha_options o;
     o.bd_qk = m.qk_eligible();
     o.bd_vo = true;
-    o.prepare.select = si == 0 ? bd::strategy::first_r : si == 1 ? bd::strategy::residual_min : bd::strategy::shared_pivot;
+    o.prepare.select = si == 0   ? bd::strategy::first_r
+                       : si == 1 ? bd::strategy::residual_min
+                                 : bd::strategy::shared_pivot;
     o.prepare.round = si == 3 ? bd::rounding::nearest : bd::rounding::error_aware;
     o.prepare.max_error_growth = INFINITY;  // measure, do not refuse
     try {
@@ -101,10 +109,11 @@ std::string fmt(const char* f, double v) {
 }
 
 /// The table columns: (strategy, type).
-const std::pair<int, int> columns[] = {{0, 0}, {1, 0}, {2, 0}, {0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}, {0, 2}, {1, 2}, {2, 2}, {4, 2}};
-const char* const column_names[] = {"F32 first_r", "F32 res_min", "F32 pivot", "F16 first_r", "F16 res_min", "F16 pivot",
-                                    "F16 pivot, nearest", "F16 per-head bases*", "BF16 first_r", "BF16 res_min", "BF16 pivot",
-                                    "BF16 per-head bases*"};
+const std::pair<int, int> columns[] = {{0, 0}, {1, 0}, {2, 0}, {0, 1}, {1, 1}, {2, 1},
+                                       {3, 1}, {4, 1}, {0, 2}, {1, 2}, {2, 2}, {4, 2}};
+const char* const column_names[] = {"F32 first_r",  "F32 res_min",  "F32 pivot",          "F16 first_r",
+                                    "F16 res_min",  "F16 pivot",    "F16 pivot, nearest", "F16 per-head bases*",
+                                    "BF16 first_r", "BF16 res_min", "BF16 pivot",         "BF16 per-head bases*"};
 
 /// One Markdown table per model: layer, side, then per type the strategies (16-bit: ratio to the
 /// dense rounding error; FP32: the relative error itself), and the worst layer of each model.
@@ -146,7 +155,8 @@ void write_markdown(std::ostream& md, const std::vector<row>& rows) {
     for (std::size_t c = 0; c < std::size(columns); ++c) md << " | " << cell(wv[c], columns[c].second);
     md << " |\n";
   }
-  md << "\n\\* per-head bases: each kv head with its own basis. Not what the library runs (the K/V projection would need a "
+  md << "\n\\* per-head bases: each kv head with its own basis. Not what the library runs (the K/V projection would "
+        "need a "
         "gather per head instead of one GEMM over a shared basis); shown to isolate what sharing the basis costs.\n";
 }
 
@@ -157,7 +167,8 @@ void write_csv(const std::string& path, const std::vector<row>& rows) {
     for (int si = 0; si < n_strategies; ++si)
       for (int ti = 0; ti < 3; ++ti)
         csv << r.model << "," << r.layer << "," << r.side << "," << strategy_names[si] << "," << type_names[ti] << ","
-            << fmt("%.6e", r.bd[si][ti]) << "," << fmt("%.6e", r.dense[ti]) << "," << fmt("%.4f", r.bd[si][ti] / r.dense[ti]) << "\n";
+            << fmt("%.6e", r.bd[si][ti]) << "," << fmt("%.6e", r.dense[ti]) << ","
+            << fmt("%.4f", r.bd[si][ti] / r.dense[ti]) << "\n";
 }
 
 /// ratio_f16.png: BD / dense FP16 error per layer and side, one panel-free log plot per strategy.
@@ -175,14 +186,17 @@ bool plot(const std::string& dir, const std::vector<row>& rows) {
   }
   std::string tics;  // one labelled tic where each model starts
   for (std::size_t i = 0; i < rows.size(); ++i)
-    if (i == 0 || rows[i].model != rows[i - 1].model) tics += (tics.empty() ? "" : ", ") + ("'" + rows[i].model + "' " + std::to_string(i));
+    if (i == 0 || rows[i].model != rows[i - 1].model)
+      tics += (tics.empty() ? "" : ", ") + ("'" + rows[i].model + "' " + std::to_string(i));
   std::ofstream g(dir + "/ratio_f16.gp");
   g << "set xtics (" << tics << ")\nset xtics rotate by -30\nset grid xtics\n";
   g << "set terminal pngcairo size 1600,600 noenhanced\nset output '" << dir << "/ratio_f16.png'\n"
-    << "set logscale y\nset ylabel 'BD product error / dense FP16 rounding error'\nset xlabel 'layer sides, model by model (fidelity.md lists them)'\n"
+    << "set logscale y\nset ylabel 'BD product error / dense FP16 rounding error'\nset xlabel 'layer sides, model by "
+       "model (fidelity.md lists them)'\n"
     << "set grid ytics\nset key top left\nset yrange [0.5:*]\n"
     << "set title 'BD in FP16 on every layer of the real models: first_r vs residual_min vs shared_pivot'\n"
-    << "plot '" << dat << "' using 1:2 with points pt 7 ps 0.6 title 'first_r', '' using 1:3 with points pt 5 ps 0.6 title "
+    << "plot '" << dat
+    << "' using 1:2 with points pt 7 ps 0.6 title 'first_r', '' using 1:3 with points pt 5 ps 0.6 title "
     << "'residual_min', '' using 1:5 with points pt 9 ps 0.6 title 'shared_pivot, nearest rounding', '' using 1:4 with "
        "linespoints pt 13 ps 0.8 title 'shared_pivot (default)', '' using 1:6 with points pt 6 ps 0.6 title "
        "'per-head bases (not one GEMM)', 1.5 with lines dt 2 lc rgb 'black' title '1.5x'\n";
@@ -198,10 +212,14 @@ int main(int argc, char** argv) {
   bool e2e = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--out" && i + 1 < argc) out = argv[++i];
-    else if (a == "--every" && i + 1 < argc) every = std::max(1, std::atoi(argv[++i]));
-    else if (a == "--models" && i + 1 < argc) only = argv[++i];
-    else if (a == "--no-e2e") e2e = false;
+    if (a == "--out" && i + 1 < argc)
+      out = argv[++i];
+    else if (a == "--every" && i + 1 < argc)
+      every = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--models" && i + 1 < argc)
+      only = argv[++i];
+    else if (a == "--no-e2e")
+      e2e = false;
     else {
       std::fprintf(stderr, "usage: basisattn-report [--out DIR] [--every N] [--models a,b,...] [--no-e2e]\n");
       return 2;
@@ -236,11 +254,14 @@ int main(int argc, char** argv) {
         measure_all<Eigen::half>(*m, l, qk, vo, 1);
         measure_all<Eigen::bfloat16>(*m, l, qk, vo, 2);
         const row& v = vo.back();
-        std::printf("  L%-3lld V/O fp16: first_r %6.2fx res_min %6.2fx pivot %5.2fx (nearest %5.2fx, per-head %5.2fx) | fp32 pivot %.2e",
-                    (long long)l, v.bd[0][1] / v.dense[1], v.bd[1][1] / v.dense[1], v.bd[2][1] / v.dense[1], v.bd[3][1] / v.dense[1],
-                    v.bd[4][1] / v.dense[1], v.bd[2][0]);
+        std::printf(
+            "  L%-3lld V/O fp16: first_r %6.2fx res_min %6.2fx pivot %5.2fx (nearest %5.2fx, per-head %5.2fx) | fp32 "
+            "pivot %.2e",
+            (long long)l, v.bd[0][1] / v.dense[1], v.bd[1][1] / v.dense[1], v.bd[2][1] / v.dense[1],
+            v.bd[3][1] / v.dense[1], v.bd[4][1] / v.dense[1], v.bd[2][0]);
         if (m->qk_eligible())
-          std::printf(" | Q/K fp16 pivot %5.2fx fp32 %.2e", qk.back().bd[2][1] / qk.back().dense[1], qk.back().bd[2][0]);
+          std::printf(" | Q/K fp16 pivot %5.2fx fp32 %.2e", qk.back().bd[2][1] / qk.back().dense[1],
+                      qk.back().bd[2][0]);
         std::printf("\n");
         std::fflush(stdout);
         if (m->qk_eligible()) rows.push_back(qk.back());
@@ -248,9 +269,12 @@ int main(int argc, char** argv) {
       }
     }
     std::ofstream md(out + "/fidelity.md");
-    md << "# BD fidelity on real models\n\nGenerated by `basisattn-report` (" << (every > 1 ? "every " + std::to_string(every) + " layers" : "every layer")
-       << "). Product error ||A'B' - AB|| / ||AB|| per layer side (bd/measure.hpp); FP32 columns are the relative error, "
-          "16-bit columns the ratio to the error of storing the dense weights in that type. All strategies use the default "
+    md << "# BD fidelity on real models\n\nGenerated by `basisattn-report` ("
+       << (every > 1 ? "every " + std::to_string(every) + " layers" : "every layer")
+       << "). Product error ||A'B' - AB|| / ||AB|| per layer side (bd/measure.hpp); FP32 columns are the relative "
+          "error, "
+          "16-bit columns the ratio to the error of storing the dense weights in that type. All strategies use the "
+          "default "
           "error-aware rounding unless marked 'nearest'.\n";
     if (!skipped.str().empty()) md << "\n" << skipped.str();
     write_markdown(md, rows);

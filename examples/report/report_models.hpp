@@ -67,7 +67,8 @@ inline model_weights load_slm4096(const std::string& path) {
   std::int32_t h[7];
   for (auto& x : h) x = r.i32("header");
   const index_t vocab = h[1], block = h[2], L = h[3], H = h[4], E = h[5], ff = h[6];
-  BASISATTN_REQUIRE(h[0] == 1 && vocab > 0 && block > 0 && L > 0 && H > 0 && E > 0 && ff > 0 && E % H == 0, io, path, ": bad header");
+  BASISATTN_REQUIRE(h[0] == 1 && vocab > 0 && block > 0 && L > 0 && H > 0 && E > 0 && ff > 0 && E % H == 0, io, path,
+                    ": bad header");
   auto mat = [&](index_t rows, index_t cols) {
     matrix<float> m(rows, cols);
     std::memcpy(m.data(), r.take(std::uint64_t(rows * cols) * 4, "tensor"), std::size_t(rows * cols) * 4);
@@ -87,8 +88,10 @@ inline model_weights load_slm4096(const std::string& path) {
     dense_layer d;
     d.wq = matrix<float>(E, E), d.wk = matrix<float>(E, E), d.wv = matrix<float>(E, E);
     for (index_t i = 0; i < E; ++i)
-      for (index_t j = 0; j < E; ++j) d.wq(i, j) = qkv(i, j), d.wk(i, j) = qkv(E + i, j), d.wv(i, j) = qkv(2 * E + i, j);
-    d.bq.assign(b.begin(), b.begin() + E), d.bk.assign(b.begin() + E, b.begin() + 2 * E), d.bv.assign(b.begin() + 2 * E, b.end());
+      for (index_t j = 0; j < E; ++j)
+        d.wq(i, j) = qkv(i, j), d.wk(i, j) = qkv(E + i, j), d.wv(i, j) = qkv(2 * E + i, j);
+    d.bq.assign(b.begin(), b.begin() + E), d.bk.assign(b.begin() + E, b.begin() + 2 * E),
+        d.bv.assign(b.begin() + 2 * E, b.end());
     d.wo = mat(E, E);
     d.bo = vec(E);
     vec(2 * E), mat(ff, E), vec(ff), mat(E, ff), vec(E);  // ln_2, mlp
@@ -111,7 +114,9 @@ inline std::optional<model_weights> load_model(const std::string& name, std::str
   for (const auto& n : c.layers) {
     dense_layer d;
     d.wq = c.values(n.wq), d.wk = c.values(n.wk), d.wv = c.values(n.wv), d.wo = c.values(n.wo);
-    auto bias = [&](const std::string& s) { return s.empty() ? std::vector<float>{} : io::to_float(c.get(s), c.bytes); };
+    auto bias = [&](const std::string& s) {
+      return s.empty() ? std::vector<float>{} : io::to_float(c.get(s), c.bytes);
+    };
     d.bq = bias(n.bq), d.bk = bias(n.bk), d.bv = bias(n.bv), d.bo = bias(n.bo);
     m.layers.push_back(std::move(d));
   }
@@ -155,7 +160,8 @@ inline std::vector<std::string> lines_of(const std::string& path) {
 }
 
 template <class T>
-e2e_row stories_e2e(const io::llama2c_checkpoint& ck, const io::llama2c_tokenizer& tok, const std::vector<std::string>& lines) {
+e2e_row stories_e2e(const io::llama2c_checkpoint& ck, const io::llama2c_tokenizer& tok,
+                    const std::vector<std::string>& lines) {
   const auto d = models::llama_model<T>::from_llama2c(ck, false), b = models::llama_model<T>::from_llama2c(ck, true);
   e2e_acc a;
   for (const auto& line : lines) {
@@ -164,21 +170,29 @@ e2e_row stories_e2e(const io::llama2c_checkpoint& ck, const io::llama2c_tokenize
     const std::vector<std::int32_t> in(ids.begin(), ids.end() - 1);
     a.add(d.logits(in), b.logits(in), ids);
   }
-  return {"stories260K", basisattn::to_string(basisattn::dtype_of_v<T>), "perplexity", "TinyStories sample, " + std::to_string(lines.size()) + " lines",
-          a.ppl_dense(), a.ppl_bd(), a.change(), a.max_dlogit, a.tokens};
+  return {"stories260K", basisattn::to_string(basisattn::dtype_of_v<T>),
+          "perplexity",  "TinyStories sample, " + std::to_string(lines.size()) + " lines",
+          a.ppl_dense(), a.ppl_bd(),
+          a.change(),    a.max_dlogit,
+          a.tokens};
 }
 
 template <class T>
 e2e_row slm_e2e(const std::string& path, const std::vector<std::int32_t>& ids) {
-  const auto d = models::gpt2_model<T>::from_flat_file(path, false), b = models::gpt2_model<T>::from_flat_file(path, true);
+  const auto d = models::gpt2_model<T>::from_flat_file(path, false),
+             b = models::gpt2_model<T>::from_flat_file(path, true);
   e2e_acc a;
   for (std::size_t s = 0; s + 1 < ids.size(); s += 128) {
-    const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s), ids.begin() + std::ptrdiff_t(std::min(s + 129, ids.size())));
+    const std::vector<std::int32_t> w(ids.begin() + std::ptrdiff_t(s),
+                                      ids.begin() + std::ptrdiff_t(std::min(s + 129, ids.size())));
     const std::vector<std::int32_t> in(w.begin(), w.end() - 1);
     a.add(d.logits(in), b.logits(in), w);
   }
-  return {"slm4096", basisattn::to_string(basisattn::dtype_of_v<T>), "perplexity", "corpus.txt, windows of 128", a.ppl_dense(),
-          a.ppl_bd(), a.change(), a.max_dlogit, a.tokens};
+  return {"slm4096",     basisattn::to_string(basisattn::dtype_of_v<T>),
+          "perplexity",  "corpus.txt, windows of 128",
+          a.ppl_dense(), a.ppl_bd(),
+          a.change(),    a.max_dlogit,
+          a.tokens};
 }
 
 /// SmolLM2 on WikiText-2 (raw test split): `windows` windows of `len` + 1 tokens from its start.
@@ -191,13 +205,17 @@ e2e_row smollm2_e2e(const io::gguf_file& f, const std::vector<std::int32_t>& ids
     const std::vector<std::int32_t> in(w.begin(), w.end() - 1);
     a.add(d.logits(in), b.logits(in), w);
   }
-  return {"SmolLM2-135M", basisattn::to_string(basisattn::dtype_of_v<T>), "perplexity",
-          "WikiText-2 raw test, windows of " + std::to_string(len), a.ppl_dense(), a.ppl_bd(), a.change(), a.max_dlogit, a.tokens};
+  return {"SmolLM2-135M", basisattn::to_string(basisattn::dtype_of_v<T>),
+          "perplexity",   "WikiText-2 raw test, windows of " + std::to_string(len),
+          a.ppl_dense(),  a.ppl_bd(),
+          a.change(),     a.max_dlogit,
+          a.tokens};
 }
 
 inline double cosine(const std::vector<float>& x, const std::vector<float>& y) {
   double xy = 0, xx = 0, yy = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) xy += double(x[i]) * y[i], xx += double(x[i]) * x[i], yy += double(y[i]) * y[i];
+  for (std::size_t i = 0; i < x.size(); ++i)
+    xy += double(x[i]) * y[i], xx += double(x[i]) * x[i], yy += double(y[i]) * y[i];
   return xy / std::sqrt(xx * yy);
 }
 
@@ -205,11 +223,19 @@ inline double cosine(const std::vector<float>& x, const std::vector<float>& y) {
 /// "change" is the mean 1 - cos between BD and dense in T, max_dlogit the max |delta| of the
 /// embedding components between them.
 template <class T>
-e2e_row minilm_e2e(const io::safetensors_file& f, const models::bert_config& cfg, const std::vector<std::vector<std::int32_t>>& sents,
-                   const std::vector<std::vector<float>>& ref) {
-  const auto d = models::bert_model<T>::from_safetensors(f, cfg, false), b = models::bert_model<T>::from_safetensors(f, cfg, true);
-  e2e_row r{"all-MiniLM-L6-v2", basisattn::to_string(basisattn::dtype_of_v<T>), "1 - cos(embedding, fp32 dense)",
-            std::to_string(sents.size()) + " WikiText-2 sentences", 0, 0, 0, 0, 0};
+e2e_row minilm_e2e(const io::safetensors_file& f, const models::bert_config& cfg,
+                   const std::vector<std::vector<std::int32_t>>& sents, const std::vector<std::vector<float>>& ref) {
+  const auto d = models::bert_model<T>::from_safetensors(f, cfg, false),
+             b = models::bert_model<T>::from_safetensors(f, cfg, true);
+  e2e_row r{"all-MiniLM-L6-v2",
+            basisattn::to_string(basisattn::dtype_of_v<T>),
+            "1 - cos(embedding, fp32 dense)",
+            std::to_string(sents.size()) + " WikiText-2 sentences",
+            0,
+            0,
+            0,
+            0,
+            0};
   for (std::size_t i = 0; i < sents.size(); ++i) {
     const auto ed = d.embed(sents[i]), eb = b.embed(sents[i]);
     r.dense += (1 - cosine(ed, ref[i])) / double(sents.size());
@@ -241,11 +267,14 @@ void for_types(F&& f) {
 
 /// Dense vs BD runs of every model present; appends a Markdown table to `md` and writes e2e.csv.
 inline void end_to_end(const std::string& out, std::ostream& md, const std::string& only) {
-  auto wanted = [&](const std::string& n) { return only.empty() || ("," + only + ",").find("," + n + ",") != std::string::npos; };
+  auto wanted = [&](const std::string& n) {
+    return only.empty() || ("," + only + ",").find("," + n + ",") != std::string::npos;
+  };
   std::vector<e2e_row> rows;
   auto note = [&](const e2e_row& r) {
-    std::printf("e2e %-16s %-5s %s: dense %.6g, BD %.6g, change %.3g, max |delta| %.3g (%lld tokens)\n", r.model.c_str(),
-                r.dtype.c_str(), r.metric.c_str(), r.dense, r.bd, r.change, r.max_dlogit, (long long)r.tokens);
+    std::printf("e2e %-16s %-5s %s: dense %.6g, BD %.6g, change %.3g, max |delta| %.3g (%lld tokens)\n",
+                r.model.c_str(), r.dtype.c_str(), r.metric.c_str(), r.dense, r.bd, r.change, r.max_dlogit,
+                (long long)r.tokens);
     std::fflush(stdout);
     rows.push_back(r);
   };
@@ -288,10 +317,13 @@ inline void end_to_end(const std::string& out, std::ostream& md, const std::stri
     for (const auto& s : sents) ref.push_back(ref_model.embed(s));
     for_types([&](auto t) { note(minilm_e2e<decltype(t)>(f, cfg, sents, ref)); });
   }
-  md << "\n## End to end: dense vs BD\n\nPerplexity rows: change = ppl(BD) / ppl(dense) - 1 in the same weight type; the last two "
-        "columns compare each with the fp32 dense model, i.e. how far storing the model in that type moves it with and without "
+  md << "\n## End to end: dense vs BD\n\nPerplexity rows: change = ppl(BD) / ppl(dense) - 1 in the same weight type; "
+        "the last two "
+        "columns compare each with the fp32 dense model, i.e. how far storing the model in that type moves it with and "
+        "without "
         "BD. MiniLM rows: mean 1 - cos of the sentence embeddings against the fp32 dense model.\n\n"
-        "| model | weights | metric | data | tokens | dense | BD | change | max abs delta logit | dense vs fp32 | BD vs fp32 |\n"
+        "| model | weights | metric | data | tokens | dense | BD | change | max abs delta logit | dense vs fp32 | BD "
+        "vs fp32 |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::ofstream csv(out + "/e2e.csv");
   csv << "model,dtype,metric,data,tokens,dense,bd,change,max_abs_delta_logit\n";
@@ -299,19 +331,24 @@ inline void end_to_end(const std::string& out, std::ostream& md, const std::stri
     char b[512];
     const bool ppl = r.metric == "perplexity";
     char change[64];
-    if (ppl) std::snprintf(change, sizeof change, "%+.5f%%", 100 * r.change);
-    else std::snprintf(change, sizeof change, "1 - cos(BD, dense) %.2e", r.change);
+    if (ppl)
+      std::snprintf(change, sizeof change, "%+.5f%%", 100 * r.change);
+    else
+      std::snprintf(change, sizeof change, "1 - cos(BD, dense) %.2e", r.change);
     double ref = 0;  // the fp32 dense perplexity of the same model
     for (const auto& x : rows)
       if (x.model == r.model && x.dtype == "f32") ref = x.dense;
     char vs32[96] = "| | |";
-    if (ppl && ref > 0) std::snprintf(vs32, sizeof vs32, "| %+.5f%% | %+.5f%% |", 100 * (r.dense / ref - 1), 100 * (r.bd / ref - 1));
-    std::snprintf(b, sizeof b, ppl ? "| %s | %s | %s | %s | %lld | %.6f | %.6f | %s | %.3g %s\n" : "| %s | %s | %s | %s | %lld | %.2e | %.2e | %s | %.3g %s\n",
-                  r.model.c_str(), r.dtype.c_str(), r.metric.c_str(), r.data.c_str(), (long long)r.tokens, r.dense, r.bd, change,
-                  r.max_dlogit, vs32);
+    if (ppl && ref > 0)
+      std::snprintf(vs32, sizeof vs32, "| %+.5f%% | %+.5f%% |", 100 * (r.dense / ref - 1), 100 * (r.bd / ref - 1));
+    std::snprintf(b, sizeof b,
+                  ppl ? "| %s | %s | %s | %s | %lld | %.6f | %.6f | %s | %.3g %s\n"
+                      : "| %s | %s | %s | %s | %lld | %.2e | %.2e | %s | %.3g %s\n",
+                  r.model.c_str(), r.dtype.c_str(), r.metric.c_str(), r.data.c_str(), (long long)r.tokens, r.dense,
+                  r.bd, change, r.max_dlogit, vs32);
     md << b;
-    csv << r.model << "," << r.dtype << "," << r.metric << ",\"" << r.data << "\"," << r.tokens << "," << r.dense << "," << r.bd
-        << "," << r.change << "," << r.max_dlogit << "\n";
+    csv << r.model << "," << r.dtype << "," << r.metric << ",\"" << r.data << "\"," << r.tokens << "," << r.dense << ","
+        << r.bd << "," << r.change << "," << r.max_dlogit << "\n";
   }
 }
 

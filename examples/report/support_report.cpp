@@ -69,8 +69,8 @@ using capture::head_error;
 using capture::quantile;
 
 /// Rows of head h of got whose relative l2 error against want is below tol.
-index_t rows_matching(const std::vector<float>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv, index_t h,
-                      double tol) {
+index_t rows_matching(const std::vector<float>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv,
+                      index_t h, double tol) {
   index_t count = 0;
   for (index_t i = 0; i < n; ++i) {
     double num = 0, den = 0;
@@ -95,7 +95,8 @@ bool head_nonfinite(const std::vector<float>& x, index_t n, index_t H, index_t d
 /// Performer (FAVOR+ positive random features, m features, causal prefix sums, double) for query
 /// head h of layer L, with q and k multiplied by `factor` (1: the model's scores); returns the output
 /// [n, d_v] row-major.
-std::vector<double> performer_output(const capture::layer_capture& L, index_t h, index_t m, std::uint64_t seed, double factor = 1.0) {
+std::vector<double> performer_output(const capture::layer_capture& L, index_t h, index_t m, std::uint64_t seed,
+                                     double factor = 1.0) {
   using mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const index_t n = L.n, d = L.d, dv = L.d_v, hk = h / (L.h_q / L.h_kv);
   std::mt19937_64 rng(seed);
@@ -143,7 +144,8 @@ std::vector<double> performer_output(const capture::layer_capture& L, index_t h,
 }
 
 /// Relative Frobenius error of got [n, d_v] against head h of want [n, H, d_v] (non-finite: inf).
-double head_error_d(const std::vector<double>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv, index_t h) {
+double head_error_d(const std::vector<double>& got, const std::vector<float>& want, index_t n, index_t H, index_t dv,
+                    index_t h) {
   double num = 0, den = 0;
   for (index_t i = 0; i < n; ++i)
     for (index_t c = 0; c < dv; ++c) {
@@ -214,12 +216,15 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
   for (int g = 1; g <= 3; ++g) {
     const std::int64_t f = support::monomial_feature_count(d, g);
     const std::string name = "deg " + std::to_string(g);
-    if (f <= feature_cap) variants.push_back({name, g, false, false});
-    else skipped.push_back(name + " exact (" + std::to_string(f) + " features > " + std::to_string(feature_cap) + ")");
+    if (f <= feature_cap)
+      variants.push_back({name, g, false, false});
+    else
+      skipped.push_back(name + " exact (" + std::to_string(f) + " features > " + std::to_string(feature_cap) + ")");
   }
   variants.push_back({"deg 3 sketch " + std::to_string(sketch_size), 3, true, false});
   variants.push_back({"deg 2 double", 2, false, true});
-  const std::vector<threshold_rule> rules = {{"max", 1.0}, {"q90", 0.9}, {"q75", 0.75}, {"q50", 0.5}, {"q25", 0.25}, {"q10", 0.1}, {"0", -1.0}};
+  const std::vector<threshold_rule> rules = {{"max", 1.0},  {"q90", 0.9}, {"q75", 0.75}, {"q50", 0.5},
+                                             {"q25", 0.25}, {"q10", 0.1}, {"0", -1.0}};
   const std::size_t nv = variants.size(), nt = rules.size();
 
   std::vector<threshold_stats> tstats(nt);
@@ -237,7 +242,8 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
     std::vector<float> ex(L.out.size());
     auto time_exact = [&] {
       const auto t0 = clock_type::now();
-      basisattn::attention<float>(basisattn::cpu{}, L.q_view(), L.k_view(), L.v_view(), {ex.data(), n, H, dv}, L.options());
+      basisattn::attention<float>(basisattn::cpu{}, L.q_view(), L.k_view(), L.v_view(), {ex.data(), n, H, dv},
+                                  L.options());
       return seconds_since(t0);
     };
     auto time_exact_per_head = [&] {
@@ -265,7 +271,8 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
           a = std::max(a, std::abs(x)), b = std::max(b, std::abs(y));
           sa += x * x, sb += y * y;
         }
-        qa[std::size_t(i)] = a, ka[std::size_t(i)] = b, qn[std::size_t(i)] = std::sqrt(sa), kn[std::size_t(i)] = std::sqrt(sb);
+        qa[std::size_t(i)] = a, ka[std::size_t(i)] = b, qn[std::size_t(i)] = std::sqrt(sa),
+        kn[std::size_t(i)] = std::sqrt(sb);
       }
       std::vector<double> pooled = qa;
       pooled.insert(pooled.end(), ka.begin(), ka.end());
@@ -348,14 +355,15 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
           const double B = tstats[t].bound[k];
           if (std::abs(rp.bound - B) > 1e-6 * std::max(1.0, B)) {
             char b[256];
-            std::snprintf(b, sizeof b, "layer %lld head %lld, T %s: report says bound %.6g, the data give %.6g", (long long)L.layer,
-                          (long long)h, rules[t].name.c_str(), rp.bound, B);
+            std::snprintf(b, sizeof b, "layer %lld head %lld, T %s: report says bound %.6g, the data give %.6g",
+                          (long long)L.layer, (long long)h, rules[t].name.c_str(), rp.bound, B);
             sum.oddities.push_back(b);
           }
           if (std::abs(rp.query_support - qs) > 1e-12 || std::abs(rp.key_support - ks) > 1e-12) {
             char b[256];
-            std::snprintf(b, sizeof b, "layer %lld head %lld, T %s: report says |R|/n %.4f |C|/n %.4f, the data %.4f %.4f",
-                          (long long)L.layer, (long long)h, rules[t].name.c_str(), rp.query_support, rp.key_support, qs, ks);
+            std::snprintf(
+                b, sizeof b, "layer %lld head %lld, T %s: report says |R|/n %.4f |C|/n %.4f, the data %.4f %.4f",
+                (long long)L.layer, (long long)h, rules[t].name.c_str(), rp.query_support, rp.key_support, qs, ks);
             sum.oddities.push_back(b);
           }
           if (rules[t].q < 0) {
@@ -366,7 +374,10 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
             auto& pc = perf_cache[std::size_t(h)];
             auto it = pc.find(rp.features);
             if (it == pc.end())
-              it = pc.emplace(rp.features, performer_error(L, h, rp.features, 1000003ull * std::uint64_t(L.layer) + 7919ull * std::uint64_t(h) + std::uint64_t(rp.features))).first;
+              it = pc.emplace(rp.features, performer_error(L, h, rp.features,
+                                                           1000003ull * std::uint64_t(L.layer) +
+                                                               7919ull * std::uint64_t(h) + std::uint64_t(rp.features)))
+                       .first;
             cs.perf.push_back(it->second);
             cs.err_with_perf.push_back(e);
             cs.perf_heads += 1;
@@ -382,7 +393,8 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
     const double ee = capture::rel_frobenius(ex, L.out);
     if (ee > exact_check_tol) {
       char b[160];
-      std::snprintf(b, sizeof b, "layer %lld: basisattn::attention differs from the captured output by %.3g", (long long)L.layer, ee);
+      std::snprintf(b, sizeof b, "layer %lld: basisattn::attention differs from the captured output by %.3g",
+                    (long long)L.layer, ee);
       sum.oddities.push_back(b);
     }
   }
@@ -400,7 +412,8 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
     basisattn::attention_options ao = L.options();
     ao.scale = L.scale * f * f;
     std::vector<float> ref(L.out.size());
-    basisattn::attention<float>(basisattn::cpu{}, L.q_view(), L.k_view(), L.v_view(), {ref.data(), n, L.h_q, L.d_v}, ao);
+    basisattn::attention<float>(basisattn::cpu{}, L.q_view(), L.k_view(), L.v_view(), {ref.data(), n, L.h_q, L.d_v},
+                                ao);
     perf_check = head_error_d(performer_output(L, 0, 4096, 99, f), ref, n, L.h_q, L.d_v, 0);
     std::vector<double> uni(std::size_t(n * L.d_v)), acc(std::size_t(L.d_v), 0.0);
     for (index_t i = 0; i < n; ++i)
@@ -412,12 +425,13 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
   }
 
   md << "\n## " << mc.model << "\n\n"
-     << mc.layers.size() << " layers x " << L0.h_q << " query heads (" << L0.h_kv << " kv heads), d = " << d << ", n = " << n
-     << " tokens of " << mc.text << "; positions: " << mc.positions << "; scale " << L0.scale << ", causal. " << heads
-     << " heads in all.";
+     << mc.layers.size() << " layers x " << L0.h_q << " query heads (" << L0.h_kv << " kv heads), d = " << d
+     << ", n = " << n << " tokens of " << mc.text << "; positions: " << mc.positions << "; scale " << L0.scale
+     << ", causal. " << heads << " heads in all.";
   std::snprintf(buf, sizeof buf, " Capture %.1f s, report %.1f s.\n\n", capture_s, seconds_since(t_model));
   md << buf;
-  std::snprintf(buf, sizeof buf, "Uniform attention (mean of the visible values): error median %.3f, p90 %.3f, max %.3f.\n\n",
+  std::snprintf(buf, sizeof buf,
+                "Uniform attention (mean of the visible values): error median %.3f, p90 %.3f, max %.3f.\n\n",
                 quantile(uniform, 0.5), quantile(uniform, 0.9), quantile(uniform, 1.0));
   md << buf;
   if (!skipped.empty()) {
@@ -425,78 +439,90 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
     for (std::size_t i = 0; i < skipped.size(); ++i) md << (i ? "; " : "") << skipped[i];
     md << ".\n\n";
   }
-  std::snprintf(buf, sizeof buf, "**T = 0 check (must equal exact attention): %s** (max error over heads and variants %.2e, limit %.0e).\n\n",
-                sum.check_ok ? "PASS" : "FAIL", sum.check_err, exact_check_tol);
+  std::snprintf(
+      buf, sizeof buf,
+      "**T = 0 check (must equal exact attention): %s** (max error over heads and variants %.2e, limit %.0e).\n\n",
+      sum.check_ok ? "PASS" : "FAIL", sum.check_err, exact_check_tol);
   md << buf;
-  std::snprintf(buf, sizeof buf,
-                "Performer check: layer %lld head 0 with q, k scaled by 1/4 (scores / 16), m = 4096: error %.3g against exact\n"
-                "attention at that scale (uniform: %.3g). At the model's own scale see the Performer table.\n\n",
-                (long long)L0.layer, perf_check, perf_check_uniform);
+  std::snprintf(
+      buf, sizeof buf,
+      "Performer check: layer %lld head 0 with q, k scaled by 1/4 (scores / 16), m = 4096: error %.3g against exact\n"
+      "attention at that scale (uniform: %.3g). At the model's own scale see the Performer table.\n\n",
+      (long long)L0.layer, perf_check, perf_check_uniform);
   md << buf;
 
   md << "Supports (the same for every variant):\n\n"
-     << "| T | T abs (min-max over heads) | \\|R\\|/n med | \\|R\\|/n p90 | \\|C\\|/n med | \\|C\\|/n p90 | exact share med | exact share p90 | B med | B max | max\\|s\\|/B med |\n"
+     << "| T | T abs (min-max over heads) | \\|R\\|/n med | \\|R\\|/n p90 | \\|C\\|/n med | \\|C\\|/n p90 | exact "
+        "share med | exact share p90 | B med | B max | max\\|s\\|/B med |\n"
      << "|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (std::size_t t = 0; t < nt; ++t) {
     const auto& ts = tstats[t];
     char ratio[32] = "-";
     if (!ts.smax_ratio.empty()) std::snprintf(ratio, sizeof ratio, "%.3f", quantile(ts.smax_ratio, 0.5));
-    std::snprintf(buf, sizeof buf, "| %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3g | %.3g | %s |\n", rules[t].name.c_str(),
-                  range_str(ts.t_abs, "%.3g").c_str(), quantile(ts.qsup, 0.5), quantile(ts.qsup, 0.9), quantile(ts.ksup, 0.5),
-                  quantile(ts.ksup, 0.9), quantile(ts.exact_share, 0.5), quantile(ts.exact_share, 0.9), quantile(ts.bound, 0.5),
-                  quantile(ts.bound, 1.0), ratio);
+    std::snprintf(buf, sizeof buf, "| %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3g | %.3g | %s |\n",
+                  rules[t].name.c_str(), range_str(ts.t_abs, "%.3g").c_str(), quantile(ts.qsup, 0.5),
+                  quantile(ts.qsup, 0.9), quantile(ts.ksup, 0.5), quantile(ts.ksup, 0.9), quantile(ts.exact_share, 0.5),
+                  quantile(ts.exact_share, 0.9), quantile(ts.bound, 0.5), quantile(ts.bound, 1.0), ratio);
     md << buf;
   }
   md << "\nAccuracy (err: relative Frobenius error of the head output against the model's exact output):\n\n"
-     << "| variant | T | degree | features | poly_error med | err med | err p90 | err max | uniform med | beats uniform | bad rows | rows exact | non-finite heads | est med | est < err/10 |\n"
+     << "| variant | T | degree | features | poly_error med | err med | err p90 | err max | uniform med | beats "
+        "uniform | bad rows | rows exact | non-finite heads | est med | est < err/10 |\n"
      << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (std::size_t vi = 0; vi < nv; ++vi)
     for (std::size_t t = 0; t < nt; ++t) {
       const auto& cs = cstats[vi * nt + t];
       std::snprintf(buf, sizeof buf,
-                    "| %s | %s | %s | %s | %.3g | %.3g | %.3g | %.3g | %.3f | %.0f%% | %lld (%.0f%%) | %.0f%% | %lld | %.3g | %.0f%% |\n",
+                    "| %s | %s | %s | %s | %.3g | %.3g | %.3g | %.3g | %.3f | %.0f%% | %lld (%.0f%%) | %.0f%% | %lld | "
+                    "%.3g | %.0f%% |\n",
                     variants[vi].name.c_str(), rules[t].name.c_str(), range_str(cs.degree, "%.0f").c_str(),
                     range_str(cs.features, "%.0f").c_str(), quantile(cs.poly_error, 0.5), quantile(cs.err, 0.5),
-                    quantile(cs.err, 0.9), quantile(cs.err, 1.0), quantile(uniform, 0.5), pct(double(cs.beats_uniform), double(heads)),
-                    (long long)cs.repaired_rows, pct(double(cs.repaired_rows), double(cs.rows)), pct(double(cs.exact_rows), double(cs.rows)),
+                    quantile(cs.err, 0.9), quantile(cs.err, 1.0), quantile(uniform, 0.5),
+                    pct(double(cs.beats_uniform), double(heads)), (long long)cs.repaired_rows,
+                    pct(double(cs.repaired_rows), double(cs.rows)), pct(double(cs.exact_rows), double(cs.rows)),
                     (long long)cs.nonfinite, quantile(cs.est, 0.5), pct(double(cs.est_blind), double(heads)));
       md << buf;
     }
   md << "\nPerformer (FAVOR+) at the same feature count m, on the heads with a polynomial part:\n\n"
-     << "| variant | T | m | support err med | Performer err med | Performer p90 | Performer max | support beats Performer |\n"
+     << "| variant | T | m | support err med | Performer err med | Performer p90 | Performer max | support beats "
+        "Performer |\n"
      << "|---|---|---|---|---|---|---|---|\n";
   for (std::size_t vi = 0; vi < nv; ++vi)
     for (std::size_t t = 0; t < nt; ++t) {
       const auto& cs = cstats[vi * nt + t];
       if (cs.perf_heads == 0) {
-        std::snprintf(buf, sizeof buf, "| %s | %s | - | %.3g | - | - | - | - |\n", variants[vi].name.c_str(), rules[t].name.c_str(),
-                      quantile(cs.err, 0.5));
+        std::snprintf(buf, sizeof buf, "| %s | %s | - | %.3g | - | - | - | - |\n", variants[vi].name.c_str(),
+                      rules[t].name.c_str(), quantile(cs.err, 0.5));
       } else {
         std::vector<double> m;
         for (double f : cs.features)
           if (f > 0) m.push_back(f);
-        std::snprintf(buf, sizeof buf, "| %s | %s | %s | %.3g | %.3g | %.3g | %.3g | %.0f%% |\n", variants[vi].name.c_str(),
-                      rules[t].name.c_str(), range_str(m, "%.0f").c_str(), quantile(cs.err_with_perf, 0.5), quantile(cs.perf, 0.5),
-                      quantile(cs.perf, 0.9), quantile(cs.perf, 1.0), pct(double(cs.beats_perf), double(cs.perf_heads)));
+        std::snprintf(buf, sizeof buf, "| %s | %s | %s | %.3g | %.3g | %.3g | %.3g | %.0f%% |\n",
+                      variants[vi].name.c_str(), rules[t].name.c_str(), range_str(m, "%.0f").c_str(),
+                      quantile(cs.err_with_perf, 0.5), quantile(cs.perf, 0.5), quantile(cs.perf, 0.9),
+                      quantile(cs.perf, 1.0), pct(double(cs.beats_perf), double(cs.perf_heads)));
       }
       md << buf;
     }
-  std::snprintf(buf, sizeof buf,
-                "\nSpeed, all %zu layers (n = %lld, d = %lld), one thread: exact attention (basisattn::attention, all heads of a\n"
-                "layer in one call) %.3f s; the same called once per head, as support-basis is here, %.3f s (means of two\n"
-                "timings per layer).\n\n",
-                mc.layers.size(), (long long)n, (long long)d, exact_s, exact_ph_s);
+  std::snprintf(
+      buf, sizeof buf,
+      "\nSpeed, all %zu layers (n = %lld, d = %lld), one thread: exact attention (basisattn::attention, all heads of "
+      "a\n"
+      "layer in one call) %.3f s; the same called once per head, as support-basis is here, %.3f s (means of two\n"
+      "timings per layer).\n\n",
+      mc.layers.size(), (long long)n, (long long)d, exact_s, exact_ph_s);
   md << buf << "| variant | T | support s | exact / support |\n|---|---|---|---|\n";
   for (std::size_t vi = 0; vi < nv; ++vi)
     for (std::size_t t = 0; t < nt; ++t) {
       const auto& cs = cstats[vi * nt + t];
-      std::snprintf(buf, sizeof buf, "| %s | %s | %.3f | %.2f |\n", variants[vi].name.c_str(), rules[t].name.c_str(), cs.support_s,
-                    exact_s / cs.support_s);
+      std::snprintf(buf, sizeof buf, "| %s | %s | %.3f | %.2f |\n", variants[vi].name.c_str(), rules[t].name.c_str(),
+                    cs.support_s, exact_s / cs.support_s);
       md << buf;
     }
   index_t fallbacks = 0;
   for (const auto& cs : cstats) fallbacks += cs.fallbacks;
-  if (fallbacks > 0) sum.oddities.push_back(std::to_string(fallbacks) + " head runs fell back to exact despite tolerance = infinity");
+  if (fallbacks > 0)
+    sum.oddities.push_back(std::to_string(fallbacks) + " head runs fell back to exact despite tolerance = infinity");
   if (!sum.oddities.empty()) {
     md << "\nOddities found while checking the library's reports (" << sum.oddities.size() << "):\n\n";
     for (std::size_t i = 0; i < sum.oddities.size() && i < 20; ++i) md << "- " << sum.oddities[i] << "\n";
@@ -513,10 +539,12 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
       const auto& cs = cstats[vi * nt + t];
       char pf[32] = "-";
       if (cs.perf_heads > 0) std::snprintf(pf, sizeof pf, "%.3g", quantile(cs.perf, 0.5));
-      std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %s | %.3f | %.0f%% | %.3g | %.3g | %s | %.0f%% | %.0f%% | %.2f |\n",
+      std::snprintf(buf, sizeof buf,
+                    "| %s | %lld | %s | %s | %.3f | %.0f%% | %.3g | %.3g | %s | %.0f%% | %.0f%% | %.2f |\n",
                     mc.model.c_str(), (long long)n, vn.c_str(), tn.c_str(), quantile(tstats[t].exact_share, 0.5),
                     pct(double(cs.repaired_rows), double(cs.rows)), quantile(cs.err, 0.5), quantile(uniform, 0.5), pf,
-                    pct(double(cs.beats_uniform), double(heads)), pct(double(cs.exact_rows), double(cs.rows)), exact_s / cs.support_s);
+                    pct(double(cs.beats_uniform), double(heads)), pct(double(cs.exact_rows), double(cs.rows)),
+                    exact_s / cs.support_s);
       sum.summary.push_back(buf);
     }
   }
@@ -532,14 +560,16 @@ const char* column_notes =
     "- **|R|/n**, **|C|/n**: query rows / key rows with an entry above T (computed exactly against every key /\n"
     "  for every query). **exact share**: fraction of the n(n+1)/2 causal (query, key) pairs computed exactly\n"
     "  (i in R, or j in C); 1 - exact share is what the polynomial covers.\n"
-    "- **B**: the score bound the library fits the polynomial on, B = scale max_{i not in R} ||q_i|| max_{j not in C} ||k_j||\n"
+    "- **B**: the score bound the library fits the polynomial on, B = scale max_{i not in R} ||q_i|| max_{j not in C} "
+    "||k_j||\n"
     "  (head_report::bound). **max|s|/B**: the largest |score| actually met on the polynomial's (query, key) pairs,\n"
     "  over B (how loose the Cauchy-Schwarz bound is).\n"
     "- **variant**: `deg g`: max_degree g with exact monomial features (C(d + g, g) features); `deg 3 sketch m`:\n"
     "  degree 3 with sketched degree-2 and degree-3 features (1 + d + 2m features). target_error = 1e-300 so the\n"
     "  top degree is always used; tolerance = infinity (no exact fallback); check_rows = 8.\n"
     "- **degree**, **features**: head_report::degree and ::features (min-max over heads; 0 when the polynomial part\n"
-    "  is empty). **poly_error**: head_report::poly_error, the fit's max relative error of p(x) against e^x on [-B, B].\n"
+    "  is empty). **poly_error**: head_report::poly_error, the fit's max relative error of p(x) against e^x on [-B, "
+    "B].\n"
     "- **err**: relative Frobenius error ||Y - Y_exact|| / ||Y_exact|| of the head's output (all n rows) against the\n"
     "  model's exact attention output; median / p90 / max over heads.\n"
     "- **uniform med**: the same error for uniform causal attention (row i = mean of v_0..v_i), median over heads;\n"
@@ -548,7 +578,8 @@ const char* column_notes =
     "  per layer, head and m), x = q or k times scale^(1/2), with m = that head's support-basis feature count;\n"
     "  causal by prefix sums, in double. Its error as err; **beats Performer**: share of heads (with a\n"
     "  polynomial part) where support-basis has the smaller error. `-`: no polynomial part, so no m.\n"
-    "- **bad rows**: total over heads of head_report::repaired_rows (rows whose polynomial sum or total denominator was\n"
+    "- **bad rows**: total over heads of head_report::repaired_rows (rows whose polynomial sum or total denominator "
+    "was\n"
     "  not a normal positive number, or whose output overflowed; the library recomputes them exactly, so they are\n"
     "  exact in err) and their share of all rows.\n"
     "  **rows exact**: share of all rows whose output matches exact attention to a relative l2 error of 1e-5 (rows in\n"
@@ -577,9 +608,11 @@ const char* what_this_shows =
     "- **Degree 1** is uniform attention with a slight tilt: error 0.77-1.09 with nothing exact, just under uniform\n"
     "  attention (0.83-1.11; on SmolLM2 uniform attention is worse than outputting zeros).\n"
     "- **Degree 2** goes negative on much of the real score range: 77-89% of rows have a denominator <= 0 with\n"
-    "  nothing exact, and the library recomputes them exactly (reported as repaired_rows). The rows left are so wrong that\n"
+    "  nothing exact, and the library recomputes them exactly (reported as repaired_rows). The rows left are so wrong "
+    "that\n"
     "  the median head error is 0.53 / 1.41 / 4.58, and 40-81% of heads are worse than uniform attention.\n"
-    "- **Degree 3** (exact or sketched): over 99.9% of rows are bad rows with nothing exact. Its error near 0 is exact\n"
+    "- **Degree 3** (exact or sketched): over 99.9% of rows are bad rows with nothing exact. Its error near 0 is "
+    "exact\n"
     "  attention by a detour (see rows exact = 99-100%), at 3-14x the exact time; it says nothing about the\n"
     "  polynomial.\n"
     "- The error only becomes small where almost everything is exact: at q10, degree 2 gives 0.036 / 0.22 / 0.047,\n"
@@ -589,7 +622,8 @@ const char* what_this_shows =
     "  baseline itself works; real score ranges defeat random features too. Support-basis beats it mostly where\n"
     "  support-basis has fallen back to exact rows; with degree 2 and nothing exact it loses on 57% (SmolLM2) and\n"
     "  81% (slm4096) of heads.\n"
-    "- **Speed** (one thread, 2-core shared box, so +-10%): support-basis is slower than the library's exact attention\n"
+    "- **Speed** (one thread, 2-core shared box, so +-10%): support-basis is slower than the library's exact "
+    "attention\n"
     "  in every configuration but one, degree 1 with nothing exact on SmolLM2 at n = 2048 (about 1.3x faster, with\n"
     "  uniform-like error). Degree 2 takes about 4x the exact time there; T = 0 (all exact) about 1.3x.\n"
     "- **The library's own reports**: supports and bounds match the data (checked on every head), and no head\n"
@@ -607,14 +641,19 @@ int main(int argc, char** argv) {
   std::vector<index_t> ns;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--out" && i + 1 < argc) out_path = argv[++i];
-    else if (a == "--shared" && i + 1 < argc) shared = argv[++i];
-    else if (a == "--cache" && i + 1 < argc) cache = argv[++i];
+    if (a == "--out" && i + 1 < argc)
+      out_path = argv[++i];
+    else if (a == "--shared" && i + 1 < argc)
+      shared = argv[++i];
+    else if (a == "--cache" && i + 1 < argc)
+      cache = argv[++i];
     else if (a == "--help" || a == "-h") {
-      std::cout << "usage: basisattn-support-report [--out FILE.md] [--shared DIR] [--cache DIR] [stories_n smollm2_n slm_n]\n"
+      std::cout << "usage: basisattn-support-report [--out FILE.md] [--shared DIR] [--cache DIR] [stories_n smollm2_n "
+                   "slm_n]\n"
                 << "defaults: n = " << default_n_stories << " " << default_n_smollm2 << " " << default_n_slm << "\n";
       return 0;
-    } else ns.push_back(std::stoll(a));
+    } else
+      ns.push_back(std::stoll(a));
   }
   const index_t n_st = ns.size() > 0 ? ns[0] : default_n_stories, n_sm = ns.size() > 1 ? ns[1] : default_n_smollm2,
                 n_slm = ns.size() > 2 ? ns[2] : default_n_slm;
@@ -631,7 +670,8 @@ int main(int argc, char** argv) {
     std::string why;
     auto one = [&](auto&& load, const char* name) {
       const auto t0 = clock_type::now();
-      if (auto m = load()) sums.push_back(report_model(*m, seconds_since(t0), body));
+      if (auto m = load())
+        sums.push_back(report_model(*m, seconds_since(t0), body));
       else {
         std::cerr << name << " skipped: " << why << "\n";
         body << "\n## " << name << "\n\nSkipped: " << why << ".\n";
@@ -659,12 +699,16 @@ int main(int argc, char** argv) {
                 (long long)n_st, (long long)n_sm, (long long)n_slm, seconds_since(t_all));
   md << buf;
   md << (ok ? "T = 0 check (support-basis with every row exact reproduces exact attention): PASS on every model.\n\n"
-            : "**FAIL: T = 0 (every row exact) does NOT reproduce exact attention on some model; see its section.**\n\n");
+            : "**FAIL: T = 0 (every row exact) does NOT reproduce exact attention on some model; see its "
+              "section.**\n\n");
   md << "## Summary\n\n"
      << "Per model: the median head at four thresholds (the full tables are below). exact share: causal (query, key)\n"
-     << "pairs in the exact part; bad rows: rows the library recomputed exactly because a denominator was <= 0 (or denormal); rows\n"
-     << "exact: rows whose output matches exact attention to 1e-5 (R rows, bad rows, and rows the polynomial gets right).\n\n"
-     << "| model | n | variant | T | exact share | bad rows | err med | uniform med | Performer med | beats uniform | rows exact | exact / support time |\n"
+     << "pairs in the exact part; bad rows: rows the library recomputed exactly because a denominator was <= 0 (or "
+        "denormal); rows\n"
+     << "exact: rows whose output matches exact attention to 1e-5 (R rows, bad rows, and rows the polynomial gets "
+        "right).\n\n"
+     << "| model | n | variant | T | exact share | bad rows | err med | uniform med | Performer med | beats uniform | "
+        "rows exact | exact / support time |\n"
      << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& s : sums)
     for (const auto& r : s.summary) md << r;

@@ -1,6 +1,6 @@
 // CUDA conv-basis attention vs the CPU conv-basis run with the same plan (made on the host from the
 // same q, k) and vs a double-precision oracle: constructed cases of test_conv_basis.cpp
-// (support/conv_cases.hpp) on fresh random inputs (the seed is printed at the start and on failure;
+// (common/conv_cases.hpp) on fresh random inputs (the seed is printed at the start and on failure;
 // BASISATTN_TEST_SEED reruns one): exact structure (causal and not, GQA, both anchor rules), k = n on
 // unstructured data, a wide logit range (repaired rows), float FFTs behind the range check, the error
 // estimate and the exact fallback; float storage everywhere, fp16 / bf16 once. Device tensors have
@@ -272,8 +272,10 @@ repair_forecast forecast(const std::vector<double>& ratio, double eps, double to
   for (double r : ratio) {
     if (std::isfinite(r)) f.max_ratio = std::max(f.max_ratio, r);
     const double b = eps * r;
-    if (!std::isfinite(b) || b > tol * (1 + 1e-6)) ++f.certain;
-    else if (b > tol * (1 - 1e-6)) ++f.unsure;
+    if (!std::isfinite(b) || b > tol * (1 + 1e-6))
+      ++f.certain;
+    else if (b > tol * (1 - 1e-6))
+      ++f.unsure;
   }
   return f;
 }
@@ -282,8 +284,8 @@ repair_forecast forecast(const std::vector<double>& ratio, double eps, double to
 
 struct outcome {
   conv::report cpu, gpu;
-  std::vector<float> got;  // the GPU's output as float, for comparisons between runs
-  std::vector<double> F_gpu;  // per head: F of the GPU run (header comment (a))
+  std::vector<float> got;                     // the GPU's output as float, for comparisons between runs
+  std::vector<double> F_gpu;                  // per head: F of the GPU run (header comment (a))
   std::vector<repair_forecast> forecast_gpu;  // per head: the repairs the GPU must make
 };
 
@@ -295,7 +297,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   const double uT = test::u<T>(), etaT = test::eta<T>();
   const auto qh = to_storage<T>(x.q), kh = to_storage<T>(x.k), vh = to_storage<T>(x.v);
   const test::qkv xs = stored_values<T>(x);
-  const tensor3_view<const T> Q(qh.data(), x.n, x.hq, x.d), K(kh.data(), x.n, x.hkv, x.d), V(vh.data(), x.n, x.hkv, x.dv);
+  const tensor3_view<const T> Q(qh.data(), x.n, x.hq, x.d), K(kh.data(), x.n, x.hkv, x.d),
+      V(vh.data(), x.n, x.hkv, x.dv);
   const conv::plan p = conv::make_plan<T>(cpu{}, Q, K, o);
   matrix<T> want(x.n * x.hq, x.dv);
   outcome r;
@@ -310,7 +313,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   poison(ctx, ws);
   // an odd workspace pointer: the run aligns it itself
   r.gpu = conv::run<T>(ctx, p, dq.view(), dk.view(), dv.view(),
-                             tensor3_view<T>(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1), ws.data() + 5, bytes, plans);
+                       tensor3_view<T>(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1), ws.data() + 5, bytes, plans);
   ctx.synchronize();
   std::vector<T> got(static_cast<std::size_t>(x.n * x.hq * ldo));
   dout.download(ctx, got.data(), x.n * x.hq * ldo);
@@ -323,7 +326,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   const std::vector<double> vmax = vmax_of(xs);
   std::vector<std::vector<row_oracle>> orc(static_cast<std::size_t>(x.hq), std::vector<row_oracle>(std::size_t(x.n)));
 #pragma omp parallel for schedule(dynamic, 16)
-  for (index_t e = 0; e < x.hq * x.n; ++e) orc[std::size_t(e / x.n)][std::size_t(e % x.n)] = oracle_row(xs, p, e / x.n, e % x.n);
+  for (index_t e = 0; e < x.hq * x.n; ++e)
+    orc[std::size_t(e / x.n)][std::size_t(e % x.n)] = oracle_row(xs, p, e / x.n, e % x.n);
 
   double D2 = 0, diff2 = 0, want2 = 0;
   index_t compared = 0, fallbacks_gpu = 0, fallbacks_cpu = 0;
@@ -342,11 +346,12 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     const repair_forecast fc =
         forecast(gpu_row_ratios(xs, p, index_t(h)), a.float_fft ? eps32 : eps64, o.fft_tolerance);
     r.forecast_gpu.push_back(fc);
-    INFO("head " << h << ": estimated error gpu " << a.estimated_error << " cpu " << b.estimated_error << ", uniform gpu "
-                  << a.uniform_error << " cpu " << b.uniform_error << ", repaired gpu " << a.repaired_rows << " cpu "
-                  << b.repaired_rows << " (forecast " << fc.certain << " + " << fc.unsure << " unsure), bound gpu "
-                  << a.fft_error_bound << " cpu " << b.fft_error_bound << ", float FFTs gpu " << a.float_fft << " cpu "
-                  << b.float_fft << ", fell back gpu " << a.fell_back << " cpu " << b.fell_back);
+    INFO("head " << h << ": estimated error gpu " << a.estimated_error << " cpu " << b.estimated_error
+                 << ", uniform gpu " << a.uniform_error << " cpu " << b.uniform_error << ", repaired gpu "
+                 << a.repaired_rows << " cpu " << b.repaired_rows << " (forecast " << fc.certain << " + " << fc.unsure
+                 << " unsure), bound gpu " << a.fft_error_bound << " cpu " << b.fft_error_bound << ", float FFTs gpu "
+                 << a.float_fft << " cpu " << b.float_fft << ", fell back gpu " << a.fell_back << " cpu "
+                 << b.fell_back);
     // What the plan alone decides: equal by construction (host code on the same plan).
     CHECK(a.anchors == b.anchors);
     CHECK(a.upper_anchors == b.upper_anchors);
@@ -373,7 +378,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     fallbacks_cpu += b.fell_back;
 
     // Estimates: against each other and each against its own bound.
-    const std::vector<index_t> picked = conv::detail::sampled_rows(x.n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked =
+        conv::detail::sampled_rows(x.n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
     if (b.checked_rows > 0) {
       double allow = 0, uallow = 0, own_a = 0, own_b = 0;
       for (index_t row : picked) {
@@ -434,8 +440,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     const double N = double(compared), D = std::sqrt(D2), wn = std::sqrt(want2);
     const double tol_abs = (1 + uT) * D + 2 * uT / (1 - uT) * (wn + std::sqrt(N) * etaT) + 2 * std::sqrt(N) * etaT;
     const double nerr = std::sqrt(diff2) / wn, tol = tol_abs / wn;
-    INFO("dtype " << to_string(dtype_of_v<T>) << ": gpu vs cpu nerr " << nerr << " (bound " << tol << " = "
-                  << tol / uT << " u_T)");
+    INFO("dtype " << to_string(dtype_of_v<T>) << ": gpu vs cpu nerr " << nerr << " (bound " << tol << " = " << tol / uT
+                  << " u_T)");
     CHECK(nerr <= tol);
   }
   for (index_t i = 0; i < x.n * x.hq; ++i)
@@ -450,7 +456,8 @@ double two_run_tolerance(const outcome& a, const outcome& b, double uT) {
   double D2 = 0, y2 = 0;
   const index_t hq = static_cast<index_t>(a.F_gpu.size());
   const index_t per_head = static_cast<index_t>(a.got.size()) / hq;
-  for (std::size_t h = 0; h < a.F_gpu.size(); ++h) D2 += double(per_head) * (a.F_gpu[h] + b.F_gpu[h]) * (a.F_gpu[h] + b.F_gpu[h]);
+  for (std::size_t h = 0; h < a.F_gpu.size(); ++h)
+    D2 += double(per_head) * (a.F_gpu[h] + b.F_gpu[h]) * (a.F_gpu[h] + b.F_gpu[h]);
   for (float v : b.got) y2 += double(v) * v;
   const double eta = test::eta<float>() * std::sqrt(double(a.got.size()));
   return ((1 + uT) * std::sqrt(D2) + 2 * uT / (1 - uT) * (std::sqrt(y2) + eta) + 2 * eta) / std::sqrt(y2);
@@ -536,7 +543,7 @@ void conv_large(bool causal) {
   poison(ctx, ws);
   const auto t2 = std::chrono::steady_clock::now();
   const conv::report rep = conv::run<T>(ctx, p, dq.view(), dk.view(), dvv.view(),
-                                              tensor3_view<T>(dout.data(), n, hq, dv, ldo, dv, 1), ws.data(), bytes, plans);
+                                        tensor3_view<T>(dout.data(), n, hq, dv, ldo, dv, 1), ws.data(), bytes, plans);
   ctx.synchronize();
   const double t_gpu = seconds_since(t2);
   std::vector<T> out(static_cast<std::size_t>(n * ldo));
@@ -545,8 +552,10 @@ void conv_large(bool causal) {
   for (index_t i = 0; i < n; ++i)
     for (index_t c = 0; c < ldo; ++c) {
       const T v = out[std::size_t(i * ldo + c)];
-      if (c >= hq * dv) padding_touched += cudatest::is_poison(v) ? 0 : 1;
-      else non_finite += std::isfinite(cudatest::to_d(v)) ? 0 : 1;
+      if (c >= hq * dv)
+        padding_touched += cudatest::is_poison(v) ? 0 : 1;
+      else
+        non_finite += std::isfinite(cudatest::to_d(v)) ? 0 : 1;
     }
   CHECK(non_finite == 0);
   CHECK(padding_touched == 0);
@@ -617,16 +626,17 @@ void conv_large(bool causal) {
       const double allowed = (1 + uT) * (F + rb.S) + uT * ro.ynorm + std::sqrt(double(dv)) * etaT;
       const double ratio = std::sqrt(e2) / allowed;
       if (!(ratio <= 1)) {
-        INFO("row " << i << ": error " << std::sqrt(e2) << ", allowed " << allowed << " (||y|| " << ro.ynorm << ", F " << F
-                    << ", S " << rb.S << ")");
+        INFO("row " << i << ": error " << std::sqrt(e2) << ", allowed " << allowed << " (||y|| " << ro.ynorm << ", F "
+                    << F << ", S " << rb.S << ")");
         CHECK(ratio <= 1);
       }
       worst = std::max(worst, ratio);
     }
   }
-  std::printf("conv %s 65536 tokens %s: max row error / allowed %.3g; host: data %.1f s, plan %.1f s, oracle %.1f s; "
-              "gpu run %.2f s\n",
-              to_string(dtype_of_v<T>), causal ? "causal" : "non-causal", worst, t_data, t_plan, t_oracle, t_gpu);
+  std::printf(
+      "conv %s 65536 tokens %s: max row error / allowed %.3g; host: data %.1f s, plan %.1f s, oracle %.1f s; "
+      "gpu run %.2f s\n",
+      to_string(dtype_of_v<T>), causal ? "causal" : "non-causal", worst, t_data, t_plan, t_oracle, t_gpu);
 }
 
 }  // namespace
@@ -644,7 +654,8 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: exact structure, causa
     check_case<float>(ctx, plans, test::switching(300, 2, 1, 16, {0, 77, 160}, 1.0, seed), o);
   }
   for (auto rule : {conv::anchor_rule::change_scan, conv::anchor_rule::search}) {
-    INFO("5 switches, 3 query heads on 1 kv head, rule " << (rule == conv::anchor_rule::search ? "search" : "change_scan"));
+    INFO("5 switches, 3 query heads on 1 kv head, rule "
+         << (rule == conv::anchor_rule::search ? "search" : "change_scan"));
     conv::options o = test::no_fallback();
     o.k = 5;
     o.rule = rule;
@@ -721,7 +732,7 @@ TEST_CASE("CUDA conv-basis attention: wide logit range (repaired rows) and float
     const auto r = check_case<float>(ctx, plans, x, o);  // checks the float decision against the host's ratio
     INFO("cpu float FFTs " << r.cpu.heads[0].float_fft << ", gpu " << r.gpu.heads[0].float_fft);
     CHECK(r.gpu.heads[0].float_fft);  // eps_32 * ratio ~ 4e-4 on these data, far below 1e-2
-    o.fft_tolerance = 1e-11;  // far below float's reach (eps_32 * ratio >= eps_32): double FFTs
+    o.fft_tolerance = 1e-11;          // far below float's reach (eps_32 * ratio >= eps_32): double FFTs
     const auto d = check_case<float>(ctx, plans, x, o);
     CHECK(!d.gpu.heads[0].float_fft);
   }
@@ -823,9 +834,11 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   cuda_context ctx;
   const test::qkv x = test::random_qkv(32, 2, 1, 8, 8, 1.0, 24);
   const auto qh = to_storage<float>(x.q), kh = to_storage<float>(x.k), vh = to_storage<float>(x.v);
-  const conv::plan p = conv::make_plan<float>(cpu{}, tensor3_view<const float>(qh.data(), x.n, x.hq, x.d),
-                                              tensor3_view<const float>(kh.data(), x.n, x.hkv, x.d), test::no_fallback());
-  const device3<float> dq(ctx, qh, x.n, x.hq, x.d, 0), dk(ctx, kh, x.n, x.hkv, x.d, 0), dv(ctx, vh, x.n, x.hkv, x.dv, 0);
+  const conv::plan p =
+      conv::make_plan<float>(cpu{}, tensor3_view<const float>(qh.data(), x.n, x.hq, x.d),
+                             tensor3_view<const float>(kh.data(), x.n, x.hkv, x.d), test::no_fallback());
+  const device3<float> dq(ctx, qh, x.n, x.hq, x.d, 0), dk(ctx, kh, x.n, x.hkv, x.d, 0),
+      dv(ctx, vh, x.n, x.hkv, x.dv, 0);
   device_buffer<float> dout(x.n * x.hq * x.dv);
   const tensor3_view<float> O(dout.data(), x.n, x.hq, x.dv);
   const std::size_t bytes = conv::workspace_bytes(ctx, p, x.dv);
@@ -850,10 +863,12 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   test::expect_error([&] { run(yq, dk, dv, tensor3_view<float>(yout.data(), y.n, y.hq, y.dv), bytes); },
                      errc::shape_mismatch, "plan was made for");
   // n_q != n_kv
-  test::expect_error([&] {
-    conv::run<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.view(), dv.view(),
-                           tensor3_view<float>(dout.data(), x.n - 1, x.hq, x.dv), ws.data(), bytes);
-  }, errc::shape_mismatch, "self-attention");
+  test::expect_error(
+      [&] {
+        conv::run<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.view(), dv.view(),
+                         tensor3_view<float>(dout.data(), x.n - 1, x.hq, x.dv), ws.data(), bytes);
+      },
+      errc::shape_mismatch, "self-attention");
   // NaN/Inf in v
   test::qkv bad = x;
   bad.v[3] = INFINITY;
@@ -862,7 +877,8 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   // head dims above the CUDA limit
   const test::qkv wide = test::random_qkv(8, 1, 1, 300, 4, 1.0, 26);
   const auto wq = to_storage<float>(wide.q), wk = to_storage<float>(wide.k);
-  const conv::plan pw = conv::make_plan<float>(cpu{}, tensor3_view<const float>(wq.data(), wide.n, 1, wide.d),
-                                               tensor3_view<const float>(wk.data(), wide.n, 1, wide.d), test::no_fallback());
+  const conv::plan pw =
+      conv::make_plan<float>(cpu{}, tensor3_view<const float>(wq.data(), wide.n, 1, wide.d),
+                             tensor3_view<const float>(wk.data(), wide.n, 1, wide.d), test::no_fallback());
   test::expect_error([&] { (void)conv::workspace_bytes(ctx, pw, 4); }, errc::unsupported, "256");
 }

@@ -12,7 +12,7 @@
 // (RoPE, RMSNorm, head concatenation) at sizes past their grid-stride caps.
 //
 // Bound: the GPU output and the CPU output are each checked against the double-precision reference of
-// the same stored layer (support/stored_layer_reference.hpp: the layer's own dense or BD weights, its
+// the same stored layer (common/stored_layer_reference.hpp: the layer's own dense or BD weights, its
 // RoPE style and offset, causal or not, in double), ||y - ref||_F / ||ref||_F <= tol, with tol derived
 // per run from the data by the layer error model of tests/test_bd_layers.cpp (layer_error_model; its
 // terms for this use are written out in stored_layer_reference.hpp): every value stored in T carries
@@ -59,8 +59,8 @@ using namespace basisattn;
 
 namespace {
 
-using cudatest::comparison;
 using cudatest::compare;
+using cudatest::comparison;
 using cudatest::poison;
 
 using cudatest::from_d;
@@ -80,7 +80,6 @@ std::vector<T> random_vector(std::mt19937_64& g, index_t n, double scale, double
   for (auto& x : v) x = from_d<T>(nd(g));
   return v;
 }
-
 
 /// A rows x ld device result (first want.cols() columns) against a double reference:
 /// nerr = ||got - want||_F / ||want||_F over the finite elements, non-finite elements and touched padding counted.
@@ -122,8 +121,8 @@ void check_layer(const cuda_context& ctx, const HL& layer, index_t d_model, inde
   matrix<T> want(n, d_model);
   bd::forward(cpu{}, layer, x.view(), want.view(), fo);
   const double err_cpu = test::rel_error(test::to_double(want), ref);
-  INFO("dtype " << to_string(dtype_of_v<T>) << ": g_q " << gs.g_q() << ", g_k " << gs.g_k() << "; CPU error " << err_cpu / uT
-                << " u_T, bound " << tol_cpu / uT << " u_T");
+  INFO("dtype " << to_string(dtype_of_v<T>) << ": g_q " << gs.g_q() << ", g_k " << gs.g_k() << "; CPU error "
+                << err_cpu / uT << " u_T, bound " << tol_cpu / uT << " u_T");
   CHECK(err_cpu <= tol_cpu);
 
   std::vector<T> xh(static_cast<std::size_t>(n * ldx), from_d<T>(7.0));
@@ -146,9 +145,9 @@ void check_layer(const cuda_context& ctx, const HL& layer, index_t d_model, inde
       dy.download(ctx, y.data(), n * ldy);
       const comparison c = compare_to_reference(y, ldy, ref);
       const comparison vs_cpu = compare(y, ldy, want);
-      INFO("epilogue " << (epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic") << ", run " << run << ": GPU error "
-                       << c.nerr / uT << " u_T, bound " << tol_gpu / uT << " u_T (GPU - CPU: " << vs_cpu.nerr / uT
-                       << " u_T)");
+      INFO("epilogue " << (epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic") << ", run " << run
+                       << ": GPU error " << c.nerr / uT << " u_T, bound " << tol_gpu / uT
+                       << " u_T (GPU - CPU: " << vs_cpu.nerr / uT << " u_T)");
       CHECK(c.non_finite == 0);
       CHECK(c.padding_touched == 0);
       CHECK(c.nerr <= tol_gpu);
@@ -176,7 +175,7 @@ void mha_suite() {
         bd::mha_weights<T> w{wq.view(), wk.view(), wv.view(), wo.view()};
         if (bias) w.bq = bq.data(), w.bk = bk.data(), w.bv = bv.data(), w.bo = bo.data();
         bd::mha_config cfg{dm, H, Hkv, d};
-        cfg.causal = Hkv != 2;          // GQA runs bidirectional
+        cfg.causal = Hkv != 2;           // GQA runs bidirectional
         cfg.scale = Hkv == 1 ? 0.3 : 0;  // MQA with an explicit scale
         cfg.use_rope = rk != rope_kind::none;
         cfg.rope.style = rk == rope_kind::half ? rope_style::half : rope_style::interleaved;
@@ -228,9 +227,11 @@ void mla_suite() {
         mo.bd = variant > 0;
         mo.sharing = variant == 2 ? bd::basis_sharing::joint : bd::basis_sharing::per_side;
         const auto L = bd::prepare_mla<T>(w, cfg, mo);
-        INFO("MLA: d_model " << sh.dm << ", heads " << sh.H << ", L " << sh.Lr << ", nope/rope/v " << sh.dn << "/" << sh.dr
-                             << "/" << sh.dv << ", rope style " << static_cast<int>(rk) << ", variant "
-                             << (variant == 0 ? "dense" : variant == 1 ? "BD per-side" : "BD joint"));
+        INFO("MLA: d_model " << sh.dm << ", heads " << sh.H << ", L " << sh.Lr << ", nope/rope/v " << sh.dn << "/"
+                             << sh.dr << "/" << sh.dv << ", rope style " << static_cast<int>(rk) << ", variant "
+                             << (variant == 0   ? "dense"
+                                 : variant == 1 ? "BD per-side"
+                                                : "BD joint"));
         check_layer<T>(ctx, L, sh.dm, sh.n, fo, g);
       }
     }
@@ -269,8 +270,10 @@ void sanitize_suite() {
   {
     const mla_shape sh{96, 4, 48, 16, 8, 16, 29};
     const double s = 0.2;
-    const auto wq = random_matrix<T>(g, sh.dm, sh.H * (sh.dn + sh.dr), s), wa = random_matrix<T>(g, sh.dm, sh.Lr + sh.dr, s),
-               wb = random_matrix<T>(g, sh.Lr, sh.H * (sh.dn + sh.dv), s), wo = random_matrix<T>(g, sh.H * sh.dv, sh.dm, s);
+    const auto wq = random_matrix<T>(g, sh.dm, sh.H * (sh.dn + sh.dr), s),
+               wa = random_matrix<T>(g, sh.dm, sh.Lr + sh.dr, s),
+               wb = random_matrix<T>(g, sh.Lr, sh.H * (sh.dn + sh.dv), s),
+               wo = random_matrix<T>(g, sh.H * sh.dv, sh.dm, s);
     const auto norm = random_vector<T>(g, sh.Lr, 0.2, 1.0);
     bd::mla_weights<T> w{wq.view(), wa.view(), norm.data(), wb.view(), wo.view()};
     bd::mla_config cfg{sh.dm, sh.H, sh.Lr, sh.dn, sh.dr, sh.dv};
@@ -282,12 +285,12 @@ void sanitize_suite() {
 }
 
 /// [large] A GQA layer on 4096 tokens (d_model 128, 4 query heads on 2 kv heads, d 32, RoPE half style,
-/// biases, causal, dense projections) against the plain double reference of support/reference_layers.hpp,
+/// biases, causal, dense projections) against the plain double reference of common/reference_layers.hpp,
 /// once per projection epilogue.
 /// Bound: the layer error model of tests/test_bd_layers.cpp (layer_error_model, the MHA terms), with the
 /// gains of this layer's own reference (layerref::head_with_gains) and the GPU attention kernel's fixed
 /// roundings (8: expf is accurate to 2 ulp, as in cudatest::exact_attention_tolerance); it is
-/// layerref::model_of(L, n, cuda) (support/stored_layer_reference.hpp) for this dense layer:
+/// layerref::model_of(L, n, cuda) (common/stored_layer_reference.hpp) for this dense layer:
 ///   tol = 3 u_T + u_32 (sqrt(dm + 1) + sqrt(n) + sqrt(H d + 1) + 8)
 ///       + g_q (2 u_T + u_32 (sqrt(dm + 1) + 1)) + g_k (2 u_T + u_32 (sqrt(dm + 1) + 1 + sqrt(d))):
 /// v, the attention output and y stored (3 u_T); the projections' d_model-term sums plus bias, the P V
@@ -341,8 +344,8 @@ void gqa_long() {
   layerref::gain_sums gs;
   for (index_t h = 0; h < H; ++h) {
     const index_t hk = h / (H / Hkv);
-    a.middleCols(h * d, d) =
-        layerref::head_with_gains(q.middleCols(h * d, d), k.middleCols(hk * d, d), v.middleCols(hk * d, d), scale, true, gs);
+    a.middleCols(h * d, d) = layerref::head_with_gains(q.middleCols(h * d, d), k.middleCols(hk * d, d),
+                                                       v.middleCols(hk * d, d), scale, true, gs);
   }
   const Eigen::MatrixXd want = (a * test::to_double(wo)).rowwise() + row_of(bo);
   const double t_ref = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -375,9 +378,10 @@ void gqa_long() {
     CHECK(c.non_finite == 0);
     CHECK(c.padding_touched == 0);
     CHECK(err <= tol);
-    std::printf("layers GQA %s 4096 tokens, epilogue %s: error / bound %.3g (g_q %.3g, g_k %.3g); host reference %.1f s\n",
-                to_string(dtype_of_v<T>), epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic", err / tol, g_q, g_k,
-                t_ref);
+    std::printf(
+        "layers GQA %s 4096 tokens, epilogue %s: error / bound %.3g (g_q %.3g, g_k %.3g); host reference %.1f s\n",
+        to_string(dtype_of_v<T>), epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic", err / tol, g_q, g_k,
+        t_ref);
   }
 }
 
@@ -445,7 +449,7 @@ void layer_kernels_large() {
     INFO("head concatenation beyond the grid cap");
     const index_t rows = index_t(1) << 20, heads = 16, da = 8, db = 8, w = da + db;
     REQUIRE(rows * heads * w > cap);
-    auto av = [](index_t i) { return double(i % 2011 - 1005) / 8.0; };   // exact in fp16
+    auto av = [](index_t i) { return double(i % 2011 - 1005) / 8.0; };  // exact in fp16
     auto bv = [](index_t i) { return double(i % 1999 - 999) / 16.0; };
     std::vector<T> ah(static_cast<std::size_t>(rows * heads * da)), bh(static_cast<std::size_t>(rows * db));
 #pragma omp parallel for
@@ -455,8 +459,8 @@ void layer_kernels_large() {
     const auto db_ = to_device(ctx, bh.data(), static_cast<index_t>(bh.size()));
     device_buffer<T> out(rows * heads * w);
     poison(ctx, out);
-    ck::launch_concat_heads<T>(da_.data(), heads * da, da, da, db_.data(), db, 0, db, rows, heads, out.data(), heads * w,
-                               ctx.stream());
+    ck::launch_concat_heads<T>(da_.data(), heads * da, da, da, db_.data(), db, 0, db, rows, heads, out.data(),
+                               heads * w, ctx.stream());
     ctx.synchronize();
     std::vector<T> oh(static_cast<std::size_t>(rows * heads * w));
     out.download(ctx, oh.data(), static_cast<index_t>(oh.size()));
@@ -486,8 +490,8 @@ void layer_kernels_large() {
         for (index_t t = 0; t < chunk; ++t)
           for (index_t h = 0; h < heads; ++h)
             for (index_t e = 0; e < d; ++e) buf[std::size_t(t * row + h * d + e)] = from_d<T>(xv(t0 + t, h, e));
-        BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dx.data() + t0 * row, buf.data(), buf.size() * sizeof(T), cudaMemcpyHostToDevice,
-                                             ctx.stream()));
+        BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dx.data() + t0 * row, buf.data(), buf.size() * sizeof(T),
+                                             cudaMemcpyHostToDevice, ctx.stream()));
         ctx.synchronize();
       }
     }
@@ -501,8 +505,8 @@ void layer_kernels_large() {
     std::vector<T> got(static_cast<std::size_t>(row));
     index_t bad = 0;
     for (index_t t : check) {
-      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(got.data(), dx.data() + t * row, got.size() * sizeof(T), cudaMemcpyDeviceToHost,
-                                           ctx.stream()));
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(got.data(), dx.data() + t * row, got.size() * sizeof(T),
+                                           cudaMemcpyDeviceToHost, ctx.stream()));
       ctx.synchronize();
       for (index_t h = 0; h < heads; ++h)
         for (index_t i = 0; i < d / 2; ++i) {
@@ -581,16 +585,16 @@ TEST_CASE("CUDA layers reject bad layers and arguments") {
                       ws.data(), ws.bytes());
         }) == errc::shape_mismatch);  // tokens disagree
   CHECK(code_of([&] {
-          bd::forward(ctx, dl, matrix_view<const float>(x.data(), n, dm), matrix_view<float>(y.data(), n, dm), ws.data(),
-                      need - 1);
+          bd::forward(ctx, dl, matrix_view<const float>(x.data(), n, dm), matrix_view<float>(y.data(), n, dm),
+                      ws.data(), need - 1);
         }) == errc::invalid_argument);  // workspace too small
   CHECK(code_of([&] {
-          bd::forward(ctx, dl, matrix_view<const float>(x.data(), 0, dm), matrix_view<float>(y.data(), 0, dm), ws.data(),
-                      ws.bytes());
+          bd::forward(ctx, dl, matrix_view<const float>(x.data(), 0, dm), matrix_view<float>(y.data(), 0, dm),
+                      ws.data(), ws.bytes());
         }) == errc::invalid_argument);  // no tokens
   CHECK(code_of([&] {
-          bd::forward(ctx, dl, matrix_view<const float>(x.data(), n, dm), matrix_view<float>(y.data(), n, dm), ws.data(),
-                      ws.bytes());
+          bd::forward(ctx, dl, matrix_view<const float>(x.data(), n, dm), matrix_view<float>(y.data(), n, dm),
+                      ws.data(), ws.bytes());
           ctx.synchronize();
         }) == errc::io);  // and the well-formed call runs
 

@@ -159,12 +159,30 @@ oracle_row oracle(const bd::bd_projection<T>& p, const T* x) {
   return o;
 }
 
-template <class T> index_t depth_of(const bd::dense_projection<T>& p) { return p.in_dim(); }
-template <class T> index_t depth_of(const bd::bd_projection<T>& p) { return p.in_dim - p.rank; }
-template <class T> index_t out_of(const bd::dense_projection<T>& p) { return p.out_dim(); }
-template <class T> index_t out_of(const bd::bd_projection<T>& p) { return p.heads * p.rank; }
-template <class T> index_t in_of(const bd::dense_projection<T>& p) { return p.in_dim(); }
-template <class T> index_t in_of(const bd::bd_projection<T>& p) { return p.in_dim; }
+template <class T>
+index_t depth_of(const bd::dense_projection<T>& p) {
+  return p.in_dim();
+}
+template <class T>
+index_t depth_of(const bd::bd_projection<T>& p) {
+  return p.in_dim - p.rank;
+}
+template <class T>
+index_t out_of(const bd::dense_projection<T>& p) {
+  return p.out_dim();
+}
+template <class T>
+index_t out_of(const bd::bd_projection<T>& p) {
+  return p.heads * p.rank;
+}
+template <class T>
+index_t in_of(const bd::dense_projection<T>& p) {
+  return p.in_dim();
+}
+template <class T>
+index_t in_of(const bd::bd_projection<T>& p) {
+  return p.in_dim;
+}
 
 /// The bound of the header comment for one element.
 template <class T>
@@ -261,9 +279,9 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
         const double b = projection_bound<T>(res.ran, depth_of(hp), o.want[j], o.mag[j], o.basis_bias[j]);
         worst = std::max(worst, std::isfinite(got) ? e / b : INFINITY);
       }
-    INFO("dtype " << to_string(dtype_of_v<T>) << ", asked " << bd::to_string(epi) << ", ran "
-                  << bd::to_string(res.ran) << ", tokens " << tokens << ", ldx " << ldx << ", ldy " << ldy << ", run "
-                  << run << ": worst error / bound " << worst);
+    INFO("dtype " << to_string(dtype_of_v<T>) << ", asked " << bd::to_string(epi) << ", ran " << bd::to_string(res.ran)
+                  << ", tokens " << tokens << ", ldx " << ldx << ", ldy " << ldy << ", run " << run
+                  << ": worst error / bound " << worst);
     CHECK(unwritten == 0);
     CHECK(padding_touched == 0);
     CHECK(worst <= 1.0);
@@ -328,8 +346,8 @@ void projection_suite(bool small_only) {
   cuda_context ctx;
   // r = 12 and r = 4 in 16-bit storage would put a packed head bias at 24 / 8-byte offsets (the device
   // layout pads each head's bias to 256 bytes); the single token and odd strides test edges.
-  const proj_shape small[] = {{70, 12, 3, 129, 5, 3, "odd"}, {40, 8, 2, 1, 0, 8, "one-token"},
-                              {64, 4, 5, 257, 0, 1, "r4"}};
+  const proj_shape small[] = {
+      {70, 12, 3, 129, 5, 3, "odd"}, {40, 8, 2, 1, 0, 8, "one-token"}, {64, 4, 5, 257, 0, 1, "r4"}};
   const proj_shape more[] = {{512, 128, 16, 300, 0, 0, "deepseek-v2-lite"}, {192, 12, 16, 200, 0, 0, "r12x16"}};
   for (const proj_shape& s : small) projection_shape<T>(ctx, s, g);
   if (small_only) return;
@@ -472,7 +490,8 @@ struct attn_case {
 /// Run exact attention on the GPU and compare the query rows `rows` (all when empty) of every head
 /// with attention_reference in double; returns rel_error / tolerance (header comment).
 template <class T>
-double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937_64& g, std::vector<index_t> rows = {}) {
+double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937_64& g,
+                       std::vector<index_t> rows = {}) {
   const index_t wq = c.h_q * c.d_qk, wk = c.h_kv * c.d_qk, wv = c.h_kv * c.d_v, wo = c.h_q * c.d_v;
   const index_t lq = wq + (c.large_stride ? 0 : c.pad);
   const index_t lk = c.large_stride ? c.pad : wk + c.pad, lv = c.large_stride ? c.pad : wv + c.pad,
@@ -539,8 +558,9 @@ double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937
     o1.scale = scale;
     std::vector<double> ref(static_cast<std::size_t>(wo));
     try {
-      attention_reference<T, double>(view3(q.data() + i * wq, 1, c.h_q, c.d_qk, wq), view3(k.data(), seen, c.h_kv, c.d_qk, wk),
-                                     view3(v.data(), seen, c.h_kv, c.d_v, wv), view3(ref.data(), 1, c.h_q, c.d_v, wo), o1);
+      attention_reference<T, double>(
+          view3(q.data() + i * wq, 1, c.h_q, c.d_qk, wq), view3(k.data(), seen, c.h_kv, c.d_qk, wk),
+          view3(v.data(), seen, c.h_kv, c.d_v, wv), view3(ref.data(), 1, c.h_q, c.d_v, wo), o1);
     } catch (...) {
 #pragma omp critical
       oracle_failed = true;
@@ -592,9 +612,9 @@ void attention_suite(bool small_only) {
       {50, 50, 3, 3, 5, 7, true, 0, 2},          // tiny dims
   };
   const attn_case more[] = {
-      {100, 100, 4, 4, 64, 64, true, 0, 0},  // MHA, causal
-      {100, 100, 4, 4, 64, 64, false, 0, 0},  // MHA, bidirectional
-      {1, 40, 2, 2, 256, 256, true, 0, 0},    // one query (decode), largest dims
+      {100, 100, 4, 4, 64, 64, true, 0, 0},     // MHA, causal
+      {100, 100, 4, 4, 64, 64, false, 0, 0},    // MHA, bidirectional
+      {1, 40, 2, 2, 256, 256, true, 0, 0},      // one query (decode), largest dims
       {600, 1500, 4, 2, 128, 128, true, 0, 0},  // several key tiles per block, GQA
   };
   for (const attn_case& c : small) {
@@ -665,8 +685,8 @@ TEST_CASE("a failing cuBLAS call becomes a basisattn::error with errc::backend")
   cuda_context ctx;
   const float one = 1.0f;
   try {
-    BASISATTN_CUBLAS_CHECK(cublasSgemm(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, -1, 1, 1, &one, nullptr, 1, nullptr, 1,
-                                       &one, nullptr, 1));
+    BASISATTN_CUBLAS_CHECK(
+        cublasSgemm(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, -1, 1, 1, &one, nullptr, 1, nullptr, 1, &one, nullptr, 1));
     FAIL("cublasSgemm with m = -1 did not fail");
   } catch (const basisattn::error& e) {
     CHECK(e.code() == errc::backend);
@@ -674,7 +694,6 @@ TEST_CASE("a failing cuBLAS call becomes a basisattn::error with errc::backend")
     CHECK(std::string(e.what()).find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
   }
 }
-
 
 TEST_CASE("CUDA projections reject bad shapes") {
   cuda_context ctx;
@@ -693,8 +712,8 @@ TEST_CASE("CUDA projections reject bad shapes") {
   const std::size_t ws = bd::project_workspace_bytes(ctx, dp, 10);
   device_buffer<unsigned char> w(static_cast<index_t>(ws));
   CHECK(code_of([&] {
-          bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 17), matrix_view<float>(y.data(), 10, 8), w.data(),
-                      ws);
+          bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 17), matrix_view<float>(y.data(), 10, 8),
+                      w.data(), ws);
         }) == errc::shape_mismatch);  // x has 17 columns, the projection takes 16
   CHECK(code_of([&] {
           bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 16), matrix_view<float>(y.data(), 9, 8), w.data(),
@@ -705,8 +724,8 @@ TEST_CASE("CUDA projections reject bad shapes") {
                       0);
         }) == errc::shape_mismatch);  // y has 9 columns, the projection gives 8
   CHECK(code_of([&] {
-          bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 16), matrix_view<float>(y.data(), 10, 8), w.data(),
-                      ws - 1);
+          bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 16), matrix_view<float>(y.data(), 10, 8),
+                      w.data(), ws - 1);
         }) == errc::invalid_argument);  // workspace too small
   CHECK(code_of([&] {
           bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 16, 8), matrix_view<float>(y.data(), 10, 8),
@@ -716,7 +735,6 @@ TEST_CASE("CUDA projections reject bad shapes") {
   bad.rest[0] = 0;  // channel 0 twice
   CHECK(code_of([&] { (void)bd::upload(ctx, bad); }) == errc::invalid_argument);
 }
-
 
 TEST_CASE("CUDA attention rejects bad arguments") {
   cuda_context ctx;
@@ -732,15 +750,23 @@ TEST_CASE("CUDA attention rejects bad arguments") {
     return errc::io;
   };
   attention_options opt;
-  CHECK(code_of([&] { attention<float>(ctx, ct(a.data(), 4, 2, 8), ct(b.data(), 4, 2, 9), ct(c.data(), 4, 2, 8), t(o.data(), 4, 2, 8), opt); }) ==
-        errc::shape_mismatch);  // d_qk of q and k differ
-  CHECK(code_of([&] { attention<float>(ctx, ct(a.data(), 4, 3, 8), ct(b.data(), 4, 2, 8), ct(c.data(), 4, 2, 8), t(o.data(), 4, 3, 8), opt); }) ==
-        errc::shape_mismatch);  // 3 query heads over 2 kv heads
-  CHECK(code_of([&] { attention<float>(ctx, ct(a.data(), 2, 2, 300), ct(b.data(), 2, 2, 300), ct(c.data(), 2, 2, 8), t(o.data(), 2, 2, 8), opt); }) ==
-        errc::unsupported);  // d_qk above the kernel's 256
+  CHECK(code_of([&] {
+          attention<float>(ctx, ct(a.data(), 4, 2, 8), ct(b.data(), 4, 2, 9), ct(c.data(), 4, 2, 8),
+                           t(o.data(), 4, 2, 8), opt);
+        }) == errc::shape_mismatch);  // d_qk of q and k differ
+  CHECK(code_of([&] {
+          attention<float>(ctx, ct(a.data(), 4, 3, 8), ct(b.data(), 4, 2, 8), ct(c.data(), 4, 2, 8),
+                           t(o.data(), 4, 3, 8), opt);
+        }) == errc::shape_mismatch);  // 3 query heads over 2 kv heads
+  CHECK(code_of([&] {
+          attention<float>(ctx, ct(a.data(), 2, 2, 300), ct(b.data(), 2, 2, 300), ct(c.data(), 2, 2, 8),
+                           t(o.data(), 2, 2, 8), opt);
+        }) == errc::unsupported);  // d_qk above the kernel's 256
   opt.accumulate_double = true;
-  CHECK(code_of([&] { attention<float>(ctx, ct(a.data(), 4, 2, 8), ct(b.data(), 4, 2, 8), ct(c.data(), 4, 2, 8), t(o.data(), 4, 2, 8), opt); }) ==
-        errc::unsupported);
+  CHECK(code_of([&] {
+          attention<float>(ctx, ct(a.data(), 4, 2, 8), ct(b.data(), 4, 2, 8), ct(c.data(), 4, 2, 8),
+                           t(o.data(), 4, 2, 8), opt);
+        }) == errc::unsupported);
 }
 
 TEST_CASE("CUDA projections match the double oracle: fp32") { projection_suite<float>(false); }
@@ -750,7 +776,9 @@ TEST_CASE("CUDA projections, small cases for compute-sanitizer", "[sanitize]") {
 TEST_CASE("CUDA projections reduce split-K sums in fp32: fp16") { split_k_suite<Eigen::half>(); }
 TEST_CASE("CUDA projections reduce split-K sums in fp32: bf16") { split_k_suite<Eigen::bfloat16>(); }
 TEST_CASE("CUDA projections at 65536 tokens with 64-bit offsets: fp16", "[large]") { projection_large<Eigen::half>(); }
-TEST_CASE("CUDA projections at 65536 tokens with 64-bit offsets: bf16", "[large]") { projection_large<Eigen::bfloat16>(); }
+TEST_CASE("CUDA projections at 65536 tokens with 64-bit offsets: bf16", "[large]") {
+  projection_large<Eigen::bfloat16>();
+}
 
 TEST_CASE("CUDA attention matches the double oracle: fp32") { attention_suite<float>(false); }
 TEST_CASE("CUDA attention matches the double oracle: fp16") { attention_suite<Eigen::half>(false); }

@@ -45,7 +45,8 @@ TEST_CASE("the library's gather and broadcast kernels run on the device and matc
   const auto dbias = basisattn::to_device(ctx, bias.data(), index_t(bias.size()));
   const auto dperm = basisattn::to_device(ctx, perm.data(), cols);
   basisattn::device_buffer<float> dg(rows * cols), dy(rows * ldy);
-  BASISATTN_CUDA_CHECK(cudaMemsetAsync(dg.data(), 0xFF, std::size_t(rows * cols) * sizeof(float), ctx.stream()));  // NaN
+  BASISATTN_CUDA_CHECK(
+      cudaMemsetAsync(dg.data(), 0xFF, std::size_t(rows * cols) * sizeof(float), ctx.stream()));  // NaN
   BASISATTN_CUDA_CHECK(cudaMemsetAsync(dy.data(), 0xFF, std::size_t(rows * ldy) * sizeof(float), ctx.stream()));
   ck::launch_gather_columns(dx.data(), ldx, dperm.data(), cols, rows, dg.data(), cols, ctx.stream());
   // y[t, g r + k] = x[t, k] + bias[g bias_stride + k]: the basis copy of every head plus its bias.
@@ -62,7 +63,8 @@ TEST_CASE("the library's gather and broadcast kernels run on the device and matc
       wrong += !same_bits(g[std::size_t(t * cols + c)], x[std::size_t(t * ldx + perm[std::size_t(c)])]);
     for (index_t gr = 0; gr < groups; ++gr)
       for (index_t k = 0; k < r; ++k)
-        wrong += !same_bits(y[std::size_t(t * ldy + gr * r + k)], x[std::size_t(t * ldx + k)] + bias[std::size_t(gr * bias_stride + k)]);
+        wrong += !same_bits(y[std::size_t(t * ldy + gr * r + k)],
+                            x[std::size_t(t * ldx + k)] + bias[std::size_t(gr * bias_stride + k)]);
     for (index_t c = groups * r; c < ldy; ++c) wrong += !std::isnan(y[std::size_t(t * ldy + c)]);  // padding untouched
   }
   CHECK(wrong == 0);

@@ -169,7 +169,6 @@ struct problem {
 
 enum class data_kind { outliers, small, large, spread };
 
-
 constexpr double u64 = 0x1p-53;
 
 /// Values of a host tensor in double (the stored values), same layout.
@@ -320,8 +319,10 @@ row_forecast forecast_rows(const support::plan& pl, const std::vector<double>& q
     PX.resize(nq, width);
     PY.resize(nk, width);
     std::vector<double> tmp(static_cast<std::size_t>(std::max(nq, nk) * std::max<index_t>(fm.m, 1)));
-    sd::compute_features<double>(fm, width, sd::cm_map<double>(X.data(), nq, d), sd::cm_map<double>(PX.data(), nq, width), tmp.data());
-    sd::compute_features<double>(fm, width, sd::cm_map<double>(Y.data(), nk, d), sd::cm_map<double>(PY.data(), nk, width), tmp.data());
+    sd::compute_features<double>(fm, width, sd::cm_map<double>(X.data(), nq, d),
+                                 sd::cm_map<double>(PX.data(), nq, width), tmp.data());
+    sd::compute_features<double>(fm, width, sd::cm_map<double>(Y.data(), nk, d),
+                                 sd::cm_map<double>(PY.data(), nk, width), tmp.data());
   }
   const double N = double(nk + width + (g + 1) * (d + 2) + 8);
   const double gammaN = N * test::u<float>() / (1 - N * test::u<float>());
@@ -332,7 +333,7 @@ row_forecast forecast_rows(const support::plan& pl, const std::vector<double>& q
     const int bq = pl.q_bucket[std::size_t(h)][std::size_t(i)];
     if (bq >= L) continue;  // in R
     const index_t vis = pl.options.causal ? std::min(nk, i + sh.causal_offset + 1) : nk;
-    if (pre[std::size_t(vis)] == 0) continue;  // no visible polynomial key
+    if (pre[std::size_t(vis)] == 0) continue;                                        // no visible polynomial key
     const index_t k0 = pl.options.causal ? (i + sh.causal_offset) / blk * blk : nk;  // the causal in-block keys
     double dp = 0, W = 0, maxC = -INFINITY, x1 = 0;
     for (index_t e = 0; e < d; ++e) x1 += std::abs(X(i, e));
@@ -356,7 +357,8 @@ row_forecast forecast_rows(const support::plan& pl, const std::vector<double>& q
           At[std::size_t(t)] = At[std::size_t(t - 1)] * kap;
         } else {
           double dot = 0;
-          for (index_t c = fm.offset[std::size_t(t)]; c < fm.offset[std::size_t(t + 1)]; ++c) dot += PX(i, c) * PY(j, c);
+          for (index_t c = fm.offset[std::size_t(t)]; c < fm.offset[std::size_t(t + 1)]; ++c)
+            dot += PX(i, c) * PY(j, c);
           Ft[std::size_t(t)] = dot;
           At[std::size_t(t)] = std::pow(x1 * y1, t);
         }
@@ -369,8 +371,10 @@ row_forecast forecast_rows(const support::plan& pl, const std::vector<double>& q
     }
     const double err = gammaN * W, lo = dp - err, M = pl.shift[std::size_t(h)][std::size_t(bq)];
     signed char st = 2;
-    if (dp + err < FLT_MIN) st = 1;
-    else if (lo >= FLT_MIN && (maxC == -INFINITY || maxC - (M + std::log(lo)) <= 80) && (W + err) * vmax / lo < 1e30) st = 0;
+    if (dp + err < FLT_MIN)
+      st = 1;
+    else if (lo >= FLT_MIN && (maxC == -INFINITY || maxC - (M + std::log(lo)) <= 80) && (W + err) * vmax / lo < 1e30)
+      st = 0;
     f.P.push_back(i);
     f.state.push_back(st);
     f.bad += st == 1;
@@ -401,8 +405,9 @@ double kappa_of(const support::plan& pl, const std::vector<double>& q, const std
 /// exact-attention model (cuda_kernel: the GPU's fp32 kernel, else the CPU's); heads where `which`
 /// is false are skipped.
 template <class T>
-void check_exact_heads(const support::plan& pl, const host_tensor<T>& q, const host_tensor<T>& k, const host_tensor<T>& v,
-                       const host_tensor<T>& out, const std::vector<bool>& which, bool cuda_kernel, const char* what) {
+void check_exact_heads(const support::plan& pl, const host_tensor<T>& q, const host_tensor<T>& k,
+                       const host_tensor<T>& v, const host_tensor<T>& out, const std::vector<bool>& which,
+                       bool cuda_kernel, const char* what) {
   host_tensor<double> ref(out.e0, out.e1, out.e2);
   attention_options ao;
   ao.causal = pl.options.causal;
@@ -433,8 +438,8 @@ struct est_range {
 };
 template <class T>
 est_range own_estimate(const support::plan& pl, const std::vector<double>& qd, const std::vector<double>& kd,
-                       const std::vector<double>& vd, const host_tensor<T>& out, index_t h, const std::vector<index_t>& rows,
-                       double vmax) {
+                       const std::vector<double>& vd, const host_tensor<T>& out, index_t h,
+                       const std::vector<index_t>& rows, double vmax) {
   est_range r;
   const index_t dv = out.e2;
   for (index_t i : rows) {
@@ -483,14 +488,17 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
   v.fill(g, 1.0);
   const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
   host_tensor<T> want(pr.n_q, pr.h_q, pr.d_v), got(pr.n_q, pr.h_q, pr.d_v);
-  const std::vector<support::head_report> cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
+  const std::vector<support::head_report> cpu_rep =
+      support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
   const std::vector<double> qd = values_of(q), kd = values_of(k), vd = values_of(v);
   std::vector<double> vmax(static_cast<std::size_t>(pr.h_kv), 0.0);
   for (index_t j = 0; j < pr.n_kv; ++j)
     for (index_t h = 0; h < pr.h_kv; ++h)
-      for (index_t c = 0; c < pr.d_v; ++c) vmax[std::size_t(h)] = std::max(vmax[std::size_t(h)], std::abs(to_d(v.at(j, h, c))));
+      for (index_t c = 0; c < pr.d_v; ++c)
+        vmax[std::size_t(h)] = std::max(vmax[std::size_t(h)], std::abs(to_d(v.at(j, h, c))));
   std::vector<row_forecast> fc;
-  for (index_t h = 0; h < pr.h_q; ++h) fc.push_back(forecast_rows(plan, qd, kd, vmax[std::size_t(h / (pr.h_q / pr.h_kv))], h));
+  for (index_t h = 0; h < pr.h_q; ++h)
+    fc.push_back(forecast_rows(plan, qd, kd, vmax[std::size_t(h / (pr.h_q / pr.h_kv))], h));
 
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const device_tensor<T> dq(ctx, q, nan), dk(ctx, k, nan), dv(ctx, v, nan);
@@ -514,10 +522,11 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       const auto& b = cpu_rep[static_cast<std::size_t>(h)];
       const row_forecast& f = fc[std::size_t(h)];
       const double vm = vmax[std::size_t(h / (pr.h_q / pr.h_kv))];
-      INFO("run " << run << ", head " << h << ": estimated_error gpu " << a.estimated_error << " cpu " << b.estimated_error
-                  << ", bad rows gpu " << a.repaired_rows << " cpu " << b.repaired_rows << " (forecast " << f.bad << " + " << f.unsure
-                  << " unsure of " << f.P.size() << "), poly rows gpu " << a.poly_rows << " cpu " << b.poly_rows
-                  << ", fallback gpu " << a.fell_back << " cpu " << b.fell_back);
+      INFO("run " << run << ", head " << h << ": estimated_error gpu " << a.estimated_error << " cpu "
+                  << b.estimated_error << ", bad rows gpu " << a.repaired_rows << " cpu " << b.repaired_rows
+                  << " (forecast " << f.bad << " + " << f.unsure << " unsure of " << f.P.size() << "), poly rows gpu "
+                  << a.poly_rows << " cpu " << b.poly_rows << ", fallback gpu " << a.fell_back << " cpu "
+                  << b.fell_back);
       CHECK(a.degree == b.degree);  // make_plan's part is copied from the plan
       CHECK(a.features == b.features);
       CHECK(a.query_support == b.query_support);
@@ -536,8 +545,10 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       // Same rows on both: each report against its own outputs, then against each other.
       const std::vector<index_t> rows = estimate_rows(f.approximated(), o.check_rows);
       if (o.check_rows > 0 && !rows.empty()) {
-        const est_range ra = own_estimate(plan, qd, kd, vd, got, h, rows, vm), rb = own_estimate(plan, qd, kd, vd, want, h, rows, vm);
-        INFO("gpu estimate within [" << ra.max_lo << ", " << ra.max_hi << "], cpu within [" << rb.max_lo << ", " << rb.max_hi << "]");
+        const est_range ra = own_estimate(plan, qd, kd, vd, got, h, rows, vm),
+                        rb = own_estimate(plan, qd, kd, vd, want, h, rows, vm);
+        INFO("gpu estimate within [" << ra.max_lo << ", " << ra.max_hi << "], cpu within [" << rb.max_lo << ", "
+                                     << rb.max_hi << "]");
         CHECK(a.estimated_error >= ra.max_lo);
         CHECK(a.estimated_error <= ra.max_hi);
         CHECK(a.mean_estimated_error >= ra.mean_lo);
@@ -548,7 +559,8 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
         CHECK(b.mean_estimated_error <= rb.mean_hi);
         // Each fallback follows its own estimate (checked above); they must agree where both estimates
         // are certainly on the same side of the tolerance (poly_error is the plan's: the same on both).
-        if ((ra.max_lo > tol && rb.max_lo > tol) || (ra.max_hi <= tol && rb.max_hi <= tol)) CHECK(a.fell_back == b.fell_back);
+        if ((ra.max_lo > tol && rb.max_lo > tol) || (ra.max_hi <= tol && rb.max_hi <= tol))
+          CHECK(a.fell_back == b.fell_back);
       } else {
         CHECK(a.estimated_error == 0);
         CHECK(b.estimated_error == 0);
@@ -855,7 +867,8 @@ void support_large(bool causal) {
   const auto t3 = std::chrono::steady_clock::now();
   std::vector<srow> orc(work.size());
 #pragma omp parallel for schedule(dynamic, 1)
-  for (std::size_t w = 0; w < work.size(); ++w) orc[w] = support_row(plan, qd, kd, vd, dv, work[w].first, work[w].second);
+  for (std::size_t w = 0; w < work.size(); ++w)
+    orc[w] = support_row(plan, qd, kd, vd, dv, work[w].first, work[w].second);
   const double t_oracle = since(t3);
 
   const double uT = test::u<T>(), etaT = test::eta<T>(), u32 = test::u<float>();
@@ -864,8 +877,9 @@ void support_large(bool causal) {
   for (index_t h = 0; h < hq; ++h) {
     const support::head_report& r = rep[std::size_t(h)];
     const support::head_report& pr = plan.report[std::size_t(h)];
-    INFO("head " << h << ": bad rows " << r.repaired_rows << ", poly rows " << r.poly_rows << " (|P| " << P[std::size_t(h)]
-                 << "), checked " << r.checked_rows << ", estimate max " << r.estimated_error << " mean " << r.mean_estimated_error);
+    INFO("head " << h << ": bad rows " << r.repaired_rows << ", poly rows " << r.poly_rows << " (|P| "
+                 << P[std::size_t(h)] << "), checked " << r.checked_rows << ", estimate max " << r.estimated_error
+                 << " mean " << r.mean_estimated_error);
     CHECK(r.repaired_rows == 0);
     CHECK(r.poly_rows == P[std::size_t(h)]);
     CHECK(r.checked_rows == std::min<std::int64_t>(16, P[std::size_t(h)]));
@@ -884,16 +898,19 @@ void support_large(bool causal) {
       }
       const double err = std::sqrt(e2);
       const double G = ro.poly ? eps / (1 - eps) * ro.vdev : 0.0;
-      const double allowed = G + uT * ro.ynorm + std::sqrt(double(dv)) * etaT +
-                             2 * u32 * (std::sqrt(double(n) + width) + pr.degree + std::sqrt(double(d)) * ro.kappa + 2 * ro.smax + 8) * ro.A;
+      const double allowed =
+          G + uT * ro.ynorm + std::sqrt(double(dv)) * etaT +
+          2 * u32 * (std::sqrt(double(n) + width) + pr.degree + std::sqrt(double(d)) * ro.kappa + 2 * ro.smax + 8) *
+              ro.A;
       const double ratio = err / allowed;
       if (!(ratio <= 1)) {
-        INFO("row " << i << ": error " << err << ", allowed " << allowed << " (||y|| " << ro.ynorm << ", G " << G << ", A "
-                    << ro.A << ")");
+        INFO("row " << i << ": error " << err << ", allowed " << allowed << " (||y|| " << ro.ynorm << ", G " << G
+                    << ", A " << ro.A << ")");
         CHECK(ratio <= 1);
       }
       worst = std::max(worst, ratio);
-      if (std::find(est_rows[std::size_t(h)].begin(), est_rows[std::size_t(h)].end(), i) != est_rows[std::size_t(h)].end()) {
+      if (std::find(est_rows[std::size_t(h)].begin(), est_rows[std::size_t(h)].end(), i) !=
+          est_rows[std::size_t(h)].end()) {
         const double dbl = dbl_slack(ro, n, d, dv, vm), s = double(est_rows[std::size_t(h)].size());
         const double lo = std::max(0.0, err - dbl) / (ro.ynorm + dbl), hi = (err + dbl) / (ro.ynorm - dbl);
         max_lo = std::max(max_lo, lo);
@@ -907,10 +924,11 @@ void support_large(bool causal) {
     CHECK(r.mean_estimated_error >= mean_lo);
     CHECK(r.mean_estimated_error <= mean_hi);
   }
-  std::printf("support %s %lld tokens %s: max row error / allowed %.3g; host: data %.1f s, plan %.1f s, oracle %.1f s; "
-              "gpu run %.2f s\n",
-              to_string(dtype_of_v<T>), static_cast<long long>(n), causal ? "causal" : "non-causal", worst, t_data, t_plan,
-              t_oracle, t_gpu);
+  std::printf(
+      "support %s %lld tokens %s: max row error / allowed %.3g; host: data %.1f s, plan %.1f s, oracle %.1f s; "
+      "gpu run %.2f s\n",
+      to_string(dtype_of_v<T>), static_cast<long long>(n), causal ? "causal" : "non-causal", worst, t_data, t_plan,
+      t_oracle, t_gpu);
 }
 template <class F>
 errc code_of(F&& f) {
@@ -933,7 +951,6 @@ std::string message_of(F&& f) {
 }
 
 }  // namespace
-
 
 TEST_CASE("CUDA support-basis attention matches the CPU backend: fp32") { suite<float>(); }
 TEST_CASE("CUDA support-basis attention matches the CPU backend: fp16") { suite<Eigen::half>(); }
@@ -1105,7 +1122,8 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     CHECK(h.checked_rows == std::min<std::int64_t>(o.check_rows, h.poly_rows));
     CHECK(!h.fell_back);
     // row 0: the exact part alone, one key: fp32 computes 1 * v_0 / 1 exactly (p = expf(0) = 1)
-    for (index_t e = 0; e < dv; ++e) CHECK(std::abs(got.at(0, 0, e) - v.at(0, 0, e)) <= 1e-6 * std::abs(v.at(0, 0, e)) + 1e-30);
+    for (index_t e = 0; e < dv; ++e)
+      CHECK(std::abs(got.at(0, 0, e) - v.at(0, 0, e)) <= 1e-6 * std::abs(v.at(0, 0, e)) + 1e-30);
     // The polynomial guarantees nothing here (poly_error >= 1): with a finite tolerance the head falls
     // back on both backends, and both outputs are exact fp32 attention.
     REQUIRE(h.poly_error >= 1);
@@ -1189,7 +1207,8 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
     ctx.synchronize();
   };
   // the well-formed call runs
-  CHECK(code_of([&] { run(dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), ws.bytes(), plan); }) == errc::io);
+  CHECK(code_of([&] { run(dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), ws.bytes(), plan); }) ==
+        errc::io);
   // shapes (views over the same buffers with other extents: nothing is read before the checks)
   const auto v3 = dv.cview();
   const tensor3_view<const float> v_short(v3.data, pr.n_kv - 1, pr.h_kv, pr.d_v, v3.stride[0], v3.stride[1], 1);
@@ -1197,15 +1216,17 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
         errc::shape_mismatch);
   const auto o3 = dout.view();
   const tensor3_view<float> out_bad(o3.data, pr.n_q, pr.h_q, pr.d_v - 1, o3.stride[0], o3.stride[1], 1);
-  CHECK(message_of([&] { run(dq.cview(), dk.cview(), dv.cview(), out_bad, ws.data(), ws.bytes(), plan); })
-            .find("out has extents") != std::string::npos);
+  CHECK(message_of([&] {
+          run(dq.cview(), dk.cview(), dv.cview(), out_bad, ws.data(), ws.bytes(), plan);
+        }).find("out has extents") != std::string::npos);
   const auto q3 = dq.cview();
   const tensor3_view<const float> q_short(q3.data, pr.n_q - 1, pr.h_q, pr.d, q3.stride[0], q3.stride[1], 1);
   const tensor3_view<float> out_short(o3.data, pr.n_q - 1, pr.h_q, pr.d_v, o3.stride[0], o3.stride[1], 1);
   CHECK(code_of([&] { run(q_short, dk.cview(), dv.cview(), out_short, ws.data(), ws.bytes(), plan); }) ==
         errc::shape_mismatch);
-  CHECK(message_of([&] { run(q_short, dk.cview(), dv.cview(), out_short, ws.data(), ws.bytes(), plan); })
-            .find("do not match the plan") != std::string::npos);
+  CHECK(message_of([&] {
+          run(q_short, dk.cview(), dv.cview(), out_short, ws.data(), ws.bytes(), plan);
+        }).find("do not match the plan") != std::string::npos);
   // storage type other than the plan's
   {
     device_buffer<Eigen::half> hq(pr.n_q * pr.h_q * pr.d), hk(pr.n_kv * pr.h_kv * pr.d), hv(pr.n_kv * pr.h_kv * pr.d_v),
@@ -1219,8 +1240,9 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
     CHECK(msg.find("plan was made for f32") != std::string::npos);
   }
   // workspace
-  CHECK(message_of([&] { run(dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), need - 300, plan); })
-            .find("workspace") != std::string::npos);
+  CHECK(message_of([&] {
+          run(dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), need - 300, plan);
+        }).find("workspace") != std::string::npos);
   CHECK(message_of([&] { run(dq.cview(), dk.cview(), dv.cview(), dout.view(), nullptr, 0, plan); }).find("(null)") !=
         std::string::npos);
   // accumulate_double is CPU-only
@@ -1239,8 +1261,9 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
     const device_tensor<float> dvb(ctx, vb, 0.0);
     CHECK(code_of([&] { run(dq.cview(), dk.cview(), dvb.cview(), dout.view(), ws.data(), ws.bytes(), plan); }) ==
           errc::non_finite);
-    CHECK(message_of([&] { run(dq.cview(), dk.cview(), dvb.cview(), dout.view(), ws.data(), ws.bytes(), plan); })
-              .find("v has a non-finite value") != std::string::npos);
+    CHECK(message_of([&] {
+            run(dq.cview(), dk.cview(), dvb.cview(), dout.view(), ws.data(), ws.bytes(), plan);
+          }).find("v has a non-finite value") != std::string::npos);
   }
   // workspace_bytes validates d_v
   CHECK(code_of([&] { (void)support::workspace_bytes(ctx, plan, 0); }) == errc::invalid_argument);

@@ -20,10 +20,11 @@ int main(int argc, char** argv) {
   try {
     matrix<float> a(3, 4);
     for (index_t i = 0; i < a.size(); ++i) a.data()[i] = 0.25f * float(i) - 1.0f;
-    io::write_safetensors((root / "safetensors" / "a.safetensors").string(),
-                          {io::make_tensor("a", a.view(), io::tensor_type::f32), io::make_tensor("h", a.view(), io::tensor_type::f16),
-                           io::make_tensor("b", a.view(), io::tensor_type::bf16)},
-                          {{"k", "v"}});
+    io::write_safetensors(
+        (root / "safetensors" / "a.safetensors").string(),
+        {io::make_tensor("a", a.view(), io::tensor_type::f32), io::make_tensor("h", a.view(), io::tensor_type::f16),
+         io::make_tensor("b", a.view(), io::tensor_type::bf16)},
+        {{"k", "v"}});
     std::vector<float> x(64);
     for (int i = 0; i < 64; ++i) x[std::size_t(i)] = 0.1f * float(i) - 3.0f;
     build::bytes f32;

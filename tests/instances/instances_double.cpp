@@ -1,4 +1,4 @@
-// Explicit instantiations of tests/support/instances.hpp for one storage type.
+// Explicit instantiations of tests/common/instances.hpp for one storage type.
 #include "instances.hpp"
 
 BASISATTN_TEST_INSTANCES_DOUBLE()

@@ -39,12 +39,12 @@ namespace detail {
 
 /// Extents of an attention problem, after validation.
 struct attention_shape {
-  index_t n_q = 0, n_kv = 0;   ///< query and key/value tokens
-  index_t h_q = 0, h_kv = 0;   ///< query and key/value heads
-  index_t d_qk = 0, d_v = 0;   ///< head dims of q/k and of v/out
-  index_t group = 1;           ///< H_q / H_kv: query heads per kv head
-  index_t causal_offset = 0;   ///< n_kv - n_q: query i sees keys j <= i + causal_offset when causal
-  double scale = 0;            ///< the effective softmax scale
+  index_t n_q = 0, n_kv = 0;  ///< query and key/value tokens
+  index_t h_q = 0, h_kv = 0;  ///< query and key/value heads
+  index_t d_qk = 0, d_v = 0;  ///< head dims of q/k and of v/out
+  index_t group = 1;          ///< H_q / H_kv: query heads per kv head
+  index_t causal_offset = 0;  ///< n_kv - n_q: query i sees keys j <= i + causal_offset when causal
+  double scale = 0;           ///< the effective softmax scale
 };
 
 template <class T>
@@ -57,32 +57,36 @@ template <class TQ, class TK, class TV, class TO>
 attention_shape check_attention_args(const char* fn, const tensor3_view<TQ>& q, const tensor3_view<TK>& k,
                                      const tensor3_view<TV>& v, const tensor3_view<TO>& out,
                                      const attention_options& opt) {
-  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn,
-                    ": q has extents ", extents_string(q), "; n_q, H_q and d_qk must be >= 1");
-  BASISATTN_REQUIRE(k.extent[0] >= 1 && k.extent[1] >= 1 && k.extent[2] >= 1, invalid_argument, fn,
-                    ": k has extents ", extents_string(k), "; n_kv, H_kv and d_qk must be >= 1");
-  BASISATTN_REQUIRE(v.extent[0] >= 1 && v.extent[1] >= 1 && v.extent[2] >= 1, invalid_argument, fn,
-                    ": v has extents ", extents_string(v), "; n_kv, H_kv and d_v must be >= 1");
-  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q), " has d_qk = ",
-                    q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
-  BASISATTN_REQUIRE(v.extent[0] == k.extent[0], shape_mismatch, fn, ": k ", extents_string(k), " has n_kv = ",
-                    k.extent[0], " tokens but v ", extents_string(v), " has ", v.extent[0]);
-  BASISATTN_REQUIRE(v.extent[1] == k.extent[1], shape_mismatch, fn, ": k ", extents_string(k), " has H_kv = ",
-                    k.extent[1], " heads but v ", extents_string(v), " has ", v.extent[1]);
-  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q), " has H_q = ",
-                    q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ",
+  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn, ": q has extents ",
+                    extents_string(q), "; n_q, H_q and d_qk must be >= 1");
+  BASISATTN_REQUIRE(k.extent[0] >= 1 && k.extent[1] >= 1 && k.extent[2] >= 1, invalid_argument, fn, ": k has extents ",
+                    extents_string(k), "; n_kv, H_kv and d_qk must be >= 1");
+  BASISATTN_REQUIRE(v.extent[0] >= 1 && v.extent[1] >= 1 && v.extent[2] >= 1, invalid_argument, fn, ": v has extents ",
+                    extents_string(v), "; n_kv, H_kv and d_v must be >= 1");
+  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q),
+                    " has d_qk = ", q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
+  BASISATTN_REQUIRE(v.extent[0] == k.extent[0], shape_mismatch, fn, ": k ", extents_string(k),
+                    " has n_kv = ", k.extent[0], " tokens but v ", extents_string(v), " has ", v.extent[0]);
+  BASISATTN_REQUIRE(v.extent[1] == k.extent[1], shape_mismatch, fn, ": k ", extents_string(k),
+                    " has H_kv = ", k.extent[1], " heads but v ", extents_string(v), " has ", v.extent[1]);
+  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q),
+                    " has H_q = ", q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ",
                     extents_string(k));
   BASISATTN_REQUIRE(out.extent[0] == q.extent[0] && out.extent[1] == q.extent[1] && out.extent[2] == v.extent[2],
-                    shape_mismatch, fn, ": out has extents ", extents_string(out),
-                    " but must be [n_q, H_q, d_v] = [", q.extent[0], ", ", q.extent[1], ", ", v.extent[2],
-                    "] (q ", extents_string(q), ", v ", extents_string(v), ")");
+                    shape_mismatch, fn, ": out has extents ", extents_string(out), " but must be [n_q, H_q, d_v] = [",
+                    q.extent[0], ", ", q.extent[1], ", ", v.extent[2], "] (q ", extents_string(q), ", v ",
+                    extents_string(v), ")");
   BASISATTN_REQUIRE(!opt.causal || q.extent[0] <= k.extent[0], invalid_argument, fn,
                     ": causal attention needs n_q <= n_kv, but q has n_q = ", q.extent[0],
                     " tokens and k has n_kv = ", k.extent[0]);
-  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
-                    opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
+  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ", opt.scale,
+                    " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
   BASISATTN_REQUIRE(q.data && k.data && v.data && out.data, invalid_argument, fn, ": ",
-                    !q.data ? "q" : !k.data ? "k" : !v.data ? "v" : "out", ".data is null");
+                    !q.data   ? "q"
+                    : !k.data ? "k"
+                    : !v.data ? "v"
+                              : "out",
+                    ".data is null");
 
   attention_shape s;
   s.n_q = q.extent[0];

@@ -66,7 +66,8 @@ void attention_reference(tensor3_view<const TI> q, tensor3_view<const TI> k, ten
       std::fill(o.begin(), o.end(), 0.0);
       for (index_t j = 0; j < visible; ++j)
         for (index_t c = 0; c < s.d_v; ++c)
-          o[static_cast<std::size_t>(c)] += p[static_cast<std::size_t>(j)] * detail::attention_reference_load(v(j, hk, c));
+          o[static_cast<std::size_t>(c)] +=
+              p[static_cast<std::size_t>(j)] * detail::attention_reference_load(v(j, hk, c));
       for (index_t c = 0; c < s.d_v; ++c) out(i, h, c) = detail::from_compute<TO>(o[static_cast<std::size_t>(c)] / l);
     }
   }

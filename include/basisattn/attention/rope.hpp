@@ -48,8 +48,8 @@ void apply_rope(tensor3_view<T> x, const rope_params& p = {}) {
                     tokens, ", ", heads, ", ", d, "]");
   BASISATTN_REQUIRE(d % 2 == 0, invalid_argument, "apply_rope: x has head dim d = ", d,
                     "; RoPE rotates pairs of coordinates and needs an even d");
-  BASISATTN_REQUIRE(std::isfinite(p.theta) && p.theta > 0, invalid_argument, "apply_rope: params.theta = ",
-                    p.theta, " must be finite and > 0");
+  BASISATTN_REQUIRE(std::isfinite(p.theta) && p.theta > 0, invalid_argument, "apply_rope: params.theta = ", p.theta,
+                    " must be finite and > 0");
   if (tokens == 0 || heads == 0 || d == 0) return;
   BASISATTN_REQUIRE(x.data != nullptr, invalid_argument, "apply_rope: x.data is null");
 

@@ -112,8 +112,8 @@ class shared_basis {
  public:
   shared_basis() = default;
 
-  index_t in_dim() const { return m_; }                 ///< m: rows of each A_g (input channels)
-  index_t rank() const { return r_; }                   ///< r: basis size = columns of each A_g
+  index_t in_dim() const { return m_; }  ///< m: rows of each A_g (input channels)
+  index_t rank() const { return r_; }    ///< r: basis size = columns of each A_g
   index_t heads() const { return static_cast<index_t>(f_.size()); }
   const std::vector<index_t>& basis() const { return basis_; }  ///< S, ascending
   const std::vector<index_t>& rest() const { return rest_; }    ///< complement of S, ascending
@@ -141,8 +141,8 @@ class shared_basis {
   template <class TO, class TI>
   void absorb_rows_into(index_t g, matrix_view<TI> b, matrix_view<TO> dst) const {
     BASISATTN_REQUIRE(b.rows == r_, shape_mismatch, "absorb_rows: B has ", b.rows, " rows, the basis has rank ", r_);
-    BASISATTN_REQUIRE(dst.rows == r_ && dst.cols == b.cols, shape_mismatch, "absorb_rows: destination is ", dst.rows, "x",
-                      dst.cols, ", expected ", r_, "x", b.cols);
+    BASISATTN_REQUIRE(dst.rows == r_ && dst.cols == b.cols, shape_mismatch, "absorb_rows: destination is ", dst.rows,
+                      "x", dst.cols, ", expected ", r_, "x", b.cols);
     const auto bd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(b));
     ::basisattn::detail::rm_matrix<double> prod(r_, b.cols);
     prod.noalias() = at(g).a_s * bd;
@@ -159,8 +159,8 @@ class shared_basis {
   template <class TO, class TI>
   void absorb_cols_into(index_t g, matrix_view<TI> w, matrix_view<TO> dst) const {
     BASISATTN_REQUIRE(w.cols == r_, shape_mismatch, "absorb_cols: W has ", w.cols, " columns, the basis has rank ", r_);
-    BASISATTN_REQUIRE(dst.rows == w.rows && dst.cols == r_, shape_mismatch, "absorb_cols: destination is ", dst.rows, "x",
-                      dst.cols, ", expected ", w.rows, "x", r_);
+    BASISATTN_REQUIRE(dst.rows == w.rows && dst.cols == r_, shape_mismatch, "absorb_cols: destination is ", dst.rows,
+                      "x", dst.cols, ", expected ", w.rows, "x", r_);
     const auto wd = ::basisattn::detail::to_dense<double>(matrix_view<const std::remove_const_t<TI>>(w));
     ::basisattn::detail::rm_matrix<double> prod(w.rows, r_);
     prod.noalias() = wd * at(g).a_s.transpose();
@@ -266,9 +266,9 @@ class shared_basis {
   static void round_into(const Eigen::MatrixBase<X>& x, matrix_view<TO> dst) {
     const double mx = x.size() ? x.cwiseAbs().maxCoeff() : 0.0;
     if (!(mx < ::basisattn::detail::rounds_finite_below<TO>()))
-      detail::raise(errc::singular_basis,
-                    detail::concat("a transformed weight (|value| up to ", mx, ") does not fit in ", to_string(dtype_of_v<TO>),
-                                   ": the basis is too ill-conditioned for this storage type"));
+      detail::raise(errc::singular_basis, detail::concat("a transformed weight (|value| up to ", mx,
+                                                         ") does not fit in ", to_string(dtype_of_v<TO>),
+                                                         ": the basis is too ill-conditioned for this storage type"));
     if constexpr (std::is_same_v<TO, double> || std::is_same_v<TO, float>) {
       ::basisattn::detail::map_rows(dst) = x.template cast<TO>();
     } else {
@@ -287,7 +287,8 @@ class shared_basis {
 
 template <class TS, class TI>
 shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt) {
-  static_assert(is_storage_type_v<TS> && is_storage_type_v<TI>, "storage types: float, double, Eigen::half, Eigen::bfloat16");
+  static_assert(is_storage_type_v<TS> && is_storage_type_v<TI>,
+                "storage types: float, double, Eigen::half, Eigen::bfloat16");
   using detail::dmat;
   BASISATTN_REQUIRE(!heads.empty(), invalid_argument, "factorize: no heads given");
   const index_t m = heads[0].rows, r = heads[0].cols;
@@ -295,8 +296,8 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
   BASISATTN_REQUIRE(r < m, invalid_argument, "factorize: r = ", r, " must be smaller than m = ", m,
                     " (BD removes r of the m input channels; with r >= m there is nothing to save)");
   BASISATTN_REQUIRE(opt.min_rcond >= 0 && opt.swap_gain > 1.0 && opt.max_error_growth > 0, invalid_argument,
-                    "factorize: min_rcond must be >= 0, swap_gain > 1 and max_error_growth > 0 (got ", opt.min_rcond, ", ",
-                    opt.swap_gain, ", ", opt.max_error_growth, ")");
+                    "factorize: min_rcond must be >= 0, swap_gain > 1 and max_error_growth > 0 (got ", opt.min_rcond,
+                    ", ", opt.swap_gain, ", ", opt.max_error_growth, ")");
   const index_t G = static_cast<index_t>(heads.size());
   std::vector<dmat> a(static_cast<std::size_t>(G));
   for (index_t g = 0; g < G; ++g) {
@@ -347,7 +348,10 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
         bool ok = true;
         for (index_t g = 0; g < G && ok; ++g) {
           const auto& f = out.f_[static_cast<std::size_t>(g)];
-          if (f.rcond < opt.min_rcond || f.rcond == 0) { ok = false; break; }
+          if (f.rcond < opt.min_rcond || f.rcond == 0) {
+            ok = false;
+            break;
+          }
           Eigen::MatrixXd cr = f.coeff.unaryExpr([](double x) { return detail::round_to<TS>(x); });
           const Eigen::MatrixXd an = detail::gather_rows(a[static_cast<std::size_t>(g)], out.rest_);
           const double na = a[static_cast<std::size_t>(g)].norm();
@@ -362,8 +366,10 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
     }
     case strategy::shared_pivot: {
       {
-        std::vector<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> af(static_cast<std::size_t>(G));
-        for (index_t g = 0; g < G; ++g) af[static_cast<std::size_t>(g)] = a[static_cast<std::size_t>(g)].template cast<float>();
+        std::vector<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> af(
+            static_cast<std::size_t>(G));
+        for (index_t g = 0; g < G; ++g)
+          af[static_cast<std::size_t>(g)] = a[static_cast<std::size_t>(g)].template cast<float>();
         set_basis(detail::greedy_joint_volume<float>(af));
       }
       factor_all();
@@ -451,18 +457,23 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
         std::vector<index_t> ob(static_cast<std::size_t>(r)), orr(static_cast<std::size_t>(m - r));
         std::iota(ob.begin(), ob.end(), 0);
         std::iota(orr.begin(), orr.end(), 0);
-        std::sort(ob.begin(), ob.end(), [&](index_t x, index_t y) { return basis[static_cast<std::size_t>(x)] < basis[static_cast<std::size_t>(y)]; });
-        std::sort(orr.begin(), orr.end(), [&](index_t x, index_t y) { return rest[static_cast<std::size_t>(x)] < rest[static_cast<std::size_t>(y)]; });
+        std::sort(ob.begin(), ob.end(), [&](index_t x, index_t y) {
+          return basis[static_cast<std::size_t>(x)] < basis[static_cast<std::size_t>(y)];
+        });
+        std::sort(orr.begin(), orr.end(), [&](index_t x, index_t y) {
+          return rest[static_cast<std::size_t>(x)] < rest[static_cast<std::size_t>(y)];
+        });
         set_basis(basis);
         out.f_.assign(static_cast<std::size_t>(G), detail::head_factor{});
         ::basisattn::detail::parallel_for(G, [&](index_t g) {
           const Eigen::MatrixXd& cg = c[static_cast<std::size_t>(g)];
           Eigen::MatrixXd sorted(m - r, r);
           for (index_t l = 0; l < m - r; ++l)
-            for (index_t k = 0; k < r; ++k) sorted(l, k) = cg(orr[static_cast<std::size_t>(l)], ob[static_cast<std::size_t>(k)]);
+            for (index_t k = 0; k < r; ++k)
+              sorted(l, k) = cg(orr[static_cast<std::size_t>(l)], ob[static_cast<std::size_t>(k)]);
           // Updated coefficients are kept when they are accurate to 1e-3 of TS's rounding.
-          out.f_[static_cast<std::size_t>(g)] = detail::factor_head(a[static_cast<std::size_t>(g)], out.basis_, out.rest_,
-                                                                    &sorted, 1e-3 * unit_roundoff(dtype_of_v<TS>));
+          out.f_[static_cast<std::size_t>(g)] = detail::factor_head(
+              a[static_cast<std::size_t>(g)], out.basis_, out.rest_, &sorted, 1e-3 * unit_roundoff(dtype_of_v<TS>));
         });
       }
       break;
@@ -474,8 +485,8 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
   out.report_.log_volume = 0;
   for (index_t g = 0; g < G; ++g) {
     const auto& f = out.f_[static_cast<std::size_t>(g)];
-    const double growth =
-        f.rcond > 0 ? std::sqrt((double(r) + 2.0 * f.coeff.squaredNorm()) / (2.0 * double(m))) : std::numeric_limits<double>::infinity();
+    const double growth = f.rcond > 0 ? std::sqrt((double(r) + 2.0 * f.coeff.squaredNorm()) / (2.0 * double(m)))
+                                      : std::numeric_limits<double>::infinity();
     if (!(f.rcond >= opt.min_rcond) || f.rcond == 0 || !(growth <= opt.max_error_growth)) {
       // Values stored in TI carry relative noise of its unit roundoff: rank is judged at that level.
       const double tol = std::max(1e-13, 16.0 * unit_roundoff(dtype_of_v<TI>) * std::sqrt(double(m)));
@@ -483,12 +494,13 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
       if (rk < r)
         detail::raise(errc::rank_deficient,
                       detail::concat("head ", g, ": A (", m, "x", r, ") has numerical rank ", rk, " < r = ", r,
-                             "; no basis of r rows exists (remove the redundant head dimensions first)"));
+                                     "; no basis of r rows exists (remove the redundant head dimensions first)"));
       detail::raise(errc::singular_basis,
-                    detail::concat("head ", g, ": the basis rows chosen by ", to_string(opt.select),
-                                   " are singular or too ill-conditioned (estimated rcond ", f.rcond, ", min_rcond ",
-                                   opt.min_rcond, "; error growth ", growth, ", max_error_growth ", opt.max_error_growth, ")",
-                                   opt.select == strategy::shared_pivot ? "" : "; strategy shared_pivot may find a better basis"));
+                    detail::concat(
+                        "head ", g, ": the basis rows chosen by ", to_string(opt.select),
+                        " are singular or too ill-conditioned (estimated rcond ", f.rcond, ", min_rcond ",
+                        opt.min_rcond, "; error growth ", growth, ", max_error_growth ", opt.max_error_growth, ")",
+                        opt.select == strategy::shared_pivot ? "" : "; strategy shared_pivot may find a better basis"));
     }
     head_diagnostics d;
     d.rcond = f.rcond;
@@ -517,8 +529,8 @@ template <class T, class TA, class TB>
 pair_factorization<T> factorize_pair(matrix_view<TA> a_in, matrix_view<TB> b_in, const prepare_options& opt = {}) {
   const matrix_view<const std::remove_const_t<TA>> a = a_in;
   const matrix_view<const std::remove_const_t<TB>> b = b_in;
-  BASISATTN_REQUIRE(b.rows == a.cols, shape_mismatch, "factorize_pair: A is ", a.rows, "x", a.cols, " but B is ", b.rows,
-                    "x", b.cols, " (B must have A's column count as rows)");
+  BASISATTN_REQUIRE(b.rows == a.cols, shape_mismatch, "factorize_pair: A is ", a.rows, "x", a.cols, " but B is ",
+                    b.rows, "x", b.cols, " (B must have A's column count as rows)");
   if (opt.check_finite) ::basisattn::detail::require_finite(b, "B");
   shared_basis sb = factorize<T>(std::vector<matrix_view<const std::remove_const_t<TA>>>{a}, opt);
   pair_factorization<T> out;

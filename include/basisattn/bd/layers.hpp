@@ -64,8 +64,8 @@ bool is_bd(const any_projection<T>& p) {
 struct mha_config {
   index_t d_model = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
   bool causal = true;
-  double scale = 0;         ///< softmax scale; 0 selects 1/sqrt(head_dim)
-  bool use_rope = false;    ///< apply RoPE to q and k (then only V/O may be BD)
+  double scale = 0;       ///< softmax scale; 0 selects 1/sqrt(head_dim)
+  bool use_rope = false;  ///< apply RoPE to q and k (then only V/O may be BD)
   rope_params rope = {};
 };
 
@@ -93,10 +93,10 @@ struct mha_options {
 template <class T>
 struct mha_layer {
   mha_config config;
-  dense_projection<T> q;   ///< d_model -> n_heads d (transformed when K is BD)
-  any_projection<T> k;     ///< d_model -> n_kv_heads d
-  any_projection<T> v;     ///< d_model -> n_kv_heads d
-  dense_projection<T> o;   ///< n_heads d -> d_model (transformed when V is BD)
+  dense_projection<T> q;  ///< d_model -> n_heads d (transformed when K is BD)
+  any_projection<T> k;    ///< d_model -> n_kv_heads d
+  any_projection<T> v;    ///< d_model -> n_kv_heads d
+  dense_projection<T> o;  ///< n_heads d -> d_model (transformed when V is BD)
 
   std::size_t bytes() const { return q.bytes() + bytes_of(k) + bytes_of(v) + o.bytes(); }
   /// Bytes of the same layer stored dense in T (weights and the biases this layer has).
@@ -179,9 +179,10 @@ mha_layer<T> mha_layer<T>::shard(index_t first, index_t count) const {
 template <class T, class TI>
 mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const mha_options& opt = {}) {
   const index_t dm = cfg.d_model, H = cfg.n_heads, Hkv = cfg.n_kv_heads, d = cfg.head_dim;
-  BASISATTN_REQUIRE(dm >= 1 && H >= 1 && Hkv >= 1 && d >= 1, invalid_argument, "prepare_mha: d_model ", dm, ", n_heads ",
-                    H, ", n_kv_heads ", Hkv, ", head_dim ", d, " must all be >= 1");
-  BASISATTN_REQUIRE(H % Hkv == 0, invalid_argument, "prepare_mha: n_heads ", H, " is not a multiple of n_kv_heads ", Hkv);
+  BASISATTN_REQUIRE(dm >= 1 && H >= 1 && Hkv >= 1 && d >= 1, invalid_argument, "prepare_mha: d_model ", dm,
+                    ", n_heads ", H, ", n_kv_heads ", Hkv, ", head_dim ", d, " must all be >= 1");
+  BASISATTN_REQUIRE(H % Hkv == 0, invalid_argument, "prepare_mha: n_heads ", H, " is not a multiple of n_kv_heads ",
+                    Hkv);
   auto expect = [](const matrix_view<const TI>& m, index_t r, index_t c, const char* name) {
     BASISATTN_REQUIRE(m.data != nullptr, invalid_argument, "prepare_mha: ", name, " is missing");
     BASISATTN_REQUIRE(m.rows == r && m.cols == c, shape_mismatch, "prepare_mha: ", name, " is ", m.rows, "x", m.cols,
@@ -248,7 +249,8 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
       if (absorb_into_q) {  // W_Q^h A_S^T and b_Q^h A_S^T
         sb.absorb_cols_into(g, w.wq.block(0, h * d, dm, d), L.q.weight.view().block(0, h * d, dm, d));
         if (w.bq)
-          sb.absorb_cols_into(g, matrix_view<const TI>(w.bq + h * d, 1, d), matrix_view<T>(L.q.bias.data() + h * d, 1, d));
+          sb.absorb_cols_into(g, matrix_view<const TI>(w.bq + h * d, 1, d),
+                              matrix_view<T>(L.q.bias.data() + h * d, 1, d));
       } else {  // A_S W_O^h
         sb.absorb_rows_into(g, w.wo.block(h * d, 0, d, dm), L.o.weight.view().block(h * d, 0, d, dm));
       }
@@ -272,18 +274,18 @@ struct mla_config {
   index_t v_head_dim = 0;    ///< 128
   double rms_eps = 1e-6;     ///< RMSNorm epsilon of the latent
   bool causal = true;
-  double scale = 0;          ///< 0 selects 1/sqrt(qk_nope_dim + qk_rope_dim)
+  double scale = 0;  ///< 0 selects 1/sqrt(qk_nope_dim + qk_rope_dim)
   rope_params rope = {};
 };
 
 /// Dense MLA weights in y = x W form.
 template <class T>
 struct mla_weights {
-  matrix_view<const T> wq;    ///< d_model x H (nope + rope): head h owns [h (nope+rope), (h+1)(nope+rope)), nope first
-  matrix_view<const T> wkv_a; ///< d_model x (L + rope): latent, then the shared rope key
+  matrix_view<const T> wq;     ///< d_model x H (nope + rope): head h owns [h (nope+rope), (h+1)(nope+rope)), nope first
+  matrix_view<const T> wkv_a;  ///< d_model x (L + rope): latent, then the shared rope key
   const T* kv_a_norm = nullptr;  ///< L RMSNorm weights of the latent
-  matrix_view<const T> wkv_b; ///< L x H (nope + v): head h owns [h (nope+v), (h+1)(nope+v)), k_nope first
-  matrix_view<const T> wo;    ///< H v x d_model
+  matrix_view<const T> wkv_b;    ///< L x H (nope + v): head h owns [h (nope+v), (h+1)(nope+v)), k_nope first
+  matrix_view<const T> wo;       ///< H v x d_model
 };
 
 /// How the K-nope and V up-projections share bases in an MLA layer.
@@ -302,12 +304,12 @@ struct mla_options {
 template <class T>
 struct mla_layer {
   mla_config config;
-  dense_projection<T> q;      ///< d_model -> H (nope + rope), nope columns transformed when BD
-  dense_projection<T> kv_a;   ///< d_model -> L + rope, latent columns permuted when BD
-  std::vector<T> kv_a_norm;   ///< L, permuted like the latent
-  any_projection<T> k_up;     ///< latent -> H nope
-  any_projection<T> v_up;     ///< latent -> H v
-  dense_projection<T> o;      ///< H v -> d_model, rows transformed when BD
+  dense_projection<T> q;     ///< d_model -> H (nope + rope), nope columns transformed when BD
+  dense_projection<T> kv_a;  ///< d_model -> L + rope, latent columns permuted when BD
+  std::vector<T> kv_a_norm;  ///< L, permuted like the latent
+  any_projection<T> k_up;    ///< latent -> H nope
+  any_projection<T> v_up;    ///< latent -> H v
+  dense_projection<T> o;     ///< H v -> d_model, rows transformed when BD
 
   std::size_t bytes() const {
     return q.bytes() + kv_a.bytes() + kv_a_norm.size() * sizeof(T) + bytes_of(k_up) + bytes_of(v_up) + o.bytes();
@@ -315,10 +317,9 @@ struct mla_layer {
   std::size_t dense_bytes() const {
     const auto& c = config;
     const index_t H = c.n_heads;
-    std::size_t n = static_cast<std::size_t>(c.d_model * H * (c.qk_nope_dim + c.qk_rope_dim) +
-                                             c.d_model * (c.kv_lora_rank + c.qk_rope_dim) + c.kv_lora_rank +
-                                             c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim) +
-                                             H * c.v_head_dim * c.d_model);
+    std::size_t n = static_cast<std::size_t>(
+        c.d_model * H * (c.qk_nope_dim + c.qk_rope_dim) + c.d_model * (c.kv_lora_rank + c.qk_rope_dim) +
+        c.kv_lora_rank + c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim) + H * c.v_head_dim * c.d_model);
     n += o.bias.size();
     return n * sizeof(T);
   }
@@ -350,8 +351,8 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
                     "prepare_mla: d_model ", dm, ", n_heads ", H, ", kv_lora_rank ", L, ", qk_nope_dim ", dn,
                     ", v_head_dim ", dv, " must be >= 1 and qk_rope_dim ", dr, " >= 0");
   BASISATTN_REQUIRE(dr % 2 == 0, invalid_argument, "prepare_mla: qk_rope_dim ", dr, " must be even");
-  BASISATTN_REQUIRE(cfg.rms_eps > 0 && std::isfinite(cfg.rms_eps), invalid_argument, "prepare_mla: rms_eps ", cfg.rms_eps,
-                    " must be finite and > 0");
+  BASISATTN_REQUIRE(cfg.rms_eps > 0 && std::isfinite(cfg.rms_eps), invalid_argument, "prepare_mla: rms_eps ",
+                    cfg.rms_eps, " must be finite and > 0");
   auto expect = [](const matrix_view<const TI>& m, index_t r, index_t c, const char* name) {
     BASISATTN_REQUIRE(m.data != nullptr, invalid_argument, "prepare_mla: ", name, " is missing");
     BASISATTN_REQUIRE(m.rows == r && m.cols == c, shape_mismatch, "prepare_mla: ", name, " is ", m.rows, "x", m.cols,
@@ -429,10 +430,12 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
         out.kv_a.weight(i, j) = ::basisattn::detail::from_compute<T>(
             ::basisattn::detail::to_compute<compute_t<TI>>(w.wkv_a(i, perm[static_cast<std::size_t>(j)])));
       for (index_t j = L; j < L + dr; ++j)
-        out.kv_a.weight(i, j) = ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<compute_t<TI>>(w.wkv_a(i, j)));
+        out.kv_a.weight(i, j) =
+            ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<compute_t<TI>>(w.wkv_a(i, j)));
     }
     std::vector<T> g(static_cast<std::size_t>(L));
-    for (index_t j = 0; j < L; ++j) g[static_cast<std::size_t>(j)] = out.kv_a_norm[static_cast<std::size_t>(perm[static_cast<std::size_t>(j)])];
+    for (index_t j = 0; j < L; ++j)
+      g[static_cast<std::size_t>(j)] = out.kv_a_norm[static_cast<std::size_t>(perm[static_cast<std::size_t>(j)])];
     out.kv_a_norm = std::move(g);
   }
   auto remap = [&](bd_projection<T>& p) {
@@ -453,15 +456,20 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
     if (h < H) {
       const auto src = w.wq.block(0, h * qd, dm, dn);
       const auto dst = out.q.weight.view().block(0, h * qd, dm, dn);
-      if (aware) detail::round_head<T, TI>(sk, h, {src.t()}, {dst.t()}, pk.coeff.view().block(0, h * dn, L - dn, dn));
-      else sk.absorb_cols_into(h, src, dst);
-      ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr), w.wq.block(0, h * qd + dn, dm, dr));
+      if (aware)
+        detail::round_head<T, TI>(sk, h, {src.t()}, {dst.t()}, pk.coeff.view().block(0, h * dn, L - dn, dn));
+      else
+        sk.absorb_cols_into(h, src, dst);
+      ::basisattn::detail::convert_into(out.q.weight.view().block(0, h * qd + dn, dm, dr),
+                                        w.wq.block(0, h * qd + dn, dm, dr));
     } else {
       const index_t hv = h - H;
       const auto src = w.wo.block(hv * dv, 0, dv, dm);
       const auto dst = out.o.weight.view().block(hv * dv, 0, dv, dm);
-      if (aware) detail::round_head<T, TI>(vbasis, v_offset + hv, {src}, {dst}, pv.coeff.view().block(0, hv * dv, L - dv, dv));
-      else vbasis.absorb_rows_into(v_offset + hv, src, dst);
+      if (aware)
+        detail::round_head<T, TI>(vbasis, v_offset + hv, {src}, {dst}, pv.coeff.view().block(0, hv * dv, L - dv, dv));
+      else
+        vbasis.absorb_rows_into(v_offset + hv, src, dst);
     }
   });
   out.k_up = std::move(pk);
@@ -481,8 +489,8 @@ template <class T>
 void check_layer_io(const matrix_view<const T>& x, const matrix_view<T>& out, index_t d_model) {
   BASISATTN_REQUIRE(x.cols == d_model, shape_mismatch, "forward: x has ", x.cols, " columns, the layer's d_model is ",
                     d_model);
-  BASISATTN_REQUIRE(out.cols == d_model && out.rows == x.rows, shape_mismatch, "forward: out is ", out.rows, "x", out.cols,
-                    ", expected ", x.rows, "x", d_model);
+  BASISATTN_REQUIRE(out.cols == d_model && out.rows == x.rows, shape_mismatch, "forward: out is ", out.rows, "x",
+                    out.cols, ", expected ", x.rows, "x", d_model);
   BASISATTN_REQUIRE(x.rows >= 1, invalid_argument, "forward: x has no tokens");
 }
 }  // namespace detail

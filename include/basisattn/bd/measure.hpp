@@ -37,8 +37,12 @@ struct product_errors {
   double qk = 0, vo = 0;              ///< the stored layer
   double qk_dense = 0, vo_dense = 0;  ///< the dense weights rounded once to the storage type
   double qk_norm2 = 0, vo_norm2 = 0;  ///< sum_h ||A_g B_h||_F^2 (to combine errors of several layers)
-  double qk_ratio() const { return qk_dense > 0 ? qk / qk_dense : (qk > 0 ? std::numeric_limits<double>::infinity() : 1.0); }
-  double vo_ratio() const { return vo_dense > 0 ? vo / vo_dense : (vo > 0 ? std::numeric_limits<double>::infinity() : 1.0); }
+  double qk_ratio() const {
+    return qk_dense > 0 ? qk / qk_dense : (qk > 0 ? std::numeric_limits<double>::infinity() : 1.0);
+  }
+  double vo_ratio() const {
+    return vo_dense > 0 ? vo / vo_dense : (vo > 0 ? std::numeric_limits<double>::infinity() : 1.0);
+  }
 };
 
 namespace detail {
@@ -52,9 +56,8 @@ Eigen::MatrixXd to_double(matrix_view<const T> v) {
 /// Every entry rounded once to T and back (the dense model stored in T).
 template <class T>
 Eigen::MatrixXd rounded_to(const Eigen::MatrixXd& m) {
-  return m.unaryExpr([](double v) {
-    return ::basisattn::detail::to_compute<double>(::basisattn::detail::from_compute<T>(v));
-  });
+  return m.unaryExpr(
+      [](double v) { return ::basisattn::detail::to_compute<double>(::basisattn::detail::from_compute<T>(v)); });
 }
 /// A'_g of a stored K or V projection (d_model x d) in double.
 template <class T>
@@ -77,10 +80,11 @@ template <class T, class TI>
 product_errors measure_product_errors(const mha_weights<TI>& w, const mha_layer<T>& layer) {
   const mha_config& c = layer.config;
   const index_t dm = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim, grp = H / Hkv;
-  BASISATTN_REQUIRE(w.wq.rows == dm && w.wq.cols == H * d && w.wk.rows == dm && w.wk.cols == Hkv * d && w.wv.rows == dm &&
-                        w.wv.cols == Hkv * d && w.wo.rows == H * d && w.wo.cols == dm,
-                    shape_mismatch, "measure_product_errors: the dense weights do not have the layer's shapes (d_model ", dm,
-                    ", ", H, " heads, ", Hkv, " kv heads of ", d, ")");
+  BASISATTN_REQUIRE(w.wq.rows == dm && w.wq.cols == H * d && w.wk.rows == dm && w.wk.cols == Hkv * d &&
+                        w.wv.rows == dm && w.wv.cols == Hkv * d && w.wo.rows == H * d && w.wo.cols == dm,
+                    shape_mismatch,
+                    "measure_product_errors: the dense weights do not have the layer's shapes (d_model ", dm, ", ", H,
+                    " heads, ", Hkv, " kv heads of ", d, ")");
   BASISATTN_REQUIRE(layer.q.weight.rows() == dm && layer.o.weight.cols() == dm, shape_mismatch,
                     "measure_product_errors: the layer's q/o weights do not match d_model ", dm);
   const bool bq = w.bq != nullptr && !layer.q.bias.empty();
@@ -96,7 +100,8 @@ product_errors measure_product_errors(const mha_weights<TI>& w, const mha_layer<
       // Q/K: B_h = [W_Q^h | b_Q^h]^T.
       Eigen::MatrixXd bqh(d, dm + (bq ? 1 : 0)), bqh_s(d, dm + (bq ? 1 : 0));
       bqh.leftCols(dm) = detail::to_double(w.wq.block(0, h * d, dm, d)).transpose();
-      bqh_s.leftCols(dm) = detail::to_double(matrix_view<const T>(layer.q.weight.view()).block(0, h * d, dm, d)).transpose();
+      bqh_s.leftCols(dm) =
+          detail::to_double(matrix_view<const T>(layer.q.weight.view()).block(0, h * d, dm, d)).transpose();
       if (bq) {
         for (index_t j = 0; j < d; ++j) {
           bqh(j, dm) = ::basisattn::detail::to_compute<double>(w.bq[h * d + j]);
@@ -109,7 +114,8 @@ product_errors measure_product_errors(const mha_weights<TI>& w, const mha_layer<
       qk.num_dense += (ak_r * detail::rounded_to<T>(bqh) - pk).squaredNorm();
       // V/O: B_h = W_O^h.
       const Eigen::MatrixXd boh = detail::to_double(w.wo.block(h * d, 0, d, dm));
-      const Eigen::MatrixXd boh_s = detail::to_double(matrix_view<const T>(layer.o.weight.view()).block(h * d, 0, d, dm));
+      const Eigen::MatrixXd boh_s =
+          detail::to_double(matrix_view<const T>(layer.o.weight.view()).block(h * d, 0, d, dm));
       const Eigen::MatrixXd pv = av * boh;
       vo.den += pv.squaredNorm();
       vo.num += (av_s * boh_s - pv).squaredNorm();

@@ -44,9 +44,12 @@ enum class strategy {
 
 inline const char* to_string(strategy s) noexcept {
   switch (s) {
-    case strategy::first_r: return "first_r";
-    case strategy::residual_min: return "residual_min";
-    case strategy::shared_pivot: return "shared_pivot";
+    case strategy::first_r:
+      return "first_r";
+    case strategy::residual_min:
+      return "residual_min";
+    case strategy::shared_pivot:
+      return "shared_pivot";
   }
   return "?";
 }
@@ -105,8 +108,8 @@ struct basis_report {
   double min_rcond = std::numeric_limits<double>::infinity();  ///< over heads
   double max_abs_coeff = 0;                                    ///< over heads
   double error_growth = 0;                                     ///< over heads
-  double log_volume = 0;  ///< sum_g log |det A_g[S]| (natural log)
-  index_t swaps = 0;      ///< shared_pivot swaps made (volume and error refinement)
+  double log_volume = 0;                                       ///< sum_g log |det A_g[S]| (natural log)
+  index_t swaps = 0;            ///< shared_pivot swaps made (volume and error refinement)
   bool swap_limit_hit = false;  ///< shared_pivot stopped at max_swaps before converging
 };
 

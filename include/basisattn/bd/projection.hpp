@@ -44,14 +44,14 @@ struct dense_projection {
 /// BD projection of `heads` heads sharing one basis (see the top of this header).
 template <class T>
 struct bd_projection {
-  index_t in_dim = 0;            ///< m: input channels
-  index_t rank = 0;              ///< r: head dimension = basis size
-  index_t heads = 0;             ///< G
-  std::vector<index_t> basis;    ///< the r input channels copied into every head, in head-channel order
-  std::vector<index_t> rest;     ///< the other m - r input channels, in the order of coeff's rows
-  matrix<T> coeff;               ///< (m - r) x (G r); head g owns columns [g r, (g + 1) r)
-  std::vector<T> bias;           ///< G r values (b_g A_S^-1 per head), or empty
-  basis_report report;           ///< how the basis was chosen, conditioning per head
+  index_t in_dim = 0;          ///< m: input channels
+  index_t rank = 0;            ///< r: head dimension = basis size
+  index_t heads = 0;           ///< G
+  std::vector<index_t> basis;  ///< the r input channels copied into every head, in head-channel order
+  std::vector<index_t> rest;   ///< the other m - r input channels, in the order of coeff's rows
+  matrix<T> coeff;             ///< (m - r) x (G r); head g owns columns [g r, (g + 1) r)
+  std::vector<T> bias;         ///< G r values (b_g A_S^-1 per head), or empty
+  basis_report report;         ///< how the basis was chosen, conditioning per head
 
   index_t out_dim() const { return heads * rank; }
   std::size_t bytes() const { return coeff.bytes() + bias.size() * sizeof(T); }
@@ -83,7 +83,8 @@ dense_projection<T> make_dense_projection(matrix_view<TV> w_in, const std::remov
   if (bias) {
     p.bias.resize(static_cast<std::size_t>(w.cols));
     for (index_t j = 0; j < w.cols; ++j)
-      p.bias[static_cast<std::size_t>(j)] = ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<double>(bias[j]));
+      p.bias[static_cast<std::size_t>(j)] =
+          ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<double>(bias[j]));
   }
   return p;
 }
@@ -91,8 +92,8 @@ dense_projection<T> make_dense_projection(matrix_view<TV> w_in, const std::remov
 /// Build the runtime projection of heads [first, first + count) of a shared basis. `biases` holds
 /// one pointer per head of the basis (nullptr for none) or is empty for no bias at all.
 template <class T, class TI = T>
-bd_projection<T> make_bd_projection(const shared_basis& sb, const std::vector<const TI*>& biases = {}, index_t first = 0,
-                                    index_t count = -1) {
+bd_projection<T> make_bd_projection(const shared_basis& sb, const std::vector<const TI*>& biases = {},
+                                    index_t first = 0, index_t count = -1) {
   if (count < 0) count = sb.heads() - first;
   BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= sb.heads(), invalid_argument, "bd projection: heads [",
                     first, ", ", first + count, ") outside the basis's ", sb.heads(), " heads");
@@ -127,8 +128,8 @@ bd_projection<T> make_bd_projection(const shared_basis& sb, const std::vector<co
 /// Heads [first, first + count) of a BD projection, self-contained.
 template <class T>
 bd_projection<T> slice_heads(const bd_projection<T>& p, index_t first, index_t count) {
-  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.heads, invalid_argument, "slice_heads: heads [", first,
-                    ", ", first + count, ") outside [0, ", p.heads, ")");
+  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.heads, invalid_argument, "slice_heads: heads [",
+                    first, ", ", first + count, ") outside [0, ", p.heads, ")");
   bd_projection<T> s;
   s.in_dim = p.in_dim;
   s.rank = p.rank;
@@ -141,8 +142,8 @@ bd_projection<T> slice_heads(const bd_projection<T>& p, index_t first, index_t c
   const index_t r = p.rank, rows = p.in_dim - p.rank;
   s.coeff = matrix<T>(rows, count * r);
   for (index_t i = 0; i < rows; ++i)
-    std::copy(p.coeff.data() + i * p.coeff.cols() + first * r, p.coeff.data() + i * p.coeff.cols() + (first + count) * r,
-              s.coeff.data() + i * count * r);
+    std::copy(p.coeff.data() + i * p.coeff.cols() + first * r,
+              p.coeff.data() + i * p.coeff.cols() + (first + count) * r, s.coeff.data() + i * count * r);
   if (!p.bias.empty()) s.bias.assign(p.bias.begin() + first * r, p.bias.begin() + (first + count) * r);
   return s;
 }
@@ -150,8 +151,8 @@ bd_projection<T> slice_heads(const bd_projection<T>& p, index_t first, index_t c
 /// Columns [first, first + count) of a dense projection, self-contained.
 template <class T>
 dense_projection<T> slice_columns(const dense_projection<T>& p, index_t first, index_t count) {
-  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.out_dim(), invalid_argument, "slice_columns: columns [",
-                    first, ", ", first + count, ") outside [0, ", p.out_dim(), ")");
+  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.out_dim(), invalid_argument,
+                    "slice_columns: columns [", first, ", ", first + count, ") outside [0, ", p.out_dim(), ")");
   dense_projection<T> s;
   s.weight = matrix<T>(p.in_dim(), count);
   for (index_t i = 0; i < p.in_dim(); ++i)
@@ -165,8 +166,8 @@ dense_projection<T> slice_columns(const dense_projection<T>& p, index_t first, i
 /// only when keep_bias (a row-sharded output projection adds its bias in one shard only).
 template <class T>
 dense_projection<T> slice_rows(const dense_projection<T>& p, index_t first, index_t count, bool keep_bias) {
-  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.in_dim(), invalid_argument, "slice_rows: rows [", first,
-                    ", ", first + count, ") outside [0, ", p.in_dim(), ")");
+  BASISATTN_REQUIRE(first >= 0 && count >= 1 && first + count <= p.in_dim(), invalid_argument, "slice_rows: rows [",
+                    first, ", ", first + count, ") outside [0, ", p.in_dim(), ")");
   dense_projection<T> s;
   s.weight = matrix<T>(count, p.out_dim());
   std::copy(p.weight.data() + first * p.out_dim(), p.weight.data() + (first + count) * p.out_dim(), s.weight.data());

@@ -30,7 +30,10 @@ double round_to(double x) {
 /// binary exponent (no conversion to TS): the spacing of TS at x is 2^(max(e, e_min) - p).
 template <class TS>
 double grid_neighbor(double x, int dir) {
-  constexpr int p = std::is_same_v<TS, double> ? 52 : std::is_same_v<TS, float> ? 23 : std::is_same_v<TS, Eigen::half> ? 10 : 7;
+  constexpr int p = std::is_same_v<TS, double>        ? 52
+                    : std::is_same_v<TS, float>       ? 23
+                    : std::is_same_v<TS, Eigen::half> ? 10
+                                                      : 7;
   constexpr int emin = std::is_same_v<TS, double> ? -1022 : std::is_same_v<TS, Eigen::half> ? -14 : -126;
   std::uint64_t bits;
   std::memcpy(&bits, &x, 8);
@@ -90,11 +93,13 @@ Eigen::MatrixXd nearest_plane(const Eigen::MatrixXd& r, const Eigen::MatrixXd& t
     const index_t lo = std::max<index_t>(0, hi - nb), w = hi - lo;
     Eigen::MatrixXd y = target.middleRows(lo, w);
     if (hi < n) {
-      y.noalias() += (r.diagonal().segment(lo, w).cwiseInverse().asDiagonal() * r.block(lo, hi, w, n - hi)) * err.bottomRows(n - hi);
+      y.noalias() += (r.diagonal().segment(lo, w).cwiseInverse().asDiagonal() * r.block(lo, hi, w, n - hi)) *
+                     err.bottomRows(n - hi);
     }
     for (index_t i = w - 1; i >= 0; --i) {
       const index_t gi = lo + i;
-      if (i + 1 < w) y.row(i).noalias() += (r.row(gi).segment(gi + 1, w - i - 1) / r(gi, gi)) * err.middleRows(gi + 1, w - i - 1);
+      if (i + 1 < w)
+        y.row(i).noalias() += (r.row(gi).segment(gi + 1, w - i - 1) / r(gi, gi)) * err.middleRows(gi + 1, w - i - 1);
       for (index_t k = 0; k < y.cols(); ++k) x(gi, k) = round_to<TS>(y(i, k));
       err.row(gi) = target.row(gi) - x.row(gi);
     }

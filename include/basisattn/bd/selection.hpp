@@ -58,7 +58,8 @@ inline index_t numerical_rank(const dmat& a, double rel_tol) {
 /// choice of rows comes out of it, so it runs in the scalar type S (float is enough to rank rows;
 /// everything that is stored is recomputed in double afterwards).
 template <class S>
-std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>& heads) {
+std::vector<index_t> greedy_joint_volume(
+    const std::vector<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>& heads) {
   using mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
   using rmat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using vec = Eigen::Matrix<S, Eigen::Dynamic, 1>;
@@ -75,8 +76,9 @@ std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eige
   std::vector<mat> q(static_cast<std::size_t>(G), mat(r, r));
   for (index_t g = 0; g < G; ++g) {
     norm2.col(g) = heads[g].rowwise().squaredNorm();
-    floor2[g] = std::max(static_cast<double>(norm2.col(g).maxCoeff()), static_cast<double>(std::numeric_limits<S>::min())) *
-                rel_floor * rel_floor;
+    floor2[g] =
+        std::max(static_cast<double>(norm2.col(g).maxCoeff()), static_cast<double>(std::numeric_limits<S>::min())) *
+        rel_floor * rel_floor;
     log_floor[g] = std::log(floor2[g]);
   }
   orig2 = norm2;
@@ -110,7 +112,8 @@ std::vector<index_t> greedy_joint_volume(const std::vector<Eigen::Matrix<S, Eige
     };
     std::partial_sort(remaining.begin(), remaining.begin() + p, remaining.end(), better);
     // Upper bound on the current score of every row outside the candidates (scores only decrease).
-    const double bound = static_cast<index_t>(remaining.size()) > p ? score[static_cast<std::size_t>(remaining[p])] : neg_inf;
+    const double bound =
+        static_cast<index_t>(remaining.size()) > p ? score[static_cast<std::size_t>(remaining[p])] : neg_inf;
     for (index_t c = 0; c < p; ++c) {
       cand[c] = remaining[c];
       used[c] = 0;

@@ -105,9 +105,7 @@ struct basis {
   const double* kernel(index_t i) const { return values.data() + offsets[static_cast<std::size_t>(i)]; }
   /// First column (row, for the upper triangle) of block i, and one past its last.
   index_t begin(index_t i) const { return anchors[static_cast<std::size_t>(i)]; }
-  index_t end(index_t i, index_t n) const {
-    return i + 1 < size() ? anchors[static_cast<std::size_t>(i + 1)] : n;
-  }
+  index_t end(index_t i, index_t n) const { return i + 1 < size() ? anchors[static_cast<std::size_t>(i + 1)] : n; }
   /// True when the anchors are 0, 1, ..., size() - 1 with size() >= 2: the recovery found no
   /// structure and spent the basis on the first columns.
   bool degenerate() const {
@@ -133,11 +131,11 @@ struct head_plan {
 /// Everything make_plan recovered. Reusable for any number of runs with the same q and k (a run
 /// checks a checksum of q and k and refuses others); the value tensors may differ between runs.
 struct plan {
-  index_t n = 0;            ///< tokens (n_q == n_kv)
+  index_t n = 0;  ///< tokens (n_q == n_kv)
   index_t h_q = 0, h_kv = 0;
   index_t d_qk = 0;
-  double scale = 0;         ///< the effective softmax scale
-  options opt;              ///< the options it was made with
+  double scale = 0;  ///< the effective softmax scale
+  options opt;       ///< the options it was made with
   std::vector<head_plan> heads;
   std::vector<double> checksums;  ///< per query head: a checksum of q and k (see detail::qk_checksum)
 };

@@ -68,8 +68,8 @@ inline void check_options(const char* fn, const options& opt, index_t n) {
   if (opt.rule == anchor_rule::given) {
     BASISATTN_REQUIRE(!opt.anchors.empty() && opt.anchors.front() == 0, invalid_argument, fn,
                       ": anchor_rule::given needs options.anchors to start with 0");
-    BASISATTN_REQUIRE(static_cast<index_t>(opt.anchors.size()) <= opt.k, invalid_argument, fn, ": ",
-                      opt.anchors.size(), " anchors given but options.k = ", opt.k);
+    BASISATTN_REQUIRE(static_cast<index_t>(opt.anchors.size()) <= opt.k, invalid_argument, fn, ": ", opt.anchors.size(),
+                      " anchors given but options.k = ", opt.k);
     for (std::size_t i = 1; i < opt.anchors.size(); ++i)
       BASISATTN_REQUIRE(opt.anchors[i] > opt.anchors[i - 1] && opt.anchors[i] < n, invalid_argument, fn,
                         ": options.anchors must be ascending, distinct and < n = ", n, "; entry ", i, " is ",
@@ -81,25 +81,27 @@ inline void check_options(const char* fn, const options& opt, index_t n) {
                     ": options.tolerance = ", opt.tolerance, " must be >= 0 (infinity: never fall back)");
   BASISATTN_REQUIRE(std::isfinite(opt.fft_tolerance) && opt.fft_tolerance > 0, invalid_argument, fn,
                     ": options.fft_tolerance = ", opt.fft_tolerance, " must be finite and > 0");
-  BASISATTN_REQUIRE(opt.diagnostic_samples >= 0, invalid_argument, fn, ": options.diagnostic_samples = ",
-                    opt.diagnostic_samples, " must be >= 0");
-  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
-                    opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
+  BASISATTN_REQUIRE(opt.diagnostic_samples >= 0, invalid_argument, fn,
+                    ": options.diagnostic_samples = ", opt.diagnostic_samples, " must be >= 0");
+  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ", opt.scale,
+                    " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
 }
 
 template <class T>
 void check_qk(const char* fn, const tensor3_view<const T>& q, const tensor3_view<const T>& k) {
   using basisattn::detail::extents_string;
-  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn,
-                    ": q has extents ", extents_string(q), "; n, H_q and d_qk must be >= 1");
+  BASISATTN_REQUIRE(q.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1, invalid_argument, fn, ": q has extents ",
+                    extents_string(q), "; n, H_q and d_qk must be >= 1");
   BASISATTN_REQUIRE(k.extent[1] >= 1, invalid_argument, fn, ": k has extents ", extents_string(k),
                     "; H_kv must be >= 1");
-  BASISATTN_REQUIRE(k.extent[0] == q.extent[0], shape_mismatch, fn, ": conv-basis attention is self-attention (n_q == n_kv), but q ",
-                    extents_string(q), " has ", q.extent[0], " tokens and k ", extents_string(k), " has ", k.extent[0]);
-  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q), " has d_qk = ",
-                    q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
-  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q), " has H_q = ",
-                    q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ", extents_string(k));
+  BASISATTN_REQUIRE(k.extent[0] == q.extent[0], shape_mismatch, fn,
+                    ": conv-basis attention is self-attention (n_q == n_kv), but q ", extents_string(q), " has ",
+                    q.extent[0], " tokens and k ", extents_string(k), " has ", k.extent[0]);
+  BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", extents_string(q),
+                    " has d_qk = ", q.extent[2], " but k ", extents_string(k), " has d_qk = ", k.extent[2]);
+  BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", extents_string(q),
+                    " has H_q = ", q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ",
+                    extents_string(k));
   BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
 }
 

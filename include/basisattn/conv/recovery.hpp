@@ -89,8 +89,9 @@ inline basis recover_basis(const mat_d& A, const mat_d& B, double scale, index_t
     }
     const std::size_t take = std::min(scores.size(), static_cast<std::size_t>(k - 1));
     // Largest scores first; ties go to the earlier column.
-    std::partial_sort(scores.begin(), scores.begin() + static_cast<std::ptrdiff_t>(take), scores.end(),
-                      [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+    std::partial_sort(
+        scores.begin(), scores.begin() + static_cast<std::ptrdiff_t>(take), scores.end(),
+        [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
     b.anchors.push_back(0);
     for (std::size_t i = 0; i < take; ++i) b.anchors.push_back(scores[i].second);
     std::sort(b.anchors.begin(), b.anchors.end());
@@ -110,8 +111,10 @@ inline basis recover_basis(const mat_d& A, const mat_d& B, double scale, index_t
       if (lo > hi || !differs(hi)) break;
       while (lo < hi) {  // first column that differs, assuming monotonicity
         const index_t mid = lo + (hi - lo) / 2;
-        if (differs(mid)) hi = mid;
-        else lo = mid + 1;
+        if (differs(mid))
+          hi = mid;
+        else
+          lo = mid + 1;
       }
       b.anchors.push_back(lo);
     }

@@ -39,8 +39,10 @@ struct backend_traits<cpu> {
 };
 
 namespace detail {
-template <class B, class = void> struct has_traits : std::false_type {};
-template <class B> struct has_traits<B, std::void_t<decltype(sizeof(backend_traits<B>))>> : std::true_type {};
+template <class B, class = void>
+struct has_traits : std::false_type {};
+template <class B>
+struct has_traits<B, std::void_t<decltype(sizeof(backend_traits<B>))>> : std::true_type {};
 }  // namespace detail
 
 /// True when `backend_traits<B>` is defined (B is a backend and its header is included).

@@ -24,10 +24,14 @@ enum class dtype { f64, f32, f16, bf16 };
 /// Name of a dtype ("f32", ...).
 inline const char* to_string(dtype t) noexcept {
   switch (t) {
-    case dtype::f64: return "f64";
-    case dtype::f32: return "f32";
-    case dtype::f16: return "f16";
-    case dtype::bf16: return "bf16";
+    case dtype::f64:
+      return "f64";
+    case dtype::f32:
+      return "f32";
+    case dtype::f16:
+      return "f16";
+    case dtype::bf16:
+      return "bf16";
   }
   return "?";
 }
@@ -41,12 +45,26 @@ constexpr double unit_roundoff(dtype t) noexcept {
 }
 
 namespace detail {
-template <class T> struct dtype_of_impl {};
-template <> struct dtype_of_impl<double> { static constexpr dtype value = dtype::f64; };
-template <> struct dtype_of_impl<float> { static constexpr dtype value = dtype::f32; };
-template <> struct dtype_of_impl<Eigen::half> { static constexpr dtype value = dtype::f16; };
-template <> struct dtype_of_impl<Eigen::bfloat16> { static constexpr dtype value = dtype::bf16; };
-template <class T, class = void> struct is_storage : std::false_type {};
+template <class T>
+struct dtype_of_impl {};
+template <>
+struct dtype_of_impl<double> {
+  static constexpr dtype value = dtype::f64;
+};
+template <>
+struct dtype_of_impl<float> {
+  static constexpr dtype value = dtype::f32;
+};
+template <>
+struct dtype_of_impl<Eigen::half> {
+  static constexpr dtype value = dtype::f16;
+};
+template <>
+struct dtype_of_impl<Eigen::bfloat16> {
+  static constexpr dtype value = dtype::bf16;
+};
+template <class T, class = void>
+struct is_storage : std::false_type {};
 template <class T>
 struct is_storage<T, std::void_t<decltype(dtype_of_impl<T>::value)>> : std::true_type {};
 }  // namespace detail

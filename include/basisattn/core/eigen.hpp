@@ -26,15 +26,14 @@ using rm_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 
 /// Map of a view whose rows are contiguous (col_stride == 1): vectorisable by Eigen.
 template <class T>
-using rm_map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const rm_matrix<std::remove_const_t<T>>,
-                                             rm_matrix<std::remove_const_t<T>>>,
-                          Eigen::Unaligned, Eigen::OuterStride<>>;
+using rm_map = Eigen::Map<
+    std::conditional_t<std::is_const_v<T>, const rm_matrix<std::remove_const_t<T>>, rm_matrix<std::remove_const_t<T>>>,
+    Eigen::Unaligned, Eigen::OuterStride<>>;
 /// Map of an arbitrary strided view.
 template <class T>
-using strided_map =
-    Eigen::Map<std::conditional_t<std::is_const_v<T>, const rm_matrix<std::remove_const_t<T>>,
-                                  rm_matrix<std::remove_const_t<T>>>,
-               Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using strided_map = Eigen::Map<
+    std::conditional_t<std::is_const_v<T>, const rm_matrix<std::remove_const_t<T>>, rm_matrix<std::remove_const_t<T>>>,
+    Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 
 template <class T>
 rm_map<T> map_rows(const matrix_view<T>& v) {
@@ -43,7 +42,8 @@ rm_map<T> map_rows(const matrix_view<T>& v) {
 }
 template <class T>
 strided_map<T> map_strided(const matrix_view<T>& v) {
-  return strided_map<T>(v.data, v.rows, v.cols, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.row_stride, v.col_stride));
+  return strided_map<T>(v.data, v.rows, v.cols,
+                        Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.row_stride, v.col_stride));
 }
 
 /// Storage -> compute conversion (exact for float/double; widening for the 16-bit types).
@@ -84,10 +84,14 @@ inline T round_double_to_16(double x) {
 /// 16-bit types).
 template <class T, class C>
 inline T from_compute(C x) {
-  if constexpr (std::is_same_v<T, C>) return x;
-  else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return static_cast<T>(x);
-  else if constexpr (std::is_same_v<C, double>) return round_double_to_16<T>(x);
-  else return T(static_cast<float>(x));
+  if constexpr (std::is_same_v<T, C>)
+    return x;
+  else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+    return static_cast<T>(x);
+  else if constexpr (std::is_same_v<C, double>)
+    return round_double_to_16<T>(x);
+  else
+    return T(static_cast<float>(x));
 }
 
 /// Copy a view of any storage type into a dense compute-type matrix (vectorised when the source
@@ -125,15 +129,14 @@ void convert_into(const matrix_view<TD>& dst, const matrix_view<const TS>& src) 
     }
   }
   for (index_t i = 0; i < src.rows; ++i)
-    for (index_t j = 0; j < src.cols; ++j)
-      dst(i, j) = from_compute<TD>(to_compute<compute_t<TD>>(src(i, j)));
+    for (index_t j = 0; j < src.cols; ++j) dst(i, j) = from_compute<TD>(to_compute<compute_t<TD>>(src(i, j)));
 }
 
 /// Largest finite value of a storage type and the bound below which rounding to it stays finite.
 template <class T>
 constexpr double max_finite() {
-  return std::is_same_v<T, double>  ? 1.7976931348623157e308
-         : std::is_same_v<T, float> ? 3.4028234663852886e38
+  return std::is_same_v<T, double>        ? 1.7976931348623157e308
+         : std::is_same_v<T, float>       ? 3.4028234663852886e38
          : std::is_same_v<T, Eigen::half> ? 65504.0
                                           : 3.3895313892515355e38;
 }
@@ -147,7 +150,9 @@ inline bool is_finite_value(const T& x) {
   return std::isfinite(static_cast<double>(static_cast<float>(to_compute<compute_t<T>>(x))));
 }
 template <>
-inline bool is_finite_value<double>(const double& x) { return std::isfinite(x); }
+inline bool is_finite_value<double>(const double& x) {
+  return std::isfinite(x);
+}
 
 /// Raise errc::non_finite naming `what` and the first bad element if v holds NaN or Inf.
 template <class T>
@@ -180,7 +185,8 @@ double head_checksum(const tensor3_view<const T>& x, index_t h) {
   double s = 0;
   for (index_t i = 0; i < x.extent[0]; ++i)
     for (index_t c = 0; c < x.extent[2]; ++c) {
-      const std::uint64_t hsh = (std::uint64_t(i) * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c + 1) * 0xC2B2AE3D27D4EB4Full);
+      const std::uint64_t hsh =
+          (std::uint64_t(i) * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c + 1) * 0xC2B2AE3D27D4EB4Full);
       s += static_cast<double>(to_compute<compute_t<T>>(x(i, h, c))) * (0.5 + double(hsh >> 40) / double(1ull << 24));
     }
   return s;

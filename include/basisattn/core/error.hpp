@@ -32,14 +32,22 @@ enum class errc {
 /// Human-readable name of an error code.
 inline const char* to_string(errc c) noexcept {
   switch (c) {
-    case errc::invalid_argument: return "invalid_argument";
-    case errc::shape_mismatch: return "shape_mismatch";
-    case errc::non_finite: return "non_finite";
-    case errc::singular_basis: return "singular_basis";
-    case errc::rank_deficient: return "rank_deficient";
-    case errc::unsupported: return "unsupported";
-    case errc::io: return "io";
-    case errc::backend: return "backend";
+    case errc::invalid_argument:
+      return "invalid_argument";
+    case errc::shape_mismatch:
+      return "shape_mismatch";
+    case errc::non_finite:
+      return "non_finite";
+    case errc::singular_basis:
+      return "singular_basis";
+    case errc::rank_deficient:
+      return "rank_deficient";
+    case errc::unsupported:
+      return "unsupported";
+    case errc::io:
+      return "io";
+    case errc::backend:
+      return "backend";
   }
   return "unknown";
 }
@@ -48,8 +56,7 @@ inline const char* to_string(errc c) noexcept {
 class error : public std::runtime_error {
  public:
   error(errc code, const std::string& message)
-      : std::runtime_error("basisattn: " + std::string(to_string(code)) + ": " + message),
-        code_(code) {}
+      : std::runtime_error("basisattn: " + std::string(to_string(code)) + ": " + message), code_(code) {}
   errc code() const noexcept { return code_; }
 
  private:
@@ -81,9 +88,7 @@ BASISATTN_END_NAMESPACE
 
 /// Check a condition; on failure raise `basisattn::error(code, concat(message parts...))`.
 /// The message parts are only evaluated when the check fails.
-#define BASISATTN_REQUIRE(cond, code, ...)                                            \
-  do {                                                                                \
-    if (!(cond))                                                                      \
-      ::basisattn::detail::raise(::basisattn::errc::code,                             \
-                                 ::basisattn::detail::concat(__VA_ARGS__));           \
+#define BASISATTN_REQUIRE(cond, code, ...)                                                                      \
+  do {                                                                                                          \
+    if (!(cond)) ::basisattn::detail::raise(::basisattn::errc::code, ::basisattn::detail::concat(__VA_ARGS__)); \
   } while (0)

@@ -19,9 +19,13 @@
 BASISATTN_BEGIN_NAMESPACE
 
 namespace detail {
-template <class T> struct type_identity { using type = T; };
+template <class T>
+struct type_identity {
+  using type = T;
+};
 /// Blocks template argument deduction, so a matrix_view<T> argument converts to matrix_view<const T>.
-template <class T> using nondeduced_t = typename type_identity<T>::type;
+template <class T>
+using nondeduced_t = typename type_identity<T>::type;
 }  // namespace detail
 
 template <class T>
@@ -34,7 +38,8 @@ struct matrix_view {
   /// Row-major contiguous rows x cols.
   constexpr matrix_view(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), row_stride(c), col_stride(1) {}
   /// Row-major with a row stride (leading dimension) ld >= cols.
-  constexpr matrix_view(T* d, index_t r, index_t c, index_t ld) : data(d), rows(r), cols(c), row_stride(ld), col_stride(1) {}
+  constexpr matrix_view(T* d, index_t r, index_t c, index_t ld)
+      : data(d), rows(r), cols(c), row_stride(ld), col_stride(1) {}
   /// Fully strided.
   constexpr matrix_view(T* d, index_t r, index_t c, index_t rs, index_t cs)
       : data(d), rows(r), cols(c), row_stride(rs), col_stride(cs) {}
@@ -54,9 +59,9 @@ struct matrix_view {
     return matrix_view(data + r0 * row_stride + c0 * col_stride, nr, nc, row_stride, col_stride);
   }
   matrix_view checked_block(index_t r0, index_t c0, index_t nr, index_t nc) const {
-    BASISATTN_REQUIRE(r0 >= 0 && c0 >= 0 && nr >= 0 && nc >= 0 && r0 + nr <= rows && c0 + nc <= cols,
-                      invalid_argument, "block (", r0, ",", c0, ") of extent ", nr, "x", nc,
-                      " is outside a ", rows, "x", cols, " matrix");
+    BASISATTN_REQUIRE(r0 >= 0 && c0 >= 0 && nr >= 0 && nc >= 0 && r0 + nr <= rows && c0 + nc <= cols, invalid_argument,
+                      "block (", r0, ",", c0, ") of extent ", nr, "x", nc, " is outside a ", rows, "x", cols,
+                      " matrix");
     return block(r0, c0, nr, nc);
   }
 };
@@ -78,8 +83,8 @@ struct tensor3_view {
       : data(o.data), extent{o.extent[0], o.extent[1], o.extent[2]}, stride{o.stride[0], o.stride[1], o.stride[2]} {}
   /// View a row-major matrix [tokens, heads * dim] as [tokens, heads, dim].
   static tensor3_view from_matrix(const matrix_view<T>& m, index_t heads) {
-    BASISATTN_REQUIRE(heads > 0 && m.cols % heads == 0, shape_mismatch, "cannot split ", m.cols,
-                      " columns into ", heads, " heads");
+    BASISATTN_REQUIRE(heads > 0 && m.cols % heads == 0, shape_mismatch, "cannot split ", m.cols, " columns into ",
+                      heads, " heads");
     return tensor3_view(m.data, m.rows, heads, m.cols / heads, m.row_stride, (m.cols / heads) * m.col_stride,
                         m.col_stride);
   }

@@ -53,14 +53,14 @@ template <class C>
 struct attention_cpu_traits {
   static constexpr index_t block_q = 128;                          ///< query rows per work item
   static constexpr index_t block_kv = sizeof(C) == 4 ? 256 : 128;  ///< keys per inner step
-  static constexpr std::size_t align = 64;  ///< alignment of every buffer in a workspace slice
+  static constexpr std::size_t align = 64;                         ///< alignment of every buffer in a workspace slice
 };
 
 /// Byte layout of one thread's workspace slice.
 struct attention_cpu_layout {
-  index_t bq = 0, bk = 0;  ///< block sizes actually used (clipped to n_q, n_kv)
+  index_t bq = 0, bk = 0;                                       ///< block sizes actually used (clipped to n_q, n_kv)
   std::size_t q = 0, s = 0, o = 0, m = 0, l = 0, k = 0, v = 0;  ///< buffer offsets in bytes
-  std::size_t slice = 0;  ///< bytes per slice, a multiple of the alignment
+  std::size_t slice = 0;                                        ///< bytes per slice, a multiple of the alignment
 };
 
 template <class C>
@@ -210,8 +210,8 @@ void attention_cpu_run(const attention_cpu_problem<C, T>& p, void* workspace, st
 
 template <class C, class T>
 void attention_cpu_dispatch(const attention_shape& sh, tensor3_view<const T> q, tensor3_view<const T> k,
-                            tensor3_view<const T> v, tensor3_view<T> out, const attention_options& opt,
-                            void* workspace, std::size_t workspace_bytes) {
+                            tensor3_view<const T> v, tensor3_view<T> out, const attention_options& opt, void* workspace,
+                            std::size_t workspace_bytes) {
   attention_cpu_problem<C, T> p;
   p.q = q;
   p.k = k;
@@ -246,7 +246,8 @@ std::size_t attention_workspace_bytes(cpu c, tensor3_view<TQ> q, tensor3_view<TK
                 "attention_workspace_bytes: q, k and v must have the same storage type");
   static_assert(supports_storage_v<cpu, T>, "attention_workspace_bytes: unsupported storage type");
   (void)k;
-  return attention_workspace_bytes(c, q.extent[0], v.extent[0], q.extent[1], q.extent[2], v.extent[2], dtype_of_v<T>, opt);
+  return attention_workspace_bytes(c, q.extent[0], v.extent[0], q.extent[1], q.extent[2], v.extent[2], dtype_of_v<T>,
+                                   opt);
 }
 
 /// Blocked exact attention in caller-owned workspace (at least attention_workspace_bytes(...) bytes;

@@ -49,17 +49,17 @@ namespace detail {
 
 /// Per-thread slice of a run's workspace (all in doubles; float FFTs reuse the same memory).
 struct run_slice {
-  double* v;        // n x d_v values of the head
-  double* num;      // n x d_v numerators
-  double* den;      // n denominators
-  double* bnum;     // n numerator error-bound sums (difference array, then prefix-summed)
-  double* bden;     // n denominator error-bound sums
-  double* prefix;   // n + 1 prefix sums
-  double* kern;     // fft_n real: the kernel (exp) padded
-  double* xbuf;     // fft_n real
-  double* kspec;    // (fft_n / 2 + 1) complex
-  double* xspec;    // (fft_n / 2 + 1) complex
-  double* exact;    // n + d_v: sampled exact rows
+  double* v;       // n x d_v values of the head
+  double* num;     // n x d_v numerators
+  double* den;     // n denominators
+  double* bnum;    // n numerator error-bound sums (difference array, then prefix-summed)
+  double* bden;    // n denominator error-bound sums
+  double* prefix;  // n + 1 prefix sums
+  double* kern;    // fft_n real: the kernel (exp) padded
+  double* xbuf;    // fft_n real
+  double* kspec;   // (fft_n / 2 + 1) complex
+  double* xspec;   // (fft_n / 2 + 1) complex
+  double* exact;   // n + d_v: sampled exact rows
 };
 
 inline index_t run_fft_max(index_t n) { return fft_size(2 * n - 1); }
@@ -359,8 +359,8 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
   rep.checked_rows = static_cast<index_t>(rows.size());
   if (!rows.empty()) {
     double emax = 0, esum = 0, umax = 0;
-    double* pr = s.exact;           // n probabilities
-    double* ye = s.exact + n;       // d_v exact row
+    double* pr = s.exact;                                   // n probabilities
+    double* ye = s.exact + n;                               // d_v exact row
     std::vector<double> yu(static_cast<std::size_t>(d_v));  // tiny; the estimate is off the hot path
     for (index_t r : rows) {
       const index_t c_end = causal ? r + 1 : n;
@@ -416,7 +416,7 @@ inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
 /// See <basisattn/conv.hpp>.
 template <class T, class FFT = fft_eigen>
 report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
-                 tensor3_view<T> out, void* workspace, std::size_t workspace_bytes) {
+           tensor3_view<T> out, void* workspace, std::size_t workspace_bytes) {
   static_assert(supports_storage_v<cpu, T> && !std::is_const_v<T>, "conv::run: T must be a storage type");
   static_assert(is_fft_engine_v<FFT>, "conv::run: unknown FFT engine (include its header)");
   const char* fn = "conv::run";
@@ -426,8 +426,8 @@ report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k,
     basisattn::detail::require_finite(k, "conv::run: k");
     basisattn::detail::require_finite(v, "conv::run: v");
   }
-  const basisattn::detail::workspace_slices ws =
-      basisattn::detail::slice_workspace(workspace, workspace_bytes, detail::run_slice_bytes(p.n, sh.d_v), detail::slice_align);
+  const basisattn::detail::workspace_slices ws = basisattn::detail::slice_workspace(
+      workspace, workspace_bytes, detail::run_slice_bytes(p.n, sh.d_v), detail::slice_align);
   BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, fn, ": workspace of ", workspace_bytes, " bytes",
                     workspace ? "" : " (null)", "; at least ", detail::run_workspace_bytes(p.n, sh.d_v, 1),
                     " needed (conv::workspace_bytes)");
@@ -435,9 +435,9 @@ report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k,
   report rep;
   rep.heads.resize(static_cast<std::size_t>(p.h_q));
   basisattn::detail::parallel_for_slots(p.h_q, threads, [&](index_t h, int slot) {
-    BASISATTN_REQUIRE(basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
-                      invalid_argument, fn,
-                      ": q or k of head ", h, " differ from those the plan was made from");
+    BASISATTN_REQUIRE(
+        basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
+        invalid_argument, fn, ": q or k of head ", h, " differ from those the plan was made from");
     const detail::run_slice s = detail::carve_slice(ws[std::size_t(slot)], p.n, sh.d_v);
     detail::run_head<T, FFT>(p, h, q, k, v, out, s, rep.heads[std::size_t(h)]);
   });
@@ -460,7 +460,7 @@ report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k,
 /// Same, allocating the workspace.
 template <class T, class FFT = fft_eigen>
 report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
-                 tensor3_view<T> out) {
+           tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run: v has d_v = ", v.extent[2], " < 1");
   BASISATTN_REQUIRE(p.n >= 1, invalid_argument, "conv::run: the plan is empty (make it with conv::make_plan)");
   const std::size_t bytes = workspace_bytes(cpu{}, p, v.extent[2]);
@@ -511,17 +511,19 @@ void backward(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T>
   std::unique_ptr<unsigned char[]> ws(new unsigned char[detail::run_workspace_bytes(n, d_v, 1)]);
   const detail::run_slice s = detail::carve_slice(ws.get(), n, d_v);  // moves the pointer up to 64 bytes
   const index_t nf_max = detail::run_fft_max(n);
-  std::vector<double> dyb(static_cast<std::size_t>(n * d_v)), dn(static_cast<std::size_t>(n * d_v)), pd(static_cast<std::size_t>(n + 1)), du(static_cast<std::size_t>(n)),
-      a(static_cast<std::size_t>(nf_max)), xb(static_cast<std::size_t>(nf_max));
-  std::vector<std::complex<double>> as(static_cast<std::size_t>(nf_max / 2 + 1)), ys(as.size()), xs(as.size()), cs(as.size());
+  std::vector<double> dyb(static_cast<std::size_t>(n * d_v)), dn(static_cast<std::size_t>(n * d_v)),
+      pd(static_cast<std::size_t>(n + 1)), du(static_cast<std::size_t>(n)), a(static_cast<std::size_t>(nf_max)),
+      xb(static_cast<std::size_t>(nf_max));
+  std::vector<std::complex<double>> as(static_cast<std::size_t>(nf_max / 2 + 1)), ys(as.size()), xs(as.size()),
+      cs(as.size());
   typename fft_traits<FFT>::template engine<double> eng;
   for (index_t h = 0; h < p.h_q; ++h) {
     const index_t hk = h / sh.group;
     const detail::mat_d Q = detail::head_to_double(q, h), K = detail::head_to_double(k, hk),
                         V = detail::head_to_double(v, hk), dY = detail::head_to_double(dy, h);
-    BASISATTN_REQUIRE(basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
-                      invalid_argument, fn,
-                      ": q or k of head ", h, " differ from those the plan was made from");
+    BASISATTN_REQUIRE(
+        basisattn::detail::same_checksum(detail::qk_checksum(q, k, h, h / sh.group), p.checksums[std::size_t(h)]),
+        invalid_argument, fn, ": q or k of head ", h, " differ from those the plan was made from");
     const basis& b = p.heads[std::size_t(h)].lower;
     const double g = detail::global_shift(p.heads[std::size_t(h)], n, true);
     // forward: numerators by FFT (double), denominators by prefix sums

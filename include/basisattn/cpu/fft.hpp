@@ -55,14 +55,15 @@ struct fft_traits<fft_eigen> {
 };
 
 namespace detail {
-template <class Tag, class = void> struct has_fft_traits : std::false_type {};
-template <class Tag> struct has_fft_traits<Tag, std::void_t<decltype(sizeof(fft_traits<Tag>))>> : std::true_type {};
+template <class Tag, class = void>
+struct has_fft_traits : std::false_type {};
+template <class Tag>
+struct has_fft_traits<Tag, std::void_t<decltype(sizeof(fft_traits<Tag>))>> : std::true_type {};
 }  // namespace detail
 
 /// True when `fft_traits<Tag>` is defined (the engine's header is included).
 template <class Tag>
 inline constexpr bool is_fft_engine_v = detail::has_fft_traits<Tag>::value;
-
 
 }  // namespace conv
 BASISATTN_END_NAMESPACE

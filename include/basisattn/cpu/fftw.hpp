@@ -32,12 +32,18 @@ inline std::mutex& fftw_planner_mutex() {
   return m;
 }
 
-template <class Real> struct fftw_api;
-template <> struct fftw_api<double> {
+template <class Real>
+struct fftw_api;
+template <>
+struct fftw_api<double> {
   using plan = fftw_plan;
   using cpx = fftw_complex;
-  static plan r2c(int n, double* in, cpx* out, unsigned f) { return fftw_plan_dft_r2c_1d(n, in, out, FFTW_ESTIMATE | f); }
-  static plan c2r(int n, cpx* in, double* out, unsigned f) { return fftw_plan_dft_c2r_1d(n, in, out, FFTW_ESTIMATE | f); }
+  static plan r2c(int n, double* in, cpx* out, unsigned f) {
+    return fftw_plan_dft_r2c_1d(n, in, out, FFTW_ESTIMATE | f);
+  }
+  static plan c2r(int n, cpx* in, double* out, unsigned f) {
+    return fftw_plan_dft_c2r_1d(n, in, out, FFTW_ESTIMATE | f);
+  }
   static void* alloc(std::size_t bytes) { return fftw_malloc(bytes); }
   static void release(void* p) { fftw_free(p); }
   static bool aligned(const void* p) { return fftw_alignment_of(static_cast<double*>(const_cast<void*>(p))) == 0; }
@@ -45,11 +51,16 @@ template <> struct fftw_api<double> {
   static void exec_c2r(plan p, cpx* in, double* out) { fftw_execute_dft_c2r(p, in, out); }
   static void destroy(plan p) { fftw_destroy_plan(p); }
 };
-template <> struct fftw_api<float> {
+template <>
+struct fftw_api<float> {
   using plan = fftwf_plan;
   using cpx = fftwf_complex;
-  static plan r2c(int n, float* in, cpx* out, unsigned f) { return fftwf_plan_dft_r2c_1d(n, in, out, FFTW_ESTIMATE | f); }
-  static plan c2r(int n, cpx* in, float* out, unsigned f) { return fftwf_plan_dft_c2r_1d(n, in, out, FFTW_ESTIMATE | f); }
+  static plan r2c(int n, float* in, cpx* out, unsigned f) {
+    return fftwf_plan_dft_r2c_1d(n, in, out, FFTW_ESTIMATE | f);
+  }
+  static plan c2r(int n, cpx* in, float* out, unsigned f) {
+    return fftwf_plan_dft_c2r_1d(n, in, out, FFTW_ESTIMATE | f);
+  }
   static void* alloc(std::size_t bytes) { return fftwf_malloc(bytes); }
   static void release(void* p) { fftwf_free(p); }
   static bool aligned(const void* p) { return fftwf_alignment_of(static_cast<float*>(const_cast<void*>(p))) == 0; }
@@ -68,8 +79,8 @@ struct fft_traits<fft_fftw> {
     static_assert(std::is_same_v<Real, float> || std::is_same_v<Real, double>, "fft_fftw: float or double");
     using api = detail::fftw_api<Real>;
     struct plans {
-      typename api::plan fwd, inv;        // for arrays with FFTW's SIMD alignment
-      typename api::plan fwd_u, inv_u;    // FFTW_UNALIGNED: any arrays
+      typename api::plan fwd, inv;      // for arrays with FFTW's SIMD alignment
+      typename api::plan fwd_u, inv_u;  // FFTW_UNALIGNED: any arrays
     };
 
    public:
@@ -97,7 +108,8 @@ struct fft_traits<fft_fftw> {
       auto it = cache.find(n);
       if (it != cache.end()) return it->second;
       Real* r = static_cast<Real*>(api::alloc(sizeof(Real) * static_cast<std::size_t>(n)));
-      auto* c = static_cast<typename api::cpx*>(api::alloc(sizeof(typename api::cpx) * static_cast<std::size_t>(n / 2 + 1)));
+      auto* c =
+          static_cast<typename api::cpx*>(api::alloc(sizeof(typename api::cpx) * static_cast<std::size_t>(n / 2 + 1)));
       BASISATTN_REQUIRE(r && c, backend, "fftw: out of memory planning a transform of size ", n);
       plans p;
       const int ni = static_cast<int>(n);
@@ -107,7 +119,8 @@ struct fft_traits<fft_fftw> {
       p.inv_u = api::c2r(ni, c, r, FFTW_UNALIGNED);
       api::release(r);
       api::release(c);
-      BASISATTN_REQUIRE(p.fwd && p.inv && p.fwd_u && p.inv_u, backend, "fftw: no plan for a real transform of size ", n);
+      BASISATTN_REQUIRE(p.fwd && p.inv && p.fwd_u && p.inv_u, backend, "fftw: no plan for a real transform of size ",
+                        n);
       return cache.emplace(n, p).first->second;
     }
   };

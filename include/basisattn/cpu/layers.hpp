@@ -26,8 +26,8 @@ namespace bd {
 
 /// Run a dense or BD projection.
 template <class T>
-void project(cpu c, const any_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y,
-             const project_options& opt = {}) {
+void project(cpu c, const any_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
+             matrix_view<T> y, const project_options& opt = {}) {
   std::visit([&](const auto& q) { project(c, q, x, y, opt); }, p);
 }
 
@@ -44,8 +44,8 @@ tensor3_view<const T> ct(const tensor3_view<T>& t) {
 
 /// Forward pass of an MHA/GQA/MQA layer.
 template <class T>
-void forward(cpu c, const mha_layer<T>& L, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> out,
-             const forward_options& opt = {}) {
+void forward(cpu c, const mha_layer<T>& L, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
+             matrix_view<T> out, const forward_options& opt = {}) {
   const auto& cfg = L.config;
   detail::check_layer_io(x, out, cfg.d_model);
   const index_t n = x.rows, H = cfg.n_heads, Hkv = cfg.n_kv_heads, d = cfg.head_dim;
@@ -75,8 +75,8 @@ void forward(cpu c, const mha_layer<T>& L, matrix_view<const ::basisattn::detail
 
 /// Forward pass of an MLA layer.
 template <class T>
-void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> out,
-             const forward_options& opt = {}) {
+void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
+             matrix_view<T> out, const forward_options& opt = {}) {
   using C = compute_t<T>;
   const auto& cfg = L.config;
   detail::check_layer_io(x, out, cfg.d_model);
@@ -98,8 +98,9 @@ void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail
     }
     const C inv = C(1) / std::sqrt(ss / C(Lr) + C(cfg.rms_eps));
     for (index_t j = 0; j < Lr; ++j)
-      row[j] = ::basisattn::detail::from_compute<T>(::basisattn::detail::to_compute<C>(row[j]) * inv *
-                                                    ::basisattn::detail::to_compute<C>(L.kv_a_norm[static_cast<std::size_t>(j)]));
+      row[j] = ::basisattn::detail::from_compute<T>(
+          ::basisattn::detail::to_compute<C>(row[j]) * inv *
+          ::basisattn::detail::to_compute<C>(L.kv_a_norm[static_cast<std::size_t>(j)]));
   }
   rope_params rp = cfg.rope;
   rp.position_offset += opt.position_offset;
@@ -121,7 +122,8 @@ void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail
   ao.causal = cfg.causal;
   ao.scale = cfg.scale > 0 ? cfg.scale : 1.0 / std::sqrt(static_cast<double>(qd));
   ao.check_finite = false;
-  attention(c, detail::ct(tensor3_view<T>::from_matrix(q.view(), H)), detail::ct(tensor3_view<T>::from_matrix(kfull.view(), H)),
+  attention(c, detail::ct(tensor3_view<T>::from_matrix(q.view(), H)),
+            detail::ct(tensor3_view<T>::from_matrix(kfull.view(), H)),
             detail::ct(tensor3_view<T>::from_matrix(v.view(), H)), tensor3_view<T>::from_matrix(a.view(), H), ao);
   project(c, L.o, detail::cview(a), out, po);
 }

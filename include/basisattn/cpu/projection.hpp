@@ -58,10 +58,10 @@ inline chunking plan_chunks(index_t tokens) {
 
 /// Sizes (in compute-type elements) of the shared and per-thread buffers.
 struct ws_layout {
-  index_t shared_w = 0;   // converted weight (16-bit storage only)
-  index_t thread_x = 0;   // gathered / converted input chunk
-  index_t thread_y = 0;   // compute-type output chunk (16-bit storage only)
-  index_t thread_s = 0;   // one row of basis channels
+  index_t shared_w = 0;  // converted weight (16-bit storage only)
+  index_t thread_x = 0;  // gathered / converted input chunk
+  index_t thread_y = 0;  // compute-type output chunk (16-bit storage only)
+  index_t thread_s = 0;  // one row of basis channels
 };
 
 template <class T, class P>
@@ -128,29 +128,32 @@ void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& a
   using wmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>>;
   using ymap = Eigen::Map<::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
   const wmap wm(w, w_rows, w_cols);
-  ::basisattn::detail::parallel_for_slots(nchunks, static_cast<int>(ch.threads), [&](index_t c, int slot) {
-    const std::size_t tid = static_cast<std::size_t>(slot);
-    const index_t t0 = c * ch.rows, nt = std::min(ch.rows, tokens - t0);
-    C* ydst;
-    index_t ldy;
-    if constexpr (narrow) {
-      ydst = by[tid];
-      ldy = w_cols;
-    } else {
-      ydst = y.data + t0 * y.row_stride;
-      ldy = y.row_stride;
-    }
-    fill(t0, nt, ydst, ldy, bx[tid], bs[tid]);
-    ymap ym(ydst, nt, w_cols, Eigen::OuterStride<>(ldy));
-    ym.noalias() += x_operand(t0, nt, bx[tid]) * wm;
-    if constexpr (narrow) {
-      for (index_t t = 0; t < nt; ++t) {
-        T* yr = y.data + (t0 + t) * y.row_stride;
-        const C* src = ydst + t * ldy;
-        for (index_t j = 0; j < w_cols; ++j) yr[j] = ::basisattn::detail::from_compute<T>(src[j]);
-      }
-    }
-  }, ::basisattn::detail::loop_schedule::fixed);
+  ::basisattn::detail::parallel_for_slots(
+      nchunks, static_cast<int>(ch.threads),
+      [&](index_t c, int slot) {
+        const std::size_t tid = static_cast<std::size_t>(slot);
+        const index_t t0 = c * ch.rows, nt = std::min(ch.rows, tokens - t0);
+        C* ydst;
+        index_t ldy;
+        if constexpr (narrow) {
+          ydst = by[tid];
+          ldy = w_cols;
+        } else {
+          ydst = y.data + t0 * y.row_stride;
+          ldy = y.row_stride;
+        }
+        fill(t0, nt, ydst, ldy, bx[tid], bs[tid]);
+        ymap ym(ydst, nt, w_cols, Eigen::OuterStride<>(ldy));
+        ym.noalias() += x_operand(t0, nt, bx[tid]) * wm;
+        if constexpr (narrow) {
+          for (index_t t = 0; t < nt; ++t) {
+            T* yr = y.data + (t0 + t) * y.row_stride;
+            const C* src = ydst + t * ldy;
+            for (index_t j = 0; j < w_cols; ++j) yr[j] = ::basisattn::detail::from_compute<T>(src[j]);
+          }
+        }
+      },
+      ::basisattn::detail::loop_schedule::fixed);
 }
 
 /// Common prologue of both projections: validates, scans x when asked, plans the chunks and checks
@@ -181,10 +184,13 @@ const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
     C* dst = ar.template take_elems<C>(n);
     const T* src = w.data();
     constexpr index_t block = 16384;  // elements per work item
-    ::basisattn::detail::parallel_for_slots((n + block - 1) / block, ::basisattn::detail::cpu_threads(), [&](index_t b, int) {
-      const index_t end = std::min(n, (b + 1) * block);
-      for (index_t i = b * block; i < end; ++i) dst[i] = ::basisattn::detail::to_compute<C>(src[i]);
-    }, ::basisattn::detail::loop_schedule::fixed);
+    ::basisattn::detail::parallel_for_slots((n + block - 1) / block, ::basisattn::detail::cpu_threads(),
+                                            [&](index_t b, int) {
+                                              const index_t end = std::min(n, (b + 1) * block);
+                                              for (index_t i = b * block; i < end; ++i)
+                                                dst[i] = ::basisattn::detail::to_compute<C>(src[i]);
+                                            },
+                                            ::basisattn::detail::loop_schedule::fixed);
     return dst;
   }
 }
@@ -205,8 +211,8 @@ std::size_t project_workspace_bytes(cpu, const dense_projection<T>& p, index_t t
 
 /// BD projection of all heads: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
 template <class T>
-void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
-             std::size_t workspace_bytes, const project_options& opt = {}) {
+void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
+             matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
   constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
@@ -254,8 +260,8 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
 
 /// Dense projection y = x W + b, same chunked structure as the BD one.
 template <class T>
-void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
-             std::size_t workspace_bytes, const project_options& opt = {}) {
+void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
+             matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
   constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
@@ -280,8 +286,10 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
   };
   auto x_operand = [&](index_t t0, index_t nt, C* bx) {
     using xmap = Eigen::Map<const ::basisattn::detail::rm_matrix<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
-    if constexpr (narrow) return xmap(bx, nt, in, Eigen::OuterStride<>(in));
-    else return xmap(x.data + t0 * x.row_stride, nt, in, Eigen::OuterStride<>(x.row_stride));
+    if constexpr (narrow)
+      return xmap(bx, nt, in, Eigen::OuterStride<>(in));
+    else
+      return xmap(x.data + t0 * x.row_stride, nt, in, Eigen::OuterStride<>(x.row_stride));
   };
   detail::run_chunks<T>(x.rows, ch, l, ar, y, w, in, out, fill, x_operand);
 }
@@ -289,8 +297,7 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
 /// Convenience overloads that allocate the workspace.
 template <class T, class P>
 auto project(cpu c, const P& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y,
-             const project_options& opt = {})
-    -> decltype(project_workspace_bytes(c, p, x.rows), void()) {
+             const project_options& opt = {}) -> decltype(project_workspace_bytes(c, p, x.rows), void()) {
   const std::size_t n = project_workspace_bytes(c, p, x.rows);
   std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n] : nullptr);
   project(c, p, x, y, ws.get(), n, opt);
@@ -310,8 +317,7 @@ struct is_projection_io<std::variant<dense_projection<T>, bd_projection<T>>, mat
 /// Any other argument types (activations of another storage type than the projection's, something
 /// that is not a view): one plain error at the caller's line instead of a page of failed deductions.
 /// Never selected when y is a matrix_view<T> of the projection's T.
-template <class P, class X, class Y, class... Rest,
-          std::enable_if_t<!detail::is_projection_io<P, Y>::value, int> = 0>
+template <class P, class X, class Y, class... Rest, std::enable_if_t<!detail::is_projection_io<P, Y>::value, int> = 0>
 void project(cpu, const P&, const X&, const Y&, const Rest&...) {
   static_assert(detail::is_projection_io<P, Y>::value,
                 "bd::project(cpu{}, p, x, y, ...): x and y must be matrix_view<const T> and matrix_view<T> of the "

@@ -144,7 +144,9 @@ struct head_ctx {
   bool causal = true;
 
   template <class U>
-  U* at(std::size_t o) const { return reinterpret_cast<U*>(base + o); }
+  U* at(std::size_t o) const {
+    return reinterpret_cast<U*>(base + o);
+  }
   rmap Q() const { return rmap(at<C>(lay->q), nq, d); }
   rmap K() const { return rmap(at<C>(lay->k), nkv, d); }
   rmap V() const { return rmap(at<C>(lay->v), nkv, dv); }
@@ -338,7 +340,7 @@ void poly_causal(const head_ctx<C, T>& c) {
   auto num = c.num();
   index_t* const sel = c.template at<index_t>(c.lay->pos);
   index_t* const kidx = c.template at<index_t>(c.lay->kidx);  // per block: the keys of one bucket
-  index_t seen = 0;  // keys already in the states
+  index_t seen = 0;                                           // keys already in the states
   for (index_t k0 = 0; k0 < c.nkv; k0 += c.blk) {
     const index_t k1 = std::min(c.nkv, k0 + c.blk), nk = k1 - k0;
     const index_t i0 = std::max<index_t>(0, k0 - c.off), i1 = std::min<index_t>(c.nq, k1 - c.off);
@@ -469,7 +471,8 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
   for (index_t i = 0; i < c.nq; ++i) {
     const int b = qb[static_cast<std::size_t>(i)];
     c.dpoly()[i] = 0;
-    c.m()[i] = b < c.nl ? static_cast<C>(pl.shift[hu][static_cast<std::size_t>(b)]) : -std::numeric_limits<C>::infinity();
+    c.m()[i] =
+        b < c.nl ? static_cast<C>(pl.shift[hu][static_cast<std::size_t>(b)]) : -std::numeric_limits<C>::infinity();
   }
   if (pl.head_width[hu] > 0) {
     if (c.causal)
@@ -567,7 +570,7 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
   const index_t s = std::min<index_t>(static_cast<index_t>(pl.options.check_rows), na);
   rep.checked_rows = s;
   rep.fell_back = false;
-  if (pl.options.check_rows == 0) return;  // estimate disabled: the estimates stay NaN
+  if (pl.options.check_rows == 0) return;              // estimate disabled: the estimates stay NaN
   rep.estimated_error = rep.mean_estimated_error = 0;  // 0 when every row was computed exactly
   double* const sbuf = c.template at<double>(lay.est);
   double* const y = sbuf + c.nkv;
@@ -596,7 +599,7 @@ void run_head(const plan& pl, const slice_layout& lay, unsigned char* base, inde
     ao.accumulate_double = std::is_same_v<C, double>;
     ao.check_finite = false;
     basisattn::attention(cpu{}, q.sub1(h, 1), k.sub1(c.hk, 1), v.sub1(c.hk, 1), out.sub1(h, 1), ao, base + lay.exact,
-              lay.exact_bytes);
+                         lay.exact_bytes);
     rep.fell_back = true;
   }
 }
@@ -605,10 +608,12 @@ template <class C, class T>
 void run_impl(const plan& pl, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
               tensor3_view<T> out, void* workspace, std::size_t bytes, head_report* report) {
   const slice_layout lay = make_slice_layout<C>(pl, v.extent[2]);
-  const basisattn::detail::workspace_slices ws = basisattn::detail::slice_workspace(workspace, bytes, lay.slice, ws_align);
+  const basisattn::detail::workspace_slices ws =
+      basisattn::detail::slice_workspace(workspace, bytes, lay.slice, ws_align);
   BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, "support::run: workspace of ", bytes, " bytes",
                     workspace ? "" : " (null)", " is too small; this problem needs at least ",
-                    basisattn::detail::sliced_workspace_bytes(lay.slice, 1, ws_align), " bytes (see support::workspace_bytes)");
+                    basisattn::detail::sliced_workspace_bytes(lay.slice, 1, ws_align),
+                    " bytes (see support::workspace_bytes)");
   const index_t threads = std::min<index_t>(support_threads(pl), static_cast<index_t>(ws.count));
   basisattn::detail::parallel_for_slots(pl.shape.h_q, static_cast<int>(threads), [&](index_t h, int slot) {
     head_report rep = pl.report[static_cast<std::size_t>(h)];
@@ -624,9 +629,10 @@ void run_impl(const plan& pl, tensor3_view<const T> q, tensor3_view<const T> k, 
 inline std::size_t workspace_bytes(cpu, const plan& p, index_t d_v) {
   BASISATTN_REQUIRE(d_v >= 1, invalid_argument, "support::workspace_bytes: d_v = ", d_v, " must be >= 1");
   const bool dbl = p.storage == dtype::f64 || p.options.accumulate_double;
-  const std::size_t slice = dbl ? detail::make_slice_layout<double>(p, d_v).slice
-                                : detail::make_slice_layout<float>(p, d_v).slice;
-  return basisattn::detail::sliced_workspace_bytes(slice, static_cast<std::size_t>(detail::support_threads(p)), detail::ws_align);
+  const std::size_t slice =
+      dbl ? detail::make_slice_layout<double>(p, d_v).slice : detail::make_slice_layout<float>(p, d_v).slice;
+  return basisattn::detail::sliced_workspace_bytes(slice, static_cast<std::size_t>(detail::support_threads(p)),
+                                                   detail::ws_align);
 }
 
 /// Run support-basis attention with a plan made from the same q and k (extents, storage type and a
@@ -641,10 +647,12 @@ void run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, t
   constexpr const char* fn = "support::run";
   const basisattn::detail::attention_shape sh = detail::check_run_args(fn, p, q, k, v, out);
   for (index_t h = 0; h < sh.h_q; ++h)
-    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(q, h), p.q_checksum[static_cast<std::size_t>(h)]),
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(q, h),
+                                                       p.q_checksum[static_cast<std::size_t>(h)]),
                       invalid_argument, fn, ": q of head ", h, " differs from the q the plan was made from");
   for (index_t h = 0; h < sh.h_kv; ++h)
-    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(k, h), p.k_checksum[static_cast<std::size_t>(h)]),
+    BASISATTN_REQUIRE(basisattn::detail::same_checksum(basisattn::detail::head_checksum(k, h),
+                                                       p.k_checksum[static_cast<std::size_t>(h)]),
                       invalid_argument, fn, ": k of head ", h, " differs from the k the plan was made from");
   if (p.options.check_finite) basisattn::detail::require_finite(v, "support::run: v");
   if constexpr (std::is_same_v<compute_t<T>, double>)

@@ -40,8 +40,8 @@ BASISATTN_BEGIN_NAMESPACE
 inline std::size_t attention_workspace_bytes(const cuda_context&, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk,
                                              index_t d_v, dtype storage, const attention_options& = {}) {
   BASISATTN_REQUIRE(n_q >= 1 && n_kv >= 1 && h_q >= 1 && d_qk >= 1 && d_v >= 1, invalid_argument,
-                    "attention_workspace_bytes(cuda): n_q = ", n_q, ", n_kv = ", n_kv, ", h_q = ", h_q, ", d_qk = ", d_qk,
-                    ", d_v = ", d_v, " must all be >= 1");
+                    "attention_workspace_bytes(cuda): n_q = ", n_q, ", n_kv = ", n_kv, ", h_q = ", h_q,
+                    ", d_qk = ", d_qk, ", d_v = ", d_v, " must all be >= 1");
   BASISATTN_REQUIRE(storage != dtype::f64, unsupported, "attention(cuda): f64 storage is not supported");
   return 0;
 }
@@ -52,8 +52,7 @@ void attention(const cuda_context& ctx, tensor3_view<const ::basisattn::detail::
                tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out,
                const attention_options& opt = {}) {
-  static_assert(supports_storage_v<cuda, T>,
-                "attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  static_assert(supports_storage_v<cuda, T>, "attention(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   const detail::attention_shape sh = detail::check_attention_args("attention(cuda)", q, k, v, out, opt);
   BASISATTN_REQUIRE(!opt.accumulate_double, unsupported,
                     "attention(cuda): accumulate_double is not supported on the GPU (fp32 accumulation)");

@@ -53,7 +53,8 @@ inline bool cuda_error_is_sticky(cudaError_t e) noexcept {
 
 inline void cuda_check(cudaError_t e, const char* expr, const char* file, int line) {
   if (e == cudaSuccess) return;
-  const std::string msg = concat(expr, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ") at ", file, ":", line);
+  const std::string msg =
+      concat(expr, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ") at ", file, ":", line);
   if (cuda_error_is_sticky(e)) {
     std::fprintf(stderr, "basisattn: backend: sticky CUDA error, the context is lost: %s\n", msg.c_str());
     std::abort();

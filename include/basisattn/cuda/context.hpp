@@ -50,8 +50,8 @@ inline void cublas_check(cublasStatus_t s, const char* expr, const char* file, i
     const cudaError_t e = cudaPeekAtLastError();
     if (cuda_error_is_sticky(e)) cuda_check(e, expr, file, line);  // aborts
   }
-  raise(errc::backend, concat(expr, " failed: ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ") at ", file,
-                              ":", line));
+  raise(errc::backend,
+        concat(expr, " failed: ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ") at ", file, ":", line));
 }
 
 }  // namespace detail
@@ -111,8 +111,8 @@ class cuda_context {
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(cublas_, stream_);
     // fp32 accumulation throughout: split-K partial sums of 16-bit GEMMs must not be reduced in fp16/bf16.
     if (s == CUBLAS_STATUS_SUCCESS)
-      s = cublasSetMathMode(cublas_, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
-                                                               CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+      s = cublasSetMathMode(
+          cublas_, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtCreate(&lt_);
     if (s != CUBLAS_STATUS_SUCCESS) {
       release();  // the destructor does not run when a constructor throws
@@ -161,7 +161,8 @@ class device_buffer {
   }
   device_buffer(const device_buffer&) = delete;
   device_buffer& operator=(const device_buffer&) = delete;
-  device_buffer(device_buffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  device_buffer(device_buffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   device_buffer& operator=(device_buffer&& o) noexcept {
     if (this != &o) {
       reset();
@@ -185,11 +186,11 @@ class device_buffer {
 
   /// Copy host[0, n) into elements [0, n) on ctx's stream and wait for it.
   void upload(const cuda_context& ctx, const T* host, index_t n) {
-    BASISATTN_REQUIRE(n >= 0 && n <= size_, invalid_argument, "device_buffer::upload: ", n, " elements into a buffer of ",
-                      size_);
+    BASISATTN_REQUIRE(n >= 0 && n <= size_, invalid_argument, "device_buffer::upload: ", n,
+                      " elements into a buffer of ", size_);
     if (n == 0) return;
-    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(data_, host, static_cast<std::size_t>(n) * sizeof_t(), cudaMemcpyHostToDevice,
-                                         ctx.stream()));
+    BASISATTN_CUDA_CHECK(
+        cudaMemcpyAsync(data_, host, static_cast<std::size_t>(n) * sizeof_t(), cudaMemcpyHostToDevice, ctx.stream()));
     ctx.synchronize();
   }
   /// Copy elements [0, n) into host[0, n) on ctx's stream and wait for it.
@@ -197,8 +198,8 @@ class device_buffer {
     BASISATTN_REQUIRE(n >= 0 && n <= size_, invalid_argument, "device_buffer::download: ", n,
                       " elements from a buffer of ", size_);
     if (n == 0) return;
-    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(host, data_, static_cast<std::size_t>(n) * sizeof_t(), cudaMemcpyDeviceToHost,
-                                         ctx.stream()));
+    BASISATTN_CUDA_CHECK(
+        cudaMemcpyAsync(host, data_, static_cast<std::size_t>(n) * sizeof_t(), cudaMemcpyDeviceToHost, ctx.stream()));
     ctx.synchronize();
   }
 

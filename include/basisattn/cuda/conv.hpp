@@ -140,7 +140,8 @@ inline void head_items(const plan& p, index_t h, std::vector<basisattn::detail::
       basisattn::detail::cuda_kernels::conv_item it;
       it.s0 = s0;
       it.e0 = b.end(i, p.n);
-      it.koff = static_cast<long long>(b.offsets[static_cast<std::size_t>(i)] + (tri == 1 ? hp.lower.values.size() : 0));
+      it.koff =
+          static_cast<long long>(b.offsets[static_cast<std::size_t>(i)] + (tri == 1 ? hp.lower.values.size() : 0));
       it.poff = poff;
       it.upper = tri;
       poff += L + 1;
@@ -175,8 +176,8 @@ inline cuda_run_sizes cuda_sizes(const plan& p, index_t d_v) {
 /// Where each piece of a CUDA run's workspace lies (byte offsets from the 256-byte aligned base).
 struct cuda_layout {
   static constexpr std::size_t align = basisattn::detail::cuda_workspace_align;
-  std::size_t checks = 0, results = 0, scalars = 0, vd = 0, num = 0, den = 0, bnd = 0, flags = 0, vrow = 0,
-              kernels = 0, prefix = 0, items = 0, item_stats = 0, rows = 0, chunk = 0;
+  std::size_t checks = 0, results = 0, scalars = 0, vd = 0, num = 0, den = 0, bnd = 0, flags = 0, vrow = 0, kernels = 0,
+              prefix = 0, items = 0, item_stats = 0, rows = 0, chunk = 0;
   std::size_t total = 0;  ///< bytes, including the slack for aligning the caller's pointer
   index_t chunk_items = 0;
   index_t result_words = 0;  ///< 8-byte words of results per head: repaired, worst, ratio, err[s], uerr[s]
@@ -239,7 +240,8 @@ inline bool cuda_checksum_agrees(double device_sum, double abs_sum, double plan_
 inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v,
                                    std::size_t max_chunk_bytes = std::size_t(1) << 30) {
   const char* fn = "conv::workspace_bytes(cuda)";
-  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty() && d_v >= 1, invalid_argument, fn, ": empty plan or d_v = ", d_v, " < 1");
+  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty() && d_v >= 1, invalid_argument, fn, ": empty plan or d_v = ", d_v,
+                    " < 1");
   detail::check_cuda_dims(fn, p.d_qk, d_v);
   const detail::cuda_run_sizes s = detail::cuda_sizes(p, d_v);
   const index_t per = static_cast<index_t>(max_chunk_bytes / detail::cuda_chunk_item_bytes(s));
@@ -250,11 +252,10 @@ inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d
 /// See the top of this header.
 template <class T>
 report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
-                 std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
-  static_assert(supports_storage_v<cuda, T>,
-                "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+           std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
+  static_assert(supports_storage_v<cuda, T>, "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = basisattn::detail::cuda_kernels;
   const char* fn = "conv::run(cuda)";
   const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
@@ -267,7 +268,8 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
   BASISATTN_REQUIRE(workspace != nullptr && workspace_bytes >= one.total, invalid_argument, fn, ": workspace of ",
                     workspace_bytes, " bytes; at least ", one.total, " needed (conv::workspace_bytes)");
   index_t chunk = std::max<index_t>(1, sz.max_items);
-  chunk = std::min<index_t>(chunk, 1 + static_cast<index_t>((workspace_bytes - one.total) / detail::cuda_chunk_item_bytes(sz)));
+  chunk = std::min<index_t>(
+      chunk, 1 + static_cast<index_t>((workspace_bytes - one.total) / detail::cuda_chunk_item_bytes(sz)));
   while (chunk > 1 && detail::make_cuda_layout(sz, chunk).total > workspace_bytes) --chunk;
   const detail::cuda_layout lay = detail::make_cuda_layout(sz, chunk);
   unsigned char* const base =
@@ -298,7 +300,8 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
     if (p.opt.check_finite) {
       const char* names[3] = {"q", "k", "v"};
       for (int t = 0; t < 3; ++t)
-        BASISATTN_REQUIRE(nonfinite[t] == 0, non_finite, fn, ": ", names[t], " has ", nonfinite[t], " non-finite value(s)");
+        BASISATTN_REQUIRE(nonfinite[t] == 0, non_finite, fn, ": ", names[t], " has ", nonfinite[t],
+                          " non-finite value(s)");
     }
     for (index_t hh = 0; hh < hq; ++hh) {
       const index_t hk = hh / sh.group;
@@ -363,8 +366,8 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
     if (!p.opt.causal && !pl.upper.values.empty())
       BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev + pl.lower.values.size(), pl.upper.values.data(),
                                            pl.upper.values.size() * sizeof(double), cudaMemcpyHostToDevice, st));
-    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(items_dev, items.data(),
-                                         items.size() * sizeof(ck::conv_item), cudaMemcpyHostToDevice, st));
+    BASISATTN_CUDA_CHECK(
+        cudaMemcpyAsync(items_dev, items.data(), items.size() * sizeof(ck::conv_item), cudaMemcpyHostToDevice, st));
     BASISATTN_CUDA_CHECK(cudaMemsetAsync(hp.num, 0, sizeof(double) * std::size_t(n) * std::size_t(d_v), st));
     ck::launch_conv_load_values(hp, v.data, hk, vs.data(), st);
 
@@ -403,11 +406,13 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
     ck::launch_conv_repair(hp, p.opt.causal, out.data, h, os.data(), st);
 
     // 6. sampled rows, exactly
-    const std::vector<index_t> picked = detail::sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked =
+        detail::sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
     rows.assign(picked.begin(), picked.end());
     hr.checked_rows = static_cast<index_t>(rows.size());
     if (!rows.empty()) {
-      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
+      BASISATTN_CUDA_CHECK(
+          cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
       double* err = reinterpret_cast<double*>(res + 3);
       ck::launch_conv_exact_rows(hp, q.data, qs.data(), k.data, ks.data(), h, hk, p.d_qk, p.scale, p.opt.causal,
                                  rows_dev, static_cast<int>(rows.size()), err, err + sz.samples, st);
@@ -453,9 +458,9 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
 /// Same, with cuFFT plans made for this call only.
 template <class T>
 report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
-                 std::size_t workspace_bytes) {
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+           std::size_t workspace_bytes) {
   cufft_plan_cache plans;
   report r = run<T>(ctx, p, q, k, v, out, workspace, workspace_bytes, plans);
   ctx.synchronize();  // the plans are destroyed on return (a fallback may still be running: harmless, it uses none)
@@ -465,8 +470,8 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
 /// Same, allocating the workspace (and the cuFFT plans) for this call.
 template <class T>
 report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-                 tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run(cuda): v has d_v = ", v.extent[2], " < 1");
   BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty(), invalid_argument,
                     "conv::run(cuda): the plan is empty (make it with conv::make_plan)");

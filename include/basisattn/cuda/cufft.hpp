@@ -42,21 +42,36 @@ namespace detail {
 
 inline const char* cufft_result_name(cufftResult r) noexcept {
   switch (r) {
-    case CUFFT_SUCCESS: return "CUFFT_SUCCESS";
-    case CUFFT_INVALID_PLAN: return "CUFFT_INVALID_PLAN";
-    case CUFFT_ALLOC_FAILED: return "CUFFT_ALLOC_FAILED";
-    case CUFFT_INVALID_TYPE: return "CUFFT_INVALID_TYPE";
-    case CUFFT_INVALID_VALUE: return "CUFFT_INVALID_VALUE";
-    case CUFFT_INTERNAL_ERROR: return "CUFFT_INTERNAL_ERROR";
-    case CUFFT_EXEC_FAILED: return "CUFFT_EXEC_FAILED";
-    case CUFFT_SETUP_FAILED: return "CUFFT_SETUP_FAILED";
-    case CUFFT_INVALID_SIZE: return "CUFFT_INVALID_SIZE";
-    case CUFFT_UNALIGNED_DATA: return "CUFFT_UNALIGNED_DATA";
-    case CUFFT_INVALID_DEVICE: return "CUFFT_INVALID_DEVICE";
-    case CUFFT_NO_WORKSPACE: return "CUFFT_NO_WORKSPACE";
-    case CUFFT_NOT_IMPLEMENTED: return "CUFFT_NOT_IMPLEMENTED";
-    case CUFFT_NOT_SUPPORTED: return "CUFFT_NOT_SUPPORTED";
-    default: return "unknown cufftResult";
+    case CUFFT_SUCCESS:
+      return "CUFFT_SUCCESS";
+    case CUFFT_INVALID_PLAN:
+      return "CUFFT_INVALID_PLAN";
+    case CUFFT_ALLOC_FAILED:
+      return "CUFFT_ALLOC_FAILED";
+    case CUFFT_INVALID_TYPE:
+      return "CUFFT_INVALID_TYPE";
+    case CUFFT_INVALID_VALUE:
+      return "CUFFT_INVALID_VALUE";
+    case CUFFT_INTERNAL_ERROR:
+      return "CUFFT_INTERNAL_ERROR";
+    case CUFFT_EXEC_FAILED:
+      return "CUFFT_EXEC_FAILED";
+    case CUFFT_SETUP_FAILED:
+      return "CUFFT_SETUP_FAILED";
+    case CUFFT_INVALID_SIZE:
+      return "CUFFT_INVALID_SIZE";
+    case CUFFT_UNALIGNED_DATA:
+      return "CUFFT_UNALIGNED_DATA";
+    case CUFFT_INVALID_DEVICE:
+      return "CUFFT_INVALID_DEVICE";
+    case CUFFT_NO_WORKSPACE:
+      return "CUFFT_NO_WORKSPACE";
+    case CUFFT_NOT_IMPLEMENTED:
+      return "CUFFT_NOT_IMPLEMENTED";
+    case CUFFT_NOT_SUPPORTED:
+      return "CUFFT_NOT_SUPPORTED";
+    default:
+      return "unknown cufftResult";
   }
 }
 
@@ -67,7 +82,8 @@ inline void cufft_check(cufftResult r, const char* expr, const char* file, int l
     const cudaError_t e = cudaPeekAtLastError();
     if (cuda_error_is_sticky(e)) cuda_check(e, expr, file, line);  // aborts
   }
-  raise(errc::backend, concat(expr, " failed: ", cufft_result_name(r), " (", static_cast<int>(r), ") at ", file, ":", line));
+  raise(errc::backend,
+        concat(expr, " failed: ", cufft_result_name(r), " (", static_cast<int>(r), ") at ", file, ":", line));
 }
 
 }  // namespace detail
@@ -84,7 +100,9 @@ class cufft_plan_cache {
   cufft_plan_cache() = default;
   cufft_plan_cache(const cufft_plan_cache&) = delete;
   cufft_plan_cache& operator=(const cufft_plan_cache&) = delete;
-  cufft_plan_cache(cufft_plan_cache&& o) noexcept : plans_(std::move(o.plans_)), work_(std::move(o.work_)) { o.plans_.clear(); }
+  cufft_plan_cache(cufft_plan_cache&& o) noexcept : plans_(std::move(o.plans_)), work_(std::move(o.work_)) {
+    o.plans_.clear();
+  }
   cufft_plan_cache& operator=(cufft_plan_cache&& o) noexcept {
     if (this != &o) {
       clear();
@@ -156,8 +174,10 @@ class cufft_plan_cache {
     std::size_t work = 0;
     cufftResult r = cufftSetAutoAllocation(h, 0);  // the work area is ours, shared by every plan
     if (r == CUFFT_SUCCESS)
-      r = fwd ? cufftMakePlanMany64(h, 1, n, real_embed, 1, real_dist, complex_embed, 1, complex_dist, type, batch, &work)
-              : cufftMakePlanMany64(h, 1, n, complex_embed, 1, complex_dist, real_embed, 1, real_dist, type, batch, &work);
+      r = fwd ? cufftMakePlanMany64(h, 1, n, real_embed, 1, real_dist, complex_embed, 1, complex_dist, type, batch,
+                                    &work)
+              : cufftMakePlanMany64(h, 1, n, complex_embed, 1, complex_dist, real_embed, 1, real_dist, type, batch,
+                                    &work);
     if (r != CUFFT_SUCCESS) {
       cufftDestroy(h);
       detail::cufft_check(r, "cufft_plan_cache: cufftMakePlanMany64", __FILE__, __LINE__);

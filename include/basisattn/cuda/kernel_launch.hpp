@@ -102,26 +102,26 @@ struct conv_item {
 /// the upper ones (ascending s0).
 struct conv_head_params {
   long long n = 0, d_v = 0;
-  long long nf = 0;       ///< FFT length (the same for every block)
-  long long signal = 0;   ///< distance between two FFT signals in the chunk buffer, in reals: 2 (nf / 2 + 1)
+  long long nf = 0;      ///< FFT length (the same for every block)
+  long long signal = 0;  ///< distance between two FFT signals in the chunk buffer, in reals: 2 (nf / 2 + 1)
   int n_items = 0, n_lower = 0;
   const conv_item* items = nullptr;
-  const double* kernels = nullptr;  ///< the head's kernels (logits), as in conv::basis::values
-  double* prefix = nullptr;         ///< per item: P[m] = sum_{t0 <= t < m} exp(u[t] - g), m in [0, n - s0]
-  double* item_max = nullptr;       ///< per item: largest kernel entry
-  double* item_cnum = nullptr;      ///< per item: log2(nf) ||a||_2 ||V_block||_F / max|v| (numerator bound)
-  double* item_cden = nullptr;      ///< per item: ||a||_1 (denominator bound)
-  double* shift = nullptr;          ///< 1 double: the global shift g
-  double* vd = nullptr;             ///< d_v x n values in double, channel-major
-  double* vrow = nullptr;           ///< n + 1: squared row norms of v, then their exclusive prefix sums
-  unsigned long long* vmax_bits = nullptr;  ///< max |v| as the bits of a non-negative double
-  double* num = nullptr;            ///< d_v x n numerators, channel-major; the double outputs afterwards
-  double* den = nullptr;            ///< n denominators
-  double* bnd = nullptr;            ///< n: FFT error bound of each row, before the factor eps / den
-  int* flags = nullptr;             ///< n: 1 = the row is recomputed directly from the basis
-  unsigned long long* ratio_bits = nullptr;     ///< max over rows with den > 0 of bnd / den (bits)
-  unsigned long long* worst_bits = nullptr;     ///< largest bound among the rows kept (bits)
-  unsigned long long* repaired = nullptr;       ///< count of repaired rows
+  const double* kernels = nullptr;           ///< the head's kernels (logits), as in conv::basis::values
+  double* prefix = nullptr;                  ///< per item: P[m] = sum_{t0 <= t < m} exp(u[t] - g), m in [0, n - s0]
+  double* item_max = nullptr;                ///< per item: largest kernel entry
+  double* item_cnum = nullptr;               ///< per item: log2(nf) ||a||_2 ||V_block||_F / max|v| (numerator bound)
+  double* item_cden = nullptr;               ///< per item: ||a||_1 (denominator bound)
+  double* shift = nullptr;                   ///< 1 double: the global shift g
+  double* vd = nullptr;                      ///< d_v x n values in double, channel-major
+  double* vrow = nullptr;                    ///< n + 1: squared row norms of v, then their exclusive prefix sums
+  unsigned long long* vmax_bits = nullptr;   ///< max |v| as the bits of a non-negative double
+  double* num = nullptr;                     ///< d_v x n numerators, channel-major; the double outputs afterwards
+  double* den = nullptr;                     ///< n denominators
+  double* bnd = nullptr;                     ///< n: FFT error bound of each row, before the factor eps / den
+  int* flags = nullptr;                      ///< n: 1 = the row is recomputed directly from the basis
+  unsigned long long* ratio_bits = nullptr;  ///< max over rows with den > 0 of bnd / den (bits)
+  unsigned long long* worst_bits = nullptr;  ///< largest bound among the rows kept (bits)
+  unsigned long long* repaired = nullptr;    ///< count of repaired rows
 };
 
 /// Per head h < heads: sum[h] = sum_{i, c} x(i, h, c) w(i, c) with the weights of

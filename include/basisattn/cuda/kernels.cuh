@@ -26,25 +26,25 @@ BASISATTN_BEGIN_NAMESPACE
 namespace detail {
 namespace cuda_kernels {
 
-#define BASISATTN_INSTANTIATE_CUDA_KERNELS(T)                                                                         \
-  template void launch_gather_columns<T>(const T*, index_t, const int*, index_t, index_t, T*, index_t, cudaStream_t); \
-  template void launch_broadcast_rows<T>(const T*, index_t, index_t, index_t, const T*, index_t, index_t, T*,       \
-                                         index_t, cudaStream_t);                                                     \
-  template void launch_attention<T>(const attention_kernel_params<T>&, cudaStream_t);                               \
-  template void launch_rope<T>(T*, index_t, index_t, index_t, index_t, index_t, index_t, double, bool, index_t,       \
-                               cudaStream_t);                                                                        \
-  template void launch_rms_norm_rows<T>(T*, index_t, index_t, index_t, const T*, float, cudaStream_t);               \
-  template void launch_concat_heads<T>(const T*, index_t, index_t, index_t, const T*, index_t, index_t, index_t,      \
-                                       index_t, index_t, T*, index_t, cudaStream_t);                                 \
-  template void launch_conv_checksum<T>(const T*, long long, long long, long long, const long long*, double*, double*,  \
-                                        unsigned long long*, cudaStream_t);                                          \
-  template void launch_conv_load_values<T>(const conv_head_params&, const T*, long long, const long long*,            \
-                                           cudaStream_t);                                                            \
-  template void launch_conv_finalize<T>(const conv_head_params&, double, double, T*, long long, const long long*,     \
-                                        cudaStream_t);                                                               \
-  template void launch_conv_repair<T>(const conv_head_params&, bool, T*, long long, const long long*, cudaStream_t);  \
+#define BASISATTN_INSTANTIATE_CUDA_KERNELS(T)                                                                          \
+  template void launch_gather_columns<T>(const T*, index_t, const int*, index_t, index_t, T*, index_t, cudaStream_t);  \
+  template void launch_broadcast_rows<T>(const T*, index_t, index_t, index_t, const T*, index_t, index_t, T*, index_t, \
+                                         cudaStream_t);                                                                \
+  template void launch_attention<T>(const attention_kernel_params<T>&, cudaStream_t);                                  \
+  template void launch_rope<T>(T*, index_t, index_t, index_t, index_t, index_t, index_t, double, bool, index_t,        \
+                               cudaStream_t);                                                                          \
+  template void launch_rms_norm_rows<T>(T*, index_t, index_t, index_t, const T*, float, cudaStream_t);                 \
+  template void launch_concat_heads<T>(const T*, index_t, index_t, index_t, const T*, index_t, index_t, index_t,       \
+                                       index_t, index_t, T*, index_t, cudaStream_t);                                   \
+  template void launch_conv_checksum<T>(const T*, long long, long long, long long, const long long*, double*, double*, \
+                                        unsigned long long*, cudaStream_t);                                            \
+  template void launch_conv_load_values<T>(const conv_head_params&, const T*, long long, const long long*,             \
+                                           cudaStream_t);                                                              \
+  template void launch_conv_finalize<T>(const conv_head_params&, double, double, T*, long long, const long long*,      \
+                                        cudaStream_t);                                                                 \
+  template void launch_conv_repair<T>(const conv_head_params&, bool, T*, long long, const long long*, cudaStream_t);   \
   template void launch_conv_exact_rows<T>(const conv_head_params&, const T*, const long long*, const T*,               \
-                                          const long long*, long long, long long, long long, double, bool,            \
+                                          const long long*, long long, long long, long long, double, bool,             \
                                           const long long*, int, double*, double*, cudaStream_t);
 
 BASISATTN_INSTANTIATE_CUDA_KERNELS(float)
@@ -54,9 +54,9 @@ BASISATTN_INSTANTIATE_CUDA_KERNELS(Eigen::bfloat16)
 #undef BASISATTN_INSTANTIATE_CUDA_KERNELS
 
 // The FFT-buffer kernels of conv-basis attention, per FFT precision.
-#define BASISATTN_INSTANTIATE_CONV_FFT_KERNELS(Real)                                                    \
-  template void launch_conv_fill<Real>(const conv_head_params&, int, int, Real*, cudaStream_t);         \
-  template void launch_conv_multiply<Real>(const conv_head_params&, int, int, Real*, cudaStream_t);     \
+#define BASISATTN_INSTANTIATE_CONV_FFT_KERNELS(Real)                                                \
+  template void launch_conv_fill<Real>(const conv_head_params&, int, int, Real*, cudaStream_t);     \
+  template void launch_conv_multiply<Real>(const conv_head_params&, int, int, Real*, cudaStream_t); \
   template void launch_conv_gather<Real>(const conv_head_params&, int, int, const Real*, cudaStream_t);
 
 BASISATTN_INSTANTIATE_CONV_FFT_KERNELS(float)

@@ -153,7 +153,8 @@ index_t out_dim_of(const any_projection<T>& p) {
   if (const auto* b = std::get_if<bd_projection<T>>(&p)) return b->heads * b->rank;
   return std::get<dense_projection<T>>(p).out_dim();
 }
-inline void expect_projection(const char* what, const char* name, index_t in, index_t out, index_t want_in, index_t want_out) {
+inline void expect_projection(const char* what, const char* name, index_t in, index_t out, index_t want_in,
+                              index_t want_out) {
   BASISATTN_REQUIRE(in == want_in && out == want_out, shape_mismatch, what, ": projection ", name, " maps ", in, " -> ",
                     out, " channels, the config says ", want_in, " -> ", want_out);
 }
@@ -263,11 +264,13 @@ device_mha_layer<T> upload(const cuda_context& ctx, const mha_layer<T>& L) {
   detail::expect_projection(what, "o", L.o.in_dim(), L.o.out_dim(), H * d, dm);
   if (c.use_rope) {
     detail::check_rope_params(what, c.rope, d);
-    BASISATTN_REQUIRE(!is_bd(L.k), invalid_argument, what,
-                      ": the K projection is BD but the layer applies RoPE to q and k (not exact; prepare_mha refuses it)");
+    BASISATTN_REQUIRE(
+        !is_bd(L.k), invalid_argument, what,
+        ": the K projection is BD but the layer applies RoPE to q and k (not exact; prepare_mha refuses it)");
   }
   constexpr index_t dmax = ::basisattn::detail::cuda_kernels::attention_kernel_max_dim;
-  BASISATTN_REQUIRE(d <= dmax, unsupported, what, ": head_dim ", d, " exceeds the CUDA attention kernel's limit of ", dmax);
+  BASISATTN_REQUIRE(d <= dmax, unsupported, what, ": head_dim ", d, " exceeds the CUDA attention kernel's limit of ",
+                    dmax);
   device_mha_layer<T> out;
   out.config = c;
   out.q = upload(ctx, L.q);
@@ -348,7 +351,8 @@ void forward(const cuda_context& ctx, const device_mha_layer<T>& L,
   if (c.use_rope) {
     const index_t pos = c.rope.position_offset + opt.position_offset;
     const bool inter = c.rope.style == rope_style::interleaved;
-    ::basisattn::detail::cuda_kernels::launch_rope<T>(b.q, n, H, d, H * d, d, 1, c.rope.theta, inter, pos, ctx.stream());
+    ::basisattn::detail::cuda_kernels::launch_rope<T>(b.q, n, H, d, H * d, d, 1, c.rope.theta, inter, pos,
+                                                      ctx.stream());
     ::basisattn::detail::cuda_kernels::launch_rope<T>(b.k, n, Hkv, d, Hkv * d, d, 1, c.rope.theta, inter, pos,
                                                       ctx.stream());
   }

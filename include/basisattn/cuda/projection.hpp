@@ -99,10 +99,14 @@ enum class cuda_epilogue {
 /// Name of an epilogue method ("automatic", "cublaslt", "prefill", "none").
 inline const char* to_string(cuda_epilogue e) noexcept {
   switch (e) {
-    case cuda_epilogue::automatic: return "automatic";
-    case cuda_epilogue::cublaslt: return "cublaslt";
-    case cuda_epilogue::prefill: return "prefill";
-    case cuda_epilogue::none: return "none";
+    case cuda_epilogue::automatic:
+      return "automatic";
+    case cuda_epilogue::cublaslt:
+      return "cublaslt";
+    case cuda_epilogue::prefill:
+      return "prefill";
+    case cuda_epilogue::none:
+      return "none";
   }
   return "?";
 }
@@ -124,11 +128,13 @@ inline std::size_t cuda_align_up(std::size_t n) {
 
 template <class T>
 constexpr cudaDataType_t cuda_data_type() {
-  static_assert(supports_storage_v<cuda, T>,
-                "CUDA projections support float, Eigen::half and Eigen::bfloat16 storage");
-  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, Eigen::half>) return CUDA_R_16F;
-  else return CUDA_R_16BF;
+  static_assert(supports_storage_v<cuda, T>, "CUDA projections support float, Eigen::half and Eigen::bfloat16 storage");
+  if constexpr (std::is_same_v<T, float>)
+    return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, Eigen::half>)
+    return CUDA_R_16F;
+  else
+    return CUDA_R_16BF;
 }
 
 /// Largest power of two (<= 256) dividing every byte offset given: the alignment cuBLASLt may assume.
@@ -209,7 +215,8 @@ class lt_plan {
     cublasLtMatmulHeuristicResult_t result{};
     int count = 0;
     cublasStatus_t h = CUBLAS_STATUS_NOT_SUPPORTED;
-    if (s == CUBLAS_STATUS_SUCCESS) h = cublasLtMatmulAlgoGetHeuristic(lt, op_, a_, b_, c_, d_, pref, 1, &result, &count);
+    if (s == CUBLAS_STATUS_SUCCESS)
+      h = cublasLtMatmulAlgoGetHeuristic(lt, op_, a_, b_, c_, d_, pref, 1, &result, &count);
     cublasLtMatmulPreferenceDestroy(pref);
     BASISATTN_CUBLAS_CHECK(s);
     // NOT_SUPPORTED or zero results: cuBLASLt declines this problem (the caller may fall back). Any
@@ -290,15 +297,14 @@ inline bool lt_run_cached(lt_plan_cache& cache, const cuda_context& ctx, const l
 
 /// Column-major C(m x n) = A(m x k) B(k x n) + beta C through cublasGemmEx, fp32 compute.
 template <class T>
-void gemm_ex(const cuda_context& ctx, index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b,
-             index_t ldb, float beta, T* c, index_t ldc, bool tf32) {
+void gemm_ex(const cuda_context& ctx, index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb,
+             float beta, T* c, index_t ldc, bool tf32) {
   const float one = 1.0f;
   const cudaDataType_t t = cuda_data_type<T>();
   const cublasComputeType_t ct = (std::is_same_v<T, float> && tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  BASISATTN_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n),
-                                      static_cast<int>(k), &one, a, t, static_cast<int>(lda), b, t,
-                                      static_cast<int>(ldb), &beta, c, t, static_cast<int>(ldc), ct,
-                                      CUBLAS_GEMM_DEFAULT));
+  BASISATTN_CUBLAS_CHECK(cublasGemmEx(
+      ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &one, a, t,
+      static_cast<int>(lda), b, t, static_cast<int>(ldb), &beta, c, t, static_cast<int>(ldc), ct, CUBLAS_GEMM_DEFAULT));
 }
 
 template <class T>
@@ -316,7 +322,9 @@ void check_cuda_io(const char* what, const matrix_view<const T>& x, const matrix
                     " exceed cuBLAS's 32-bit int range");
 }
 
-inline std::uint64_t byte_offset(const void* p) { return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p)); }
+inline std::uint64_t byte_offset(const void* p) {
+  return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+}
 
 }  // namespace detail
 
@@ -423,14 +431,15 @@ std::size_t project_workspace_bytes(const cuda_context&, const device_dense_proj
 /// Returns the method that ran (cuda_epilogue::cublaslt or cuda_epilogue::prefill).
 template <class T>
 cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
-             matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
-             std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
+                      matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
+                      std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
   detail::check_cuda_io<T>("project(cuda, bd)", x, y, p.in_dim, p.out_dim());
   const index_t tokens = x.rows;
   if (tokens == 0) return opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill : cuda_epilogue::cublaslt;
   const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
-  BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument, "project(cuda, bd): workspace of ",
-                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
+  BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
+                    "project(cuda, bd): workspace of ", workspace_bytes, " bytes, ", need,
+                    " needed (project_workspace_bytes)");
   const index_t m = p.in_dim, r = p.rank, G = p.heads, nr = m - r;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
 
@@ -454,8 +463,8 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
     const std::uint64_t es = sizeof(T);
     pr.type = detail::cuda_data_type<T>();
     pr.m = r, pr.n = tokens, pr.k = nr, pr.batch = G;
-    pr.lda = G * r, pr.stride_a = r;      // coeff[:, g r:(g+1) r] as a column-major r x nr matrix
-    pr.ldb = ldx, pr.stride_b = 0;        // x_rest as a column-major nr x tokens matrix, every head
+    pr.lda = G * r, pr.stride_a = r;                 // coeff[:, g r:(g+1) r] as a column-major r x nr matrix
+    pr.ldb = ldx, pr.stride_b = 0;                   // x_rest as a column-major nr x tokens matrix, every head
     pr.has_c = true, pr.ldc = ldx, pr.stride_c = 0;  // x_basis (r x tokens), every head
     pr.ldd = y.row_stride, pr.stride_d = r;          // y[:, g r:(g+1) r]
     pr.bias = bias, pr.stride_bias = p.bias_stride;  // 256-byte aligned per head (see upload)
@@ -465,10 +474,11 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
     pr.align_b = detail::common_alignment({detail::byte_offset(xs + r), es * ldx});
     pr.align_c = detail::common_alignment({detail::byte_offset(xs), es * ldx});
     pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, es * r});
-    if (detail::lt_run_cached(*p.cache, ctx, pr, p.coeff.data(), xs + r, xs, y.data, ws)) return cuda_epilogue::cublaslt;
+    if (detail::lt_run_cached(*p.cache, ctx, pr, p.coeff.data(), xs + r, xs, y.data, ws))
+      return cuda_epilogue::cublaslt;
     BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
-                      "project(cuda, bd): cuBLASLt has no algorithm for the batched basis-epilogue GEMM (tokens ", tokens,
-                      ", rank ", r, ", heads ", G, "); use cuda_epilogue::prefill or automatic");
+                      "project(cuda, bd): cuBLASLt has no algorithm for the batched basis-epilogue GEMM (tokens ",
+                      tokens, ", rank ", r, ", heads ", G, "); use cuda_epilogue::prefill or automatic");
   }
 
   // 2b. prefill: y = [x_basis + b_g]_g, then y += x_rest C over all heads in one GEMM.
@@ -482,14 +492,15 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
 /// (cuda_epilogue::none without a bias, else cublaslt or prefill).
 template <class T>
 cuda_epilogue project(const cuda_context& ctx, const device_dense_projection<T>& p,
-             matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
-             std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
+                      matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
+                      std::size_t workspace_bytes, const cuda_project_options& opt = {}) {
   detail::check_cuda_io<T>("project(cuda, dense)", x, y, p.in_dim, p.out_dim);
   const index_t tokens = x.rows;
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
   if (tokens == 0)
-    return !bias ? cuda_epilogue::none
-                 : opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill : cuda_epilogue::cublaslt;
+    return !bias                                    ? cuda_epilogue::none
+           : opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill
+                                                    : cuda_epilogue::cublaslt;
   const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
                     "project(cuda, dense): workspace of ", workspace_bytes, " bytes, ", need,
@@ -497,7 +508,8 @@ cuda_epilogue project(const cuda_context& ctx, const device_dense_projection<T>&
   const index_t in = p.in_dim, out = p.out_dim;
   const bool tf32 = std::is_same_v<T, float> && opt.allow_tf32;
   if (!bias) {
-    detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 0.0f, y.data, y.row_stride, tf32);
+    detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 0.0f, y.data, y.row_stride,
+                       tf32);
     return cuda_epilogue::none;
   }
   if (opt.epilogue != cuda_epilogue::prefill) {
@@ -515,11 +527,13 @@ cuda_epilogue project(const cuda_context& ctx, const device_dense_projection<T>&
     if (detail::lt_run_cached(*p.cache, ctx, pr, p.weight.data(), x.data, nullptr, y.data, workspace))
       return cuda_epilogue::cublaslt;
     BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
-                      "project(cuda, dense): cuBLASLt has no algorithm for the bias-epilogue GEMM (tokens ", tokens, ")");
+                      "project(cuda, dense): cuBLASLt has no algorithm for the bias-epilogue GEMM (tokens ", tokens,
+                      ")");
   }
   ::basisattn::detail::cuda_kernels::launch_broadcast_rows<T>(nullptr, 0, out, 1, bias, out, tokens, y.data,
                                                               y.row_stride, ctx.stream());
-  detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 1.0f, y.data, y.row_stride, tf32);
+  detail::gemm_ex<T>(ctx, out, tokens, in, p.weight.data(), out, x.data, x.row_stride, 1.0f, y.data, y.row_stride,
+                     tf32);
   return cuda_epilogue::prefill;
 }
 

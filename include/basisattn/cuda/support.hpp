@@ -113,7 +113,6 @@ namespace detail {
 /// Alignment of every region of the CUDA workspace.
 inline constexpr std::size_t cuda_ws_align = basisattn::detail::cuda_workspace_align;
 
-
 /// Byte offsets of the regions of the CUDA workspace: the uploaded plan tables and results of all
 /// heads, then one head's fp32 buffers.
 struct cuda_layout {
@@ -219,15 +218,15 @@ struct cuda_run {
   index_t h = 0, hk = 0;  // current query head and its kv head
 
   template <class U>
-  U* at(std::size_t off) const { return reinterpret_cast<U*>(base + off); }
+  U* at(std::size_t off) const {
+    return reinterpret_cast<U*>(base + off);
+  }
   cudaStream_t stream() const { return ctx->stream(); }
   const std::uint8_t* qb() const { return at<std::uint8_t>(L.qb) + h * p->shape.n_q; }
   const std::uint8_t* kb() const { return at<std::uint8_t>(L.kb) + hk * p->shape.n_kv; }
   const double* coef() const { return at<double>(L.coef) + h * L.coef_stride; }
   float* state(int bk) const { return at<float>(L.st) + static_cast<index_t>(bk) * L.r * (L.dv + 1); }
-  index_t key_width(int bk) const {
-    return p->key_width[static_cast<std::size_t>(h)][static_cast<std::size_t>(bk)];
-  }
+  index_t key_width(int bk) const { return p->key_width[static_cast<std::size_t>(h)][static_cast<std::size_t>(bk)]; }
 };
 
 /// Upload the plan's tables (all heads) and zero the result counters.
@@ -275,8 +274,8 @@ inline void cuda_features(const cuda_run& c, const float* x, index_t nb, index_t
     const index_t c0 = fm.offset[static_cast<std::size_t>(t)];
     if (!fm.sketch) {
       const index_t c1 = std::min(width, fm.offset[static_cast<std::size_t>(t + 1)]);
-      ck::launch_support_monomials(x, nb, c.at<index_t>(c.L.parent), c.at<index_t>(c.L.var), c.at<double>(c.L.ratio), c0,
-                                   c1, phi, c.stream());
+      ck::launch_support_monomials(x, nb, c.at<index_t>(c.L.parent), c.at<index_t>(c.L.var), c.at<double>(c.L.ratio),
+                                   c0, c1, phi, c.stream());
       continue;
     }
     // phi_t = (x G_{t,0}) o ... o (x G_{t,t-1}) / sqrt(m), G column-major d x m
@@ -402,8 +401,8 @@ inline ::basisattn::detail::cuda_kernels::support_exact_params exact_params(cons
   e.qb = c.qb();
   e.nl = static_cast<int>(c.L.nl);
   e.ckeys = c.at<index_t>(c.L.ckeys) + c.hk * sh.n_kv;
-  e.n_ckeys = static_cast<index_t>(
-      c.p->k_rows[static_cast<std::size_t>(c.hk)][static_cast<std::size_t>(c.L.nl)].size());
+  e.n_ckeys =
+      static_cast<index_t>(c.p->k_rows[static_cast<std::size_t>(c.hk)][static_cast<std::size_t>(c.L.nl)].size());
   e.num = c.at<float>(c.L.num);
   e.den = c.at<float>(c.L.den);
   e.m = c.at<float>(c.L.m);
@@ -430,10 +429,9 @@ void load_head(const cuda_run& c, const tensor3_view<const T>& q, const tensor3_
 /// out of head c.h = num / den rounded to T: every row (bad_only false) or the rows flagged 2.
 template <class T>
 void store_head(const cuda_run& c, const tensor3_view<T>& out, bool bad_only = false) {
-  ::basisattn::detail::cuda_kernels::launch_support_store(c.at<float>(c.L.num), c.at<float>(c.L.den), c.p->shape.n_q,
-                                                          c.L.dv, out.data + c.h * out.stride[1], out.stride[0],
-                                                          out.stride[2], bad_only ? c.at<int>(c.L.flags) : nullptr,
-                                                          c.stream());
+  ::basisattn::detail::cuda_kernels::launch_support_store(
+      c.at<float>(c.L.num), c.at<float>(c.L.den), c.p->shape.n_q, c.L.dv, out.data + c.h * out.stride[1], out.stride[0],
+      out.stride[2], bad_only ? c.at<int>(c.L.flags) : nullptr, c.stream());
 }
 
 /// Steps 0-5 of the header comment for query head c.h.
@@ -499,16 +497,15 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
          tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
          tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
          std::size_t workspace_bytes, head_report* report = nullptr) {
-  static_assert(supports_storage_v<cuda, T>,
-                "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  static_assert(supports_storage_v<cuda, T>, "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
   namespace ck = ::basisattn::detail::cuda_kernels;
   constexpr const char* fn = "support::run(cuda)";
   const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
   BASISATTN_REQUIRE(!p.options.accumulate_double, unsupported, fn,
                     ": options.accumulate_double is not supported on the GPU (fp32 arithmetic)");
   const detail::cuda_layout L = detail::make_cuda_layout(p, sh.d_v);
-  BASISATTN_REQUIRE(L.r < INT_MAX && L.blk * std::max<index_t>(L.r, sh.d_qk) < INT_MAX && sh.d_v < INT_MAX,
-                    unsupported, fn, ": ", L.r, " features x ", L.blk, " rows per block exceed cuBLAS's 32-bit range");
+  BASISATTN_REQUIRE(L.r < INT_MAX && L.blk * std::max<index_t>(L.r, sh.d_qk) < INT_MAX && sh.d_v < INT_MAX, unsupported,
+                    fn, ": ", L.r, " features x ", L.blk, " rows per block exceed cuBLAS's 32-bit range");
   const basisattn::detail::workspace_slices ws =
       basisattn::detail::slice_workspace(workspace, workspace_bytes, L.total, detail::cuda_ws_align);
   BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, fn, ": workspace of ", workspace_bytes, " bytes",

@@ -46,26 +46,26 @@ void launch_support_store(const float* num, const float* den, index_t n, index_t
 
 /// Adds to *count the number of NaN/Inf entries of x [e0, e1, e2] (any strides); *count must be zeroed first.
 template <class T>
-void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t e2, index_t s0, index_t s1,
-                                    index_t s2, unsigned long long* count, cudaStream_t stream);
+void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t e2, index_t s0, index_t s1, index_t s2,
+                                    unsigned long long* count, cudaStream_t stream);
 
 /// Parameters of the sampled-row error estimate of one query head: with na = *n_rows approximated rows
 /// rows[0, na) (ascending) and s = min(samples, na), rows i_j = rows[floor((j + 1) na / s) - 1], j < s,
 /// computed exactly in double from the storage values, against the stored out.
 template <class T>
 struct support_estimate_params {
-  const T* q = nullptr;  ///< q at head h (strides q_s0 tokens, q_s2 features)
-  const T* k = nullptr;  ///< k at kv head h / group
-  const T* v = nullptr;  ///< v at kv head h / group
+  const T* q = nullptr;    ///< q at head h (strides q_s0 tokens, q_s2 features)
+  const T* k = nullptr;    ///< k at kv head h / group
+  const T* v = nullptr;    ///< v at kv head h / group
   const T* out = nullptr;  ///< out at head h
   index_t q_s0 = 0, q_s2 = 1, k_s0 = 0, k_s2 = 1, v_s0 = 0, v_s2 = 1, o_s0 = 0, o_s2 = 1;
   index_t n_q = 0, n_kv = 0, d = 0, dv = 0, samples = 0, causal_offset = 0;
   bool causal = true;
   double scale = 1;
-  const index_t* rows = nullptr;                ///< the approximated rows, ascending (device)
-  const unsigned long long* n_rows = nullptr;   ///< their number na (device)
-  double* y = nullptr;    ///< scratch, samples x dv doubles
-  double* err = nullptr;  ///< samples relative l2 row errors (inf when non-finite)
+  const index_t* rows = nullptr;               ///< the approximated rows, ascending (device)
+  const unsigned long long* n_rows = nullptr;  ///< their number na (device)
+  double* y = nullptr;                         ///< scratch, samples x dv doubles
+  double* err = nullptr;                       ///< samples relative l2 row errors (inf when non-finite)
 };
 
 /// One block per possible sampled row (p.samples blocks, an upper bound of s); writes p.err[0, s).
@@ -91,9 +91,8 @@ void launch_support_mul(float* a, const float* b, index_t n, cudaStream_t stream
 
 /// psi (cm nb x w) = phi (cm nb x w) scaled by coef[(qb[i] * nl + bk) * (g + 1) + degree_of[c]]
 /// (qb: the buckets of the nb query rows).
-void launch_support_scale_features(const float* phi, index_t nb, index_t w, const std::uint8_t* qb,
-                                   const double* coef, int nl, int g, int bk, const int* degree_of, float* psi,
-                                   cudaStream_t stream);
+void launch_support_scale_features(const float* phi, index_t nb, index_t w, const std::uint8_t* qb, const double* coef,
+                                   int nl, int g, int bk, const int* degree_of, float* psi, cudaStream_t stream);
 
 /// vx (cm nk x (dv + 1)) = [V[k0 + j, :], 1] for keys j < nk with kb[j] == bk, zero rows for the others
 /// (bk < 0: every key). V rm n_kv x dv; kb: the buckets of the nk keys.
@@ -125,7 +124,7 @@ struct support_exact_params {
   bool causal = true;
   const std::uint8_t* qb = nullptr;  ///< query buckets (nl = R)
   int nl = 1;
-  const index_t* ckeys = nullptr;    ///< keys in C, ascending
+  const index_t* ckeys = nullptr;  ///< keys in C, ascending
   index_t n_ckeys = 0;
   float* num = nullptr;  ///< rm n_q x dv
   float* den = nullptr;

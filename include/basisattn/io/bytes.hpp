@@ -71,8 +71,9 @@ class byte_reader {
   /// Pointer to the next n bytes, advancing past them.
   const unsigned char* take(std::uint64_t n, const char* what) {
     if (n > remaining())
-      ::basisattn::detail::raise(errc::io, ::basisattn::detail::concat(source_, ": truncated reading ", what, " at byte ", pos_,
-                                                                         " (needs ", n, " bytes, ", remaining(), " left)"));
+      ::basisattn::detail::raise(
+          errc::io, ::basisattn::detail::concat(source_, ": truncated reading ", what, " at byte ", pos_, " (needs ", n,
+                                                " bytes, ", remaining(), " left)"));
     const unsigned char* p = data_ + pos_;
     pos_ += static_cast<std::size_t>(n);
     return p;
@@ -82,7 +83,7 @@ class byte_reader {
   void seek(std::uint64_t off, const char* what) {
     if (off > size_)
       ::basisattn::detail::raise(errc::io, ::basisattn::detail::concat(source_, ": ", what, " points to byte ", off,
-                                                                         " beyond the end (", size_, " bytes)"));
+                                                                       " beyond the end (", size_, " bytes)"));
     pos_ = static_cast<std::size_t>(off);
   }
 

@@ -76,17 +76,19 @@ struct checkpoint {
 namespace detail {
 inline void check_attention_shapes(const checkpoint& c) {
   const bd::mha_config& a = c.attention;
-  BASISATTN_REQUIRE(a.d_model > 0 && a.n_heads > 0 && a.n_kv_heads > 0 && a.head_dim > 0 && a.n_heads % a.n_kv_heads == 0,
-                    io, c.source, ": bad attention shape (d_model ", a.d_model, ", ", a.n_heads, " heads, ", a.n_kv_heads,
-                    " kv heads, head dim ", a.head_dim, ")");
+  BASISATTN_REQUIRE(
+      a.d_model > 0 && a.n_heads > 0 && a.n_kv_heads > 0 && a.head_dim > 0 && a.n_heads % a.n_kv_heads == 0, io,
+      c.source, ": bad attention shape (d_model ", a.d_model, ", ", a.n_heads, " heads, ", a.n_kv_heads,
+      " kv heads, head dim ", a.head_dim, ")");
   BASISATTN_REQUIRE(!c.layers.empty(), io, c.source, ": no attention layers found");
   const std::uint64_t dm = std::uint64_t(a.d_model), q = std::uint64_t(a.n_heads * a.head_dim),
                       kv = std::uint64_t(a.n_kv_heads * a.head_dim);
   auto expect = [&](const std::string& name, std::vector<std::uint64_t> shape) {
     if (name.empty()) return;
     const tensor_info& t = c.get(name);
-    BASISATTN_REQUIRE(t.shape == shape, io, c.source, ": tensor '", name, "' has shape ", nlohmann::json(t.shape).dump(),
-                      ", the model's configuration needs ", nlohmann::json(shape).dump());
+    BASISATTN_REQUIRE(t.shape == shape, io, c.source, ": tensor '", name, "' has shape ",
+                      nlohmann::json(t.shape).dump(), ", the model's configuration needs ",
+                      nlohmann::json(shape).dump());
   };
   for (const auto& l : c.layers) {
     expect(l.wq, {q, dm}), expect(l.wk, {kv, dm}), expect(l.wv, {kv, dm}), expect(l.wo, {dm, q});
@@ -144,14 +146,17 @@ inline checkpoint open_gguf(const std::string& path) {
   checkpoint c;
   c.source = path, c.format = "gguf";
   c.architecture = f.get_string("general.architecture");
-  BASISATTN_REQUIRE(c.architecture == "llama" || c.architecture == "mistral" || c.architecture == "qwen2", unsupported, path,
-                    ": GGUF architecture '", c.architecture, "' is not supported by the converter (llama, mistral, qwen2 are)");
+  BASISATTN_REQUIRE(c.architecture == "llama" || c.architecture == "mistral" || c.architecture == "qwen2", unsupported,
+                    path, ": GGUF architecture '", c.architecture,
+                    "' is not supported by the converter (llama, mistral, qwen2 are)");
   const std::string a = c.architecture + ".";
   const index_t dm = static_cast<index_t>(f.get_u64(a + "embedding_length"));
   const index_t H = static_cast<index_t>(f.get_u64(a + "attention.head_count"));
-  const index_t Hkv = f.has(a + "attention.head_count_kv") ? static_cast<index_t>(f.get_u64(a + "attention.head_count_kv")) : H;
+  const index_t Hkv =
+      f.has(a + "attention.head_count_kv") ? static_cast<index_t>(f.get_u64(a + "attention.head_count_kv")) : H;
   const index_t L = static_cast<index_t>(f.get_u64(a + "block_count"));
-  BASISATTN_REQUIRE(H > 0 && dm % H == 0 && L > 0, io, path, ": embedding_length ", dm, " and head_count ", H, " do not fit");
+  BASISATTN_REQUIRE(H > 0 && dm % H == 0 && L > 0, io, path, ": embedding_length ", dm, " and head_count ", H,
+                    " do not fit");
   c.attention = bd::mha_config{dm, H, Hkv, dm / H};
   c.attention.use_rope = true;
   c.tensors = f.tensors;
@@ -182,22 +187,26 @@ inline checkpoint open_safetensors(const std::string& path, std::string config_p
   c.source = path, c.format = "safetensors";
   c.tensors = f.tensors;
   c.bytes = std::move(f.bytes);
-  const index_t dm = detail::json_dim(j, "hidden_size", config_path), H = detail::json_dim(j, "num_attention_heads", config_path);
+  const index_t dm = detail::json_dim(j, "hidden_size", config_path),
+                H = detail::json_dim(j, "num_attention_heads", config_path);
   const index_t Hkv = j.contains("num_key_value_heads") ? detail::json_dim(j, "num_key_value_heads", config_path) : H;
   const index_t L = detail::json_dim(j, "num_hidden_layers", config_path);
-  BASISATTN_REQUIRE(dm % H == 0, io, config_path, ": hidden_size ", dm, " is not a multiple of num_attention_heads ", H);
+  BASISATTN_REQUIRE(dm % H == 0, io, config_path, ": hidden_size ", dm, " is not a multiple of num_attention_heads ",
+                    H);
   const index_t hd = j.contains("head_dim") ? detail::json_dim(j, "head_dim", config_path) : dm / H;
   c.attention = bd::mha_config{dm, H, Hkv, hd};
   std::string bert_prefix;
   for (const char* p : {"", "bert."})
-    if (find_tensor(c.tensors, std::string(p) + "encoder.layer.0.attention.self.query.weight")) bert_prefix = p, c.architecture = "bert";
+    if (find_tensor(c.tensors, std::string(p) + "encoder.layer.0.attention.self.query.weight"))
+      bert_prefix = p, c.architecture = "bert";
   if (c.architecture == "bert") {
     c.attention.causal = false;
     for (index_t i = 0; i < L; ++i) {
       const std::string p = bert_prefix + "encoder.layer." + std::to_string(i) + ".attention.";
-      c.layers.push_back({p + "self.query.weight", p + "self.key.weight", p + "self.value.weight", p + "output.dense.weight",
-                          detail::optional_name(c, p + "self.query.bias"), detail::optional_name(c, p + "self.key.bias"),
-                          detail::optional_name(c, p + "self.value.bias"), detail::optional_name(c, p + "output.dense.bias")});
+      c.layers.push_back(
+          {p + "self.query.weight", p + "self.key.weight", p + "self.value.weight", p + "output.dense.weight",
+           detail::optional_name(c, p + "self.query.bias"), detail::optional_name(c, p + "self.key.bias"),
+           detail::optional_name(c, p + "self.value.bias"), detail::optional_name(c, p + "output.dense.bias")});
     }
   } else if (find_tensor(c.tensors, "model.layers.0.self_attn.q_proj.weight")) {
     c.architecture = "llama";
@@ -209,8 +218,10 @@ inline checkpoint open_safetensors(const std::string& path, std::string config_p
                           detail::optional_name(c, p + "v_proj.bias"), detail::optional_name(c, p + "o_proj.bias")});
     }
   } else {
-    ::basisattn::detail::raise(errc::unsupported, path + ": tensor names are neither HF BERT (encoder.layer.N.attention) nor HF "
-                                                         "Llama (model.layers.N.self_attn)");
+    ::basisattn::detail::raise(errc::unsupported,
+                               path +
+                                   ": tensor names are neither HF BERT (encoder.layer.N.attention) nor HF "
+                                   "Llama (model.layers.N.self_attn)");
   }
   detail::check_attention_shapes(c);
   return c;
@@ -236,8 +247,8 @@ inline checkpoint open_checkpoint(const std::string& path, const std::string& co
 
 struct convert_options {
   tensor_type type = tensor_type::f16;  ///< F32, F16 or BF16: storage of every float tensor
-  bool bd_qk = true;  ///< BD on Q/K where it is exact (not with RoPE)
-  bool bd_vo = true;  ///< BD on V/O
+  bool bd_qk = true;                    ///< BD on Q/K where it is exact (not with RoPE)
+  bool bd_vo = true;                    ///< BD on V/O
   bd::prepare_options prepare = {};
   /// Called after each layer: (layers done, layers in all).
   std::function<void(index_t, index_t)> progress;
@@ -269,7 +280,8 @@ struct conversion {
 };
 
 namespace detail {
-inline safetensors_tensor float_tensor(const std::string& name, const float* v, std::vector<std::uint64_t> shape, tensor_type t) {
+inline safetensors_tensor float_tensor(const std::string& name, const float* v, std::vector<std::uint64_t> shape,
+                                       tensor_type t) {
   std::uint64_t n = 1;
   for (auto d : shape) n = checked_mul(n, d, name.c_str());
   safetensors_tensor out = make_tensor(name, matrix_view<const float>(v, 1, static_cast<index_t>(n)), t);
@@ -316,26 +328,29 @@ void convert_layer(const checkpoint& c, const attention_names& n, const convert_
   const bd::mha_layer<T> L = bd::prepare_mha<T>(w, a, mo);
   const bd::product_errors e = bd::measure_product_errors(w, L);
   rep.names = n;
-  auto side = [&](const bd::any_projection<T>& p, bool wanted, side_report& s, const std::string& wname, const std::string& bname,
-                  double err, double dense) {
+  auto side = [&](const bd::any_projection<T>& p, bool wanted, side_report& s, const std::string& wname,
+                  const std::string& bname, double err, double dense) {
     s.error = err, s.dense_error = dense;
     std::vector<safetensors_tensor> wt;
     if (const auto* bp = std::get_if<bd::bd_projection<T>>(&p)) {
       s.bd = true;
       s.basis = bp->basis;
-      s.min_rcond = bp->report.min_rcond, s.max_abs_coeff = bp->report.max_abs_coeff, s.error_growth = bp->report.error_growth;
+      s.min_rcond = bp->report.min_rcond, s.max_abs_coeff = bp->report.max_abs_coeff,
+      s.error_growth = bp->report.error_growth;
       wt.push_back(typed_tensor<T>(wname + ".bd_coeff", bp->coeff.view(), o.type));
       safetensors_tensor bt;
       bt.name = wname + ".bd_basis", bt.type = tensor_type::i32, bt.shape = {std::uint64_t(d)};
       for (index_t i : bp->basis)
         for (int k = 0; k < 4; ++k) bt.data.push_back(static_cast<unsigned char>(std::uint32_t(i) >> (8 * k)));
       wt.push_back(std::move(bt));
-      if (!bname.empty()) out[bname] = {typed_tensor<T>(bname, matrix_view<const T>(bp->bias.data(), 1, kd), o.type, true)};
+      if (!bname.empty())
+        out[bname] = {typed_tensor<T>(bname, matrix_view<const T>(bp->bias.data(), 1, kd), o.type, true)};
     } else {
       s.why_dense = !wanted ? "disabled" : "RoPE";
       const auto& dp = std::get<bd::dense_projection<T>>(p);
       wt.push_back(typed_tensor<T>(wname, dp.weight.view().t(), o.type));
-      if (!bname.empty()) out[bname] = {typed_tensor<T>(bname, matrix_view<const T>(dp.bias.data(), 1, kd), o.type, true)};
+      if (!bname.empty())
+        out[bname] = {typed_tensor<T>(bname, matrix_view<const T>(dp.bias.data(), 1, kd), o.type, true)};
     }
     out[wname] = std::move(wt);
   };
@@ -406,9 +421,16 @@ conversion convert_as(const checkpoint& c, const convert_options& o) {
                         {"rounding", bd::to_string(o.prepare.round)}};
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& r : cv.layers)
-    layers.push_back({{"wq", r.names.wq}, {"wk", r.names.wk}, {"wv", r.names.wv}, {"wo", r.names.wo},
-                      {"bq", r.names.bq}, {"bk", r.names.bk}, {"bv", r.names.bv}, {"bo", r.names.bo},
-                      {"qk", side_json(r.qk)}, {"vo", side_json(r.vo)}});
+    layers.push_back({{"wq", r.names.wq},
+                      {"wk", r.names.wk},
+                      {"wv", r.names.wv},
+                      {"wo", r.names.wo},
+                      {"bq", r.names.bq},
+                      {"bk", r.names.bk},
+                      {"bv", r.names.bv},
+                      {"bo", r.names.bo},
+                      {"qk", side_json(r.qk)},
+                      {"vo", side_json(r.vo)}});
   cv.metadata["basisattn.format"] = "bd/1";
   cv.metadata["basisattn.config"] = cfg.dump();
   cv.metadata["basisattn.layers"] = layers.dump();
@@ -420,17 +442,22 @@ conversion convert_as(const checkpoint& c, const convert_options& o) {
 /// Convert every attention layer of `c` to BD (as `o` asks) and every tensor to o.type.
 inline conversion convert_to_bd(const checkpoint& c, const convert_options& o = {}) {
   switch (o.type) {
-    case tensor_type::f32: return detail::convert_as<float>(c, o);
-    case tensor_type::f16: return detail::convert_as<Eigen::half>(c, o);
-    case tensor_type::bf16: return detail::convert_as<Eigen::bfloat16>(c, o);
+    case tensor_type::f32:
+      return detail::convert_as<float>(c, o);
+    case tensor_type::f16:
+      return detail::convert_as<Eigen::half>(c, o);
+    case tensor_type::bf16:
+      return detail::convert_as<Eigen::bfloat16>(c, o);
     default:
-      ::basisattn::detail::raise(errc::invalid_argument, std::string("convert_to_bd: output type ") + to_string(o.type) +
-                                                             " is not F32, F16 or BF16");
+      ::basisattn::detail::raise(errc::invalid_argument, std::string("convert_to_bd: output type ") +
+                                                             to_string(o.type) + " is not F32, F16 or BF16");
   }
 }
 
 /// Write a conversion as a safetensors file.
-inline void write_conversion(const std::string& path, const conversion& cv) { write_safetensors(path, cv.tensors, cv.metadata); }
+inline void write_conversion(const std::string& path, const conversion& cv) {
+  write_safetensors(path, cv.tensors, cv.metadata);
+}
 
 // ------------------------------------------------------------------------------------------------
 // loading a BD checkpoint
@@ -456,37 +483,44 @@ inline bd_checkpoint_info read_bd_info(const safetensors_file& f) {
   };
   info.config = parse("basisattn.config");
   info.layers = parse("basisattn.layers");
-  BASISATTN_REQUIRE(info.config.is_object() && info.layers.is_array(), io, "BD checkpoint: malformed basisattn metadata");
+  BASISATTN_REQUIRE(info.config.is_object() && info.layers.is_array(), io,
+                    "BD checkpoint: malformed basisattn metadata");
   const std::string w = "BD checkpoint config";
-  info.attention = bd::mha_config{detail::json_dim(info.config, "d_model", w), detail::json_dim(info.config, "n_heads", w),
-                                  detail::json_dim(info.config, "n_kv_heads", w), detail::json_dim(info.config, "head_dim", w)};
+  info.attention =
+      bd::mha_config{detail::json_dim(info.config, "d_model", w), detail::json_dim(info.config, "n_heads", w),
+                     detail::json_dim(info.config, "n_kv_heads", w), detail::json_dim(info.config, "head_dim", w)};
   BASISATTN_REQUIRE(info.config.contains("rope") && info.config["rope"].is_boolean() && info.config.contains("dtype") &&
                         info.config["dtype"].is_string(),
                     io, "BD checkpoint config: 'rope' or 'dtype' missing");
   info.attention.use_rope = info.config["rope"].get<bool>();
   const std::string dt = info.config["dtype"].get<std::string>();
-  BASISATTN_REQUIRE(detail::safetensors_dtype(dt, info.type) &&
-                        (info.type == tensor_type::f32 || info.type == tensor_type::f16 || info.type == tensor_type::bf16),
-                    io, "BD checkpoint config: dtype '", dt, "' is not F32, F16 or BF16");
+  BASISATTN_REQUIRE(
+      detail::safetensors_dtype(dt, info.type) &&
+          (info.type == tensor_type::f32 || info.type == tensor_type::f16 || info.type == tensor_type::bf16),
+      io, "BD checkpoint config: dtype '", dt, "' is not F32, F16 or BF16");
   return info;
 }
 
 namespace detail {
 template <class T>
 constexpr tensor_type tensor_type_of() {
-  if constexpr (std::is_same_v<T, float>) return tensor_type::f32;
-  else if constexpr (std::is_same_v<T, Eigen::half>) return tensor_type::f16;
-  else return tensor_type::bf16;
+  if constexpr (std::is_same_v<T, float>)
+    return tensor_type::f32;
+  else if constexpr (std::is_same_v<T, Eigen::half>)
+    return tensor_type::f16;
+  else
+    return tensor_type::bf16;
 }
 /// A 2-D (out, in) tensor of type T as an in x out matrix<T> (y = x W form), shape checked.
 template <class T>
-matrix<T> load_weight(const safetensors_file& f, const std::string& name, index_t out, index_t in, bool transpose = true) {
+matrix<T> load_weight(const safetensors_file& f, const std::string& name, index_t out, index_t in,
+                      bool transpose = true) {
   const tensor_info& t = f.get(name);
   const std::vector<std::uint64_t> want = transpose ? std::vector<std::uint64_t>{std::uint64_t(out), std::uint64_t(in)}
                                                     : std::vector<std::uint64_t>{std::uint64_t(in), std::uint64_t(out)};
   BASISATTN_REQUIRE(t.type == tensor_type_of<T>() && t.shape == want, io, "BD checkpoint: tensor '", name, "' is ",
-                    to_string(t.type), " ", nlohmann::json(t.shape).dump(), ", expected ", to_string(tensor_type_of<T>()), " ",
-                    nlohmann::json(want).dump());
+                    to_string(t.type), " ", nlohmann::json(t.shape).dump(), ", expected ",
+                    to_string(tensor_type_of<T>()), " ", nlohmann::json(want).dump());
   const matrix<float> v = as_matrix(t, f.bytes);
   matrix<T> m(in, out);
   for (index_t i = 0; i < in; ++i)
@@ -498,17 +532,17 @@ std::vector<T> load_bias(const safetensors_file& f, const std::string& name, ind
   if (name.empty()) return {};
   const tensor_info& t = f.get(name);
   BASISATTN_REQUIRE(t.type == tensor_type_of<T>() && t.shape == std::vector<std::uint64_t>{std::uint64_t(n)}, io,
-                    "BD checkpoint: bias '", name, "' is ", to_string(t.type), " ", nlohmann::json(t.shape).dump(), ", expected ",
-                    to_string(tensor_type_of<T>()), " [", n, "]");
+                    "BD checkpoint: bias '", name, "' is ", to_string(t.type), " ", nlohmann::json(t.shape).dump(),
+                    ", expected ", to_string(tensor_type_of<T>()), " [", n, "]");
   std::vector<T> out;
   for (float x : to_float(t, f.bytes)) out.push_back(::basisattn::detail::from_compute<T>(x));
   return out;
 }
 template <class T>
-bd::any_projection<T> load_side(const safetensors_file& f, const nlohmann::json& side, const std::string& w, const std::string& b,
-                                index_t dm, index_t heads, index_t d) {
-  BASISATTN_REQUIRE(side.is_object() && side.contains("bd") && side["bd"].is_boolean(), io, "BD checkpoint: bad side record for '",
-                    w, "'");
+bd::any_projection<T> load_side(const safetensors_file& f, const nlohmann::json& side, const std::string& w,
+                                const std::string& b, index_t dm, index_t heads, index_t d) {
+  BASISATTN_REQUIRE(side.is_object() && side.contains("bd") && side["bd"].is_boolean(), io,
+                    "BD checkpoint: bad side record for '", w, "'");
   if (!side["bd"].get<bool>()) {
     bd::dense_projection<T> p;
     p.weight = load_weight<T>(f, w, heads * d, dm);
@@ -516,16 +550,17 @@ bd::any_projection<T> load_side(const safetensors_file& f, const nlohmann::json&
     return p;
   }
   const tensor_info& bt = f.get(w + ".bd_basis");
-  BASISATTN_REQUIRE(bt.type == tensor_type::i32 && bt.shape == std::vector<std::uint64_t>{std::uint64_t(d)}, io, "BD checkpoint: '",
-                    w, ".bd_basis' must be I32 [", d, "]");
+  BASISATTN_REQUIRE(bt.type == tensor_type::i32 && bt.shape == std::vector<std::uint64_t>{std::uint64_t(d)}, io,
+                    "BD checkpoint: '", w, ".bd_basis' must be I32 [", d, "]");
   bd::bd_projection<T> p;
   p.in_dim = dm, p.rank = d, p.heads = heads;
   std::vector<bool> used(static_cast<std::size_t>(dm), false);
   for (index_t i = 0; i < d; ++i) {
     std::int32_t v;
     std::memcpy(&v, f.bytes.data() + bt.offset + 4 * std::uint64_t(i), 4);
-    BASISATTN_REQUIRE(v >= 0 && v < dm && !used[std::size_t(v)] && (i == 0 || v > p.basis.back()), io, "BD checkpoint: '", w,
-                      ".bd_basis' entry ", i, " = ", v, " is out of range, repeated or not ascending");
+    BASISATTN_REQUIRE(v >= 0 && v < dm && !used[std::size_t(v)] && (i == 0 || v > p.basis.back()), io,
+                      "BD checkpoint: '", w, ".bd_basis' entry ", i, " = ", v,
+                      " is out of range, repeated or not ascending");
     used[std::size_t(v)] = true;
     p.basis.push_back(v);
   }
@@ -546,25 +581,26 @@ bd::mha_layer<T> load_bd_layer(const safetensors_file& f, index_t layer, bd::mha
   const bd_checkpoint_info info = read_bd_info(f);
   BASISATTN_REQUIRE(info.type == detail::tensor_type_of<T>(), invalid_argument, "load_bd_layer: the checkpoint stores ",
                     to_string(info.type), ", the layer type is ", to_string(detail::tensor_type_of<T>()));
-  BASISATTN_REQUIRE(layer >= 0 && layer < static_cast<index_t>(info.layers.size()), invalid_argument, "load_bd_layer: layer ", layer,
-                    " outside [0, ", info.layers.size(), ")");
+  BASISATTN_REQUIRE(layer >= 0 && layer < static_cast<index_t>(info.layers.size()), invalid_argument,
+                    "load_bd_layer: layer ", layer, " outside [0, ", info.layers.size(), ")");
   const bd::mha_config& a = info.attention;
   auto agree = [](index_t want, index_t have) { return want == 0 || want == have; };
   BASISATTN_REQUIRE(agree(settings.d_model, a.d_model) && agree(settings.n_heads, a.n_heads) &&
                         agree(settings.n_kv_heads, a.n_kv_heads) && agree(settings.head_dim, a.head_dim),
-                    shape_mismatch, "load_bd_layer: settings ask for d_model ", settings.d_model, ", ", settings.n_heads, "/",
-                    settings.n_kv_heads, " heads of ", settings.head_dim, "; the checkpoint has ", a.d_model, ", ", a.n_heads, "/",
-                    a.n_kv_heads, " heads of ", a.head_dim);
+                    shape_mismatch, "load_bd_layer: settings ask for d_model ", settings.d_model, ", ",
+                    settings.n_heads, "/", settings.n_kv_heads, " heads of ", settings.head_dim,
+                    "; the checkpoint has ", a.d_model, ", ", a.n_heads, "/", a.n_kv_heads, " heads of ", a.head_dim);
   const nlohmann::json& r = info.layers[static_cast<std::size_t>(layer)];
   auto name = [&](const char* k) {
-    BASISATTN_REQUIRE(r.is_object() && r.contains(k) && r[k].is_string(), io, "BD checkpoint: layer ", layer, " has no '", k,
-                      "' name");
+    BASISATTN_REQUIRE(r.is_object() && r.contains(k) && r[k].is_string(), io, "BD checkpoint: layer ", layer,
+                      " has no '", k, "' name");
     return r[k].get<std::string>();
   };
   BASISATTN_REQUIRE(r.contains("qk") && r.contains("vo"), io, "BD checkpoint: layer ", layer, " has no side records");
   bd::mha_layer<T> L;
   L.config = settings;
-  L.config.d_model = a.d_model, L.config.n_heads = a.n_heads, L.config.n_kv_heads = a.n_kv_heads, L.config.head_dim = a.head_dim;
+  L.config.d_model = a.d_model, L.config.n_heads = a.n_heads, L.config.n_kv_heads = a.n_kv_heads,
+  L.config.head_dim = a.head_dim;
   const index_t dm = a.d_model, qd = a.n_heads * a.head_dim;
   L.q.weight = detail::load_weight<T>(f, name("wq"), qd, dm);
   L.q.bias = detail::load_bias<T>(f, name("bq"), qd);

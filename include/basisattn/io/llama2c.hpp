@@ -51,12 +51,12 @@ struct llama2c_checkpoint {
   /// Layer `layer` of a stacked [L, out, in] tensor, as an out x in matrix.
   matrix<float> layer_matrix(const std::string& name, index_t layer) const {
     const tensor_info& t = get(name);
-    BASISATTN_REQUIRE(t.shape.size() == 3 && layer >= 0 && static_cast<std::uint64_t>(layer) < t.shape[0], invalid_argument,
-                      "llama2.c checkpoint: '", name, "' has no layer ", layer);
+    BASISATTN_REQUIRE(t.shape.size() == 3 && layer >= 0 && static_cast<std::uint64_t>(layer) < t.shape[0],
+                      invalid_argument, "llama2.c checkpoint: '", name, "' has no layer ", layer);
     const index_t rows = static_cast<index_t>(t.shape[1]), cols = static_cast<index_t>(t.shape[2]);
     matrix<float> m(rows, cols);
-    decode_to_float(tensor_type::f32, bytes.data() + t.offset + std::uint64_t(layer) * rows * cols * 4, std::uint64_t(rows * cols),
-                    m.data());
+    decode_to_float(tensor_type::f32, bytes.data() + t.offset + std::uint64_t(layer) * rows * cols * 4,
+                    std::uint64_t(rows * cols), m.data());
     return m;
   }
   /// A 2-D tensor (token_embedding, wcls) or row `layer` of a stacked [L, n] vector tensor.
@@ -73,7 +73,8 @@ struct llama2c_checkpoint {
 };
 
 /// Parse a llama2.c checkpoint held in memory.
-inline llama2c_checkpoint parse_llama2c(std::vector<unsigned char> bytes, const std::string& source = "llama2.c checkpoint") {
+inline llama2c_checkpoint parse_llama2c(std::vector<unsigned char> bytes,
+                                        const std::string& source = "llama2.c checkpoint") {
   detail::require_little_endian();
   llama2c_checkpoint c;
   c.bytes = std::move(bytes);
@@ -87,11 +88,11 @@ inline llama2c_checkpoint parse_llama2c(std::vector<unsigned char> bytes, const 
   k.shared_classifier = h[5] > 0;
   k.vocab_size = h[5] > 0 ? h[5] : -static_cast<index_t>(h[5]);
   k.seq_len = h[6];
-  BASISATTN_REQUIRE(k.dim > 0 && k.hidden_dim > 0 && k.n_layers > 0 && k.n_heads > 0 && k.n_kv_heads > 0 && k.vocab_size > 0 &&
-                        k.seq_len > 0,
-                    io, source, ": header has a non-positive field (dim ", k.dim, ", hidden ", k.hidden_dim, ", layers ",
-                    k.n_layers, ", heads ", k.n_heads, ", kv heads ", k.n_kv_heads, ", vocab ", k.vocab_size, ", seq_len ",
-                    k.seq_len, ")");
+  BASISATTN_REQUIRE(k.dim > 0 && k.hidden_dim > 0 && k.n_layers > 0 && k.n_heads > 0 && k.n_kv_heads > 0 &&
+                        k.vocab_size > 0 && k.seq_len > 0,
+                    io, source, ": header has a non-positive field (dim ", k.dim, ", hidden ", k.hidden_dim,
+                    ", layers ", k.n_layers, ", heads ", k.n_heads, ", kv heads ", k.n_kv_heads, ", vocab ",
+                    k.vocab_size, ", seq_len ", k.seq_len, ")");
   BASISATTN_REQUIRE(k.dim % k.n_heads == 0 && k.n_heads % k.n_kv_heads == 0 && k.head_dim() % 2 == 0, io, source,
                     ": inconsistent heads (dim ", k.dim, ", heads ", k.n_heads, ", kv heads ", k.n_kv_heads, ")");
   const std::uint64_t D = std::uint64_t(k.dim), H = std::uint64_t(k.hidden_dim), L = std::uint64_t(k.n_layers),
@@ -118,7 +119,8 @@ inline llama2c_checkpoint parse_llama2c(std::vector<unsigned char> bytes, const 
   add("w2", {L, D, H});
   add("w3", {L, H, D});
   add("rms_final", {D});
-  const std::uint64_t rope_bytes = checked_mul(checked_mul(S, D / std::uint64_t(k.n_heads) / 2, "rope table"), 8, "rope tables");
+  const std::uint64_t rope_bytes =
+      checked_mul(checked_mul(S, D / std::uint64_t(k.n_heads) / 2, "rope table"), 8, "rope tables");
   std::uint64_t expect = off;
   if (!k.shared_classifier) {
     const std::uint64_t cls_off = checked_add(off, rope_bytes, "llama2.c file size");
@@ -131,8 +133,8 @@ inline llama2c_checkpoint parse_llama2c(std::vector<unsigned char> bytes, const 
   // The legacy format keeps two RoPE tables between rms_final and wcls; some exports omit them
   // when the classifier is shared.
   const bool ok = c.bytes.size() == expect || (k.shared_classifier && c.bytes.size() == expect - rope_bytes);
-  BASISATTN_REQUIRE(ok, io, source, ": file has ", c.bytes.size(), " bytes, the header promises ", expect,
-                    " (dim ", k.dim, ", hidden ", k.hidden_dim, ", layers ", k.n_layers, ", vocab ", k.vocab_size,
+  BASISATTN_REQUIRE(ok, io, source, ": file has ", c.bytes.size(), " bytes, the header promises ", expect, " (dim ",
+                    k.dim, ", hidden ", k.hidden_dim, ", layers ", k.n_layers, ", vocab ", k.vocab_size,
                     "): truncated, padded, or not a legacy llama2.c checkpoint");
   return c;
 }
@@ -166,7 +168,8 @@ struct llama2c_tokenizer {
       if (it != index.end()) {
         ids.push_back(it->second);
       } else {
-        for (std::size_t b = 0; b < n; ++b) ids.push_back(static_cast<std::int32_t>(static_cast<unsigned char>(text[i + b])) + 3);
+        for (std::size_t b = 0; b < n; ++b)
+          ids.push_back(static_cast<std::int32_t>(static_cast<unsigned char>(text[i + b])) + 3);
       }
       i += n;
     }
@@ -175,7 +178,8 @@ struct llama2c_tokenizer {
       std::int32_t best_id = -1;
       std::size_t best_at = 0;
       for (std::size_t i = 0; i + 1 < ids.size(); ++i) {
-        const auto it = index.find(pieces[static_cast<std::size_t>(ids[i])] + pieces[static_cast<std::size_t>(ids[i + 1])]);
+        const auto it =
+            index.find(pieces[static_cast<std::size_t>(ids[i])] + pieces[static_cast<std::size_t>(ids[i + 1])]);
         if (it != index.end() && scores[static_cast<std::size_t>(it->second)] > best)
           best = scores[static_cast<std::size_t>(it->second)], best_id = it->second, best_at = i;
       }
@@ -195,15 +199,16 @@ struct llama2c_tokenizer {
 inline llama2c_tokenizer parse_llama2c_tokenizer(const std::vector<unsigned char>& bytes, index_t vocab_size,
                                                  const std::string& source = "llama2.c tokenizer") {
   detail::require_little_endian();
-  BASISATTN_REQUIRE(vocab_size > 0, invalid_argument, "llama2.c tokenizer: vocab_size ", vocab_size, " must be positive");
+  BASISATTN_REQUIRE(vocab_size > 0, invalid_argument, "llama2.c tokenizer: vocab_size ", vocab_size,
+                    " must be positive");
   byte_reader r(bytes.data(), bytes.size(), source);
   llama2c_tokenizer t;
   t.max_token_length = r.u32("max token length");
   for (index_t i = 0; i < vocab_size; ++i) {
     const float score = r.f32("piece score");
     const std::int32_t len = r.i32("piece length");
-    BASISATTN_REQUIRE(len >= 0 && static_cast<std::uint32_t>(len) <= std::max<std::uint32_t>(t.max_token_length, 64), io, source,
-                      ": piece ", i, " has length ", len);
+    BASISATTN_REQUIRE(len >= 0 && static_cast<std::uint32_t>(len) <= std::max<std::uint32_t>(t.max_token_length, 64),
+                      io, source, ": piece ", i, " has length ", len);
     t.pieces.push_back(r.str(static_cast<std::uint64_t>(len), "piece bytes"));
     t.scores.push_back(score);
     t.index.emplace(t.pieces.back(), static_cast<std::int32_t>(i));

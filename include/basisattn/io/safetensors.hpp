@@ -44,16 +44,16 @@ struct safetensors_file {
 namespace detail {
 inline bool safetensors_dtype(const std::string& s, tensor_type& t) {
   static const std::pair<const char*, tensor_type> table[] = {
-      {"F64", tensor_type::f64}, {"F32", tensor_type::f32}, {"F16", tensor_type::f16}, {"BF16", tensor_type::bf16},
-      {"I64", tensor_type::i64}, {"I32", tensor_type::i32}, {"I16", tensor_type::i16}, {"I8", tensor_type::i8},
+      {"F64", tensor_type::f64}, {"F32", tensor_type::f32},     {"F16", tensor_type::f16}, {"BF16", tensor_type::bf16},
+      {"I64", tensor_type::i64}, {"I32", tensor_type::i32},     {"I16", tensor_type::i16}, {"I8", tensor_type::i8},
       {"U8", tensor_type::u8},   {"BOOL", tensor_type::boolean}};
   for (const auto& [name, type] : table)
     if (s == name) return t = type, true;
   return false;
 }
 inline std::uint64_t json_u64(const nlohmann::json& j, const std::string& where) {
-  BASISATTN_REQUIRE(j.is_number_unsigned() || (j.is_number_integer() && j.get<std::int64_t>() >= 0), io, "safetensors: ",
-                    where, " must be a non-negative integer, got ", j.dump());
+  BASISATTN_REQUIRE(j.is_number_unsigned() || (j.is_number_integer() && j.get<std::int64_t>() >= 0), io,
+                    "safetensors: ", where, " must be a non-negative integer, got ", j.dump());
   return j.get<std::uint64_t>();
 }
 }  // namespace detail
@@ -84,23 +84,27 @@ inline safetensors_file parse_safetensors(std::vector<unsigned char> bytes, cons
       continue;
     }
     BASISATTN_REQUIRE(v.is_object(), io, source, ": entry '", name, "' is not an object");
-    BASISATTN_REQUIRE(v.contains("dtype") && v["dtype"].is_string(), io, source, ": tensor '", name, "' has no dtype string");
-    BASISATTN_REQUIRE(v.contains("shape") && v["shape"].is_array(), io, source, ": tensor '", name, "' has no shape array");
+    BASISATTN_REQUIRE(v.contains("dtype") && v["dtype"].is_string(), io, source, ": tensor '", name,
+                      "' has no dtype string");
+    BASISATTN_REQUIRE(v.contains("shape") && v["shape"].is_array(), io, source, ": tensor '", name,
+                      "' has no shape array");
     BASISATTN_REQUIRE(v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2, io,
                       source, ": tensor '", name, "' needs data_offsets [begin, end]");
     tensor_info t;
     t.name = name;
     const std::string dt = v["dtype"].get<std::string>();
-    BASISATTN_REQUIRE(detail::safetensors_dtype(dt, t.type), io, source, ": tensor '", name, "' has unknown dtype '", dt, "'");
-    BASISATTN_REQUIRE(v["shape"].size() <= 8, io, source, ": tensor '", name, "' has ", v["shape"].size(), " dimensions");
+    BASISATTN_REQUIRE(detail::safetensors_dtype(dt, t.type), io, source, ": tensor '", name, "' has unknown dtype '",
+                      dt, "'");
+    BASISATTN_REQUIRE(v["shape"].size() <= 8, io, source, ": tensor '", name, "' has ", v["shape"].size(),
+                      " dimensions");
     for (const auto& d : v["shape"]) t.shape.push_back(detail::json_u64(d, "shape of '" + name + "'"));
     const std::uint64_t begin = detail::json_u64(v["data_offsets"][0], "data_offsets of '" + name + "'");
     const std::uint64_t end = detail::json_u64(v["data_offsets"][1], "data_offsets of '" + name + "'");
-    BASISATTN_REQUIRE(begin <= end && end <= data_size, io, source, ": tensor '", name, "' data_offsets [", begin, ", ", end,
-                      "] outside the data section of ", data_size, " bytes");
+    BASISATTN_REQUIRE(begin <= end && end <= data_size, io, source, ": tensor '", name, "' data_offsets [", begin, ", ",
+                      end, "] outside the data section of ", data_size, " bytes");
     const std::uint64_t need = bytes_for(t.type, t.numel(), name);
-    BASISATTN_REQUIRE(end - begin == need, io, source, ": tensor '", name, "' has ", end - begin, " bytes but dtype ", dt,
-                      " and its shape need ", need);
+    BASISATTN_REQUIRE(end - begin == need, io, source, ": tensor '", name, "' has ", end - begin, " bytes but dtype ",
+                      dt, " and its shape need ", need);
     BASISATTN_REQUIRE(f.find(name) == nullptr, io, source, ": tensor '", name, "' appears twice");
     t.offset = data_begin + begin;
     t.bytes = need;
@@ -109,8 +113,9 @@ inline safetensors_file parse_safetensors(std::vector<unsigned char> bytes, cons
   }
   std::sort(ranges.begin(), ranges.end());
   for (std::size_t i = 1; i < ranges.size(); ++i)
-    BASISATTN_REQUIRE(ranges[i].first >= ranges[i - 1].second, io, source, ": two tensors overlap in the data section (bytes ",
-                      ranges[i].first, "..", ranges[i - 1].second, ")");
+    BASISATTN_REQUIRE(ranges[i].first >= ranges[i - 1].second, io, source,
+                      ": two tensors overlap in the data section (bytes ", ranges[i].first, "..", ranges[i - 1].second,
+                      ")");
   return f;
 }
 
@@ -140,8 +145,8 @@ inline std::vector<unsigned char> serialize_safetensors(const std::vector<safete
   for (const auto& t : tensors) {
     BASISATTN_REQUIRE(!t.name.empty() && t.name != "__metadata__" && !h.contains(t.name), invalid_argument,
                       "safetensors: tensor name '", t.name, "' is empty, reserved or repeated");
-    BASISATTN_REQUIRE(t.type != tensor_type::q4_0 && t.type != tensor_type::q4_1 && t.type != tensor_type::q8_0, unsupported,
-                      "safetensors has no ", to_string(t.type), " dtype");
+    BASISATTN_REQUIRE(t.type != tensor_type::q4_0 && t.type != tensor_type::q4_1 && t.type != tensor_type::q8_0,
+                      unsupported, "safetensors has no ", to_string(t.type), " dtype");
     std::uint64_t n = 1;
     for (auto d : t.shape) n = checked_mul(n, d, "tensor element count");
     const std::uint64_t need = bytes_for(t.type, n, t.name);

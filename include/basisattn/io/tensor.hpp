@@ -27,19 +27,32 @@ enum class tensor_type { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q4
 
 inline const char* to_string(tensor_type t) noexcept {
   switch (t) {
-    case tensor_type::f64: return "F64";
-    case tensor_type::f32: return "F32";
-    case tensor_type::f16: return "F16";
-    case tensor_type::bf16: return "BF16";
-    case tensor_type::i64: return "I64";
-    case tensor_type::i32: return "I32";
-    case tensor_type::i16: return "I16";
-    case tensor_type::i8: return "I8";
-    case tensor_type::u8: return "U8";
-    case tensor_type::boolean: return "BOOL";
-    case tensor_type::q4_0: return "Q4_0";
-    case tensor_type::q4_1: return "Q4_1";
-    case tensor_type::q8_0: return "Q8_0";
+    case tensor_type::f64:
+      return "F64";
+    case tensor_type::f32:
+      return "F32";
+    case tensor_type::f16:
+      return "F16";
+    case tensor_type::bf16:
+      return "BF16";
+    case tensor_type::i64:
+      return "I64";
+    case tensor_type::i32:
+      return "I32";
+    case tensor_type::i16:
+      return "I16";
+    case tensor_type::i8:
+      return "I8";
+    case tensor_type::u8:
+      return "U8";
+    case tensor_type::boolean:
+      return "BOOL";
+    case tensor_type::q4_0:
+      return "Q4_0";
+    case tensor_type::q4_1:
+      return "Q4_1";
+    case tensor_type::q8_0:
+      return "Q8_0";
   }
   return "?";
 }
@@ -50,13 +63,26 @@ struct type_layout {
 };
 inline type_layout layout_of(tensor_type t) noexcept {
   switch (t) {
-    case tensor_type::f64: case tensor_type::i64: return {1, 8};
-    case tensor_type::f32: case tensor_type::i32: return {1, 4};
-    case tensor_type::f16: case tensor_type::bf16: case tensor_type::i16: return {1, 2};
-    case tensor_type::i8: case tensor_type::u8: case tensor_type::boolean: return {1, 1};
-    case tensor_type::q4_0: return {32, 18};  // fp16 scale + 16 bytes of nibbles
-    case tensor_type::q4_1: return {32, 20};  // fp16 scale + fp16 min + 16 bytes of nibbles
-    case tensor_type::q8_0: return {32, 34};  // fp16 scale + 32 int8
+    case tensor_type::f64:
+    case tensor_type::i64:
+      return {1, 8};
+    case tensor_type::f32:
+    case tensor_type::i32:
+      return {1, 4};
+    case tensor_type::f16:
+    case tensor_type::bf16:
+    case tensor_type::i16:
+      return {1, 2};
+    case tensor_type::i8:
+    case tensor_type::u8:
+    case tensor_type::boolean:
+      return {1, 1};
+    case tensor_type::q4_0:
+      return {32, 18};  // fp16 scale + 16 bytes of nibbles
+    case tensor_type::q4_1:
+      return {32, 20};  // fp16 scale + fp16 min + 16 bytes of nibbles
+    case tensor_type::q8_0:
+      return {32, 34};  // fp16 scale + 32 int8
   }
   return {1, 1};
 }
@@ -83,7 +109,8 @@ inline const tensor_info* find_tensor(const std::vector<tensor_info>& tensors, c
   return nullptr;
 }
 /// The tensor called `name`; errc::io naming the format when there is none.
-inline const tensor_info& get_tensor(const std::vector<tensor_info>& tensors, const std::string& name, const char* format) {
+inline const tensor_info& get_tensor(const std::vector<tensor_info>& tensors, const std::string& name,
+                                     const char* format) {
   const tensor_info* t = find_tensor(tensors, name);
   BASISATTN_REQUIRE(t != nullptr, io, format, ": no tensor named '", name, "'");
   return *t;
@@ -122,10 +149,18 @@ inline void decode_to_float(tensor_type t, const unsigned char* p, std::uint64_t
   using detail::load;
   if (count == 0) return;
   switch (t) {
-    case tensor_type::f32: std::memcpy(out, p, count * 4); return;
-    case tensor_type::f64: for (std::uint64_t i = 0; i < count; ++i) out[i] = static_cast<float>(load<double>(p + 8 * i)); return;
-    case tensor_type::f16: for (std::uint64_t i = 0; i < count; ++i) out[i] = detail::half_to_float(load<std::uint16_t>(p + 2 * i)); return;
-    case tensor_type::bf16: for (std::uint64_t i = 0; i < count; ++i) out[i] = detail::bf16_to_float(load<std::uint16_t>(p + 2 * i)); return;
+    case tensor_type::f32:
+      std::memcpy(out, p, count * 4);
+      return;
+    case tensor_type::f64:
+      for (std::uint64_t i = 0; i < count; ++i) out[i] = static_cast<float>(load<double>(p + 8 * i));
+      return;
+    case tensor_type::f16:
+      for (std::uint64_t i = 0; i < count; ++i) out[i] = detail::half_to_float(load<std::uint16_t>(p + 2 * i));
+      return;
+    case tensor_type::bf16:
+      for (std::uint64_t i = 0; i < count; ++i) out[i] = detail::bf16_to_float(load<std::uint16_t>(p + 2 * i));
+      return;
     case tensor_type::q4_0:
       for (std::uint64_t b = 0; b < count / 32; ++b) {
         const unsigned char* blk = p + 18 * b;
@@ -155,8 +190,8 @@ inline void decode_to_float(tensor_type t, const unsigned char* p, std::uint64_t
       }
       return;
     default:
-      ::basisattn::detail::raise(errc::unsupported,
-                                 ::basisattn::detail::concat("tensors of type ", to_string(t), " have no float meaning here"));
+      ::basisattn::detail::raise(errc::unsupported, ::basisattn::detail::concat("tensors of type ", to_string(t),
+                                                                                " have no float meaning here"));
   }
 }
 
@@ -165,8 +200,8 @@ inline std::vector<float> to_float(const tensor_info& t, const std::vector<unsig
   const std::uint64_t n = t.numel();
   BASISATTN_REQUIRE(bytes_for(t.type, n, t.name) == t.bytes, io, "tensor '", t.name, "': ", t.bytes, " bytes for ", n,
                     " values of type ", to_string(t.type));
-  BASISATTN_REQUIRE(t.offset <= file.size() && t.bytes <= file.size() - t.offset, io, "tensor '", t.name, "' (bytes ", t.offset,
-                    "..", t.offset + t.bytes, ") lies outside the file (", file.size(), " bytes)");
+  BASISATTN_REQUIRE(t.offset <= file.size() && t.bytes <= file.size() - t.offset, io, "tensor '", t.name, "' (bytes ",
+                    t.offset, "..", t.offset + t.bytes, ") lies outside the file (", file.size(), " bytes)");
   std::vector<float> out(static_cast<std::size_t>(n));
   decode_to_float(t.type, file.data() + t.offset, n, out.data());
   return out;
@@ -174,8 +209,8 @@ inline std::vector<float> to_float(const tensor_info& t, const std::vector<unsig
 
 /// A 2-D tensor (or a 1-D one as a single row) as a matrix<float>, rows = shape[0].
 inline matrix<float> as_matrix(const tensor_info& t, const std::vector<unsigned char>& file) {
-  BASISATTN_REQUIRE(t.shape.size() == 1 || t.shape.size() == 2, shape_mismatch, "tensor '", t.name, "' has ", t.shape.size(),
-                    " dimensions; a matrix needs 1 or 2");
+  BASISATTN_REQUIRE(t.shape.size() == 1 || t.shape.size() == 2, shape_mismatch, "tensor '", t.name, "' has ",
+                    t.shape.size(), " dimensions; a matrix needs 1 or 2");
   const std::uint64_t rows = t.shape.size() == 2 ? t.shape[0] : 1, cols = t.shape.back();
   const std::vector<float> v = to_float(t, file);
   matrix<float> m(static_cast<index_t>(rows), static_cast<index_t>(cols));

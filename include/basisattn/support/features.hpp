@@ -53,14 +53,14 @@ struct feature_map {
   index_t d = 0;
   int max_degree = 0;
   bool sketch = false;
-  index_t m = 0;                     ///< sketch size (sketched degrees only)
-  std::vector<index_t> offset;       ///< offset[t]: first column of degree t; offset[max_degree + 1]: total
-  std::vector<int> degree_of;        ///< degree of every column
+  index_t m = 0;                ///< sketch size (sketched degrees only)
+  std::vector<index_t> offset;  ///< offset[t]: first column of degree t; offset[max_degree + 1]: total
+  std::vector<int> degree_of;   ///< degree of every column
   // exact monomials, per column (entries of columns of degree < 2 unused)
-  std::vector<index_t> parent;       ///< parent column (degree t - 1)
-  std::vector<index_t> var;          ///< coordinate multiplied in
-  std::vector<double> ratio;         ///< sqrt(t / multiplicity of var)
-  std::vector<int> last_mult;        ///< multiplicity of the last coordinate (construction only)
+  std::vector<index_t> parent;  ///< parent column (degree t - 1)
+  std::vector<index_t> var;     ///< coordinate multiplied in
+  std::vector<double> ratio;    ///< sqrt(t / multiplicity of var)
+  std::vector<int> last_mult;   ///< multiplicity of the last coordinate (construction only)
   // sketch: for t = 2..max_degree, t column-major d x m sign matrices, stored one after the other
   std::vector<float> proj_f;
   std::vector<double> proj_d;

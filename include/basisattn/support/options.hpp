@@ -84,12 +84,12 @@ using support_options [[deprecated("use basisattn::support::options")]] = option
 /// estimated_error > tolerance, or poly_error >= 1 with a finite tolerance) and support-basis' own.
 struct head_report : approx_head_report {
   // ---- filled by make_plan ----
-  double query_support = 0;  ///< |R| / n_q: query rows computed exactly against every key
-  double key_support = 0;    ///< |C| / n_kv (of this head's kv head): keys computed exactly for every query
-  int degree = 0;            ///< highest polynomial degree used by a bucket pair (0: no polynomial part)
-  std::int64_t features = 0; ///< features r at that degree (C(d + g, g), or 1 + d + (g - 1) m sketched)
-  double bound = 0;          ///< largest score bound B over the polynomial pairs (scores lie in [-B, B])
-  double poly_error = 0;     ///< largest max relative error of a pair's polynomial on its [-B, B]
+  double query_support = 0;   ///< |R| / n_q: query rows computed exactly against every key
+  double key_support = 0;     ///< |C| / n_kv (of this head's kv head): keys computed exactly for every query
+  int degree = 0;             ///< highest polynomial degree used by a bucket pair (0: no polynomial part)
+  std::int64_t features = 0;  ///< features r at that degree (C(d + g, g), or 1 + d + (g - 1) m sketched)
+  double bound = 0;           ///< largest score bound B over the polynomial pairs (scores lie in [-B, B])
+  double poly_error = 0;      ///< largest max relative error of a pair's polynomial on its [-B, B]
   // ---- filled by run ----
   std::int64_t poly_rows = 0;  ///< rows whose output came (partly) from the polynomial; the others are exact
 };
@@ -98,13 +98,13 @@ namespace detail {
 
 /// Validate support options for entry point `fn`.
 inline void check_options(const char* fn, const options& opt) {
-  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ",
-                    opt.scale, " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
+  BASISATTN_REQUIRE(std::isfinite(opt.scale) && opt.scale >= 0, invalid_argument, fn, ": options.scale = ", opt.scale,
+                    " must be finite and >= 0 (0 selects 1/sqrt(d_qk))");
   BASISATTN_REQUIRE(std::isfinite(opt.threshold) && opt.threshold >= 0, invalid_argument, fn,
                     ": options.threshold = ", opt.threshold, " must be finite and >= 0");
   for (std::size_t i = 0; i < opt.levels.size(); ++i) {
-    BASISATTN_REQUIRE(std::isfinite(opt.levels[i]) && opt.levels[i] >= 0, invalid_argument, fn, ": options.levels[",
-                      i, "] = ", opt.levels[i], " must be finite and >= 0");
+    BASISATTN_REQUIRE(std::isfinite(opt.levels[i]) && opt.levels[i] >= 0, invalid_argument, fn, ": options.levels[", i,
+                      "] = ", opt.levels[i], " must be finite and >= 0");
     BASISATTN_REQUIRE(i == 0 || opt.levels[i] > opt.levels[i - 1], invalid_argument, fn,
                       ": options.levels must be strictly increasing, but levels[", i - 1, "] = ", opt.levels[i - 1],
                       " and levels[", i, "] = ", opt.levels[i]);

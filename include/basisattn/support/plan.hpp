@@ -43,31 +43,31 @@ namespace support {
 
 /// Polynomial of one (query bucket, key bucket) pair.
 struct pair_poly {
-  int degree = 0;             ///< 0: the pair is empty (no polynomial)
-  index_t width = 0;          ///< features used: feature_map::features(degree) (0 when empty)
-  double bound = 0;           ///< score bound B of the pair
-  exp_poly poly;              ///< fit of exp on [-B, B]
-  std::vector<double> coef;   ///< poly.coef * e^{-M_bq}, padded with zeros to features.max_degree + 1
+  int degree = 0;            ///< 0: the pair is empty (no polynomial)
+  index_t width = 0;         ///< features used: feature_map::features(degree) (0 when empty)
+  double bound = 0;          ///< score bound B of the pair
+  exp_poly poly;             ///< fit of exp on [-B, B]
+  std::vector<double> coef;  ///< poly.coef * e^{-M_bq}, padded with zeros to features.max_degree + 1
 };
 
 /// The plan of one support-basis attention problem (see the header comment).
 struct plan {
-  basisattn::detail::attention_shape shape;  ///< n_q, n_kv, heads, dims, effective scale
-  ::basisattn::support::options options;      ///< the options it was made with
-  dtype storage = dtype::f32;                 ///< storage type of q and k (run requires the same)
-  int levels = 1;                             ///< L: buckets 0..L-1 are polynomial, bucket L is exact
-  feature_map features;                       ///< layout up to the highest degree any pair uses
-  std::vector<std::vector<std::uint8_t>> q_bucket, k_bucket;     ///< [head][row] bucket of each row
-  std::vector<std::vector<std::vector<index_t>>> q_rows, k_rows; ///< [head][bucket] rows, ascending
-  std::vector<std::vector<index_t>> k_poly_prefix;  ///< [kv head][j]: non-top keys among keys 0..j-1
-  std::vector<std::vector<pair_poly>> pairs;        ///< [query head][bq * L + bk]
-  std::vector<std::vector<double>> shift;           ///< [query head][bq]: M_bq
-  std::vector<std::vector<index_t>> key_width;      ///< [query head][bk]: features of bk's state
-  std::vector<index_t> head_width;                  ///< [query head]: widest pair of the head
-  index_t max_width = 0;                            ///< widest pair of all heads
-  std::vector<head_report> report;                  ///< [query head]: make_plan's part of the report
-  std::vector<double> q_checksum, k_checksum;       ///< [head]: detail::head_checksum of q and k (run
-                                                    ///< refuses other q, k: the supports would be stale)
+  basisattn::detail::attention_shape shape;                   ///< n_q, n_kv, heads, dims, effective scale
+  ::basisattn::support::options options;                      ///< the options it was made with
+  dtype storage = dtype::f32;                                 ///< storage type of q and k (run requires the same)
+  int levels = 1;                                             ///< L: buckets 0..L-1 are polynomial, bucket L is exact
+  feature_map features;                                       ///< layout up to the highest degree any pair uses
+  std::vector<std::vector<std::uint8_t>> q_bucket, k_bucket;  ///< [head][row] bucket of each row
+  std::vector<std::vector<std::vector<index_t>>> q_rows, k_rows;  ///< [head][bucket] rows, ascending
+  std::vector<std::vector<index_t>> k_poly_prefix;                ///< [kv head][j]: non-top keys among keys 0..j-1
+  std::vector<std::vector<pair_poly>> pairs;                      ///< [query head][bq * L + bk]
+  std::vector<std::vector<double>> shift;                         ///< [query head][bq]: M_bq
+  std::vector<std::vector<index_t>> key_width;                    ///< [query head][bk]: features of bk's state
+  std::vector<index_t> head_width;                                ///< [query head]: widest pair of the head
+  index_t max_width = 0;                                          ///< widest pair of all heads
+  std::vector<head_report> report;                                ///< [query head]: make_plan's part of the report
+  std::vector<double> q_checksum, k_checksum;                     ///< [head]: detail::head_checksum of q and k (run
+                                                                  ///< refuses other q, k: the supports would be stale)
 };
 
 namespace detail {
@@ -112,14 +112,14 @@ void check_plan_args(const char* fn, const tensor3_view<const T>& q, const tenso
   BASISATTN_REQUIRE(k.extent[0] >= 1 && k.extent[1] >= 1 && k.extent[2] >= 1, invalid_argument, fn, ": k has extents ",
                     basisattn::detail::extents_string(k), "; n_kv, H_kv and d_qk must be >= 1");
   BASISATTN_REQUIRE(k.extent[2] == q.extent[2], shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q),
-                    " has d_qk = ", q.extent[2], " but k ", basisattn::detail::extents_string(k), " has d_qk = ",
-                    k.extent[2]);
+                    " has d_qk = ", q.extent[2], " but k ", basisattn::detail::extents_string(k),
+                    " has d_qk = ", k.extent[2]);
   BASISATTN_REQUIRE(q.extent[1] % k.extent[1] == 0, shape_mismatch, fn, ": q ", basisattn::detail::extents_string(q),
                     " has H_q = ", q.extent[1], " heads, not a multiple of the H_kv = ", k.extent[1], " heads of k ",
                     basisattn::detail::extents_string(k));
   BASISATTN_REQUIRE(!opt.causal || q.extent[0] <= k.extent[0], invalid_argument, fn,
-                    ": causal attention needs n_q <= n_kv, but q has n_q = ", q.extent[0], " tokens and k has n_kv = ",
-                    k.extent[0]);
+                    ": causal attention needs n_q <= n_kv, but q has n_q = ", q.extent[0],
+                    " tokens and k has n_kv = ", k.extent[0]);
   BASISATTN_REQUIRE(q.data && k.data, invalid_argument, fn, ": ", !q.data ? "q" : "k", ".data is null");
 }
 
@@ -184,8 +184,8 @@ plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const opti
   };
   int cap = 0;
   while (cap < opt.max_degree && count(cap + 1) <= opt.max_features) ++cap;
-  BASISATTN_REQUIRE(cap >= 1, invalid_argument, fn, ": options.max_features = ", opt.max_features,
-                    " is below the ", count(1), " features of degree 1 (d_qk = ", d, ")");
+  BASISATTN_REQUIRE(cap >= 1, invalid_argument, fn, ": options.max_features = ", opt.max_features, " is below the ",
+                    count(1), " features of degree 1 (d_qk = ", d, ")");
 
   std::vector<std::vector<double>> k_norm(static_cast<std::size_t>(s.h_kv));
   p.k_bucket.resize(static_cast<std::size_t>(s.h_kv));
@@ -197,7 +197,8 @@ plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const opti
     auto& pre = p.k_poly_prefix[hu];
     pre.assign(static_cast<std::size_t>(s.n_kv + 1), 0);
     for (index_t j = 0; j < s.n_kv; ++j)
-      pre[static_cast<std::size_t>(j + 1)] = pre[static_cast<std::size_t>(j)] + (p.k_bucket[hu][static_cast<std::size_t>(j)] < nl);
+      pre[static_cast<std::size_t>(j + 1)] =
+          pre[static_cast<std::size_t>(j)] + (p.k_bucket[hu][static_cast<std::size_t>(j)] < nl);
   }
 
   p.q_bucket.resize(static_cast<std::size_t>(s.h_q));
@@ -235,10 +236,13 @@ plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const opti
 
   p.q_checksum.resize(static_cast<std::size_t>(s.h_q));
   p.k_checksum.resize(static_cast<std::size_t>(s.h_kv));
-  for (index_t h = 0; h < s.h_q; ++h) p.q_checksum[static_cast<std::size_t>(h)] = basisattn::detail::head_checksum(q, h);
-  for (index_t h = 0; h < s.h_kv; ++h) p.k_checksum[static_cast<std::size_t>(h)] = basisattn::detail::head_checksum(k, h);
+  for (index_t h = 0; h < s.h_q; ++h)
+    p.q_checksum[static_cast<std::size_t>(h)] = basisattn::detail::head_checksum(q, h);
+  for (index_t h = 0; h < s.h_kv; ++h)
+    p.k_checksum[static_cast<std::size_t>(h)] = basisattn::detail::head_checksum(k, h);
 
-  p.features = make_feature_map(d, g_used, opt.sketch, opt.sketch ? static_cast<index_t>(opt.sketch_size) : 0, opt.seed);
+  p.features =
+      make_feature_map(d, g_used, opt.sketch, opt.sketch ? static_cast<index_t>(opt.sketch_size) : 0, opt.seed);
   p.key_width.resize(static_cast<std::size_t>(s.h_q));
   p.head_width.assign(static_cast<std::size_t>(s.h_q), 0);
   for (index_t h = 0; h < s.h_q; ++h) {
@@ -253,7 +257,8 @@ plan make_plan(cpu, tensor3_view<const T> q, tensor3_view<const T> k, const opti
         const double e = std::exp(-p.shift[hu][static_cast<std::size_t>(bq)]);
         for (int t = 0; t <= pp.degree; ++t)
           pp.coef[static_cast<std::size_t>(t)] = pp.poly.coef[static_cast<std::size_t>(t)] * e;
-        p.key_width[hu][static_cast<std::size_t>(bk)] = std::max(p.key_width[hu][static_cast<std::size_t>(bk)], pp.width);
+        p.key_width[hu][static_cast<std::size_t>(bk)] =
+            std::max(p.key_width[hu][static_cast<std::size_t>(bk)], pp.width);
         p.head_width[hu] = std::max(p.head_width[hu], pp.width);
       }
     p.max_width = std::max(p.max_width, p.head_width[hu]);

@@ -77,7 +77,8 @@ inline std::vector<double> chebyshev_exp_monomial(int g, double range) {
       const double up = i > 0 ? 2.0 * t1[static_cast<std::size_t>(i - 1)] : 0.0;
       tn[static_cast<std::size_t>(i)] = up - t0[static_cast<std::size_t>(i)];
     }
-    for (int i = 0; i < n; ++i) c[static_cast<std::size_t>(i)] += a[static_cast<std::size_t>(j)] * tn[static_cast<std::size_t>(i)];
+    for (int i = 0; i < n; ++i)
+      c[static_cast<std::size_t>(i)] += a[static_cast<std::size_t>(j)] * tn[static_cast<std::size_t>(i)];
     t0 = t1;
     t1 = tn;
   }

@@ -56,8 +56,8 @@ __global__ void __launch_bounds__(attention_kernel_traits::threads)
   using tr = attention_kernel_traits;
   extern __shared__ float smem[];
   const long long d_qk = p.d_qk, d_v = p.d_v;
-  float* const qs = smem;                       // block_q x d_qk
-  float* const ks = qs + tr::block_q * d_qk;    // block_kv x (d_qk + 1)
+  float* const qs = smem;                            // block_q x d_qk
+  float* const ks = qs + tr::block_q * d_qk;         // block_kv x (d_qk + 1)
   float* const vs = ks + tr::block_kv * (d_qk + 1);  // block_kv x d_v
   const long long h = blockIdx.y, hk = h / p.group;
   const long long q0 = static_cast<long long>(blockIdx.x) * tr::block_q;
@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(attention_kernel_traits::threads)
   }
 
   const long long last_q = (q0 + tr::block_q < p.n_q ? q0 + tr::block_q : p.n_q) - 1;
-  const long long kend = p.causal ? (last_q + p.causal_offset + 1 < p.n_kv ? last_q + p.causal_offset + 1 : p.n_kv)
-                                  : p.n_kv;
+  const long long kend =
+      p.causal ? (last_q + p.causal_offset + 1 < p.n_kv ? last_q + p.causal_offset + 1 : p.n_kv) : p.n_kv;
   for (long long k0 = 0; k0 < kend; k0 += tr::block_kv) {
     __syncthreads();  // the previous tiles are consumed (and, first time round, qs is written)
     for (long long i = tid; i < tr::block_kv * d_qk; i += tr::threads) {

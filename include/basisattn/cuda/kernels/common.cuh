@@ -23,40 +23,75 @@
 
 // nvcc before 12 defaults to C++14 for .cu files (and CMake's cxx_std_17 does not reach them): the
 // library needs C++17 (if constexpr, inline variables) on the device side too.
-static_assert(__cplusplus >= 201703L, "basisattn's CUDA kernels need C++17: compile .cu files with -std=c++17 "
-                                      "(CMake: CMAKE_CUDA_STANDARD 17 or the cuda_std_17 compile feature)");
+static_assert(__cplusplus >= 201703L,
+              "basisattn's CUDA kernels need C++17: compile .cu files with -std=c++17 "
+              "(CMake: CMAKE_CUDA_STANDARD 17 or the cuda_std_17 compile feature)");
 
 BASISATTN_BEGIN_NAMESPACE
 namespace detail {
 namespace cuda_kernels {
 
-template <class T> struct device_type { using type = T; };
-template <> struct device_type<Eigen::half> { using type = __half; };
-template <> struct device_type<Eigen::bfloat16> { using type = __nv_bfloat16; };
-template <class T> using device_type_t = typename device_type<T>::type;
+template <class T>
+struct device_type {
+  using type = T;
+};
+template <>
+struct device_type<Eigen::half> {
+  using type = __half;
+};
+template <>
+struct device_type<Eigen::bfloat16> {
+  using type = __nv_bfloat16;
+};
+template <class T>
+using device_type_t = typename device_type<T>::type;
 
 static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit device types");
 
 template <class T>
-inline const device_type_t<T>* as_device(const T* p) { return reinterpret_cast<const device_type_t<T>*>(p); }
+inline const device_type_t<T>* as_device(const T* p) {
+  return reinterpret_cast<const device_type_t<T>*>(p);
+}
 template <class T>
-inline device_type_t<T>* as_device(T* p) { return reinterpret_cast<device_type_t<T>*>(p); }
+inline device_type_t<T>* as_device(T* p) {
+  return reinterpret_cast<device_type_t<T>*>(p);
+}
 
 __device__ __forceinline__ float load_f(float x) { return x; }
 __device__ __forceinline__ float load_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float load_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <class D> __device__ __forceinline__ D store_f(float x);
-template <> __device__ __forceinline__ float store_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half store_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <class D>
+__device__ __forceinline__ D store_f(float x);
+template <>
+__device__ __forceinline__ float store_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half store_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 /// Correctly rounded double -> storage conversion (as the CPU's from_compute<T>(double)): the 16-bit
 /// types are rounded once from double, never through float (double rounding can differ by one unit).
-template <class D> __device__ __forceinline__ D store_double(double x);
-template <> __device__ __forceinline__ float store_double<float>(double x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ __half store_double<__half>(double x) { return __double2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_double<__nv_bfloat16>(double x) { return __double2bfloat16(x); }
+template <class D>
+__device__ __forceinline__ D store_double(double x);
+template <>
+__device__ __forceinline__ float store_double<float>(double x) {
+  return static_cast<float>(x);
+}
+template <>
+__device__ __forceinline__ __half store_double<__half>(double x) {
+  return __double2half(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_double<__nv_bfloat16>(double x) {
+  return __double2bfloat16(x);
+}
 
 /// Blocks for a grid-stride loop over n elements (at most 65535 * 16 blocks, at least 1).
 inline unsigned grid_for(long long n, int threads) {

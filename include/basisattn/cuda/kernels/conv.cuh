@@ -359,7 +359,8 @@ void launch_conv_gather(const conv_head_params& p, int item0, int count, const R
 
 template <class D>
 __global__ void __launch_bounds__(conv_threads)
-    conv_finalize_kernel(conv_head_params p, double eps, double tol, D* __restrict__ out, long long h, conv_strides st) {
+    conv_finalize_kernel(conv_head_params p, double eps, double tol, D* __restrict__ out, long long h,
+                         conv_strides st) {
   for (long long r = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; r < p.n;
        r += static_cast<long long>(gridDim.x) * blockDim.x) {
     const double den = p.den[r];
@@ -386,7 +387,10 @@ __device__ __forceinline__ int conv_lower_block(const conv_head_params& p, long 
   int lo = 0, hi = p.n_lower - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (p.items[mid].s0 <= c) lo = mid; else hi = mid - 1;
+    if (p.items[mid].s0 <= c)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -410,16 +414,16 @@ __global__ void __launch_bounds__(conv_threads)
                            conv_strides kst, long long hk, long long d_qk, double scale, const long long* rows,
                            int count, double* err, double* uerr) {
   extern __shared__ double sm[];
-  double* w = sm;                     // conv_threads tile weights
-  double* y = w + conv_threads;       // d_v
-  double* yu = y + p.d_v;             // d_v
-  double* qr = yu + p.d_v;            // d_qk (mode 1)
+  double* w = sm;                                 // conv_threads tile weights
+  double* y = w + conv_threads;                   // d_v
+  double* yu = y + p.d_v;                         // d_v
+  double* qr = yu + p.d_v;                        // d_qk (mode 1)
   double* scratch = qr + (mode == 1 ? d_qk : 0);  // conv_threads / 32 + 1
   const long long n_rows = mode == 0 ? p.n : count;
   for (long long b = blockIdx.x; b < n_rows; b += gridDim.x) {
     const long long r = mode == 0 ? b : rows[b];
     if (mode == 0 && p.flags[r] == 0) continue;  // block-uniform
-    __syncthreads();  // the previous row's shared data are consumed
+    __syncthreads();                             // the previous row's shared data are consumed
     int up = -1;
     if (!causal)
       for (int i = p.n_lower; i < p.n_items; ++i)

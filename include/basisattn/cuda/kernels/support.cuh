@@ -21,8 +21,8 @@ namespace cuda_kernels {
 
 /// Tile sizes of the support-basis kernels.
 struct support_kernel_traits {
-  static constexpr int threads = 256;         ///< element kernels
-  static constexpr int exact_warps = 4;       ///< exact part: warps (query rows) per block
+  static constexpr int threads = 256;           ///< element kernels
+  static constexpr int exact_warps = 4;         ///< exact part: warps (query rows) per block
   static constexpr int estimate_threads = 128;  ///< estimate: threads per sampled row (power of two)
 };
 
@@ -102,14 +102,13 @@ void launch_support_store(const float* num, const float* den, index_t n, index_t
   using tr = support_kernel_traits;
   if (n <= 0 || dv <= 0) return;
   support_store_kernel<<<grid_for(n * dv, tr::threads), tr::threads, 0, stream>>>(num, den, n, dv, as_device(out), s0,
-                                                                                 s2, flags);
+                                                                                  s2, flags);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class D>
 __global__ void support_count_nonfinite_kernel(const D* __restrict__ x, long long e0, long long e1, long long e2,
-                                               long long s0, long long s1, long long s2,
-                                               unsigned long long* count) {
+                                               long long s0, long long s1, long long s2, unsigned long long* count) {
   unsigned long long bad = 0;
   const long long total = e0 * e1 * e2;
   for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
@@ -121,8 +120,8 @@ __global__ void support_count_nonfinite_kernel(const D* __restrict__ x, long lon
 }
 
 template <class T>
-void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t e2, index_t s0, index_t s1,
-                                    index_t s2, unsigned long long* count, cudaStream_t stream) {
+void launch_support_count_nonfinite(const T* x, index_t e0, index_t e1, index_t e2, index_t s0, index_t s1, index_t s2,
+                                    unsigned long long* count, cudaStream_t stream) {
   using tr = support_kernel_traits;
   if (e0 <= 0 || e1 <= 0 || e2 <= 0) return;
   support_count_nonfinite_kernel<<<grid_for(e0 * e1 * e2, tr::threads), tr::threads, 0, stream>>>(
@@ -169,7 +168,8 @@ __global__ void __launch_bounds__(support_kernel_traits::estimate_threads)
     const long long nk = vis - k0 < nt ? vis - k0 : nt;
     for (long long c = t; c < p.dv; c += nt) {
       double acc = y[c];
-      for (long long jj = 0; jj < nk; ++jj) acc += w[jj] * static_cast<double>(load_f(p.v[(k0 + jj) * p.v_s0 + c * p.v_s2]));
+      for (long long jj = 0; jj < nk; ++jj)
+        acc += w[jj] * static_cast<double>(load_f(p.v[(k0 + jj) * p.v_s0 + c * p.v_s2]));
       y[c] = acc;
     }
   }
@@ -205,14 +205,15 @@ void launch_support_estimate(const support_estimate_params<T>& p, cudaStream_t s
   dp.n_rows = p.n_rows;
   dp.y = p.y;
   dp.err = p.err;
-  support_estimate_kernel<D><<<static_cast<unsigned>(p.samples), support_kernel_traits::estimate_threads, 0, stream>>>(dp);
+  support_estimate_kernel<D>
+      <<<static_cast<unsigned>(p.samples), support_kernel_traits::estimate_threads, 0, stream>>>(dp);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
 // ---------------------------------------------------------------------------------------------------
 // fp32 kernels.
 
-#define BASISATTN_SUPPORT_GRID_LOOP(e, n)                                                       \
+#define BASISATTN_SUPPORT_GRID_LOOP(e, n)                                                    \
   for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < (n); \
        e += static_cast<long long>(gridDim.x) * blockDim.x)
 
@@ -229,7 +230,7 @@ void launch_support_gather_cm(const float* src, index_t ld, index_t row0, index_
   using tr = support_kernel_traits;
   if (nrows <= 0 || cols <= 0) return;
   support_gather_cm_kernel<<<grid_for(nrows * cols, tr::threads), tr::threads, 0, stream>>>(src, ld, row0, nrows, cols,
-                                                                                           mult, dst);
+                                                                                            mult, dst);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -245,9 +246,9 @@ void launch_support_features_base(const float* x, index_t nb, index_t d, float* 
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
-__global__ void support_monomials_kernel(const float* __restrict__ x, long long nb, const long long* __restrict__ parent,
-                                         const long long* __restrict__ var, const double* __restrict__ ratio,
-                                         long long c0, long long c1, float* phi) {
+__global__ void support_monomials_kernel(const float* __restrict__ x, long long nb,
+                                         const long long* __restrict__ parent, const long long* __restrict__ var,
+                                         const double* __restrict__ ratio, long long c0, long long c1, float* phi) {
   BASISATTN_SUPPORT_GRID_LOOP(e, nb * (c1 - c0)) {
     const long long c = c0 + e / nb, i = e - (c - c0) * nb;
     phi[c * nb + i] = phi[parent[c] * nb + i] * x[var[c] * nb + i] * static_cast<float>(ratio[c]);
@@ -286,13 +287,12 @@ __global__ void support_scale_features_kernel(const float* __restrict__ phi, lon
   }
 }
 
-void launch_support_scale_features(const float* phi, index_t nb, index_t w, const std::uint8_t* qb,
-                                   const double* coef, int nl, int g, int bk, const int* degree_of, float* psi,
-                                   cudaStream_t stream) {
+void launch_support_scale_features(const float* phi, index_t nb, index_t w, const std::uint8_t* qb, const double* coef,
+                                   int nl, int g, int bk, const int* degree_of, float* psi, cudaStream_t stream) {
   using tr = support_kernel_traits;
   if (nb <= 0 || w <= 0) return;
   support_scale_features_kernel<<<grid_for(nb * w, tr::threads), tr::threads, 0, stream>>>(phi, nb, w, qb, coef, nl, g,
-                                                                                          bk, degree_of, psi);
+                                                                                           bk, degree_of, psi);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -310,7 +310,7 @@ void launch_support_key_values(const float* V, index_t k0, index_t nk, index_t d
   using tr = support_kernel_traits;
   if (nk <= 0) return;
   support_key_values_kernel<<<grid_for(nk * (dv + 1), tr::threads), tr::threads, 0, stream>>>(V, k0, nk, dv, kb, bk,
-                                                                                             vx);
+                                                                                              vx);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -354,7 +354,7 @@ void launch_support_scatter_poly(const float* tmp, index_t ni, index_t i0, index
   using tr = support_kernel_traits;
   if (ni <= 0) return;
   support_scatter_poly_kernel<<<grid_for(ni * (dv + 1), tr::threads), tr::threads, 0, stream>>>(tmp, ni, i0, dv, num,
-                                                                                               dpoly);
+                                                                                                dpoly);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -373,15 +373,15 @@ void launch_support_init(const std::uint8_t* qb, const double* shift, int nl, in
   using tr = support_kernel_traits;
   if (n_q <= 0) return;
   support_init_kernel<<<grid_for(n_q * dv, tr::threads), tr::threads, 0, stream>>>(qb, shift, nl, n_q, dv, num, dpoly,
-                                                                                  m);
+                                                                                   m);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
 /// Rows after the polynomial part (header comment of support_launch.hpp, launch_support_post_poly).
-__global__ void support_post_poly_kernel(const std::uint8_t* __restrict__ qb, int nl, const long long* __restrict__ kpre,
-                                         long long n_q, long long n_kv, long long dv, bool causal, long long off,
-                                         float* __restrict__ num, float* __restrict__ dpoly, float* __restrict__ m,
-                                         int* __restrict__ flags) {
+__global__ void support_post_poly_kernel(const std::uint8_t* __restrict__ qb, int nl,
+                                         const long long* __restrict__ kpre, long long n_q, long long n_kv,
+                                         long long dv, bool causal, long long off, float* __restrict__ num,
+                                         float* __restrict__ dpoly, float* __restrict__ m, int* __restrict__ flags) {
   BASISATTN_SUPPORT_GRID_LOOP(i, n_q) {
     int f = 0;
     if (qb[i] < nl) {
@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(32 * support_kernel_traits::exact_warps)
   const long long first = static_cast<long long>(blockIdx.x) * support_kernel_traits::exact_warps + (threadIdx.x >> 5);
   const long long* const ckeys = reinterpret_cast<const long long*>(p.ckeys);
   for (long long i = first; i < p.n_q; i += warps_total) {  // warp-uniform
-    if (p.mode == 0 && p.flags[i] == 2) continue;  // bad after the polynomial part: recomputed in mode 1
+    if (p.mode == 0 && p.flags[i] == 2) continue;           // bad after the polynomial part: recomputed in mode 1
     if (p.mode == 1 && p.flags[i] != 3) continue;
     float* const num = p.num + i * p.dv;
     float mrow, l;
@@ -516,7 +516,7 @@ void launch_support_detect(const float* den, const float* num, index_t n_q, inde
 __global__ void support_check_output_kernel(const float* __restrict__ num, const float* __restrict__ den, long long n_q,
                                             long long dv, int* __restrict__ flags, unsigned long long* count) {
   BASISATTN_SUPPORT_GRID_LOOP(i, n_q) {
-    if (flags[i] >= 2) continue;  // already recomputed exactly
+    if (flags[i] >= 2) continue;      // already recomputed exactly
     const float inv = 1.0f / den[i];  // as support_store_kernel
     bool finite = true;
     for (long long c = 0; c < dv && finite; ++c) finite = isfinite(num[i * dv + c] * inv);
@@ -531,8 +531,7 @@ void launch_support_check_output(const float* num, const float* den, index_t n_q
                                  unsigned long long* count, cudaStream_t stream) {
   using tr = support_kernel_traits;
   if (n_q <= 0) return;
-  support_check_output_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(num, den, n_q, dv, flags,
-                                                                                      count);
+  support_check_output_kernel<<<grid_for(n_q, tr::threads), tr::threads, 0, stream>>>(num, den, n_q, dv, flags, count);
   BASISATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -595,12 +594,12 @@ void launch_support_summarize(const double* err, index_t samples, const unsigned
 
 #undef BASISATTN_SUPPORT_GRID_LOOP
 
-#define BASISATTN_INSTANTIATE_SUPPORT_KERNELS(T)                                                                    \
-  template void launch_support_load_head<T>(const T*, index_t, index_t, index_t, index_t, float*, cudaStream_t);    \
-  template void launch_support_store<T>(const float*, const float*, index_t, index_t, T*, index_t, index_t,         \
-                                        const int*, cudaStream_t);                                                 \
-  template void launch_support_count_nonfinite<T>(const T*, index_t, index_t, index_t, index_t, index_t, index_t,   \
-                                                  unsigned long long*, cudaStream_t);                              \
+#define BASISATTN_INSTANTIATE_SUPPORT_KERNELS(T)                                                                  \
+  template void launch_support_load_head<T>(const T*, index_t, index_t, index_t, index_t, float*, cudaStream_t);  \
+  template void launch_support_store<T>(const float*, const float*, index_t, index_t, T*, index_t, index_t,       \
+                                        const int*, cudaStream_t);                                                \
+  template void launch_support_count_nonfinite<T>(const T*, index_t, index_t, index_t, index_t, index_t, index_t, \
+                                                  unsigned long long*, cudaStream_t);                             \
   template void launch_support_estimate<T>(const support_estimate_params<T>&, cudaStream_t);
 
 BASISATTN_INSTANTIATE_SUPPORT_KERNELS(float)

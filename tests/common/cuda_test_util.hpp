@@ -53,10 +53,12 @@ inline std::uint64_t fresh_seed() {
 inline std::uint64_t test_seed(const char* name) {
   std::uint64_t s = 0;
   const char* env = std::getenv("BASISATTN_TEST_SEED");
-  if (env && *env) s = std::strtoull(env, nullptr, 0);
-  else s = fresh_seed();
-  std::fprintf(stderr, "%s: seed %llu (rerun with BASISATTN_TEST_SEED=%llu)\n", name, static_cast<unsigned long long>(s),
-               static_cast<unsigned long long>(s));
+  if (env && *env)
+    s = std::strtoull(env, nullptr, 0);
+  else
+    s = fresh_seed();
+  std::fprintf(stderr, "%s: seed %llu (rerun with BASISATTN_TEST_SEED=%llu)\n", name,
+               static_cast<unsigned long long>(s), static_cast<unsigned long long>(s));
   std::fflush(stderr);
   return s;
 }

@@ -12,7 +12,8 @@ namespace test {
 
 /// The m x n product BD computes for one head from stored C ((m - r) x r, rows in rest() order) and
 /// B' (r x n): rows S are B', the other rows C B'.
-inline Eigen::MatrixXd bd_product(const basisattn::bd::shared_basis& sb, const Eigen::MatrixXd& c, const Eigen::MatrixXd& bp) {
+inline Eigen::MatrixXd bd_product(const basisattn::bd::shared_basis& sb, const Eigen::MatrixXd& c,
+                                  const Eigen::MatrixXd& bp) {
   Eigen::MatrixXd q(sb.in_dim(), bp.cols());
   for (index_t i = 0; i < sb.rank(); ++i) q.row(sb.basis()[static_cast<std::size_t>(i)]) = bp.row(i);
   const Eigen::MatrixXd qn = c * bp;
@@ -65,15 +66,18 @@ double bd_product_error(const std::vector<basisattn::matrix_view<const TA>>& a,
 /// relative error gamma_r: second order) like the measure.
 template <class TA, class TB>
 double bd_product_arith_bound(const std::vector<basisattn::matrix_view<const TA>>& a,
-                              const std::vector<basisattn::matrix_view<const TB>>& b, const basisattn::bd::shared_basis& sb) {
+                              const std::vector<basisattn::matrix_view<const TB>>& b,
+                              const basisattn::bd::shared_basis& sb) {
   const index_t r = sb.rank();
   const double gr = gamma<double>(r), g3r = gamma<double>(3 * r);
   double num = 0, den = 0;
   for (index_t g = 0; g < sb.heads(); ++g) {
-    const Eigen::MatrixXd ad = to_double(a[static_cast<std::size_t>(g)]), bd = to_double(b[static_cast<std::size_t>(g)]);
+    const Eigen::MatrixXd ad = to_double(a[static_cast<std::size_t>(g)]),
+                          bd = to_double(b[static_cast<std::size_t>(g)]);
     const Eigen::MatrixXd& as = sb.basis_block(g);
     const Eigen::PartialPivLU<Eigen::MatrixXd> lu(as);
-    const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(), u = lu.matrixLU().triangularView<Eigen::Upper>();
+    const Eigen::MatrixXd l = lu.matrixLU().triangularView<Eigen::UnitLower>(),
+                          u = lu.matrixLU().triangularView<Eigen::Upper>();
     const Eigen::MatrixXd lu_abs = lu.permutationP().transpose() * (l.cwiseAbs() * u.cwiseAbs());
     const Eigen::MatrixXd ca = sb.coefficients_double(g).cwiseAbs(), bs = as.cwiseAbs() * bd.cwiseAbs();
     Eigen::MatrixXd e = gr * ad.cwiseAbs() * bd.cwiseAbs();

@@ -13,7 +13,8 @@ using mat = Eigen::MatrixXd;
 using Eigen::Index;
 
 /// Rotate x[t, h*d : (h+1)*d] of a [tokens, heads*d] matrix; pairs (2i, 2i+1) or (i, i+d/2).
-inline void rope(mat& x, Index heads, Index d, double theta, bool interleaved, Index offset, Index col0 = 0, Index stride = -1) {
+inline void rope(mat& x, Index heads, Index d, double theta, bool interleaved, Index offset, Index col0 = 0,
+                 Index stride = -1) {
   if (stride < 0) stride = d;
   for (Index t = 0; t < x.rows(); ++t)
     for (Index h = 0; h < heads; ++h)

@@ -71,7 +71,8 @@ inline std::vector<unsigned char> q8_0_block(const float* x) {
   const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
   bytes b;
   b.put(half_bits(d));
-  for (int j = 0; j < 32; ++j) b.v.push_back(static_cast<unsigned char>(static_cast<std::int8_t>(std::lround(x[j] * id))));
+  for (int j = 0; j < 32; ++j)
+    b.v.push_back(static_cast<unsigned char>(static_cast<std::int8_t>(std::lround(x[j] * id))));
   return b.v;
 }
 
@@ -126,15 +127,17 @@ inline std::vector<unsigned char> llama2c(int dim, int hidden, int layers, int h
   bytes b;
   for (int x : {dim, hidden, layers, heads, kv_heads, shared ? vocab : -vocab, seq}) b.put<std::int32_t>(x);
   const int kv_dim = kv_heads * (dim / heads);
-  const std::size_t n = std::size_t(vocab) * dim + std::size_t(layers) * (2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * hidden * dim) +
-                        dim + std::size_t(seq) * (dim / heads);  // + rope tables (two halves)
+  const std::size_t n = std::size_t(vocab) * dim +
+                        std::size_t(layers) * (2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * hidden * dim) + dim +
+                        std::size_t(seq) * (dim / heads);  // + rope tables (two halves)
   const std::size_t total = n + (shared ? 0 : std::size_t(vocab) * dim);
   for (std::size_t i = 0; i < total; ++i) b.put<float>(llama2c_value(i));
   return b.v;
 }
 
 /// A llama2.c tokenizer file: max length, then (score, length, bytes) per piece.
-inline std::vector<unsigned char> llama2c_tokenizer(const std::vector<std::string>& pieces, const std::vector<float>& scores) {
+inline std::vector<unsigned char> llama2c_tokenizer(const std::vector<std::string>& pieces,
+                                                    const std::vector<float>& scores) {
   bytes b;
   std::uint32_t mx = 0;
   for (const auto& p : pieces) mx = std::max<std::uint32_t>(mx, static_cast<std::uint32_t>(p.size()));

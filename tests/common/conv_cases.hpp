@@ -26,7 +26,13 @@ struct qkv {
   index_t n, hq, hkv, d, dv;
   std::vector<double> q, k, v;
   qkv(index_t n_, index_t hq_, index_t hkv_, index_t d_, index_t dv_)
-      : n(n_), hq(hq_), hkv(hkv_), d(d_), dv(dv_), q(static_cast<std::size_t>(n * hq * d)), k(static_cast<std::size_t>(n * hkv * d)),
+      : n(n_),
+        hq(hq_),
+        hkv(hkv_),
+        d(d_),
+        dv(dv_),
+        q(static_cast<std::size_t>(n * hq * d)),
+        k(static_cast<std::size_t>(n * hkv * d)),
         v(std::size_t(n * hkv * dv)) {}
   basisattn::tensor3_view<const double> Q() const { return {q.data(), n, hq, d}; }
   basisattn::tensor3_view<const double> K() const { return {k.data(), n, hkv, d}; }
@@ -112,7 +118,8 @@ inline qkv periodic(index_t n, index_t hq, index_t hkv, index_t d, const std::ve
 inline qkv random_qkv(index_t n, index_t hq, index_t hkv, index_t d, index_t dv, double mag, std::uint64_t seed) {
   test::seed(seed);
   qkv x(n, hq, hkv, d, dv);
-  for (auto* a : {&x.q, &x.k}) for (auto& e : *a) e = mag * normal();
+  for (auto* a : {&x.q, &x.k})
+    for (auto& e : *a) e = mag * normal();
   for (auto& e : x.v) e = normal();
   return x;
 }

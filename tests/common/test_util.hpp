@@ -99,10 +99,14 @@ constexpr double gamma(index_t k) {
 /// smallest subnormal is returned.
 template <class T>
 double eta() {
-  if constexpr (std::is_same_v<T, double>) return std::numeric_limits<double>::denorm_min();
-  else if constexpr (std::is_same_v<T, float>) return std::ldexp(1.0, -150);
-  else if constexpr (std::is_same_v<T, Eigen::half>) return std::ldexp(1.0, -25);
-  else return std::ldexp(1.0, -134);  // bfloat16: float's exponent range, 7 fraction bits
+  if constexpr (std::is_same_v<T, double>)
+    return std::numeric_limits<double>::denorm_min();
+  else if constexpr (std::is_same_v<T, float>)
+    return std::ldexp(1.0, -150);
+  else if constexpr (std::is_same_v<T, Eigen::half>)
+    return std::ldexp(1.0, -25);
+  else
+    return std::ldexp(1.0, -134);  // bfloat16: float's exponent range, 7 fraction bits
 }
 
 /// max over entries of |got - want| / bound: <= 1 when every entry is within its componentwise

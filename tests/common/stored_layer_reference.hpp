@@ -192,8 +192,8 @@ Eigen::MatrixXd reference(const basisattn::bd::mha_layer<T>& L, const Eigen::Mat
   Eigen::MatrixXd a(x.rows(), H * d);
   for (index_t h = 0; h < H; ++h) {
     const index_t hk = h / (H / Hkv);
-    a.middleCols(h * d, d) =
-        head_with_gains(q.middleCols(h * d, d), k.middleCols(hk * d, d), v.middleCols(hk * d, d), scale, cfg.causal, gs);
+    a.middleCols(h * d, d) = head_with_gains(q.middleCols(h * d, d), k.middleCols(hk * d, d), v.middleCols(hk * d, d),
+                                             scale, cfg.causal, gs);
   }
   return project(L.o, a);
 }
@@ -226,7 +226,8 @@ Eigen::MatrixXd reference(const basisattn::bd::mla_layer<T>& L, const Eigen::Mat
     Eigen::MatrixXd kh(n, qd);
     kh.leftCols(dn) = knope.middleCols(h * dn, dn);
     kh.rightCols(dr) = kpe;
-    a.middleCols(h * dv, dv) = head_with_gains(q.middleCols(h * qd, qd), kh, v.middleCols(h * dv, dv), scale, cfg.causal, gs);
+    a.middleCols(h * dv, dv) =
+        head_with_gains(q.middleCols(h * qd, qd), kh, v.middleCols(h * dv, dv), scale, cfg.causal, gs);
   }
   return project(L.o, a);
 }
@@ -239,7 +240,8 @@ struct error_model {
   template <class T>
   double tol(const gain_sums& gs) const {
     const double ut = test::u<T>(), uc = test::u<basisattn::compute_t<T>>();
-    return ut * n_lin + uc * s_lin + gs.g_q() * (ut * n_q + uc * s_q) + gs.g_k() * (ut * n_k + uc * (s_k + std::sqrt(d_qk)));
+    return ut * n_lin + uc * s_lin + gs.g_q() * (ut * n_q + uc * s_q) +
+           gs.g_k() * (ut * n_k + uc * (s_k + std::sqrt(d_qk)));
   }
 };
 
@@ -272,7 +274,8 @@ error_model model_of(const basisattn::bd::mla_layer<T>& L, index_t n, backend b)
   m.s_k = latent + std::sqrt(terms(L.k_up)) + 1;
   m.d_qk = double(cfg.qk_nope_dim + cfg.qk_rope_dim);
   m.n_lin = 5 + (basisattn::bd::is_bd(L.v_up) ? gpu : 0.0);
-  m.s_lin = latent + std::sqrt(terms(L.v_up)) + std::sqrt(double(n)) + attention_fixed_roundings(b) + std::sqrt(terms(L.o));
+  m.s_lin =
+      latent + std::sqrt(terms(L.v_up)) + std::sqrt(double(n)) + attention_fixed_roundings(b) + std::sqrt(terms(L.o));
   return m;
 }
 
