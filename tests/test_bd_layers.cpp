@@ -345,3 +345,56 @@ TEMPLATE_TEST_CASE("MLA layer: BD on K-nope and V equals dense and the double re
   mla_case<TestType>(bd::basis_sharing::joint);
   mla_case<TestType>(bd::basis_sharing::per_side);
 }
+
+TEST_CASE("bd::basis_block maps a BD V projection's basis coordinates back to the dense head output") {
+  test::seed(91);
+  const index_t dm = 48, H = 4, Hkv = 2, d = 8, n = 7;
+  const auto wq = test::random_matrix<float>(dm, H * d), wk = test::random_matrix<float>(dm, Hkv * d),
+             wv = test::random_matrix<float>(dm, Hkv * d), wo = test::random_matrix<float>(H * d, dm);
+  bd::mha_weights<float> w{wq.view(), wk.view(), wv.view(), wo.view()};
+  bd::mha_options o;
+  o.bd_qk = false;
+  const auto L = bd::prepare_mha<float>(w, bd::mha_config{dm, H, Hkv, d}, o);
+  const auto& pv = std::get<bd::bd_projection<float>>(L.v);
+  const auto x = test::random_matrix<float>(n, dm);
+  matrix<float> y(n, Hkv * d);
+  bd::project(cpu{}, pv, x.view(), y.view());
+  // y_g = fl(x_S + x_rest C~_g), a float sum of m - r + 1 terms with the stored C~_g = C_g (1 + delta),
+  // |delta| <= u: elementwise |y_g - x W_g A_S^-1| <= gamma_{m-r+1} (|x_S| + |x_rest| |C~_g|) +
+  // u (1 + u) |x_rest| |C~_g|, hence |y_g A_S - x W_g| <= that times |A_S| (all in double), plus 1e-12
+  // relative to |x| |W_g| for the double factorization's and this check's own arithmetic.
+  const double u = test::u<float>(), g = test::gamma<float>(dm - d + 1);
+  for (index_t hk = 0; hk < Hkv; ++hk) {
+    const matrix<double> a = bd::basis_block(pv, wv.view().block(0, hk * d, dm, d));
+    index_t wrong = 0;
+    for (index_t t = 0; t < n; ++t)
+      for (index_t j = 0; j < d; ++j) {
+        double got = 0, want = 0, bound = 0, scale = 0;
+        for (index_t c = 0; c < dm; ++c) {
+          want += double(x(t, c)) * double(wv(c, hk * d + j));
+          scale += std::abs(double(x(t, c)) * double(wv(c, hk * d + j)));
+        }
+        for (index_t i = 0; i < d; ++i) {
+          const double yi = double(y(t, hk * d + i));
+          double xc = 0;  // |x_rest| |C_g| of coordinate i
+          for (index_t l = 0; l < dm - d; ++l)
+            xc += std::abs(double(x(t, pv.rest[std::size_t(l)])) * double(pv.coeff(l, hk * d + i)));
+          const double xs = std::abs(double(x(t, pv.basis[std::size_t(i)])));
+          got += yi * a(i, j);
+          bound += (g * (xs + xc) + u * (1 + u) * xc) * std::abs(a(i, j));
+        }
+        wrong += !(std::abs(got - want) <= bound + 1e-12 * scale);
+      }
+    CHECK(wrong == 0);
+  }
+  // Without mapping back, the coordinates are not the dense output (the test can fail).
+  double diff = 0;
+  for (index_t t = 0; t < n; ++t)
+    for (index_t j = 0; j < d; ++j) {
+      double want = 0;
+      for (index_t c = 0; c < dm; ++c) want += double(x(t, c)) * double(wv(c, j));
+      diff = std::max(diff, std::abs(double(y(t, j)) - want));
+    }
+  CHECK(diff > 1e-3);
+  CHECK_THROWS_AS(bd::basis_block(pv, wv.view()), basisattn::error);
+}

@@ -14,6 +14,7 @@
 //                                             projection (tensor-parallel shards)
 //   slice_columns(p, first, count)            columns [first, first + count) of a dense projection
 //   p.bytes()                                 bytes of weights + bias, for size comparisons
+//   basis_block(p, w_head)                    A_S of a head (its outputs are coordinates in it)
 //
 // The runtime lives with each backend: bd::project(cpu{}, p, x, y) in <basisattn/cpu/projection.hpp>.
 #pragma once
@@ -173,6 +174,23 @@ dense_projection<T> slice_rows(const dense_projection<T>& p, index_t first, inde
   std::copy(p.weight.data() + first * p.out_dim(), p.weight.data() + (first + count) * p.out_dim(), s.weight.data());
   if (keep_bias) s.bias = p.bias;
   return s;
+}
+
+/// A_S of head g of a BD projection: the rows `p.basis` of that head's dense weight `w_head`
+/// (in_dim x rank, y = x W form), in double. A BD projection returns each head's outputs in the
+/// coordinates of that basis, y_g = x W_g A_S^-1 (+ b_g A_S^-1): y_g A_S is the dense head's output.
+/// Engines that consume K or V themselves (not through the prepared layer's paired Q / O weights)
+/// map them back with it. errc::shape_mismatch when w_head is not in_dim x rank.
+template <class T, class TI>
+matrix<double> basis_block(const bd_projection<T>& p, matrix_view<const TI> w_head) {
+  BASISATTN_REQUIRE(w_head.rows == p.in_dim && w_head.cols == p.rank, shape_mismatch, "bd::basis_block: w_head is ",
+                    w_head.rows, "x", w_head.cols, ", the projection's heads are ", p.in_dim, "x", p.rank);
+  matrix<double> a(p.rank, p.rank);
+  for (index_t i = 0; i < p.rank; ++i)
+    for (index_t j = 0; j < p.rank; ++j)
+      a(i, j) = static_cast<double>(
+          ::basisattn::detail::to_compute<compute_t<TI>>(w_head(p.basis[static_cast<std::size_t>(i)], j)));
+  return a;
 }
 
 }  // namespace bd
