@@ -208,17 +208,18 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     ::basisattn::detail::require_finite(w.bv, Hkv * d, "prepare_mha: bv");
     ::basisattn::detail::require_finite(w.bo, dm, "prepare_mha: bo");
   }
+  prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
+  scanned.check_finite = false;
   mha_layer<T> L;
   L.config = cfg;
-  L.q = make_dense_projection<T>(w.wq, w.bq, fin);
-  L.o = make_dense_projection<T>(w.wo, w.bo, fin);
+  L.q = make_dense_projection<T>(w.wq, w.bq, false);
+  L.o = make_dense_projection<T>(w.wo, w.bo, false);
   const index_t grp = H / Hkv;
   auto side = [&](const matrix_view<const TI>& wa, const TI* ba, bool bd, bool absorb_into_q) -> any_projection<T> {
-    if (!bd) return make_dense_projection<T>(wa, ba, fin);
+    if (!bd) return make_dense_projection<T>(wa, ba, false);
     std::vector<matrix_view<const TI>> heads;
     for (index_t g = 0; g < Hkv; ++g) heads.push_back(wa.block(0, g * d, dm, d));
-    const shared_basis sb = factorize<T>(heads, opt.prepare);
-    if (fin) ::basisattn::detail::require_finite(ba, Hkv * d, "bias");
+    const shared_basis sb = factorize<T>(heads, scanned);
     bd_projection<T> p = make_bd_projection<T>(sb, detail::head_pointers(ba, Hkv, d));
     if (opt.prepare.round == rounding::error_aware) {
       // B_g: for the V/O pair the rows of W_O of the group's query heads; for Q/K the transposed
@@ -373,6 +374,8 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
     ::basisattn::detail::require_finite(w.wkv_b, "prepare_mla: wkv_b");
     ::basisattn::detail::require_finite(w.wo, "prepare_mla: wo");
   }
+  prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
+  scanned.check_finite = false;
   mla_layer<T> out;
   out.config = cfg;
   out.kv_a_norm.resize(static_cast<std::size_t>(L));
@@ -407,12 +410,12 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   if (opt.sharing == basis_sharing::joint) {
     std::vector<matrix_view<const TI>> all = kh;
     all.insert(all.end(), vh.begin(), vh.end());
-    sk = factorize<T>(all, opt.prepare);
+    sk = factorize<T>(all, scanned);
     pk = make_bd_projection<T, TI>(sk, {}, 0, H);
     pv = make_bd_projection<T, TI>(sk, {}, H, H);
   } else {
-    sk = factorize<T>(kh, opt.prepare);
-    sv = factorize<T>(vh, opt.prepare);
+    sk = factorize<T>(kh, scanned);
+    sv = factorize<T>(vh, scanned);
     pk = make_bd_projection<T, TI>(sk);
     pv = make_bd_projection<T, TI>(sv);
   }
