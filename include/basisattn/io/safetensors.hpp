@@ -56,6 +56,14 @@ inline std::uint64_t json_u64(const nlohmann::json& j, const std::string& where)
                     "safetensors: ", where, " must be a non-negative integer, got ", j.dump());
   return j.get<std::uint64_t>();
 }
+/// A positive integer below 2^31 under `key` of the JSON object `j` (a config.json, a BD checkpoint's
+/// config); errc::io naming `where` otherwise.
+inline index_t json_dim(const nlohmann::json& j, const char* key, const std::string& where) {
+  BASISATTN_REQUIRE(j.contains(key) && j[key].is_number_integer() && j[key].get<std::int64_t>() > 0 &&
+                        j[key].get<std::int64_t>() < (std::int64_t(1) << 31),
+                    io, where, ": '", key, "' missing or not a positive integer");
+  return static_cast<index_t>(j[key].get<std::int64_t>());
+}
 }  // namespace detail
 
 /// Parse a safetensors file held in memory (takes ownership of the bytes).
