@@ -20,7 +20,7 @@
 //   second of the exact run (the kernel has no tensor cores; fp32 data here).
 //   Google Benchmark appends /iterations:<n>/manual_time to every name below.
 //
-// BM_conv_cuda/n:<n>/d:<d>/k:<k>: conv-basis attention (conv::run(ctx, plan, ...), fp32
+// BM_conv_cuda/n:<n>/d:<d>/k:<k>: conv-basis attention (conv::run on conv::upload(ctx, plan), fp32
 //   storage, default options: causal, FFTs in double) against exact CUDA attention, one head, causal;
 //   the data of bench_conv (RoPE heads whose key content switches at 4 evenly spaced positions, noise
 //   0.01, v N(0, 1)). The workspace and the cuFFT plan cache are made once, outside the loop.
@@ -29,11 +29,11 @@
 //     err        ||Y_conv - Y_exact||_F / ||Y_exact||_F against the exact CUDA output (fp32), both
 //                copied back once after the loop
 //     est        the run's own estimate (report::max_estimated_error(), 8 sampled rows)
-//     fell_back  heads recomputed exactly (report::fallbacks; the default tolerance is infinite)
+//     fell_back  heads recomputed exactly (report::fallbacks; tolerance set to infinity here: never)
 //     repaired_rows, anchors, plan_ms, setup_s
 //
 // BM_support_cuda/n:<n>/d:<d>/deg:<g>/T_milli:<t>/sketch:<m>: support-basis attention
-//   (support::run(ctx, plan, ...), fp32 storage) against exact CUDA attention, 2 heads, causal; the
+//   (support::run on support::upload(ctx, plan), fp32 storage) against exact CUDA attention, 2 heads, causal; the
 //   data and options of bench_support (entries N(0, 0.08^2) with 2% outlier rows N(0, 1), v N(0, 1);
 //   max_degree g, threshold t / 1000, sketch size m (0: exact monomial features), target_error 1e-12,
 //   infinite tolerance, max_features 2^20). The workspace is allocated once. Counters:
@@ -220,19 +220,20 @@ void BM_conv_cuda(benchmark::State& state) {
     attention_options ao;
     ao.causal = plan.opt.causal;
     ao.scale = plan.scale;
-    device_buffer<unsigned char> ws(static_cast<index_t>(conv::workspace_bytes(ctx, plan, d)));
+    const conv::device_plan dplan = conv::upload(ctx, plan);  // once, as an engine would
+    device_buffer<unsigned char> ws(static_cast<index_t>(conv::workspace_bytes(ctx, dplan, d)));
     cufft_plan_cache fft_plans;
 
     // warm-up: module loading, the cuFFT plans
     warm_exact(ctx, qv, kv, vv, ev, ao);
-    conv::report rep = conv::run<float>(ctx, plan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans);
+    conv::report rep = conv::run<float>(ctx, dplan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans);
     ctx.synchronize();
     state.counters["setup_s"] = seconds_since(t0);
 
     std::vector<double> se, sc;
     timed_pairs(
         state, ctx, l2, [&] { attention<float>(ctx, qv, kv, vv, ev, ao); },
-        [&] { rep = conv::run<float>(ctx, plan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans); }, se, sc);
+        [&] { rep = conv::run<float>(ctx, dplan, qv, kv, vv, cv, ws.data(), ws.bytes(), fft_plans); }, se, sc);
     ctx.synchronize();
     const double err = rel_error(download(ctx, y_conv), download(ctx, y_exact));
     const double me = median(se), mc = median(sc);
@@ -375,19 +376,20 @@ void BM_support_cuda(benchmark::State& state) {
     attention_options ao;
     ao.causal = plan.options.causal;
     ao.scale = plan.shape.scale;
-    device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, plan, d)));
+    const support::device_plan dplan = support::upload(ctx, plan);  // once, as an engine would
+    device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, dplan, d)));
     std::vector<support::head_report> rep(static_cast<std::size_t>(support_heads));
 
     // warm-up: module loading, cuBLAS heuristics
     warm_exact(ctx, qv, kv, vv, ev, ao);
-    support::run<float>(ctx, plan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data());
+    support::run<float>(ctx, dplan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data());
     ctx.synchronize();
     state.counters["setup_s"] = seconds_since(t0);
 
     std::vector<double> se, ss;
     timed_pairs(
         state, ctx, l2, [&] { attention<float>(ctx, qv, kv, vv, ev, ao); },
-        [&] { support::run<float>(ctx, plan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data()); }, se, ss);
+        [&] { support::run<float>(ctx, dplan, qv, kv, vv, sv, ws.data(), ws.bytes(), rep.data()); }, se, ss);
     ctx.synchronize();
     const std::vector<float> exact = download(ctx, y_exact);
     const double err = rel_error(download(ctx, y_sup), exact);

@@ -290,10 +290,11 @@ struct outcome {
 };
 
 /// Plan on the host, run on the CPU and on the GPU with the same plan, compare them and the oracle
-/// (header comment). chunk_bytes bounds the FFT chunk (1: one block per chunk).
+/// (header comment). chunk_bytes bounds the FFT chunk (1: one block per chunk). uploaded: the GPU runs
+/// on conv::upload's device_plan (the same checks apply: the run must not depend on where the plan is).
 template <class T>
 outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test::qkv& x, const conv::options& o,
-                   std::size_t chunk_bytes = std::size_t(1) << 30) {
+                   std::size_t chunk_bytes = std::size_t(1) << 30, bool uploaded = false) {
   const double uT = test::u<T>(), etaT = test::eta<T>();
   const auto qh = to_storage<T>(x.q), kh = to_storage<T>(x.k), vh = to_storage<T>(x.v);
   const test::qkv xs = stored_values<T>(x);
@@ -312,8 +313,15 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   poison(ctx, dout);
   poison(ctx, ws);
   // an odd workspace pointer: the run aligns it itself
-  r.gpu = conv::run<T>(ctx, p, dq.view(), dk.view(), dv.view(),
-                       tensor3_view<T>(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1), ws.data() + 5, bytes, plans);
+  const tensor3_view<T> out(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1);
+  if (uploaded) {
+    const conv::device_plan dp = conv::upload(ctx, p);
+    CHECK(conv::workspace_bytes(ctx, dp, x.dv, chunk_bytes) == bytes);
+    r.gpu = conv::run<T>(ctx, dp, dq.view(), dk.view(), dv.view(), out, ws.data() + 5, bytes, plans);
+    ctx.synchronize();  // before dp is freed
+  } else {
+    r.gpu = conv::run<T>(ctx, p, dq.view(), dk.view(), dv.view(), out, ws.data() + 5, bytes, plans);
+  }
   ctx.synchronize();
   std::vector<T> got(static_cast<std::size_t>(x.n * x.hq * ldo));
   dout.download(ctx, got.data(), x.n * x.hq * ldo);
@@ -686,9 +694,9 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: k = n on unstructured 
     o.k = x.n;
     o.causal = causal;
     o.fft_tolerance = 1e-11;
-    INFO("causal " << causal << ": all blocks of a head in one chunk, then one block per chunk");
+    INFO("causal " << causal << ": all blocks of a head in one chunk, then one block per chunk (uploaded plan)");
     const auto all = check_case<float>(ctx, plans, x, o);
-    const auto one = check_case<float>(ctx, plans, x, o, 1);
+    const auto one = check_case<float>(ctx, plans, x, o, 1, true);
     // chunking changes the order of the double sums only: both within F of y*, one rounding each
     const double e = nerr_between(all.got, one.got), tol = two_run_tolerance(all, one, test::u<float>());
     INFO("chunked vs not: nerr " << e << " (bound " << tol << ")");
@@ -759,6 +767,8 @@ TEST_CASE("CUDA conv-basis attention: error estimate and exact fallback agree wi
   o.tolerance = 0.05;
   const auto f = check_case<float>(ctx, plans, x, o);
   CHECK(f.gpu.fallbacks == x.hq);
+  const auto fu = check_case<float>(ctx, plans, x, o, std::size_t(1) << 30, true);  // sampled rows from the upload
+  CHECK(fu.gpu.fallbacks == x.hq);
   o.check_rows = 0;  // no estimate, no fallback
   check_case<float>(ctx, plans, x, o);
 }
@@ -881,4 +891,13 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
       conv::make_plan<float>(cpu{}, tensor3_view<const float>(wq.data(), wide.n, 1, wide.d),
                              tensor3_view<const float>(wk.data(), wide.n, 1, wide.d), test::no_fallback());
   test::expect_error([&] { (void)conv::workspace_bytes(ctx, pw, 4); }, errc::unsupported, "256");
+  // an empty plan or device_plan
+  test::expect_error([&] { (void)conv::upload(ctx, conv::plan{}); }, errc::invalid_argument, "empty");
+  const conv::device_plan none;
+  test::expect_error([&] { conv::run<float>(ctx, none, dq.view(), dk.view(), dv.view(), O, ws.data(), bytes); },
+                     errc::invalid_argument, "empty");
+  // the uploaded plan checks q and k like the plan
+  const conv::device_plan dp = conv::upload(ctx, p);
+  test::expect_error([&] { conv::run<float>(ctx, dp, dq.view(), dk2.view(), dv.view(), O, ws.data(), bytes); },
+                     errc::invalid_argument, "differ from those the plan");
 }

@@ -504,12 +504,23 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
   const device_tensor<T> dq(ctx, q, nan), dk(ctx, k, nan), dv(ctx, v, nan);
   device_tensor<T> dout(ctx, want, 0.0);
   device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, plan, pr.d_v)));
+  // Run 0 on the host plan; runs 1 and 2 on the uploaded plan (tables in device memory, a workspace
+  // without them), each on a dirty (re-poisoned) workspace.
+  const support::device_plan dplan = support::upload(ctx, plan);
+  const std::size_t dws_bytes = support::workspace_bytes(ctx, dplan, pr.d_v);
+  CHECK(dws_bytes < ws.bytes());
+  CHECK(dws_bytes + dplan.bytes() >= ws.bytes() - basisattn::detail::cuda_workspace_align);
   const double tol = o.tolerance;
-  for (int run = 0; run < 2; ++run) {  // the second run reuses the plan and a dirty (re-poisoned) workspace
+  for (int run = 0; run < 3; ++run) {
     poison(ctx, dout.buf);
     poison(ctx, ws);
     std::vector<support::head_report> gpu_rep(static_cast<std::size_t>(pr.h_q));
-    support::run<T>(ctx, plan, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), ws.bytes(), gpu_rep.data());
+    if (run == 0)
+      support::run<T>(ctx, plan, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), ws.bytes(),
+                      gpu_rep.data());
+    else
+      support::run<T>(ctx, dplan, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), dws_bytes,
+                      gpu_rep.data());
     ctx.synchronize();
     index_t non_finite = 0, padding_touched = 0;
     dout.download(ctx, got, non_finite, padding_touched);
@@ -940,6 +951,85 @@ errc code_of(F&& f) {
   return errc::io;  // "no error" marker for these checks
 }
 
+/// A run on an uploaded plan with check_rows = 0, check_finite = false and no report, captured in a
+/// CUDA graph and replayed twice (the second time on new values of v written into the same buffer):
+/// capture must succeed (no host copy, allocation or wait inside the run) and each replay must match
+/// the CPU run on the values current at its launch, on the heads without unsure rows (as compare_backends).
+void graph_capture_case() {
+  const std::uint64_t seed = cudatest::test_seed("support graph capture");
+  INFO("seed " << seed);
+  std::mt19937_64 g(seed);
+  cuda_context ctx;
+  const index_t n = 70, hq = 4, hkv = 2, d = 16, dv = 8;
+  host_tensor<float> q(n, hq, d), k(n, hkv, d), v(n, hkv, dv), v2(n, hkv, dv), want(n, hq, dv), got(n, hq, dv);
+  q.fill(g, 0.1, 0.15, 20);
+  k.fill(g, 0.1, 0.15, 20);
+  v.fill(g, 1.0);
+  v2.fill(g, 1.0);
+  support::options o;
+  o.threshold = 0.5;
+  o.max_degree = 2;
+  o.target_error = 1e-14;
+  o.block = 32;
+  o.check_rows = 0;
+  o.check_finite = false;
+  const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
+  const std::vector<double> qd = values_of(q), kd = values_of(k);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan), dv2(ctx, v2, nan);
+  device_tensor<float> dout(ctx, want, 0.0);
+  const support::device_plan dplan = support::upload(ctx, plan);
+  device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, dplan, dv)));
+  const cudaStream_t st = ctx.stream();
+  cudaGraph_t graph = nullptr;
+  REQUIRE(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+  std::string thrown;
+  try {
+    support::run<float>(ctx, dplan, dq.cview(), dk.cview(), dvv.cview(), dout.view(), ws.data(), ws.bytes());
+  } catch (const basisattn::error& e) {
+    thrown = e.what();
+  }
+  const cudaError_t end = cudaStreamEndCapture(st, &graph);
+  INFO("run during capture: " << (thrown.empty() ? "no error" : thrown));
+  REQUIRE(thrown.empty());
+  REQUIRE(end == cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+  for (int replay = 0; replay < 2; ++replay) {
+    const host_tensor<float>& vv = replay == 0 ? v : v2;
+    if (replay == 1)
+      REQUIRE(cudaMemcpyAsync(dvv.buf.data(), dv2.buf.data(), dvv.buf.bytes(), cudaMemcpyDeviceToDevice, st) ==
+              cudaSuccess);
+    poison(ctx, dout.buf);
+    REQUIRE(cudaGraphLaunch(exec, st) == cudaSuccess);
+    ctx.synchronize();
+    index_t non_finite = 0, padding_touched = 0;
+    dout.download(ctx, got, non_finite, padding_touched);
+    CHECK(non_finite == 0);
+    CHECK(padding_touched == 0);
+    support::run(cpu{}, plan, q.cview(), k.cview(), vv.cview(), want.view());
+    double vmax = 0;
+    for (float x : vv.buf) vmax = std::max(vmax, double(std::abs(x)));
+    double num = 0, den = 0;
+    index_t compared = 0;
+    for (index_t h = 0; h < hq; ++h) {
+      if (forecast_rows(plan, qd, kd, vmax, h).unsure > 0) continue;
+      ++compared;
+      for (index_t i = 0; i < n; ++i)
+        for (index_t c = 0; c < dv; ++c) {
+          const double x = got.at(i, h, c), y = want.at(i, h, c);
+          num += (x - y) * (x - y);
+          den += y * y;
+        }
+    }
+    INFO("replay " << replay << ": " << compared << " heads compared, nerr " << std::sqrt(num / den));
+    REQUIRE(compared > 0);
+    CHECK(std::sqrt(num / den) <= tolerance<float>());
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 template <class F>
 std::string message_of(F&& f) {
   try {
@@ -956,6 +1046,7 @@ TEST_CASE("CUDA support-basis attention matches the CPU backend: fp32") { suite<
 TEST_CASE("CUDA support-basis attention matches the CPU backend: fp16") { suite<Eigen::half>(); }
 TEST_CASE("CUDA support-basis attention matches the CPU backend: bf16") { suite<Eigen::bfloat16>(); }
 TEST_CASE("CUDA support-basis attention, small cases for compute-sanitizer", "[sanitize]") { sanitize_suite(); }
+TEST_CASE("CUDA support-basis: a run on an uploaded plan can be captured in a CUDA graph") { graph_capture_case(); }
 TEST_CASE("CUDA support-basis attention at 65536 tokens against the double oracle: fp16, causal", "[large]") {
   support_large<Eigen::half>(true);
 }
@@ -1267,4 +1358,15 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
   }
   // workspace_bytes validates d_v
   CHECK(code_of([&] { (void)support::workspace_bytes(ctx, plan, 0); }) == errc::invalid_argument);
+  // an empty plan or device_plan; the uploaded plan's own workspace check
+  CHECK(code_of([&] { (void)support::upload(ctx, support::plan{}); }) == errc::invalid_argument);
+  const support::device_plan none;
+  CHECK(message_of([&] {
+          support::run<float>(ctx, none, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), ws.bytes());
+        }).find("empty") != std::string::npos);
+  const support::device_plan dp = support::upload(ctx, plan);
+  const std::size_t dneed = support::workspace_bytes(ctx, dp, pr.d_v);
+  CHECK(message_of([&] {
+          support::run<float>(ctx, dp, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), dneed - 300);
+        }).find("workspace") != std::string::npos);
 }

@@ -10,6 +10,11 @@
 // and call conv::make_plan(cpu{}, q_host, k_host, opt) there (the CPU recovery costs O(k n d) per
 // head plus the anchor search). A plan is reusable for any number of runs with the same q and k.
 //
+//   conv::device_plan conv::upload(ctx, plan)
+//       The plan's kernels, FFT block tables and sampled rows copied to device memory once (allocates,
+//       waits for the stream). Every entry point below takes a plan or a device_plan; on a device_plan
+//       a run copies nothing of the plan from the host (on a plan it copies up to 2 k n doubles per
+//       head from pageable memory per run). The workspace is the same for both.
 //   std::size_t conv::workspace_bytes(ctx, plan, d_v, max_chunk_bytes = 1 GiB)
 //       Device bytes of the caller-owned workspace of a run with d_v value channels. The blocks of a
 //       head are transformed in chunks; a chunk of c blocks needs c (d_v + 1) (nf + 2) reals of FFT
@@ -33,7 +38,8 @@
 //       Synchronises ctx's stream: once after scanning q, k, v (checksums and NaN/Inf), once per head
 //       with fft_precision::f32_checked (the precision decision), and once at the end (the report and
 //       the fallback decision come back to the host); exact fallbacks are then enqueued and the call
-//       returns without waiting for them. Not for CUDA graphs.
+//       returns without waiting for them. Not for CUDA graphs, even on a device_plan: the precision
+//       choice and the fallback are decided on the host from device results.
 //   No backward pass on the GPU: conv::backward runs on the CPU only (<basisattn/cpu/conv.hpp>).
 //
 // Errors: the CPU run's, with the same codes and messages (shapes, the plan's extents, q or k other
@@ -79,7 +85,7 @@
 // Cost: per head O(k (2 d_v + 1) nf log nf) for the FFTs, with nf ~ 2n for every block (about twice
 // the CPU's FFT work for evenly spread anchors: the price of one plan for everything), plus O(k n)
 // for the prefix sums and denominators. The plan's kernels (up to 2 k n doubles per head) are copied
-// from pageable host memory every run.
+// from pageable host memory every run, unless the plan was uploaded (conv::upload).
 //
 // Workspace (each piece 256-byte aligned, in this order): scan results of q, k, v; per-head results
 // (repaired rows, largest bound, bound ratio, sampled-row errors); per-head scalars (g, max |v|);
@@ -236,6 +242,81 @@ inline bool cuda_checksum_agrees(double device_sum, double abs_sum, double plan_
 
 }  // namespace detail
 
+/// A plan resident on the device: made by upload(ctx, plan), it holds the host plan (moved or copied in)
+/// and, in device memory, every head's kernels, FFT block table and sampled rows, so a run on it copies
+/// nothing from the host. Movable, not copyable.
+class device_plan {
+ public:
+  device_plan() = default;
+  /// The host plan it was uploaded from.
+  const plan& host() const noexcept { return host_; }
+  /// Device bytes of the uploaded tables.
+  std::size_t bytes() const noexcept { return data_.bytes(); }
+  bool empty() const noexcept { return data_.empty(); }
+  /// Head h's kernels, block table and sampled rows in device memory (internal to run).
+  const double* kernels(index_t h) const noexcept { return at<double>(kernel_off_[std::size_t(h)]); }
+  const basisattn::detail::cuda_kernels::conv_item* items(index_t h) const noexcept {
+    return at<basisattn::detail::cuda_kernels::conv_item>(item_off_[std::size_t(h)]);
+  }
+  const long long* rows(index_t h) const noexcept { return at<long long>(row_off_[std::size_t(h)]); }
+
+ private:
+  friend device_plan upload(const cuda_context& ctx, plan p);
+  template <class U>
+  const U* at(std::size_t off) const noexcept {
+    return reinterpret_cast<const U*>(data_.data() + off);
+  }
+  plan host_;
+  device_buffer<unsigned char> data_;
+  std::vector<std::size_t> kernel_off_, item_off_, row_off_;
+};
+
+/// Upload a plan made by make_plan(cpu{}, ...) once (cudaMalloc + copies, then waits for ctx's stream):
+/// runs on the device_plan then skip the per-run copies of the kernels (up to 2 k n doubles per head)
+/// from pageable host memory. Pass the plan with std::move to avoid a host copy.
+inline device_plan upload(const cuda_context& ctx, plan p) {
+  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty() && p.heads.size() == static_cast<std::size_t>(p.h_q), invalid_argument,
+                    "conv::upload: the plan is empty (make it with conv::make_plan)");
+  namespace ck = basisattn::detail::cuda_kernels;
+  device_plan dp;
+  dp.host_ = std::move(p);
+  const plan& hp = dp.host_;
+  const std::size_t heads = static_cast<std::size_t>(hp.h_q);
+  std::vector<std::vector<ck::conv_item>> items(heads);
+  std::vector<std::vector<long long>> rows(heads);
+  basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(detail::cuda_layout::align);
+  dp.kernel_off_.resize(heads);
+  dp.item_off_.resize(heads);
+  dp.row_off_.resize(heads);
+  for (std::size_t h = 0; h < heads; ++h) {
+    const head_plan& pl = hp.heads[h];
+    detail::head_items(hp, static_cast<index_t>(h), items[h]);
+    const std::vector<index_t> picked =
+        detail::sampled_rows(hp.n, hp.opt.check_rows, hp.opt.seed + std::uint64_t(h) * 7919u);
+    rows[h].assign(picked.begin(), picked.end());
+    const std::size_t nk = pl.lower.values.size() + (hp.opt.causal ? 0 : pl.upper.values.size());
+    dp.kernel_off_[h] = w.take(std::max<std::size_t>(1, nk * sizeof(double)));
+    dp.item_off_[h] = w.take(std::max<std::size_t>(1, items[h].size() * sizeof(ck::conv_item)));
+    dp.row_off_[h] = w.take(std::max<std::size_t>(1, rows[h].size() * sizeof(long long)));
+  }
+  dp.data_ = device_buffer<unsigned char>(static_cast<index_t>(w.bytes()));
+  const cudaStream_t st = ctx.stream();
+  auto put = [&](std::size_t off, const void* src, std::size_t bytes) {
+    if (bytes > 0) BASISATTN_CUDA_CHECK(cudaMemcpyAsync(dp.data_.data() + off, src, bytes, cudaMemcpyHostToDevice, st));
+  };
+  for (std::size_t h = 0; h < heads; ++h) {
+    const head_plan& pl = hp.heads[h];
+    put(dp.kernel_off_[h], pl.lower.values.data(), pl.lower.values.size() * sizeof(double));
+    if (!hp.opt.causal)
+      put(dp.kernel_off_[h] + pl.lower.values.size() * sizeof(double), pl.upper.values.data(),
+          pl.upper.values.size() * sizeof(double));
+    put(dp.item_off_[h], items[h].data(), items[h].size() * sizeof(ck::conv_item));
+    put(dp.row_off_[h], rows[h].data(), rows[h].size() * sizeof(long long));
+  }
+  ctx.synchronize();  // the host staging vectors die on return
+  return dp;
+}
+
 /// See the top of this header.
 inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v,
                                    std::size_t max_chunk_bytes = std::size_t(1) << 30) {
@@ -249,13 +330,20 @@ inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d
   return detail::make_cuda_layout(s, c).total;
 }
 
-/// See the top of this header.
+/// The same for a run on an uploaded plan (the workspace is laid out alike).
+inline std::size_t workspace_bytes(const cuda_context& ctx, const device_plan& p, index_t d_v,
+                                   std::size_t max_chunk_bytes = std::size_t(1) << 30) {
+  return workspace_bytes(ctx, p.host(), d_v, max_chunk_bytes);
+}
+
+namespace detail {
+
+/// The run of the public overloads: the head's kernels, block table and sampled rows are copied from
+/// the host plan into the workspace (dp null) or read from the uploaded plan dp (whose host() is p).
 template <class T>
-report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
-           std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
-  static_assert(supports_storage_v<cuda, T>, "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+report run_cuda(const cuda_context& ctx, const plan& p, const device_plan* dp, tensor3_view<const T> q,
+                tensor3_view<const T> k, tensor3_view<const T> v, tensor3_view<T> out, void* workspace,
+                std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
   namespace ck = basisattn::detail::cuda_kernels;
   const char* fn = "conv::run(cuda)";
   const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
@@ -361,13 +449,18 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
     hp.repaired = res;
     hp.worst_bits = res + 1;
     hp.ratio_bits = res + 2;
-    BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev, pl.lower.values.data(), pl.lower.values.size() * sizeof(double),
-                                         cudaMemcpyHostToDevice, st));
-    if (!p.opt.causal && !pl.upper.values.empty())
-      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev + pl.lower.values.size(), pl.upper.values.data(),
-                                           pl.upper.values.size() * sizeof(double), cudaMemcpyHostToDevice, st));
-    BASISATTN_CUDA_CHECK(
-        cudaMemcpyAsync(items_dev, items.data(), items.size() * sizeof(ck::conv_item), cudaMemcpyHostToDevice, st));
+    if (dp) {
+      hp.kernels = dp->kernels(h);
+      hp.items = dp->items(h);
+    } else {
+      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev, pl.lower.values.data(), pl.lower.values.size() * sizeof(double),
+                                           cudaMemcpyHostToDevice, st));
+      if (!p.opt.causal && !pl.upper.values.empty())
+        BASISATTN_CUDA_CHECK(cudaMemcpyAsync(kernels_dev + pl.lower.values.size(), pl.upper.values.data(),
+                                             pl.upper.values.size() * sizeof(double), cudaMemcpyHostToDevice, st));
+      BASISATTN_CUDA_CHECK(
+          cudaMemcpyAsync(items_dev, items.data(), items.size() * sizeof(ck::conv_item), cudaMemcpyHostToDevice, st));
+    }
     BASISATTN_CUDA_CHECK(cudaMemsetAsync(hp.num, 0, sizeof(double) * std::size_t(n) * std::size_t(d_v), st));
     ck::launch_conv_load_values(hp, v.data, hk, vs.data(), st);
 
@@ -411,11 +504,12 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
     rows.assign(picked.begin(), picked.end());
     hr.checked_rows = static_cast<index_t>(rows.size());
     if (!rows.empty()) {
-      BASISATTN_CUDA_CHECK(
-          cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
+      if (!dp)
+        BASISATTN_CUDA_CHECK(
+            cudaMemcpyAsync(rows_dev, rows.data(), rows.size() * sizeof(long long), cudaMemcpyHostToDevice, st));
       double* err = reinterpret_cast<double*>(res + 3);
       ck::launch_conv_exact_rows(hp, q.data, qs.data(), k.data, ks.data(), h, hk, p.d_qk, p.scale, p.opt.causal,
-                                 rows_dev, static_cast<int>(rows.size()), err, err + sz.samples, st);
+                                 dp ? dp->rows(h) : rows_dev, static_cast<int>(rows.size()), err, err + sz.samples, st);
     }
   }
 
@@ -455,9 +549,33 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
   return rep;
 }
 
-/// Same, with cuFFT plans made for this call only.
+}  // namespace detail
+
+/// See the top of this header.
 template <class T>
 report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+           std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
+  static_assert(supports_storage_v<cuda, T>, "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  return detail::run_cuda<T>(ctx, p, nullptr, q, k, v, out, workspace, workspace_bytes, fft_plans);
+}
+
+/// The same on an uploaded plan: nothing of the plan is copied from the host.
+template <class T>
+report run(const cuda_context& ctx, const device_plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+           std::size_t workspace_bytes, cufft_plan_cache& fft_plans) {
+  static_assert(supports_storage_v<cuda, T>, "conv::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  BASISATTN_REQUIRE(!p.empty(), invalid_argument,
+                    "conv::run(cuda): the device_plan is empty (make it with conv::upload)");
+  return detail::run_cuda<T>(ctx, p.host(), &p, q, k, v, out, workspace, workspace_bytes, fft_plans);
+}
+
+/// Same, with cuFFT plans made for this call only. P is a plan or a device_plan.
+template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
+report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
            std::size_t workspace_bytes) {
@@ -467,13 +585,18 @@ report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisatt
   return r;
 }
 
-/// Same, allocating the workspace (and the cuFFT plans) for this call.
-template <class T>
-report run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+/// Same, allocating the workspace (and the cuFFT plans) for this call. P is a plan or a device_plan.
+template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
+report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run(cuda): v has d_v = ", v.extent[2], " < 1");
-  BASISATTN_REQUIRE(p.n >= 1 && !p.heads.empty(), invalid_argument,
+  const plan* hp = nullptr;
+  if constexpr (std::is_same_v<P, plan>)
+    hp = &p;
+  else
+    hp = &p.host();
+  BASISATTN_REQUIRE(hp->n >= 1 && !hp->heads.empty(), invalid_argument,
                     "conv::run(cuda): the plan is empty (make it with conv::make_plan)");
   const std::size_t bytes = workspace_bytes(ctx, p, v.extent[2]);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));

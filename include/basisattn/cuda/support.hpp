@@ -5,7 +5,8 @@
 // <basisattn/cuda/kernels.cuh> in one .cu file; the products of features and states are cuBLAS GEMMs
 // (fp32, CUBLAS_COMPUTE_32F: no TF32).
 //
-// Public entry points (namespace basisattn::support):
+// Public entry points (namespace basisattn::support; `plan` is a plan or a device_plan):
+//   upload(ctx, plan) -> device_plan       the plan's tables in device memory, once (allocates, waits)
 //   workspace_bytes(ctx, plan, d_v)        device workspace bytes run(ctx, ...) needs
 //   run(ctx, plan, q, k, v, out, workspace, bytes, report = nullptr)
 //                                          support-basis attention of device tensors; allocates nothing
@@ -17,11 +18,15 @@
 // applied). The plan is what decides R, C, the buckets and the polynomials, so a run on other q or k
 // is silently wrong: unlike the CPU run, run(ctx, ...) cannot compare checksums of device data with
 // the plan's (the summation order of a device checksum would differ), so extents and storage type are
-// checked and the values are the caller's responsibility. Each run uploads what it needs of the plan
-// (row buckets, the C key lists, the k_poly_prefix counts, the pair coefficients and shifts, the
-// feature tables and sketch sign matrices) into the first part of the caller's workspace, with
-// cudaMemcpyAsync from the plan's (pageable) host vectors: those copies wait for the stream, so the
-// plan may be destroyed as soon as run returns. The plan is not modified.
+// checked and the values are the caller's responsibility. A run on a host plan uploads what it needs
+// of the plan (row buckets, the C key lists, the k_poly_prefix counts, the pair coefficients and
+// shifts, the feature tables and sketch sign matrices) into the first part of the caller's workspace,
+// with cudaMemcpyAsync from the plan's (pageable) host vectors: those copies wait for the stream, so
+// the plan may be destroyed as soon as run returns. The plan is not modified. upload(ctx, plan) makes
+// those copies once into a device_plan; runs on it copy nothing from the host, need a workspace
+// smaller by the tables, and with options.check_rows = 0, options.check_finite = false and no report
+// only enqueue work on ctx's stream (kernels and cuBLAS GEMMs, no copy, allocation or wait), which
+// is what capturing them in a CUDA graph needs. (Capture itself has not yet run on a GPU here.)
 //
 // Layout and mask as on the CPU (<basisattn/support.hpp>): q [n_q, H_q, d], k [n_kv, H_kv, d],
 // v [n_kv, H_kv, d_v], out [n_q, H_q, d_v], device memory, any element strides; GQA (query head h uses
@@ -117,18 +122,22 @@ inline constexpr std::size_t cuda_ws_align = basisattn::detail::cuda_workspace_a
 /// heads, then one head's fp32 buffers.
 struct cuda_layout {
   index_t blk = 0, r = 0, g = 0, nl = 0, samples = 0, dv = 0, coef_stride = 0;
-  // plan tables (all heads) and per-head results
+  // plan tables (all heads): in the workspace, or in a device_plan (then sized 0 here)
   std::size_t qb = 0, kb = 0, kpre = 0, ckeys = 0, coef = 0, shift = 0;
   std::size_t parent = 0, var = 0, ratio = 0, degree_of = 0, proj = 0;
+  std::size_t tables_end = 0;  ///< end of the plan tables
+  // per-head results, zeroed at the start of a run
   std::size_t err = 0, y = 0, summary = 0, bad = 0, na = 0, nonfinite = 0;
-  std::size_t tables_end = 0;  ///< bytes zeroed at the start of a run
+  std::size_t results_end = 0;
   // one head's buffers (fp32 unless noted)
   std::size_t Q = 0, K = 0, V = 0, num = 0, den = 0, m = 0, dpoly = 0, flags = 0, arows = 0;
   std::size_t xq = 0, xk = 0, phi = 0, psi = 0, sk = 0, vx = 0, tmp = 0, st = 0, s = 0;
   std::size_t total = 0;
 };
 
-inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
+/// with_tables = false: the plan tables live in a device_plan, so the workspace keeps no room for them
+/// (their offsets are then those of make_cuda_layout(p, dv, true), relative to the device_plan's buffer).
+inline cuda_layout make_cuda_layout(const plan& p, index_t dv, bool with_tables = true) {
   const auto& sh = p.shape;
   const feature_map& fm = p.features;
   cuda_layout L;
@@ -144,24 +153,26 @@ inline cuda_layout make_cuda_layout(const plan& p, index_t dv) {
   basisattn::detail::workspace_carver w = basisattn::detail::workspace_carver::relative(cuda_ws_align);
   auto take = [&](std::size_t bytes) { return w.take(std::max<std::size_t>(bytes, 1)); };
   auto n_of = [](index_t n, std::size_t size) { return static_cast<std::size_t>(n) * size; };
-  L.qb = take(n_of(sh.h_q * sh.n_q, 1));
-  L.kb = take(n_of(sh.h_kv * sh.n_kv, 1));
-  L.kpre = take(n_of(sh.h_kv * (sh.n_kv + 1), sizeof(index_t)));
-  L.ckeys = take(n_of(sh.h_kv * sh.n_kv, sizeof(index_t)));
-  L.coef = take(n_of(sh.h_q * L.coef_stride, sizeof(double)));
-  L.shift = take(n_of(sh.h_q * L.nl, sizeof(double)));
-  L.parent = take(n_of(static_cast<index_t>(fm.parent.size()), sizeof(index_t)));
-  L.var = take(n_of(static_cast<index_t>(fm.var.size()), sizeof(index_t)));
-  L.ratio = take(n_of(static_cast<index_t>(fm.ratio.size()), sizeof(double)));
-  L.degree_of = take(n_of(nfeat, sizeof(int)));
-  L.proj = take(n_of(static_cast<index_t>(fm.proj_f.size()), sizeof(float)));
+  auto t_of = [&](index_t n, std::size_t size) { return with_tables ? n_of(n, size) : std::size_t(0); };
+  L.qb = take(t_of(sh.h_q * sh.n_q, 1));
+  L.kb = take(t_of(sh.h_kv * sh.n_kv, 1));
+  L.kpre = take(t_of(sh.h_kv * (sh.n_kv + 1), sizeof(index_t)));
+  L.ckeys = take(t_of(sh.h_kv * sh.n_kv, sizeof(index_t)));
+  L.coef = take(t_of(sh.h_q * L.coef_stride, sizeof(double)));
+  L.shift = take(t_of(sh.h_q * L.nl, sizeof(double)));
+  L.parent = take(t_of(static_cast<index_t>(fm.parent.size()), sizeof(index_t)));
+  L.var = take(t_of(static_cast<index_t>(fm.var.size()), sizeof(index_t)));
+  L.ratio = take(t_of(static_cast<index_t>(fm.ratio.size()), sizeof(double)));
+  L.degree_of = take(t_of(nfeat, sizeof(int)));
+  L.proj = take(t_of(static_cast<index_t>(fm.proj_f.size()), sizeof(float)));
+  L.tables_end = w.bytes();
   L.err = take(n_of(L.samples, sizeof(double)));
   L.y = take(n_of(L.samples * dv, sizeof(double)));
   L.summary = take(n_of(2 * sh.h_q, sizeof(double)));
   L.bad = take(n_of(sh.h_q, sizeof(unsigned long long)));
   L.na = take(n_of(sh.h_q, sizeof(unsigned long long)));
   L.nonfinite = take(sizeof(unsigned long long));
-  L.tables_end = w.bytes();
+  L.results_end = w.bytes();
   auto f = [&](index_t n) { return take(n_of(n, sizeof(float))); };
   L.Q = f(sh.n_q * d);
   L.K = f(sh.n_kv * d);
@@ -209,59 +220,65 @@ void cuda_download(const cuda_context& ctx, U* dst, const void* src, std::size_t
   ctx.synchronize();
 }
 
-/// One run's state: the context, the plan, the layout and the workspace base.
+/// One run's state: the context, the plan, the layout and the workspace base, and where the plan
+/// tables are (T: their offsets from `tables`, which is the workspace base or a device_plan's buffer).
 struct cuda_run {
   const cuda_context* ctx = nullptr;
   const plan* p = nullptr;
-  cuda_layout L;
+  cuda_layout L, T;
   unsigned char* base = nullptr;
+  const unsigned char* tables = nullptr;
   index_t h = 0, hk = 0;  // current query head and its kv head
 
   template <class U>
   U* at(std::size_t off) const {
     return reinterpret_cast<U*>(base + off);
   }
+  template <class U>
+  const U* tab(std::size_t off) const {
+    return reinterpret_cast<const U*>(tables + off);
+  }
   cudaStream_t stream() const { return ctx->stream(); }
-  const std::uint8_t* qb() const { return at<std::uint8_t>(L.qb) + h * p->shape.n_q; }
-  const std::uint8_t* kb() const { return at<std::uint8_t>(L.kb) + hk * p->shape.n_kv; }
-  const double* coef() const { return at<double>(L.coef) + h * L.coef_stride; }
+  const std::uint8_t* qb() const { return tab<std::uint8_t>(T.qb) + h * p->shape.n_q; }
+  const std::uint8_t* kb() const { return tab<std::uint8_t>(T.kb) + hk * p->shape.n_kv; }
+  const double* coef() const { return tab<double>(T.coef) + h * T.coef_stride; }
   float* state(int bk) const { return at<float>(L.st) + static_cast<index_t>(bk) * L.r * (L.dv + 1); }
   index_t key_width(int bk) const { return p->key_width[static_cast<std::size_t>(h)][static_cast<std::size_t>(bk)]; }
 };
 
-/// Upload the plan's tables (all heads) and zero the result counters.
-inline void upload_plan(const cuda_run& c) {
-  const plan& p = *c.p;
+/// Zero the plan tables at `dst` (layout T, made with tables) and upload them (all heads), on ctx's
+/// stream from the plan's host vectors.
+inline void upload_tables(const cuda_context& ctx, const plan& p, const cuda_layout& T, unsigned char* dst) {
   const auto& sh = p.shape;
-  const cuda_layout& L = c.L;
-  const int nl = static_cast<int>(L.nl);
-  BASISATTN_CUDA_CHECK(cudaMemsetAsync(c.base, 0, L.tables_end, c.stream()));
+  const int nl = static_cast<int>(T.nl);
+  auto at = [&](std::size_t off) { return static_cast<void*>(dst + off); };
+  BASISATTN_CUDA_CHECK(cudaMemsetAsync(dst, 0, T.tables_end, ctx.stream()));
   for (index_t h = 0; h < sh.h_q; ++h) {
     const auto hu = static_cast<std::size_t>(h);
-    cuda_upload(*c.ctx, c.at<std::uint8_t>(L.qb) + h * sh.n_q, p.q_bucket[hu].data(), p.q_bucket[hu].size());
-    cuda_upload(*c.ctx, c.at<double>(L.shift) + h * L.nl, p.shift[hu].data(), p.shift[hu].size());
+    cuda_upload(ctx, static_cast<std::uint8_t*>(at(T.qb)) + h * sh.n_q, p.q_bucket[hu].data(), p.q_bucket[hu].size());
+    cuda_upload(ctx, static_cast<double*>(at(T.shift)) + h * T.nl, p.shift[hu].data(), p.shift[hu].size());
     for (int bq = 0; bq < nl; ++bq)
       for (int bk = 0; bk < nl; ++bk) {
         const pair_poly& pp = p.pairs[hu][static_cast<std::size_t>(bq * nl + bk)];
         if (pp.degree == 0) continue;  // zero coefficients (the memset)
-        cuda_upload(*c.ctx, c.at<double>(L.coef) + h * L.coef_stride + (bq * L.nl + bk) * (L.g + 1), pp.coef.data(),
-                    std::min<std::size_t>(pp.coef.size(), static_cast<std::size_t>(L.g + 1)));
+        cuda_upload(ctx, static_cast<double*>(at(T.coef)) + h * T.coef_stride + (bq * T.nl + bk) * (T.g + 1),
+                    pp.coef.data(), std::min<std::size_t>(pp.coef.size(), static_cast<std::size_t>(T.g + 1)));
       }
   }
   for (index_t hk = 0; hk < sh.h_kv; ++hk) {
     const auto hu = static_cast<std::size_t>(hk);
-    cuda_upload(*c.ctx, c.at<std::uint8_t>(L.kb) + hk * sh.n_kv, p.k_bucket[hu].data(), p.k_bucket[hu].size());
-    cuda_upload(*c.ctx, c.at<index_t>(L.kpre) + hk * (sh.n_kv + 1), p.k_poly_prefix[hu].data(),
+    cuda_upload(ctx, static_cast<std::uint8_t*>(at(T.kb)) + hk * sh.n_kv, p.k_bucket[hu].data(), p.k_bucket[hu].size());
+    cuda_upload(ctx, static_cast<index_t*>(at(T.kpre)) + hk * (sh.n_kv + 1), p.k_poly_prefix[hu].data(),
                 p.k_poly_prefix[hu].size());
     const auto& ck = p.k_rows[hu][static_cast<std::size_t>(nl)];
-    cuda_upload(*c.ctx, c.at<index_t>(L.ckeys) + hk * sh.n_kv, ck.data(), ck.size());
+    cuda_upload(ctx, static_cast<index_t*>(at(T.ckeys)) + hk * sh.n_kv, ck.data(), ck.size());
   }
   const feature_map& fm = p.features;
-  cuda_upload(*c.ctx, c.at<index_t>(L.parent), fm.parent.data(), fm.parent.size());
-  cuda_upload(*c.ctx, c.at<index_t>(L.var), fm.var.data(), fm.var.size());
-  cuda_upload(*c.ctx, c.at<double>(L.ratio), fm.ratio.data(), fm.ratio.size());
-  cuda_upload(*c.ctx, c.at<int>(L.degree_of), fm.degree_of.data(), fm.degree_of.size());
-  cuda_upload(*c.ctx, c.at<float>(L.proj), fm.proj_f.data(), fm.proj_f.size());
+  cuda_upload(ctx, static_cast<index_t*>(at(T.parent)), fm.parent.data(), fm.parent.size());
+  cuda_upload(ctx, static_cast<index_t*>(at(T.var)), fm.var.data(), fm.var.size());
+  cuda_upload(ctx, static_cast<double*>(at(T.ratio)), fm.ratio.data(), fm.ratio.size());
+  cuda_upload(ctx, static_cast<int*>(at(T.degree_of)), fm.degree_of.data(), fm.degree_of.size());
+  cuda_upload(ctx, static_cast<float*>(at(T.proj)), fm.proj_f.data(), fm.proj_f.size());
 }
 
 /// phi (cm nb x width) = features of degrees 0.. of the rows of x (cm nb x d); width = features(g').
@@ -274,7 +291,7 @@ inline void cuda_features(const cuda_run& c, const float* x, index_t nb, index_t
     const index_t c0 = fm.offset[static_cast<std::size_t>(t)];
     if (!fm.sketch) {
       const index_t c1 = std::min(width, fm.offset[static_cast<std::size_t>(t + 1)]);
-      ck::launch_support_monomials(x, nb, c.at<index_t>(c.L.parent), c.at<index_t>(c.L.var), c.at<double>(c.L.ratio),
+      ck::launch_support_monomials(x, nb, c.tab<index_t>(c.T.parent), c.tab<index_t>(c.T.var), c.tab<double>(c.T.ratio),
                                    c0, c1, phi, c.stream());
       continue;
     }
@@ -284,7 +301,7 @@ inline void cuda_features(const cuda_run& c, const float* x, index_t nb, index_t
     float* const sk = c.at<float>(c.L.sk);
     const float norm = 1.0f / std::sqrt(static_cast<float>(m));
     for (int l = 0; l < t; ++l) {
-      const float* g = c.at<float>(c.L.proj) + fm.proj_offset[static_cast<std::size_t>(t)] + l * d * m;
+      const float* g = c.tab<float>(c.T.proj) + fm.proj_offset[static_cast<std::size_t>(t)] + l * d * m;
       if (l == 0) {
         cuda_sgemm(*c.ctx, false, false, nb, m, d, norm, x, nb, g, d, 0.0f, blk, nb);
       } else {
@@ -318,7 +335,7 @@ inline void cuda_read_states(const cuda_run& c, index_t i0, index_t ni, const fl
     const index_t w = c.key_width(bk);
     if (w == 0) continue;
     ck::launch_support_scale_features(phi, ni, w, c.qb() + i0, c.coef(), static_cast<int>(c.L.nl),
-                                      static_cast<int>(c.L.g), bk, c.at<int>(c.L.degree_of), psi, c.stream());
+                                      static_cast<int>(c.L.g), bk, c.tab<int>(c.T.degree_of), psi, c.stream());
     cuda_sgemm(*c.ctx, false, false, ni, dv + 1, w, 1.0f, psi, ni, c.state(bk), c.L.r, 1.0f, tmp, ni);
   }
 }
@@ -400,7 +417,7 @@ inline ::basisattn::detail::cuda_kernels::support_exact_params exact_params(cons
   e.causal = c.p->options.causal;
   e.qb = c.qb();
   e.nl = static_cast<int>(c.L.nl);
-  e.ckeys = c.at<index_t>(c.L.ckeys) + c.hk * sh.n_kv;
+  e.ckeys = c.tab<index_t>(c.T.ckeys) + c.hk * sh.n_kv;
   e.n_ckeys =
       static_cast<index_t>(c.p->k_rows[static_cast<std::size_t>(c.hk)][static_cast<std::size_t>(c.L.nl)].size());
   e.num = c.at<float>(c.L.num);
@@ -442,12 +459,12 @@ void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tens
   const auto& sh = c.p->shape;
   const cuda_layout& L = c.L;
   load_head(c, q, k, v);
-  ck::launch_support_init(c.qb(), c.at<double>(L.shift) + c.h * L.nl, static_cast<int>(L.nl), sh.n_q, L.dv,
+  ck::launch_support_init(c.qb(), c.tab<double>(c.T.shift) + c.h * L.nl, static_cast<int>(L.nl), sh.n_q, L.dv,
                           c.at<float>(L.num), c.at<float>(L.dpoly), c.at<float>(L.m), c.stream());
   cuda_poly(c);
   int* const flags = c.at<int>(L.flags);
   unsigned long long* const bad = c.at<unsigned long long>(L.bad) + c.h;
-  ck::launch_support_post_poly(c.qb(), static_cast<int>(L.nl), c.at<index_t>(L.kpre) + c.hk * (sh.n_kv + 1), sh.n_q,
+  ck::launch_support_post_poly(c.qb(), static_cast<int>(L.nl), c.tab<index_t>(c.T.kpre) + c.hk * (sh.n_kv + 1), sh.n_q,
                                sh.n_kv, L.dv, c.p->options.causal, sh.causal_offset, c.at<float>(L.num),
                                c.at<float>(L.dpoly), c.at<float>(L.m), flags, c.stream());
   ck::launch_support_exact(exact_params(c, 0), c.stream());
@@ -483,6 +500,42 @@ void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tens
 
 }  // namespace detail
 
+/// A plan resident on the device: made by upload(ctx, plan), it holds the host plan (moved or copied in)
+/// and the plan's tables in device memory, so run(ctx, device_plan, ...) copies nothing from the host.
+/// Movable, not copyable; valid while the context's device is.
+class device_plan {
+ public:
+  device_plan() = default;
+  /// The host plan it was uploaded from (shape, options, make_plan's report).
+  const plan& host() const noexcept { return host_; }
+  /// Device bytes the uploaded tables take.
+  std::size_t bytes() const noexcept { return tables_.bytes(); }
+  /// The tables in device memory (null when empty) and their layout (internal to run).
+  const unsigned char* tables() const noexcept { return tables_.data(); }
+  const detail::cuda_layout& tables_layout() const noexcept { return tables_layout_; }
+
+ private:
+  friend device_plan upload(const cuda_context& ctx, plan p);
+  plan host_;
+  detail::cuda_layout tables_layout_;
+  device_buffer<unsigned char> tables_;
+};
+
+/// Upload a plan made by make_plan(cpu{}, ...) once (cudaMalloc + copies, then waits for ctx's stream):
+/// later runs on the device_plan read its tables from device memory instead of copying them from the
+/// host on every call. Pass the plan with std::move to avoid a host copy.
+inline device_plan upload(const cuda_context& ctx, plan p) {
+  BASISATTN_REQUIRE(p.shape.h_q >= 1 && p.report.size() == static_cast<std::size_t>(p.shape.h_q), invalid_argument,
+                    "support::upload: the plan is empty (make it with support::make_plan)");
+  device_plan dp;
+  dp.host_ = std::move(p);
+  dp.tables_layout_ = detail::make_cuda_layout(dp.host_, 1, true);
+  dp.tables_ = device_buffer<unsigned char>(static_cast<index_t>(dp.tables_layout_.tables_end));
+  detail::upload_tables(ctx, dp.host_, dp.tables_layout_, dp.tables_.data());
+  ctx.synchronize();
+  return dp;
+}
+
 /// Device workspace bytes run(ctx, plan, ...) needs with value head dim d_v (plan tables of all heads,
 /// one head's fp32 buffers, alignment slack).
 inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d_v) {
@@ -490,47 +543,63 @@ inline std::size_t workspace_bytes(const cuda_context&, const plan& p, index_t d
   return basisattn::detail::sliced_workspace_bytes(detail::make_cuda_layout(p, d_v).total, 1, detail::cuda_ws_align);
 }
 
-/// Support-basis attention of device tensors with a plan made by make_plan(cpu{}, ...) from host copies
-/// of the same q and k (see the header comment). `report`, when not null, receives H_q head reports.
+/// Device workspace bytes run(ctx, device_plan, ...) needs: as for the host plan, less the tables.
+inline std::size_t workspace_bytes(const cuda_context&, const device_plan& p, index_t d_v) {
+  BASISATTN_REQUIRE(d_v >= 1, invalid_argument, "support::workspace_bytes(cuda): d_v = ", d_v, " must be >= 1");
+  return basisattn::detail::sliced_workspace_bytes(detail::make_cuda_layout(p.host(), d_v, false).total, 1,
+                                                   detail::cuda_ws_align);
+}
+
+namespace detail {
+
+/// The run of both public overloads: the plan tables are uploaded into the workspace (device_tables
+/// null) or read from a device_plan (device_tables, laid out as make_cuda_layout(p, 1, true)).
 template <class T>
-void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
-         std::size_t workspace_bytes, head_report* report = nullptr) {
-  static_assert(supports_storage_v<cuda, T>, "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+void run_cuda(const cuda_context& ctx, const plan& p, const unsigned char* device_tables,
+              const cuda_layout* tables_layout, tensor3_view<const T> q, tensor3_view<const T> k,
+              tensor3_view<const T> v, tensor3_view<T> out, void* workspace, std::size_t workspace_bytes,
+              head_report* report) {
   namespace ck = ::basisattn::detail::cuda_kernels;
   constexpr const char* fn = "support::run(cuda)";
-  const basisattn::detail::attention_shape sh = detail::check_run_args<T>(fn, p, q, k, v, out);
+  const basisattn::detail::attention_shape sh = check_run_args<T>(fn, p, q, k, v, out);
   BASISATTN_REQUIRE(!p.options.accumulate_double, unsupported, fn,
                     ": options.accumulate_double is not supported on the GPU (fp32 arithmetic)");
-  const detail::cuda_layout L = detail::make_cuda_layout(p, sh.d_v);
+  const cuda_layout L = make_cuda_layout(p, sh.d_v, device_tables == nullptr);
   BASISATTN_REQUIRE(L.r < INT_MAX && L.blk * std::max<index_t>(L.r, sh.d_qk) < INT_MAX && sh.d_v < INT_MAX, unsupported,
                     fn, ": ", L.r, " features x ", L.blk, " rows per block exceed cuBLAS's 32-bit range");
   const basisattn::detail::workspace_slices ws =
-      basisattn::detail::slice_workspace(workspace, workspace_bytes, L.total, detail::cuda_ws_align);
+      basisattn::detail::slice_workspace(workspace, workspace_bytes, L.total, cuda_ws_align);
   BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, fn, ": workspace of ", workspace_bytes, " bytes",
                     workspace ? "" : " (null)", " is too small; this problem needs ",
-                    basisattn::detail::sliced_workspace_bytes(L.total, 1, detail::cuda_ws_align),
+                    basisattn::detail::sliced_workspace_bytes(L.total, 1, cuda_ws_align),
                     " bytes (see support::workspace_bytes)");
 
-  detail::cuda_run c;
+  cuda_run c;
   c.ctx = &ctx;
   c.p = &p;
   c.L = L;
   c.base = ws.base;
-  detail::upload_plan(c);
+  if (device_tables) {
+    c.T = *tables_layout;
+    c.tables = device_tables;
+  } else {
+    c.T = L;
+    c.tables = ws.base;
+    upload_tables(ctx, p, L, ws.base);
+  }
+  BASISATTN_CUDA_CHECK(cudaMemsetAsync(ws.base + L.tables_end, 0, L.results_end - L.tables_end, ctx.stream()));
   if (p.options.check_finite) {
     auto* const cnt = c.at<unsigned long long>(L.nonfinite);
     ck::launch_support_count_nonfinite(v.data, v.extent[0], v.extent[1], v.extent[2], v.stride[0], v.stride[1],
                                        v.stride[2], cnt, ctx.stream());
     unsigned long long bad = 0;
-    detail::cuda_download(ctx, &bad, cnt, 1);
+    cuda_download(ctx, &bad, cnt, 1);
     BASISATTN_REQUIRE(bad == 0, non_finite, fn, ": v has a non-finite value (", bad, " NaN/Inf entries)");
   }
   for (index_t h = 0; h < sh.h_q; ++h) {
     c.h = h;
     c.hk = h / sh.group;
-    detail::run_head_cuda<T>(c, q, k, v, out);
+    run_head_cuda<T>(c, q, k, v, out);
   }
   const std::int64_t check_rows = p.options.check_rows;
   if (check_rows == 0 && !report) return;
@@ -542,15 +611,15 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
     c.hk = h / sh.group;
     head_report rep = p.report[static_cast<std::size_t>(h)];
     unsigned long long bad = 0, na = 0;
-    detail::cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);
-    detail::cuda_download(ctx, &na, c.at<unsigned long long>(L.na) + h, 1);
+    cuda_download(ctx, &bad, c.at<unsigned long long>(L.bad) + h, 1);
+    cuda_download(ctx, &na, c.at<unsigned long long>(L.na) + h, 1);
     rep.repaired_rows = static_cast<std::int64_t>(bad);
     rep.poly_rows = static_cast<std::int64_t>(na);
     rep.checked_rows = std::min<std::int64_t>(check_rows, rep.poly_rows);
     if (check_rows > 0) rep.estimated_error = rep.mean_estimated_error = 0;  // else disabled: NaN, as on the CPU
     if (rep.checked_rows > 0) {
       double summary[2] = {0, 0};
-      detail::cuda_download(ctx, summary, c.at<double>(L.summary) + 2 * h, 2);
+      cuda_download(ctx, summary, c.at<double>(L.summary) + 2 * h, 2);
       rep.estimated_error = summary[0];
       rep.mean_estimated_error = summary[1];
     }
@@ -559,26 +628,61 @@ void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn:
     // range (poly_error >= 1) while a tolerance is set; only with the estimate enabled.
     const bool no_guarantee = rep.poly_error >= 1 && std::isfinite(tol);
     if (check_rows > 0 && (rep.estimated_error > tol || no_guarantee)) {
-      detail::load_head(c, q, k, v);
-      ck::launch_support_exact(detail::exact_params(c, 2), ctx.stream());
-      detail::store_head(c, out);
+      load_head(c, q, k, v);
+      ck::launch_support_exact(exact_params(c, 2), ctx.stream());
+      store_head(c, out);
       rep.fell_back = true;
     }
     if (report) report[h] = rep;
   }
 }
 
-/// run(ctx, ...) with a device workspace it allocates (and frees after waiting for the stream);
-/// returns the H_q head reports.
+}  // namespace detail
+
+/// Support-basis attention of device tensors with a plan made by make_plan(cpu{}, ...) from host copies
+/// of the same q and k (see the header comment). `report`, when not null, receives H_q head reports.
+/// Copies the plan's tables from the host into the workspace first: a plan run more than once is
+/// better uploaded once (upload(ctx, plan), then the device_plan overload).
 template <class T>
-std::vector<head_report> run(const cuda_context& ctx, const plan& p,
+void run(const cuda_context& ctx, const plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+         std::size_t workspace_bytes, head_report* report = nullptr) {
+  static_assert(supports_storage_v<cuda, T>, "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  detail::run_cuda<T>(ctx, p, nullptr, nullptr, q, k, v, out, workspace, workspace_bytes, report);
+}
+
+/// The same on an uploaded plan: nothing is copied from the host. With options.check_rows = 0,
+/// options.check_finite = false and report = nullptr the run only enqueues work on ctx's stream (no
+/// host synchronisation, no allocation), so it can be captured in a CUDA graph.
+template <class T>
+void run(const cuda_context& ctx, const device_plan& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+         tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out, void* workspace,
+         std::size_t workspace_bytes, head_report* report = nullptr) {
+  static_assert(supports_storage_v<cuda, T>, "support::run(cuda): T must be float, Eigen::half or Eigen::bfloat16");
+  BASISATTN_REQUIRE(p.tables() != nullptr, invalid_argument,
+                    "support::run(cuda): the device_plan is empty (make it with support::upload)");
+  detail::run_cuda<T>(ctx, p.host(), p.tables(), &p.tables_layout(), q, k, v, out, workspace, workspace_bytes, report);
+}
+
+/// run(ctx, ...) with a device workspace it allocates (and frees after waiting for the stream);
+/// returns the H_q head reports. P is a plan or a device_plan.
+template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
+std::vector<head_report> run(const cuda_context& ctx, const P& p,
                              tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
                              tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
                              tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run(cuda): v has d_v = ", v.extent[2],
                     "; must be >= 1");
   device_buffer<unsigned char> ws(static_cast<index_t>(workspace_bytes(ctx, p, v.extent[2])));
-  std::vector<head_report> rep(static_cast<std::size_t>(p.shape.h_q));
+  const plan& hp = [&]() -> const plan& {
+    if constexpr (std::is_same_v<P, plan>)
+      return p;
+    else
+      return p.host();
+  }();
+  std::vector<head_report> rep(static_cast<std::size_t>(hp.shape.h_q));
   run<T>(ctx, p, q, k, v, out, ws.data(), ws.bytes(), rep.data());
   ctx.synchronize();  // the workspace is freed on return
   return rep;
