@@ -68,8 +68,7 @@ void bm_attention_blocked(benchmark::State& state) {
   problem p(n);
   basisattn::attention_options opt;
   opt.causal = causal;
-  const std::size_t bytes = basisattn::attention_workspace_bytes(basisattn::cpu{}, n, n, heads, head_dim, head_dim,
-                                                                 basisattn::dtype::f32, opt);
+  const std::size_t bytes = basisattn::workspace_bytes(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), opt);
   std::vector<unsigned char> workspace(bytes);
   for (auto _ : state) {
     basisattn::attention(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), opt, workspace.data(),

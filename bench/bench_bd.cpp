@@ -79,8 +79,7 @@ void run_projection(benchmark::State& state, bool permuted) {
   std::normal_distribution<float> nd;
   for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
   std::vector<unsigned char> ws(
-      std::max(bd::project_workspace_bytes(cpu{}, p.bd, tokens), bd::project_workspace_bytes(cpu{}, p.dense, tokens)) +
-      64);
+      std::max(bd::workspace_bytes(cpu{}, p.bd, tokens), bd::workspace_bytes(cpu{}, p.dense, tokens)) + 64);
   bd::project_options po;
   po.check_finite = false;  // time the projections alone
   std::vector<double> td, tb;

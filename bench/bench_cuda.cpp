@@ -193,8 +193,8 @@ void BM_kv_up_projection_cuda(benchmark::State& state) {
     const auto bdp = bd::upload(ctx, gather ? host.bd_gather : host.bd_leading);
     const auto x = random_device<T>(ctx, tokens * m, 5);
     device_buffer<T> y(tokens * out);
-    device_buffer<unsigned char> ws(static_cast<index_t>(std::max(
-        bd::project_workspace_bytes(ctx, bdp, tokens, opt), bd::project_workspace_bytes(ctx, dense, tokens, opt))));
+    device_buffer<unsigned char> ws(static_cast<index_t>(
+        std::max(bd::workspace_bytes(ctx, bdp, tokens, opt), bd::workspace_bytes(ctx, dense, tokens, opt))));
     const matrix_view<const T> xv(x.data(), tokens, m);
     const matrix_view<T> yv(y.data(), tokens, out);
     // warm-up: cuBLAS/cuBLASLt heuristics and the plan cache, module loading
@@ -304,8 +304,8 @@ void BM_mla_layer_cuda(benchmark::State& state) {
     const auto bdl = bd::upload(ctx, host.bd_layer);
     const auto x = random_device<T>(ctx, tokens * dm, 9);
     device_buffer<T> y(tokens * dm);
-    device_buffer<unsigned char> ws(static_cast<index_t>(
-        std::max(bd::forward_workspace_bytes(ctx, dense, tokens), bd::forward_workspace_bytes(ctx, bdl, tokens))));
+    device_buffer<unsigned char> ws(
+        static_cast<index_t>(std::max(bd::workspace_bytes(ctx, dense, tokens), bd::workspace_bytes(ctx, bdl, tokens))));
     const matrix_view<const T> xv(x.data(), tokens, dm);
     const matrix_view<T> yv(y.data(), tokens, dm);
     // warm-up: cuBLAS/cuBLASLt heuristics and plan caches, module loading

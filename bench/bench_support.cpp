@@ -101,7 +101,7 @@ void bm_exact(benchmark::State& state) {
   basisattn::attention_options ao;
   ao.causal = causal;
   const std::size_t bytes =
-      basisattn::attention_workspace_bytes(basisattn::cpu{}, n, n, heads, d, d, basisattn::dtype::f32, ao);
+      basisattn::workspace_bytes(basisattn::cpu{}, c.p->view(c.p->q), c.p->view(c.p->k), c.p->view(c.p->v), ao);
   std::vector<unsigned char> ws(bytes);
   for (auto _ : state) {
     basisattn::attention(basisattn::cpu{}, c.p->view(c.p->q), c.p->view(c.p->k), c.p->view(c.p->v),

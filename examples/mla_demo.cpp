@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
     matrix<float> x(t_time, ds::kv_lora_rank), y(t_time, ds::heads * ds::qk_nope);
     for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
     std::vector<unsigned char> ws(
-        std::max(bd::project_workspace_bytes(cpu{}, dense, t_time), bd::project_workspace_bytes(cpu{}, k_up, t_time)));
+        std::max(bd::workspace_bytes(cpu{}, dense, t_time), bd::workspace_bytes(cpu{}, k_up, t_time)));
     bd::project_options po;
     po.check_finite = false;
     std::printf("\nK up-projection (latent -> 16 x 128), fp32, %ld tokens, median of 7 alternating runs:\n",

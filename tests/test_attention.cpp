@@ -427,29 +427,31 @@ TEST_CASE("caller-owned workspace gives the same result, and too small a workspa
   o1.poison();
   o2.poison();
   const attention_options opt;
-  const std::size_t bytes = attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, opt);
+  const std::size_t bytes = workspace_bytes(cpu{}, q.c(), k.c(), v.c(), opt);
   std::vector<unsigned char> ws(bytes + 1);
   attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, ws.data() + 1, bytes);  // misaligned on purpose
   attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o2.v, opt);
   // Bitwise: attention_cpu_run realigns any caller pointer to 64 bytes, so both calls carve identical
   // slices and run the same per-item arithmetic.
   CHECK(rel_error(o1.to_double(), o2.to_double()) == 0);
-  CHECK(attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::f32, opt) == bytes);
+  // The storage type matters only through the compute type: bf16 and f32 both compute in float.
+  auto sizes = [](index_t nq, index_t nkv, index_t hq, index_t dqk, index_t dv, dtype st, const attention_options& o) {
+    return basisattn::detail::attention_cpu_workspace_bytes("test", nq, nkv, hq, dqk, dv, st, o);
+  };
+  CHECK(sizes(n, n, h, d, d, dtype::f32, opt) == bytes);
   attention_options acc;
   acc.accumulate_double = true;
-  CHECK(attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc) > bytes);
+  CHECK(sizes(n, n, h, d, d, dtype::bf16, acc) > bytes);
   test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, ws.data(), 256); },
                      errc::invalid_argument, "workspace of 256 bytes");
   test::expect_error([&] { attention<Eigen::bfloat16>(cpu{}, q.c(), k.c(), v.c(), o1.v, opt, nullptr, 0); },
                      errc::invalid_argument, "too small");
-  test::expect_error([&] { attention_workspace_bytes(cpu{}, 0, n, h, d, d, dtype::f32); }, errc::invalid_argument,
-                     "n_q = 0");
   // From the views: every extent in its place (n_q != n_kv, d_qk != d_v, GQA), storage from the type.
   tensor<float> qs(37, 4, 32), ks(300, 2, 32), vs(300, 2, 24);
-  CHECK(attention_workspace_bytes(cpu{}, qs.c(), ks.c(), vs.c(), opt) ==
-        attention_workspace_bytes(cpu{}, 37, 300, 4, 32, 24, dtype::f32, opt));
-  CHECK(attention_workspace_bytes(cpu{}, q.c(), k.c(), v.c(), acc) ==
-        attention_workspace_bytes(cpu{}, n, n, h, d, d, dtype::bf16, acc));
+  CHECK(workspace_bytes(cpu{}, qs.c(), ks.c(), vs.c(), opt) == sizes(37, 300, 4, 32, 24, dtype::f32, opt));
+  CHECK(workspace_bytes(cpu{}, q.c(), k.c(), v.c(), acc) == sizes(n, n, h, d, d, dtype::bf16, acc));
+  test::expect_error([&] { workspace_bytes(cpu{}, tensor3_view<const float>(qs.c().data, 0, 4, 32), ks.c(), vs.c()); },
+                     errc::invalid_argument, "n_q = 0");
 }
 
 // ---- argument checks ---------------------------------------------------------------------------------

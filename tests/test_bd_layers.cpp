@@ -8,6 +8,7 @@
 
 #include "reference_layers.hpp"
 #include "test_util.hpp"
+#include "expect_error.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,19 @@ using namespace basisattn;
 using test::index_t;
 
 namespace {
+
+/// bd::forward in a caller-owned workspace: misaligned by one byte and filled with 0xFF bytes first
+/// (NaN in every floating type: the pass must write each intermediate before it reads it). One byte
+/// less is refused.
+template <class T, class Layer>
+void forward_in_workspace(const Layer& layer, const matrix<T>& x, matrix<T>& y) {
+  const std::size_t bytes = bd::workspace_bytes(cpu{}, layer, x.view().rows);
+  REQUIRE(bytes > 0);
+  std::vector<unsigned char> ws(bytes + 1, 0xFF);
+  test::expect_error([&] { bd::forward(cpu{}, layer, x.view(), y.view(), ws.data() + 1, bytes - 1); },
+                     errc::invalid_argument, "needed (workspace_bytes)");
+  bd::forward(cpu{}, layer, x.view(), y.view(), ws.data() + 1, bytes);
+}
 
 template <class T>
 Eigen::RowVectorXd row_of(const std::vector<T>& v) {
@@ -168,8 +182,8 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   matrix<T> yd(n, dm), yb(n, dm);
   test::poison(yd);
   test::poison(yb);
-  bd::forward(cpu{}, Ld, x.view(), yd.view());
-  bd::forward(cpu{}, Lb, x.view(), yb.view());
+  bd::forward(cpu{}, Ld, x.view(), yd.view());  // allocating its workspace
+  forward_in_workspace(Lb, x, yb);              // in the caller's
   // Error model (layer_error_model): q and k are each a d_model-term sum (+ bias) stored in T, and
   // again after RoPE (rounded through float: + 1 u_C); the scores sum d terms. Linear path: v
   // (d_model terms, stored), the P V sums over up to n keys and the attention's 4 fixed roundings,
@@ -277,8 +291,8 @@ void mla_case(bd::basis_sharing sharing) {
   matrix<T> yd(n, dm), yb(n, dm);
   test::poison(yd);
   test::poison(yb);
-  bd::forward(cpu{}, Ld, x.view(), yd.view());
-  bd::forward(cpu{}, Lb, x.view(), yb.view());
+  bd::forward(cpu{}, Ld, x.view(), yd.view());  // allocating its workspace
+  forward_in_workspace(Lb, x, yb);              // in the caller's
   // Error model (layer_error_model). q: a d_model-term sum stored in T, again after RoPE (through
   // float: + 1 u_C). k: the latent (d_model terms, stored), its RMSNorm (a sum of L squares: sqrt(L)/2
   // relative in the norm, 4 fixed roundings (divide, sqrt, two multiplies), stored), the

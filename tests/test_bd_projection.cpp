@@ -161,7 +161,7 @@ void bd_projection_case(bool with_bias, index_t tokens, int threads) {
   CHECK(e_lead <= 1);
 
   // Caller-owned workspace of exactly the queried size, and a strided output (same bound).
-  std::vector<unsigned char> ws(bd::project_workspace_bytes(cpu{}, p, tokens));
+  std::vector<unsigned char> ws(bd::workspace_bytes(cpu{}, p, tokens));
   matrix<T> wide(tokens, G * r + 5);
   test::poison(wide);
   matrix_view<T> ys(wide.data() + 2, tokens, G * r, G * r + 5);

@@ -12,6 +12,7 @@
 using namespace basisattn;
 
 static_assert(is_backend_v<cpu>);
+static_assert(std::is_same_v<backend_of_t<const cpu&>, cpu>);  // a tag selects itself
 static_assert(!is_backend_v<int>);
 static_assert(supports_storage_v<cpu, Eigen::half>);
 static_assert(!is_storage_type_v<int>);

@@ -5,10 +5,10 @@
 // Options, masking and errors: <basisattn/attention/options.hpp>. Oracle: <basisattn/attention/reference.hpp>.
 //
 // Public entry points (CPU backend, implemented in <basisattn/cpu/attention.hpp>):
-//   std::size_t attention_workspace_bytes(cpu{}, q, k, v, opt = {})
+//   std::size_t workspace_bytes(cpu{}, q, k, v, opt = {})
 //       Caller-owned workspace size for the current thread count (detail::cpu_threads()), read from
-//       the views the run takes. attention_workspace_bytes(cpu{}, n_q, n_kv, h_q, d_qk, d_v, storage,
-//       opt = {}) computes it from sizes and a runtime dtype.
+//       the views the run takes (their data is not read). The older attention_workspace_bytes
+//       spellings remain, deprecated.
 //   attention<T>(cpu{}, q, k, v, out, opt, workspace, workspace_bytes)
 //       Blocked streaming-softmax (flash-style) attention; allocates nothing. A workspace smaller than
 //       one thread's slice raises errc::invalid_argument; one that holds fewer slices than threads runs

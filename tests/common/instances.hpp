@@ -23,19 +23,25 @@
       const ::basisattn::bd::mla_weights<TI>&, const ::basisattn::bd::mla_config&,                      \
       const ::basisattn::bd::mla_options&);
 
-#define BASISATTN_TEST_RUN_INSTANCES(EXT, T)                                                                        \
-  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mha_layer<T>&,               \
-                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>,       \
-                                              const ::basisattn::bd::forward_options&);                             \
-  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mla_layer<T>&,               \
-                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>,       \
-                                              const ::basisattn::bd::forward_options&);                             \
-  EXT template void basisattn::attention<T>(::basisattn::cpu, ::basisattn::tensor3_view<const T>,                   \
-                                            ::basisattn::tensor3_view<const T>, ::basisattn::tensor3_view<const T>, \
-                                            ::basisattn::tensor3_view<T>, const ::basisattn::attention_options&,    \
-                                            void*, std::size_t);                                                    \
-  EXT template void basisattn::attention<T>(::basisattn::cpu, ::basisattn::tensor3_view<const T>,                   \
-                                            ::basisattn::tensor3_view<const T>, ::basisattn::tensor3_view<const T>, \
+#define BASISATTN_TEST_RUN_INSTANCES(EXT, T)                                                                         \
+  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mha_layer<T>&,                \
+                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>,        \
+                                              const ::basisattn::bd::forward_options&);                              \
+  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mla_layer<T>&,                \
+                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>,        \
+                                              const ::basisattn::bd::forward_options&);                              \
+  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mha_layer<T>&,                \
+                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>, void*, \
+                                              std::size_t, const ::basisattn::bd::forward_options&);                 \
+  EXT template void basisattn::bd::forward<T>(::basisattn::cpu, const ::basisattn::bd::mla_layer<T>&,                \
+                                              ::basisattn::matrix_view<const T>, ::basisattn::matrix_view<T>, void*, \
+                                              std::size_t, const ::basisattn::bd::forward_options&);                 \
+  EXT template void basisattn::attention<T>(::basisattn::cpu, ::basisattn::tensor3_view<const T>,                    \
+                                            ::basisattn::tensor3_view<const T>, ::basisattn::tensor3_view<const T>,  \
+                                            ::basisattn::tensor3_view<T>, const ::basisattn::attention_options&,     \
+                                            void*, std::size_t);                                                     \
+  EXT template void basisattn::attention<T>(::basisattn::cpu, ::basisattn::tensor3_view<const T>,                    \
+                                            ::basisattn::tensor3_view<const T>, ::basisattn::tensor3_view<const T>,  \
                                             ::basisattn::tensor3_view<T>, const ::basisattn::attention_options&);
 
 #define BASISATTN_TEST_MEASURE_INSTANCES(EXT, T, TI)                                         \

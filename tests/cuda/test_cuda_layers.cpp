@@ -134,7 +134,7 @@ void check_layer(const cuda_context& ctx, const HL& layer, index_t d_model, inde
   for (bd::cuda_epilogue epi : {bd::cuda_epilogue::automatic, bd::cuda_epilogue::prefill}) {
     bd::cuda_project_options po;
     po.epilogue = epi;
-    device_buffer<unsigned char> ws(static_cast<index_t>(bd::forward_workspace_bytes(ctx, dl, n, po)));
+    device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dl, n, po)));
     for (int run = 0; run < 2; ++run) {  // the second run goes through the projections' cached plans
       poison(ctx, dy);
       poison(ctx, ws);
@@ -362,7 +362,7 @@ void gqa_long() {
   for (bd::cuda_epilogue epi : {bd::cuda_epilogue::automatic, bd::cuda_epilogue::prefill}) {
     bd::cuda_project_options po;
     po.epilogue = epi;
-    device_buffer<unsigned char> ws(static_cast<index_t>(bd::forward_workspace_bytes(ctx, dl, n, po)));
+    device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dl, n, po)));
     poison(ctx, dy);
     poison(ctx, ws);
     bd::forward(ctx, dl, matrix_view<const T>(dx.data(), n, dm, ldx), matrix_view<T>(dy.data(), n, dm, ldy), ws.data(),
@@ -573,7 +573,7 @@ TEST_CASE("CUDA layers reject bad layers and arguments") {
   bad.k = bd::dense_projection<float>{matrix<float>(dm, H * d), {}};
   CHECK(code_of([&] { (void)bd::upload(ctx, bad); }) == errc::invalid_argument);
 
-  const std::size_t need = bd::forward_workspace_bytes(ctx, dl, n);
+  const std::size_t need = bd::workspace_bytes(ctx, dl, n);
   device_buffer<unsigned char> ws(static_cast<index_t>(need));
   device_buffer<float> x(n * (dm + 1)), y(n * (dm + 1));
   CHECK(code_of([&] {

@@ -223,7 +223,7 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
                                          cudaMemcpyHostToDevice, ctx.stream()));
   bd::cuda_project_options opt;
   opt.epilogue = epi;
-  device_buffer<unsigned char> ws(static_cast<index_t>(bd::project_workspace_bytes(ctx, dp, tokens, opt)));
+  device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dp, tokens, opt)));
   if (rows.empty()) {
     rows.resize(static_cast<std::size_t>(tokens));
     std::iota(rows.begin(), rows.end(), index_t(0));
@@ -385,7 +385,7 @@ void split_k_suite() {
     const auto dp = bd::upload(ctx, hp);
     bd::cuda_project_options opt;
     opt.epilogue = epi;
-    device_buffer<unsigned char> ws(static_cast<index_t>(bd::project_workspace_bytes(ctx, dp, tokens, opt)));
+    device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dp, tokens, opt)));
     poison(ctx, dy);
     const bd::cuda_epilogue ran = bd::project(ctx, dp, matrix_view<const T>(dx.data(), tokens, K),
                                               matrix_view<T>(dy.data(), tokens, out), ws.data(), ws.bytes(), opt);
@@ -515,7 +515,9 @@ double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937
   auto view3 = [](auto* p, index_t n, index_t h, index_t d, index_t ld) {
     return tensor3_view<std::remove_pointer_t<decltype(p)>>(p, n, h, d, ld, d, 1);
   };
-  CHECK(attention_workspace_bytes(ctx, c.n_q, c.n_kv, c.h_q, c.d_qk, c.d_v, dtype_of_v<T>, opt) == 0);
+  CHECK(workspace_bytes(ctx, view3(static_cast<const T*>(dq.data()), c.n_q, c.h_q, c.d_qk, lq),
+                        view3(static_cast<const T*>(dk.data()), c.n_kv, c.h_kv, c.d_qk, lk),
+                        view3(static_cast<const T*>(dv.data()), c.n_kv, c.h_kv, c.d_v, lv), opt) == 0);
   attention<T>(ctx, view3(static_cast<const T*>(dq.data()), c.n_q, c.h_q, c.d_qk, lq),
                view3(static_cast<const T*>(dk.data()), c.n_kv, c.h_kv, c.d_qk, lk),
                view3(static_cast<const T*>(dv.data()), c.n_kv, c.h_kv, c.d_v, lv),
@@ -709,7 +711,7 @@ TEST_CASE("CUDA projections reject bad shapes") {
     }
     return errc::io;  // "no error" marker for these checks
   };
-  const std::size_t ws = bd::project_workspace_bytes(ctx, dp, 10);
+  const std::size_t ws = bd::workspace_bytes(ctx, dp, 10);
   device_buffer<unsigned char> w(static_cast<index_t>(ws));
   CHECK(code_of([&] {
           bd::project(ctx, dp, matrix_view<const float>(x.data(), 10, 17), matrix_view<float>(y.data(), 10, 8),

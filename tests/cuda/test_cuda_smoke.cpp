@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 bool test_prerequisites(std::string& why) {
@@ -24,6 +25,11 @@ static_assert(basisattn::supports_storage_v<basisattn::cuda, float>);
 static_assert(basisattn::supports_storage_v<basisattn::cuda, Eigen::half>);
 static_assert(basisattn::supports_storage_v<basisattn::cuda, Eigen::bfloat16>);
 static_assert(!basisattn::supports_storage_v<basisattn::cuda, double>);
+// A cuda_context, the CUDA entry points' first argument, selects the cuda backend and its traits.
+static_assert(std::is_same_v<basisattn::backend_of_t<const basisattn::cuda_context&>, basisattn::cuda>);
+static_assert(basisattn::is_backend_v<basisattn::cuda_context>);
+static_assert(basisattn::supports_storage_v<basisattn::cuda_context, Eigen::half>);
+static_assert(!basisattn::supports_storage_v<basisattn::cuda_context, double>);
 
 namespace {
 std::vector<float> ramp(index_t n, float step) {

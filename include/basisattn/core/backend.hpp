@@ -1,16 +1,24 @@
 // basisattn/core/backend.hpp - backend tag types and traits.
 //
 // A backend is a type: `basisattn::cpu` (Eigen; always available) and `basisattn::cuda` (cuBLAS,
-// cuFFT and our kernels; only with the basisattn::cuda target). Entry points take the tag as their
-// first argument, e.g. `bd::project(cpu{}, proj, x, y)`.
+// cuFFT and our kernels; only with the basisattn::cuda target). Every entry point takes the backend
+// as its first argument, and that argument's type selects the overload: the tag `cpu{}` on the CPU,
+// e.g. `bd::project(cpu{}, proj, x, y)`; on CUDA the backend's object, a `cuda_context` (device,
+// stream, library handles), e.g. `bd::project(ctx, dproj, x, y, ws, bytes)`. The arguments after it
+// come in the same order on both. `backend_of_t<A>` names the backend an argument of type A selects
+// (`cpu` for `cpu`, `cuda` for `cuda_context`), so generic code can ask the traits below, e.g.
+//   template <class B, class T> void layer(const B& be, ...) {
+//     static_assert(supports_storage_v<B, T>, "...");  // B = cpu or cuda_context
+//     attention(be, q, k, v, out, opt); }
 //
 // `backend_traits<B>` is specialised per backend; the primary template is left undefined, so using
 // a backend whose header was not included (or an unknown type) is a compile error. The traits of
 // `cuda` live in <basisattn/cuda/backend.hpp>.
 //
-// Capability checks are constexpr predicates meant for static_assert:
-//   is_backend_v<B>                 B has traits (its header is included)
-//   supports_storage_v<B, T>        B can run with storage type T
+// Capability checks are constexpr predicates meant for static_assert (B: a backend or an argument
+// type that selects one, as above):
+//   is_backend_v<B>                 B's backend has traits (its header is included)
+//   supports_storage_v<B, T>        B's backend can run with storage type T
 #pragma once
 
 #include <basisattn/core/config.hpp>
@@ -29,6 +37,15 @@ struct cuda {};
 template <class Backend>
 struct backend_traits;
 
+/// The backend a first argument of type Arg selects: Arg itself for a tag; specialised for backend
+/// objects (cuda_context -> cuda in <basisattn/cuda/context.hpp>).
+template <class Arg>
+struct backend_of {
+  using type = Arg;
+};
+template <class Arg>
+using backend_of_t = typename backend_of<std::remove_cv_t<std::remove_reference_t<Arg>>>::type;
+
 template <>
 struct backend_traits<cpu> {
   static constexpr const char* name = "cpu";
@@ -45,12 +62,13 @@ template <class B>
 struct has_traits<B, std::void_t<decltype(sizeof(backend_traits<B>))>> : std::true_type {};
 }  // namespace detail
 
-/// True when `backend_traits<B>` is defined (B is a backend and its header is included).
+/// True when `backend_traits<backend_of_t<B>>` is defined (B is or selects a backend whose header is
+/// included).
 template <class B>
-inline constexpr bool is_backend_v = detail::has_traits<B>::value;
+inline constexpr bool is_backend_v = detail::has_traits<backend_of_t<B>>::value;
 
-/// True when backend B supports storage type T.
+/// True when the backend B is or selects supports storage type T.
 template <class B, class T>
-inline constexpr bool supports_storage_v = backend_traits<B>::template supports_storage<T>;
+inline constexpr bool supports_storage_v = backend_traits<backend_of_t<B>>::template supports_storage<T>;
 
 BASISATTN_END_NAMESPACE

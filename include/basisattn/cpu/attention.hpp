@@ -1,7 +1,7 @@
 // basisattn/cpu/attention.hpp - blocked (flash-style) exact softmax attention on the CPU backend.
 //
 // Public entry points (documented in <basisattn/attention.hpp>, which includes this header):
-//   attention_workspace_bytes(cpu{}, q, k, v, opt)   (or from sizes: n_q, n_kv, h_q, d_qk, d_v, storage, opt)
+//   workspace_bytes(cpu{}, q, k, v, opt)             workspace size read from the views
 //   attention(cpu{}, q, k, v, out, opt, workspace, workspace_bytes)   allocates nothing
 //   attention(cpu{}, q, k, v, out, opt = {})                           allocates its workspace
 //
@@ -196,7 +196,7 @@ void attention_cpu_run(const attention_cpu_problem<C, T>& p, void* workspace, st
   const workspace_slices ws = slice_workspace(workspace, workspace_bytes, lay.slice, align);
   BASISATTN_REQUIRE(ws.count >= 1, invalid_argument, "attention: workspace of ", workspace_bytes, " bytes",
                     workspace ? "" : " (null)", " is too small; this problem needs at least ",
-                    sliced_workspace_bytes(lay.slice, 1, align), " bytes (see attention_workspace_bytes)");
+                    sliced_workspace_bytes(lay.slice, 1, align), " bytes (see workspace_bytes)");
 
   const index_t nqb = (sh.n_q + lay.bq - 1) / lay.bq;
   const index_t items = sh.h_q * nqb;
@@ -224,33 +224,48 @@ void attention_cpu_dispatch(const attention_shape& sh, tensor3_view<const T> q, 
 
 }  // namespace detail
 
-/// Bytes of caller-owned workspace that attention(cpu{}, ...) needs for this problem, storage type and
-/// options with the current thread count (detail::cpu_threads()).
-inline std::size_t attention_workspace_bytes(cpu, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk, index_t d_v,
-                                             dtype storage, const attention_options& opt = {}) {
-  BASISATTN_REQUIRE(n_q >= 1 && n_kv >= 1 && h_q >= 1 && d_qk >= 1 && d_v >= 1, invalid_argument,
-                    "attention_workspace_bytes: n_q = ", n_q, ", n_kv = ", n_kv, ", h_q = ", h_q, ", d_qk = ", d_qk,
-                    ", d_v = ", d_v, " must all be >= 1");
+namespace detail {
+
+/// Workspace of attention(cpu{}, ...) from sizes and a runtime storage type (what both public forms use).
+inline std::size_t attention_cpu_workspace_bytes(const char* fn, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk,
+                                                 index_t d_v, dtype storage, const attention_options& opt) {
+  BASISATTN_REQUIRE(n_q >= 1 && n_kv >= 1 && h_q >= 1 && d_qk >= 1 && d_v >= 1, invalid_argument, fn, ": n_q = ", n_q,
+                    ", n_kv = ", n_kv, ", h_q = ", h_q, ", d_qk = ", d_qk, ", d_v = ", d_v, " must all be >= 1");
   if (storage == dtype::f64 || opt.accumulate_double)
-    return detail::attention_cpu_workspace_bytes<double>(n_q, n_kv, h_q, d_qk, d_v);
-  return detail::attention_cpu_workspace_bytes<float>(n_q, n_kv, h_q, d_qk, d_v);
+    return attention_cpu_workspace_bytes<double>(n_q, n_kv, h_q, d_qk, d_v);
+  return attention_cpu_workspace_bytes<float>(n_q, n_kv, h_q, d_qk, d_v);
 }
 
-/// The same, read from the views the run will take (the way to call it: no integers to order, the
-/// storage type from the views): q [n_q, H_q, d_qk], k [n_kv, H_kv, d_qk], v [n_kv, H_kv, d_v].
+}  // namespace detail
+
+/// Bytes of caller-owned workspace that attention(cpu{}, ...) needs for these views and options with
+/// the current thread count (detail::cpu_threads()): q [n_q, H_q, d_qk], k [n_kv, H_kv, d_qk],
+/// v [n_kv, H_kv, d_v] (the views the run will take; their data is not read).
 template <class TQ, class TK, class TV>
-std::size_t attention_workspace_bytes(cpu c, tensor3_view<TQ> q, tensor3_view<TK> k, tensor3_view<TV> v,
-                                      const attention_options& opt = {}) {
+std::size_t workspace_bytes(cpu, tensor3_view<TQ> q, tensor3_view<TK> k, tensor3_view<TV> v,
+                            const attention_options& opt = {}) {
   using T = std::remove_const_t<TQ>;
   static_assert(std::is_same_v<T, std::remove_const_t<TK>> && std::is_same_v<T, std::remove_const_t<TV>>,
-                "attention_workspace_bytes: q, k and v must have the same storage type");
-  static_assert(supports_storage_v<cpu, T>, "attention_workspace_bytes: unsupported storage type");
+                "workspace_bytes(cpu{}, q, k, v): q, k and v must have the same storage type");
+  static_assert(supports_storage_v<cpu, T>, "workspace_bytes(cpu{}, q, k, v): unsupported storage type");
   (void)k;
-  return attention_workspace_bytes(c, q.extent[0], v.extent[0], q.extent[1], q.extent[2], v.extent[2], dtype_of_v<T>,
-                                   opt);
+  return detail::attention_cpu_workspace_bytes("workspace_bytes(attention)", q.extent[0], v.extent[0], q.extent[1],
+                                               q.extent[2], v.extent[2], dtype_of_v<T>, opt);
 }
 
-/// Blocked exact attention in caller-owned workspace (at least attention_workspace_bytes(...) bytes;
+/// Deprecated spellings of workspace_bytes(cpu{}, q, k, v, opt).
+[[deprecated("use workspace_bytes(cpu{}, q, k, v, opt)")]] inline std::size_t attention_workspace_bytes(
+    cpu, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk, index_t d_v, dtype storage,
+    const attention_options& opt = {}) {
+  return detail::attention_cpu_workspace_bytes("attention_workspace_bytes", n_q, n_kv, h_q, d_qk, d_v, storage, opt);
+}
+template <class TQ, class TK, class TV>
+[[deprecated("use workspace_bytes(cpu{}, q, k, v, opt)")]] std::size_t attention_workspace_bytes(
+    cpu c, tensor3_view<TQ> q, tensor3_view<TK> k, tensor3_view<TV> v, const attention_options& opt = {}) {
+  return workspace_bytes(c, q, k, v, opt);
+}
+
+/// Blocked exact attention in caller-owned workspace (at least workspace_bytes(cpu{}, q, k, v, opt) bytes;
 /// a smaller workspace that still holds one thread's slice runs on fewer threads, less than that
 /// raises invalid_argument). Allocates nothing.
 template <class T>
@@ -280,7 +295,7 @@ void attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_vi
                 "attention: T must be a storage type (float, double, Eigen::half, Eigen::bfloat16)");
   const detail::attention_shape sh = detail::check_attention_args("attention", q, k, v, out, opt);
   const std::size_t bytes =
-      attention_workspace_bytes(cpu{}, sh.n_q, sh.n_kv, sh.h_q, sh.d_qk, sh.d_v, dtype_of_v<T>, opt);
+      detail::attention_cpu_workspace_bytes("attention", sh.n_q, sh.n_kv, sh.h_q, sh.d_qk, sh.d_v, dtype_of_v<T>, opt);
   std::unique_ptr<unsigned char[]> workspace(new unsigned char[bytes]);
   attention(cpu{}, q, k, v, out, opt, workspace.get(), bytes);
 }

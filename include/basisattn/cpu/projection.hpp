@@ -1,6 +1,6 @@
 // basisattn/cpu/projection.hpp - CPU runtime of dense and BD projections.
 //
-//   bd::project_workspace_bytes(cpu{}, p, tokens)       workspace for the current thread count
+//   bd::workspace_bytes(cpu{}, p, tokens)               workspace for the current thread count
 //   bd::project(cpu{}, p, x, y, workspace, bytes)       allocates nothing (Eigen's GEMM packing aside)
 //   bd::project(cpu{}, p, x, y)                          convenience: allocates the workspace
 // for p a bd::dense_projection<T> or bd::bd_projection<T>; x: tokens x in_dim, y: tokens x out_dim,
@@ -169,7 +169,7 @@ bool begin_run(const P& p, const matrix_view<const T>& x, const matrix_view<T>& 
   l = layout_of<T>(p, ch);
   const std::size_t need = bytes_of<compute_t<T>>(l, ch.threads);
   BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
-                    workspace_bytes, " bytes, ", need, " needed (project_workspace_bytes)");
+                    workspace_bytes, " bytes, ", need, " needed (workspace_bytes)");
   ar = arena(ws_align, workspace, workspace_bytes);
   return true;
 }
@@ -199,14 +199,21 @@ const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
 
 /// Workspace bytes project(cpu, p, x, y, ...) needs for `tokens` rows with the current thread count.
 template <class T>
-std::size_t project_workspace_bytes(cpu, const bd_projection<T>& p, index_t tokens) {
+std::size_t workspace_bytes(cpu, const bd_projection<T>& p, index_t tokens) {
   const auto ch = detail::plan_chunks(tokens);
   return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
 }
 template <class T>
-std::size_t project_workspace_bytes(cpu, const dense_projection<T>& p, index_t tokens) {
+std::size_t workspace_bytes(cpu, const dense_projection<T>& p, index_t tokens) {
   const auto ch = detail::plan_chunks(tokens);
   return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
+}
+
+/// Deprecated spelling of workspace_bytes(cpu{}, p, tokens).
+template <class P>
+[[deprecated("use workspace_bytes(cpu{}, p, tokens)")]] auto project_workspace_bytes(cpu c, const P& p, index_t tokens)
+    -> decltype(workspace_bytes(c, p, tokens)) {
+  return workspace_bytes(c, p, tokens);
 }
 
 /// BD projection of all heads: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
@@ -297,8 +304,8 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
 /// Convenience overloads that allocate the workspace.
 template <class T, class P>
 auto project(cpu c, const P& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y,
-             const project_options& opt = {}) -> decltype(project_workspace_bytes(c, p, x.rows), void()) {
-  const std::size_t n = project_workspace_bytes(c, p, x.rows);
+             const project_options& opt = {}) -> decltype(bd::workspace_bytes(c, p, x.rows), void()) {
+  const std::size_t n = bd::workspace_bytes(c, p, x.rows);
   std::unique_ptr<unsigned char[]> ws(n ? new unsigned char[n] : nullptr);
   project(c, p, x, y, ws.get(), n, opt);
 }

@@ -3,7 +3,7 @@
 // Host-side header (g++ compiles it); the kernel is in <basisattn/cuda/kernels/attention.cuh>, compiled
 // into the program by including <basisattn/cuda/kernels.cuh> in one .cu file.
 //
-//   attention_workspace_bytes(ctx, n_q, n_kv, h_q, d_qk, d_v, storage, opt)   0: no workspace needed
+//   workspace_bytes(ctx, q, k, v, opt)                                         0: no workspace needed
 //   attention(ctx, q, k, v, out, opt = {})
 //       Same argument conventions as attention(cpu{}, ...) (<basisattn/attention/options.hpp>):
 //       q [n_q, H_q, d_qk], k [n_kv, H_kv, d_qk], v [n_kv, H_kv, d_v], out [n_q, H_q, d_v], any
@@ -35,10 +35,27 @@
 
 BASISATTN_BEGIN_NAMESPACE
 
-/// Device workspace bytes attention(ctx, ...) needs: always 0 (the kernel keeps its tiles in shared
-/// memory). Validates the extents like the CPU overload.
-inline std::size_t attention_workspace_bytes(const cuda_context&, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk,
-                                             index_t d_v, dtype storage, const attention_options& = {}) {
+/// Device workspace bytes attention(ctx, q, k, v, out, opt) needs for these (device) views: always 0
+/// (the kernel keeps its tiles in shared memory). Validates the extents like the CPU overload.
+template <class TQ, class TK, class TV>
+std::size_t workspace_bytes(const cuda_context&, tensor3_view<TQ> q, tensor3_view<TK> k, tensor3_view<TV> v,
+                            const attention_options& = {}) {
+  using T = std::remove_const_t<TQ>;
+  static_assert(std::is_same_v<T, std::remove_const_t<TK>> && std::is_same_v<T, std::remove_const_t<TV>>,
+                "workspace_bytes(ctx, q, k, v): q, k and v must have the same storage type");
+  static_assert(supports_storage_v<cuda, T>,
+                "workspace_bytes(ctx, q, k, v): T must be float, Eigen::half or "
+                "Eigen::bfloat16");
+  BASISATTN_REQUIRE(q.extent[0] >= 1 && k.extent[0] >= 1 && q.extent[1] >= 1 && q.extent[2] >= 1 && v.extent[2] >= 1,
+                    invalid_argument, "workspace_bytes(attention, cuda): n_q = ", q.extent[0], ", n_kv = ", k.extent[0],
+                    ", h_q = ", q.extent[1], ", d_qk = ", q.extent[2], ", d_v = ", v.extent[2], " must all be >= 1");
+  return 0;
+}
+
+/// Deprecated: workspace_bytes(ctx, q, k, v, opt).
+[[deprecated("use workspace_bytes(ctx, q, k, v, opt)")]] inline std::size_t attention_workspace_bytes(
+    const cuda_context&, index_t n_q, index_t n_kv, index_t h_q, index_t d_qk, index_t d_v, dtype storage,
+    const attention_options& = {}) {
   BASISATTN_REQUIRE(n_q >= 1 && n_kv >= 1 && h_q >= 1 && d_qk >= 1 && d_v >= 1, invalid_argument,
                     "attention_workspace_bytes(cuda): n_q = ", n_q, ", n_kv = ", n_kv, ", h_q = ", h_q,
                     ", d_qk = ", d_qk, ", d_v = ", d_v, " must all be >= 1");

@@ -10,6 +10,8 @@
 //   cuda_context ctx(device);              the same on `device` (made current)
 //   cuda_context::on_stream(s)             the caller's stream (not owned, not destroyed)
 //   ctx.stream(), ctx.cublas(), ctx.cublaslt(), ctx.device(), ctx.synchronize()
+//       The context is the CUDA backend's first argument to every entry point (backend_of_t<cuda_context>
+//       is basisattn::cuda, so supports_storage_v<cuda_context, T> etc. ask the cuda traits).
 //       A context is move-only. Its handles are bound to its stream, so use one context per host
 //       thread (cuBLAS handles are not meant to be shared between threads).
 //
@@ -141,6 +143,12 @@ class cuda_context {
   bool owns_stream_ = false;
   cublasHandle_t cublas_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
+};
+
+/// A cuda_context as an entry point's first argument selects the cuda backend (<basisattn/core/backend.hpp>).
+template <>
+struct backend_of<cuda_context> {
+  using type = cuda;
 };
 
 /// Owning device allocation of `size()` elements of T (cudaMalloc / cudaFree); T is never

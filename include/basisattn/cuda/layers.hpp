@@ -14,7 +14,7 @@
 //                                             the layer against its config (errc::shape_mismatch),
 //                                             RoPE settings (errc::invalid_argument) and the attention
 //                                             kernel's head-dim limit of 256 (errc::unsupported).
-//   bd::forward_workspace_bytes(ctx, dl, tokens, popt = {})
+//   bd::workspace_bytes(ctx, dl, tokens, popt = {})
 //                                             device bytes forward() needs for `tokens` tokens
 //                                             (intermediates + projection scratch; any alignment of
 //                                             the workspace pointer is accepted)
@@ -27,7 +27,7 @@
 //       nothing: every intermediate lives in the caller's workspace.
 //   Lower-level, also public:
 //   bd::upload(ctx, const any_projection<T>&) -> device_any_projection<T>, and
-//   bd::project_workspace_bytes / bd::project on a device_any_projection<T> (dispatch on the variant).
+//   bd::workspace_bytes / bd::project on a device_any_projection<T> (dispatch on the variant).
 //
 // Semantics: exactly those of bd::forward(cpu{}, layer, x, y, opt) (<basisattn/cpu/layers.hpp>), step
 // for step, every intermediate stored in T:
@@ -45,7 +45,7 @@
 //
 // Workspace layout (each piece 256-byte aligned, in this order): MHA q, k, v, attention output,
 // projection scratch; MLA q, kva, k_nope, k (only when qk_rope > 0), v, attention output, projection
-// scratch. The projection scratch is the largest project_workspace_bytes of the layer's
+// scratch. The projection scratch is the largest workspace_bytes of the layer's
 // projections (they run one after another on the stream and share it).
 #pragma once
 
@@ -89,9 +89,9 @@ device_any_projection<T> upload(const cuda_context& ctx, const any_projection<T>
 
 /// Device workspace bytes project(ctx, p, ...) needs for `tokens` rows.
 template <class T>
-std::size_t project_workspace_bytes(const cuda_context& ctx, const device_any_projection<T>& p, index_t tokens,
-                                    const cuda_project_options& opt = {}) {
-  return std::visit([&](const auto& q) { return project_workspace_bytes(ctx, q, tokens, opt); }, p);
+std::size_t workspace_bytes(const cuda_context& ctx, const device_any_projection<T>& p, index_t tokens,
+                            const cuda_project_options& opt = {}) {
+  return std::visit([&](const auto& q) { return bd::workspace_bytes(ctx, q, tokens, opt); }, p);
 }
 
 /// Run a dense or BD projection on the GPU (see <basisattn/cuda/projection.hpp>); returns the method
@@ -179,7 +179,7 @@ void check_forward_io(const char* what, const matrix_view<const T>& x, const mat
 
 inline void check_workspace(const char* what, const void* workspace, std::size_t bytes, std::size_t need) {
   BASISATTN_REQUIRE(bytes >= need && (need == 0 || workspace), invalid_argument, what, ": workspace of ", bytes,
-                    " bytes, ", need, " needed (forward_workspace_bytes)");
+                    " bytes, ", need, " needed (workspace_bytes)");
 }
 
 /// Intermediates of an MHA forward pass inside the workspace.
@@ -196,10 +196,10 @@ mha_buffers<T> carve_mha(const cuda_context& ctx, const device_mha_layer<T>& L, 
   const auto& c = L.config;
   const index_t H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
   std::size_t s = 0;
-  s = std::max(s, project_workspace_bytes(ctx, L.q, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.k, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.v, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.o, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.q, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.k, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.v, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.o, n, popt));
   auto w = forward_carver(base);
   mha_buffers<T> b;
   b.q = w.take_elems<T>(n * H * d);
@@ -226,11 +226,11 @@ mla_buffers<T> carve_mla(const cuda_context& ctx, const device_mla_layer<T>& L, 
   const auto& c = L.config;
   const index_t H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim;
   std::size_t s = 0;
-  s = std::max(s, project_workspace_bytes(ctx, L.q, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.kv_a, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.k_up, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.v_up, n, popt));
-  s = std::max(s, project_workspace_bytes(ctx, L.o, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.q, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.kv_a, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.k_up, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.v_up, n, popt));
+  s = std::max(s, bd::workspace_bytes(ctx, L.o, n, popt));
   auto w = forward_carver(base);
   mla_buffers<T> b;
   b.q = w.take_elems<T>(n * H * (dn + dr));
@@ -318,16 +318,24 @@ device_mla_layer<T> upload(const cuda_context& ctx, const mla_layer<T>& L) {
 
 /// Device workspace bytes forward(ctx, L, ...) needs for `tokens` tokens with projection options popt.
 template <class T>
-std::size_t forward_workspace_bytes(const cuda_context& ctx, const device_mha_layer<T>& L, index_t tokens,
-                                    const cuda_project_options& popt = {}) {
-  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "forward_workspace_bytes: negative token count ", tokens);
+std::size_t workspace_bytes(const cuda_context& ctx, const device_mha_layer<T>& L, index_t tokens,
+                            const cuda_project_options& popt = {}) {
+  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "workspace_bytes(mha_layer): negative token count ", tokens);
   return detail::carve_mha(ctx, L, tokens, nullptr, popt).total;
 }
 template <class T>
-std::size_t forward_workspace_bytes(const cuda_context& ctx, const device_mla_layer<T>& L, index_t tokens,
-                                    const cuda_project_options& popt = {}) {
-  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "forward_workspace_bytes: negative token count ", tokens);
+std::size_t workspace_bytes(const cuda_context& ctx, const device_mla_layer<T>& L, index_t tokens,
+                            const cuda_project_options& popt = {}) {
+  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "workspace_bytes(mla_layer): negative token count ", tokens);
   return detail::carve_mla(ctx, L, tokens, nullptr, popt).total;
+}
+
+/// Deprecated spelling of workspace_bytes(ctx, layer, tokens, popt).
+template <class L>
+[[deprecated("use workspace_bytes(ctx, layer, tokens, popt)")]] auto forward_workspace_bytes(
+    const cuda_context& ctx, const L& layer, index_t tokens, const cuda_project_options& popt = {})
+    -> decltype(bd::workspace_bytes(ctx, layer, tokens, popt)) {
+  return bd::workspace_bytes(ctx, layer, tokens, popt);
 }
 
 /// Forward pass of an MHA/GQA/MQA layer on the GPU (see the top of this header).
@@ -339,7 +347,7 @@ void forward(const cuda_context& ctx, const device_mha_layer<T>& L,
   const auto& c = L.config;
   detail::check_forward_io(what, x, y, c.d_model);
   const index_t n = x.rows, H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
-  detail::check_workspace(what, workspace, workspace_bytes, forward_workspace_bytes(ctx, L, n, popt));
+  detail::check_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
   const auto b = detail::carve_mha(ctx, L, n, workspace, popt);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;
@@ -375,7 +383,7 @@ void forward(const cuda_context& ctx, const device_mla_layer<T>& L,
   detail::check_forward_io(what, x, y, c.d_model);
   const index_t n = x.rows, H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim,
                 dv = c.v_head_dim, qd = dn + dr;
-  detail::check_workspace(what, workspace, workspace_bytes, forward_workspace_bytes(ctx, L, n, popt));
+  detail::check_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
   const auto b = detail::carve_mla(ctx, L, n, workspace, popt);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;

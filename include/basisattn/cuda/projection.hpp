@@ -8,10 +8,10 @@
 //                                                (host, T = float, Eigen::half, Eigen::bfloat16);
 //                                                gives a bd::device_dense_projection<T> /
 //                                                bd::device_bd_projection<T> (move-only)
-//   bd::project_workspace_bytes(ctx, dp, tokens, opt)
+//   bd::workspace_bytes(ctx, dp, tokens, opt)
 //   bd::project(ctx, dp, x, y, workspace, workspace_bytes, opt = {}) -> bd::cuda_epilogue
 //       x: tokens x in_dim, y: tokens x out_dim, device memory, rows contiguous, any row strides;
-//       workspace: device memory of at least project_workspace_bytes(...) bytes (256-byte aligned
+//       workspace: device memory of at least workspace_bytes(...) bytes (256-byte aligned
 //       start recommended). Enqueued on ctx's stream; returns without waiting; allocates nothing
 //       (cuBLAS aside: cublasGemmEx uses the handle's own workspace). Returns the method that ran:
 //       cublaslt, prefill, or none (a dense projection without bias: one plain cublasGemmEx), so a
@@ -412,19 +412,27 @@ device_bd_projection<T> upload(const cuda_context& ctx, const bd_projection<T>& 
 
 /// Device workspace bytes bd::project(ctx, p, ...) needs for `tokens` rows with these options.
 template <class T>
-std::size_t project_workspace_bytes(const cuda_context&, const device_bd_projection<T>& p, index_t tokens,
-                                    const cuda_project_options& opt = {}) {
-  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "project_workspace_bytes: negative token count ", tokens);
+std::size_t workspace_bytes(const cuda_context&, const device_bd_projection<T>& p, index_t tokens,
+                            const cuda_project_options& opt = {}) {
+  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "workspace_bytes(projection): negative token count ", tokens);
   std::size_t n = 0;
   if (!p.basis_leading) n += detail::cuda_align_up(static_cast<std::size_t>(tokens * p.in_dim) * sizeof(T));
   if (opt.epilogue != cuda_epilogue::prefill) n += detail::cublaslt_workspace_bytes;
   return n;
 }
 template <class T>
-std::size_t project_workspace_bytes(const cuda_context&, const device_dense_projection<T>& p, index_t tokens,
-                                    const cuda_project_options& opt = {}) {
-  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "project_workspace_bytes: negative token count ", tokens);
+std::size_t workspace_bytes(const cuda_context&, const device_dense_projection<T>& p, index_t tokens,
+                            const cuda_project_options& opt = {}) {
+  BASISATTN_REQUIRE(tokens >= 0, invalid_argument, "workspace_bytes(projection): negative token count ", tokens);
   return !p.bias.empty() && opt.epilogue != cuda_epilogue::prefill ? detail::cublaslt_workspace_bytes : 0;
+}
+
+/// Deprecated spelling of workspace_bytes(ctx, p, tokens, opt).
+template <class P>
+[[deprecated("use workspace_bytes(ctx, p, tokens, opt)")]] auto project_workspace_bytes(
+    const cuda_context& ctx, const P& p, index_t tokens, const cuda_project_options& opt = {})
+    -> decltype(workspace_bytes(ctx, p, tokens, opt)) {
+  return workspace_bytes(ctx, p, tokens, opt);
 }
 
 /// BD projection of all heads on the GPU: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
@@ -436,10 +444,9 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
   detail::check_cuda_io<T>("project(cuda, bd)", x, y, p.in_dim, p.out_dim());
   const index_t tokens = x.rows;
   if (tokens == 0) return opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill : cuda_epilogue::cublaslt;
-  const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
+  const std::size_t need = bd::workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
-                    "project(cuda, bd): workspace of ", workspace_bytes, " bytes, ", need,
-                    " needed (project_workspace_bytes)");
+                    "project(cuda, bd): workspace of ", workspace_bytes, " bytes, ", need, " needed (workspace_bytes)");
   const index_t m = p.in_dim, r = p.rank, G = p.heads, nr = m - r;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
 
@@ -501,10 +508,10 @@ cuda_epilogue project(const cuda_context& ctx, const device_dense_projection<T>&
     return !bias                                    ? cuda_epilogue::none
            : opt.epilogue == cuda_epilogue::prefill ? cuda_epilogue::prefill
                                                     : cuda_epilogue::cublaslt;
-  const std::size_t need = project_workspace_bytes(ctx, p, tokens, opt);
+  const std::size_t need = bd::workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
                     "project(cuda, dense): workspace of ", workspace_bytes, " bytes, ", need,
-                    " needed (project_workspace_bytes)");
+                    " needed (workspace_bytes)");
   const index_t in = p.in_dim, out = p.out_dim;
   const bool tf32 = std::is_same_v<T, float> && opt.allow_tf32;
   if (!bias) {
