@@ -1,7 +1,8 @@
 // Helpers shared by the CUDA tests: the skip rule (no usable device -> exit 77, see skip_main.hpp),
-// storage <-> double conversions, fresh seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
+// storage <-> double conversions, seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
 // a padded device result with the CPU's, counting unwritten elements and touched padding.
-//   test_seed(name)                 a fresh seed (or BASISATTN_TEST_SEED), printed to stderr at once, so
+//   test_seed(name)                 a fixed seed per name (BASISATTN_TEST_SEED: a number or `random`
+//                                   overrides it), printed to stderr at once, so
 //                                   that even a run that aborts (sticky CUDA error) shows it; pair it with
 //                                   INFO("seed " << seed) for the failure messages
 //   exact_attention_tolerance(...)  the normwise error model of exact fp32 attention against the double
@@ -46,17 +47,25 @@ inline std::uint64_t fresh_seed() {
   return (std::uint64_t(rd()) << 32) ^ rd();
 }
 
-/// The seed of a test case's random data: fresh every run (std::random_device), or the value of the
-/// environment variable BASISATTN_TEST_SEED when it is set (to rerun a failure with the same data).
+/// A fixed seed per test case: FNV-1a of its name.
+inline std::uint64_t name_seed(const char* name) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (const char* c = name; *c; ++c) h = (h ^ static_cast<unsigned char>(*c)) * 1099511628211ull;
+  return h;
+}
+
+/// The seed of a test case's random data: fixed per test case (a hash of `name`), so every run and
+/// every machine draws the same data; the environment variable BASISATTN_TEST_SEED overrides it with
+/// a number (to rerun a reported failure) or with `random` (a fresh seed each run, to explore).
 /// Printed to stderr immediately ("<name>: seed N"): a failing CHECK also shows it through the caller's
 /// INFO, but a run that dies (abort on a sticky CUDA error, a crash) only leaves this line.
 inline std::uint64_t test_seed(const char* name) {
-  std::uint64_t s = 0;
+  std::uint64_t s = name_seed(name);
   const char* env = std::getenv("BASISATTN_TEST_SEED");
-  if (env && *env)
-    s = std::strtoull(env, nullptr, 0);
-  else
+  if (env && std::strcmp(env, "random") == 0)
     s = fresh_seed();
+  else if (env && *env)
+    s = std::strtoull(env, nullptr, 0);
   std::fprintf(stderr, "%s: seed %llu (rerun with BASISATTN_TEST_SEED=%llu)\n", name,
                static_cast<unsigned long long>(s), static_cast<unsigned long long>(s));
   std::fflush(stderr);
