@@ -1,5 +1,7 @@
 // The two library kernels test_cuda_smoke runs, instantiated for float only: the smoke test (and the
 // CI stage that builds it from the GPU check's dependency folder) need not compile every kernel.
+// A deliberate use of an internal kernel header (it instantiates two launchers itself), hence the macro.
+#define BASISATTN_CUDA_KERNELS_TU 1
 #include <basisattn/cuda/kernels/projection.cuh>
 
 BASISATTN_BEGIN_NAMESPACE

@@ -249,5 +249,25 @@ void forward(cpu c, const Layer& L, matrix_view<const ::basisattn::detail::nonde
   forward(c, L, x, out, ws.get(), bytes, opt);
 }
 
+namespace detail {
+template <class L, class Y>
+struct is_forward_io : std::false_type {};
+template <class T>
+struct is_forward_io<mha_layer<T>, matrix_view<T>> : std::true_type {};
+template <class T>
+struct is_forward_io<mla_layer<T>, matrix_view<T>> : std::true_type {};
+}  // namespace detail
+
+/// Any other argument types (activations of another storage type than the layer's, something that is
+/// not a layer or a view): one plain error at the caller's line instead of a page of failed
+/// deductions. Never selected when y is a matrix_view<T> of the layer's T.
+template <class L, class X, class Y, class... Rest, std::enable_if_t<!detail::is_forward_io<L, Y>::value, int> = 0>
+void forward(cpu, const L&, const X&, const Y&, const Rest&...) {
+  static_assert(detail::is_forward_io<L, Y>::value,
+                "bd::forward(cpu{}, layer, x, y, ...): layer must be a bd::mha_layer<T> or bd::mla_layer<T>, and x, y "
+                "matrix_view<const T> and matrix_view<T> of the layer's storage type T (an mha_layer<Eigen::half> "
+                "takes and gives Eigen::half activations: convert float activations to T first).");
+}
+
 }  // namespace bd
 BASISATTN_END_NAMESPACE

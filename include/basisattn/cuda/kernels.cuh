@@ -16,6 +16,8 @@
 #error "<basisattn/cuda/kernels.cuh> contains CUDA kernels: include it from a .cu file compiled by nvcc"
 #endif
 
+#define BASISATTN_CUDA_KERNELS_TU 1  // lets the internal kernel headers below be included
+
 #include <basisattn/cuda/kernels/attention.cuh>
 #include <basisattn/cuda/kernels/conv.cuh>
 #include <basisattn/cuda/kernels/layers.cuh>

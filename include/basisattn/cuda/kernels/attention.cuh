@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/attention.cuh - exact streaming-softmax attention kernel (nvcc only).
+// basisattn/cuda/kernels/attention.cuh - internal: exact streaming-softmax attention kernel (nvcc only).
 //
 // Definition of launch_attention (declared in <basisattn/cuda/kernel_launch.hpp>). Correctness first,
 // not tuned: no tensor cores, fp32 arithmetic in CUDA cores.

@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/common.cuh - device-side helpers shared by basisattn's kernels (nvcc only).
+// basisattn/cuda/kernels/common.cuh - internal: device-side helpers shared by basisattn's kernels (nvcc only).
 //
 //   device_type_t<T>        the CUDA type with T's bits: float, __half for Eigen::half,
 //                           __nv_bfloat16 for Eigen::bfloat16
@@ -10,6 +10,12 @@
 
 #if !defined(__CUDACC__)
 #error "basisattn/cuda/kernels/*.cuh contain CUDA kernels and must be compiled by nvcc (a .cu file)"
+#endif
+// Internal: the kernel headers define the launchers but instantiate nothing, so a program that
+// included one of them directly would miss symbols (or define them twice). <basisattn/cuda/kernels.cuh>
+// includes them all and instantiates every launcher; it sets this macro first.
+#if !defined(BASISATTN_CUDA_KERNELS_TU)
+#error "basisattn/cuda/kernels/*.cuh are internal: include <basisattn/cuda/kernels.cuh> in exactly one .cu file"
 #endif
 
 #include <basisattn/core/config.hpp>

@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/conv.cuh - the kernels of conv-basis attention on the GPU (nvcc only).
+// basisattn/cuda/kernels/conv.cuh - internal: the kernels of conv-basis attention on the GPU (nvcc only).
 //
 // Definitions of the launch_conv_* functions declared in <basisattn/cuda/kernel_launch.hpp>; the
 // algorithm they implement, and the layout of the buffers in conv_head_params, are described in

@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/layers.cuh - the small kernels of the attention-layer forward pass (nvcc only).
+// basisattn/cuda/kernels/layers.cuh - internal: the small kernels of the attention-layer forward pass (nvcc only).
 //
 // Definitions of launch_rope, launch_rms_norm_rows and launch_concat_heads, declared in
 // <basisattn/cuda/kernel_launch.hpp>; the layer itself is host code in <basisattn/cuda/layers.hpp>.

@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/projection.cuh - the small kernels around the projection GEMMs (nvcc only).
+// basisattn/cuda/kernels/projection.cuh - internal: the small kernels around the projection GEMMs (nvcc only).
 //
 // Definitions of launch_gather_columns and launch_broadcast_rows, declared in
 // <basisattn/cuda/kernel_launch.hpp>. Both are bandwidth-bound grid-stride loops; the GEMM itself is

@@ -1,4 +1,4 @@
-// basisattn/cuda/kernels/support.cuh - kernels of support-basis attention on the GPU (nvcc only).
+// basisattn/cuda/kernels/support.cuh - internal: kernels of support-basis attention on the GPU (nvcc only).
 //
 // Definitions of the launchers declared in <basisattn/cuda/support_launch.hpp> and the explicit
 // instantiations of the storage-typed ones for float, Eigen::half and Eigen::bfloat16. Included by
