@@ -52,4 +52,5 @@
 #include <basisattn/conv/options.hpp>
 #include <basisattn/conv/plan.hpp>
 #include <basisattn/cpu/conv.hpp>
+#include <basisattn/cpu/conv_backward.hpp>
 #include <basisattn/cpu/fft.hpp>
