@@ -36,8 +36,10 @@
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/parallel.hpp>
 #include <basisattn/core/view.hpp>
+#include <basisattn/core/workspace.hpp>
 
 #include <cmath>
+#include <cstddef>
 #include <variant>
 #include <vector>
 
@@ -495,6 +497,50 @@ void check_layer_io(const matrix_view<const T>& x, const matrix_view<T>& out, in
   BASISATTN_REQUIRE(out.cols == d_model && out.rows == x.rows, shape_mismatch, "forward: out is ", out.rows, "x",
                     out.cols, ", expected ", x.rows, "x", d_model);
   BASISATTN_REQUIRE(x.rows >= 1, invalid_argument, "forward: x has no tokens");
+}
+
+/// The intermediates of a forward pass over n tokens, carved in this order by w (a counting carver,
+/// or one over the caller's workspace): MHA q, k, v, the attention output a; MLA q, the latent kva,
+/// k_nope, the keys k (k_nope itself when qk_rope_dim = 0), v, a; then `scratch` bytes that the
+/// projections and the attention share (they run one after another). Every backend's forward pass
+/// lays its workspace out with these, with its own alignment and scratch size.
+template <class T>
+struct forward_buffers {
+  T *q = nullptr, *k = nullptr, *v = nullptr, *a = nullptr, *kva = nullptr, *knope = nullptr;
+  unsigned char* scratch = nullptr;
+  std::size_t scratch_bytes = 0, total = 0;
+};
+
+template <class T>
+forward_buffers<T> carve_forward(const mha_config& c, index_t n, std::size_t scratch,
+                                 ::basisattn::detail::workspace_carver w) {
+  const index_t H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
+  forward_buffers<T> b;
+  b.q = w.take_elems<T>(n * H * d);
+  b.k = w.take_elems<T>(n * Hkv * d);
+  b.v = w.take_elems<T>(n * Hkv * d);
+  b.a = w.take_elems<T>(n * H * d);
+  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(scratch));
+  b.scratch_bytes = scratch;
+  b.total = w.bytes();
+  return b;
+}
+
+template <class T>
+forward_buffers<T> carve_forward(const mla_config& c, index_t n, std::size_t scratch,
+                                 ::basisattn::detail::workspace_carver w) {
+  const index_t H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim;
+  forward_buffers<T> b;
+  b.q = w.take_elems<T>(n * H * (dn + dr));
+  b.kva = w.take_elems<T>(n * (Lr + dr));
+  b.knope = w.take_elems<T>(n * H * dn);
+  b.k = dr > 0 ? w.take_elems<T>(n * H * (dn + dr)) : b.knope;  // no rope: the keys are k_nope itself
+  b.v = w.take_elems<T>(n * H * dv);
+  b.a = w.take_elems<T>(n * H * dv);
+  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(scratch));
+  b.scratch_bytes = scratch;
+  b.total = w.bytes();
+  return b;
 }
 }  // namespace detail
 

@@ -58,15 +58,6 @@ tensor3_view<const T> ct(const tensor3_view<T>& t) {
   return t;
 }
 
-/// Intermediates of a CPU forward pass inside the caller's workspace (base null: sizes only). The
-/// scratch is shared by the projections and the attention, which run one after another.
-template <class T>
-struct cpu_forward_buffers {
-  T *q = nullptr, *k = nullptr, *v = nullptr, *a = nullptr, *kva = nullptr, *kfull = nullptr;
-  unsigned char* scratch = nullptr;
-  std::size_t scratch_bytes = 0, total = 0;
-};
-
 inline ::basisattn::detail::workspace_carver cpu_forward_carver(void* base, std::size_t limit) {
   constexpr std::size_t align = ::basisattn::detail::cpu_workspace_align;
   return base ? ::basisattn::detail::workspace_carver(align, base, limit)
@@ -81,47 +72,27 @@ std::size_t cpu_attention_scratch(index_t n, index_t heads, index_t d_qk, index_
   return ::basisattn::detail::attention_cpu_workspace_bytes("bd::forward", n, n, heads, d_qk, d_v, dtype_of_v<T>, ao);
 }
 
+/// The forward pass's buffers (bd::detail::carve_forward) with the largest scratch of its projections
+/// and its attention.
 template <class T>
-cpu_forward_buffers<T> carve_mha_cpu(const mha_layer<T>& L, index_t n, void* base, std::size_t limit) {
+forward_buffers<T> carve_mha_cpu(const mha_layer<T>& L, index_t n, void* base, std::size_t limit) {
   const auto& c = L.config;
-  const index_t H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
-  std::size_t s = cpu_attention_scratch<T>(n, H, d, d, c.causal);
+  std::size_t s = cpu_attention_scratch<T>(n, c.n_heads, c.head_dim, c.head_dim, c.causal);
   for (std::size_t p : {bd::workspace_bytes(cpu{}, L.q, n), bd::workspace_bytes(cpu{}, L.k, n),
                         bd::workspace_bytes(cpu{}, L.v, n), bd::workspace_bytes(cpu{}, L.o, n)})
     s = std::max(s, p);
-  auto w = cpu_forward_carver(base, limit);
-  cpu_forward_buffers<T> b;
-  b.q = w.take_elems<T>(n * H * d);
-  b.k = w.take_elems<T>(n * Hkv * d);
-  b.v = w.take_elems<T>(n * Hkv * d);
-  b.a = w.take_elems<T>(n * H * d);
-  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
-  b.scratch_bytes = s;
-  b.total = w.bytes();
-  return b;
+  return carve_forward<T>(c, n, s, cpu_forward_carver(base, limit));
 }
 
 template <class T>
-cpu_forward_buffers<T> carve_mla_cpu(const mla_layer<T>& L, index_t n, void* base, std::size_t limit) {
+forward_buffers<T> carve_mla_cpu(const mla_layer<T>& L, index_t n, void* base, std::size_t limit) {
   const auto& c = L.config;
-  const index_t H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim;
-  std::size_t s = cpu_attention_scratch<T>(n, H, dn + dr, dv, c.causal);
+  std::size_t s = cpu_attention_scratch<T>(n, c.n_heads, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, c.causal);
   for (std::size_t p : {bd::workspace_bytes(cpu{}, L.q, n), bd::workspace_bytes(cpu{}, L.kv_a, n),
                         bd::workspace_bytes(cpu{}, L.k_up, n), bd::workspace_bytes(cpu{}, L.v_up, n),
                         bd::workspace_bytes(cpu{}, L.o, n)})
     s = std::max(s, p);
-  auto w = cpu_forward_carver(base, limit);
-  cpu_forward_buffers<T> b;
-  b.q = w.take_elems<T>(n * H * (dn + dr));
-  b.kva = w.take_elems<T>(n * (Lr + dr));
-  b.k = w.take_elems<T>(n * H * dn);  // k_nope
-  b.v = w.take_elems<T>(n * H * dv);
-  b.kfull = w.take_elems<T>(n * H * (dn + dr));
-  b.a = w.take_elems<T>(n * H * dv);
-  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
-  b.scratch_bytes = s;
-  b.total = w.bytes();
-  return b;
+  return carve_forward<T>(c, n, s, cpu_forward_carver(base, limit));
 }
 
 inline void check_forward_workspace(const void* workspace, std::size_t bytes, std::size_t need) {
@@ -220,15 +191,16 @@ void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail
     apply_rope(tensor3_view<T>(b.kva + Lr, n, 1, dr, Lr + dr, dr, 1), rp);
   }
   const matrix_view<const T> latent(b.kva, n, Lr, Lr + dr);
-  const matrix_view<T> knope(b.k, n, H * dn), v(b.v, n, H * dv), kfull(b.kfull, n, H * qd), a(b.a, n, H * dv);
+  const matrix_view<T> knope(b.knope, n, H * dn), v(b.v, n, H * dv), kfull(b.k, n, H * qd), a(b.a, n, H * dv);
   project(c, L.k_up, latent, knope, s, sb, po);
   project(c, L.v_up, latent, v, s, sb, po);
-  for (index_t t = 0; t < n; ++t)
-    for (index_t h = 0; h < H; ++h) {
-      T* dst = b.kfull + t * H * qd + h * qd;
-      std::copy(b.k + t * H * dn + h * dn, b.k + t * H * dn + (h + 1) * dn, dst);
-      std::copy(b.kva + t * (Lr + dr) + Lr, b.kva + (t + 1) * (Lr + dr), dst + dn);
-    }
+  if (dr > 0)  // the keys [k_nope, k_rope] per head (without rope, b.k is k_nope itself)
+    for (index_t t = 0; t < n; ++t)
+      for (index_t h = 0; h < H; ++h) {
+        T* dst = b.k + t * H * qd + h * qd;
+        std::copy(b.knope + t * H * dn + h * dn, b.knope + t * H * dn + (h + 1) * dn, dst);
+        std::copy(b.kva + t * (Lr + dr) + Lr, b.kva + (t + 1) * (Lr + dr), dst + dn);
+      }
   attention_options ao;
   ao.causal = cfg.causal;
   ao.scale = cfg.scale > 0 ? cfg.scale : 1.0 / std::sqrt(static_cast<double>(qd));

@@ -182,67 +182,26 @@ inline void check_workspace(const char* what, const void* workspace, std::size_t
                     " bytes, ", need, " needed (workspace_bytes)");
 }
 
-/// Intermediates of an MHA forward pass inside the workspace.
+/// The forward pass's buffers (bd::detail::carve_forward) with the projections' largest scratch.
 template <class T>
-struct mha_buffers {
-  T *q = nullptr, *k = nullptr, *v = nullptr, *a = nullptr;
-  void* scratch = nullptr;
-  std::size_t scratch_bytes = 0, total = 0;
-};
-
-template <class T>
-mha_buffers<T> carve_mha(const cuda_context& ctx, const device_mha_layer<T>& L, index_t n, void* base,
-                         const cuda_project_options& popt) {
-  const auto& c = L.config;
-  const index_t H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
+forward_buffers<T> carve_mha(const cuda_context& ctx, const device_mha_layer<T>& L, index_t n, void* base,
+                             const cuda_project_options& popt) {
   std::size_t s = 0;
-  s = std::max(s, bd::workspace_bytes(ctx, L.q, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.k, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.v, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.o, n, popt));
-  auto w = forward_carver(base);
-  mha_buffers<T> b;
-  b.q = w.take_elems<T>(n * H * d);
-  b.k = w.take_elems<T>(n * Hkv * d);
-  b.v = w.take_elems<T>(n * Hkv * d);
-  b.a = w.take_elems<T>(n * H * d);
-  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
-  b.scratch_bytes = s;
-  b.total = w.bytes();
-  return b;
+  for (std::size_t p : {bd::workspace_bytes(ctx, L.q, n, popt), bd::workspace_bytes(ctx, L.k, n, popt),
+                        bd::workspace_bytes(ctx, L.v, n, popt), bd::workspace_bytes(ctx, L.o, n, popt)})
+    s = std::max(s, p);
+  return carve_forward<T>(L.config, n, s, forward_carver(base));
 }
 
-/// Intermediates of an MLA forward pass inside the workspace.
 template <class T>
-struct mla_buffers {
-  T *q = nullptr, *kva = nullptr, *knope = nullptr, *k = nullptr, *v = nullptr, *a = nullptr;
-  void* scratch = nullptr;
-  std::size_t scratch_bytes = 0, total = 0;
-};
-
-template <class T>
-mla_buffers<T> carve_mla(const cuda_context& ctx, const device_mla_layer<T>& L, index_t n, void* base,
-                         const cuda_project_options& popt) {
-  const auto& c = L.config;
-  const index_t H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim;
+forward_buffers<T> carve_mla(const cuda_context& ctx, const device_mla_layer<T>& L, index_t n, void* base,
+                             const cuda_project_options& popt) {
   std::size_t s = 0;
-  s = std::max(s, bd::workspace_bytes(ctx, L.q, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.kv_a, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.k_up, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.v_up, n, popt));
-  s = std::max(s, bd::workspace_bytes(ctx, L.o, n, popt));
-  auto w = forward_carver(base);
-  mla_buffers<T> b;
-  b.q = w.take_elems<T>(n * H * (dn + dr));
-  b.kva = w.take_elems<T>(n * (Lr + dr));
-  b.knope = w.take_elems<T>(n * H * dn);
-  b.k = dr > 0 ? w.take_elems<T>(n * H * (dn + dr)) : b.knope;  // no rope: the keys are k_nope itself
-  b.v = w.take_elems<T>(n * H * dv);
-  b.a = w.take_elems<T>(n * H * dv);
-  b.scratch = w.take_elems<unsigned char>(static_cast<index_t>(s));
-  b.scratch_bytes = s;
-  b.total = w.bytes();
-  return b;
+  for (std::size_t p : {bd::workspace_bytes(ctx, L.q, n, popt), bd::workspace_bytes(ctx, L.kv_a, n, popt),
+                        bd::workspace_bytes(ctx, L.k_up, n, popt), bd::workspace_bytes(ctx, L.v_up, n, popt),
+                        bd::workspace_bytes(ctx, L.o, n, popt)})
+    s = std::max(s, p);
+  return carve_forward<T>(L.config, n, s, forward_carver(base));
 }
 
 }  // namespace detail
