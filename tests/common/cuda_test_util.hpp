@@ -1,6 +1,9 @@
 // Helpers shared by the CUDA tests: the skip rule (no usable device -> exit 77, see skip_main.hpp),
-// storage <-> double conversions, seeds, poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16 and bf16) and comparing
-// a padded device result with the CPU's, counting unwritten elements and touched padding.
+// storage <-> double conversions, seeds and poisoning device buffers (all bytes 0xFF: NaN in fp32, fp16
+// and bf16). The host and padded device tensors, downloads that count unwritten elements and touched
+// padding, and the normwise comparisons are in cuda_harness.hpp.
+//   to_d, from_d, from_f            a storage value as double; a double rounded once to T, or through fp32
+//   to_storage, values_of           the same, elementwise over a std::vector
 //   test_seed(name)                 a fixed seed per name (BASISATTN_TEST_SEED: a number or `random`
 //                                   overrides it), printed to stderr at once, so
 //                                   that even a run that aborts (sticky CUDA error) shows it; pair it with
@@ -40,6 +43,26 @@ double to_d(T x) {
 template <class T>
 T from_d(double x) {
   return basisattn::detail::from_compute<T>(x);
+}
+/// A double rounded to fp32 first, then to T (two roundings for the 16-bit types).
+template <class T>
+T from_f(double x) {
+  return basisattn::detail::from_compute<T>(static_cast<float>(x));
+}
+
+/// Every value of x rounded once to T (from_d).
+template <class T>
+std::vector<T> to_storage(const std::vector<double>& x) {
+  std::vector<T> r(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) r[i] = from_d<T>(x[i]);
+  return r;
+}
+/// Every stored value of x as double (to_d).
+template <class T>
+std::vector<double> values_of(const std::vector<T>& x) {
+  std::vector<double> r(x.size());
+  for (std::size_t i = 0; i < r.size(); ++i) r[i] = to_d(x[i]);
+  return r;
 }
 
 inline std::uint64_t fresh_seed() {
@@ -99,38 +122,6 @@ bool is_poison(const T& x) {
   unsigned char bytes[sizeof(T)];
   std::memcpy(bytes, &x, sizeof(T));
   return std::all_of(bytes, bytes + sizeof(T), [](unsigned char c) { return c == 0xFF; });
-}
-
-struct comparison {
-  double nerr = 0;
-  index_t non_finite = 0;       // elements of the result that are NaN/Inf (unwritten: poison)
-  index_t padding_touched = 0;  // padding elements that lost their poison
-};
-
-/// Compare a rows x ld device result (first cols columns) with the CPU's rows x cols result:
-/// nerr = ||got - want||_F / ||want||_F over the finite elements.
-template <class T>
-comparison compare(const std::vector<T>& got, index_t ld, const basisattn::matrix<T>& want) {
-  comparison c;
-  double num = 0, den = 0;
-  for (index_t i = 0; i < want.rows(); ++i)
-    for (index_t j = 0; j < ld; ++j) {
-      const T g = got[static_cast<std::size_t>(i * ld + j)];
-      if (j >= want.cols()) {
-        if (!is_poison(g)) ++c.padding_touched;
-        continue;
-      }
-      const double a = basisattn::detail::to_compute<float>(g);
-      const double b = basisattn::detail::to_compute<float>(want(i, j));
-      if (!std::isfinite(a)) {
-        ++c.non_finite;
-        continue;
-      }
-      num += (a - b) * (a - b);
-      den += b * b;
-    }
-  c.nerr = std::sqrt(num / std::max(den, 1e-300));
-  return c;
 }
 
 }  // namespace cudatest

@@ -56,7 +56,7 @@
 #include "skip_main.hpp"
 
 #include "conv_cases.hpp"
-#include "cuda_test_util.hpp"
+#include "cuda_harness.hpp"
 #include "expect_error.hpp"
 
 #include <basisattn/conv.hpp>
@@ -79,18 +79,16 @@ using namespace basisattn;
 
 namespace {
 
+using cudatest::device_tensor;
+using cudatest::host_tensor;
+using cudatest::padding;
 using cudatest::poison;
+using cudatest::readback;
+using cudatest::to_storage;
 
 constexpr double u64 = 0x1p-53;
 constexpr double eps64 = std::numeric_limits<double>::epsilon();
 constexpr double eps32 = std::numeric_limits<float>::epsilon();
-
-template <class T>
-std::vector<T> to_storage(const std::vector<double>& x) {
-  std::vector<T> r(x.size());
-  for (std::size_t i = 0; i < x.size(); ++i) r[i] = basisattn::detail::from_compute<T>(x[i]);
-  return r;
-}
 
 /// x with every value rounded to T and back: what both runs and the oracle read.
 template <class T>
@@ -101,20 +99,12 @@ test::qkv stored_values(const test::qkv& x) {
   return s;
 }
 
-/// A [n, h, d] tensor on the device with token rows of h * d + pad elements (the padding holds 7).
+/// A [n, h, d] input on the device with token rows of h * d + pad elements (the padding holds 7).
 template <class T>
-struct device3 {
-  device_buffer<T> buf;
-  index_t n = 0, h = 0, d = 0, ld = 0;
-  device3(const cuda_context& ctx, const std::vector<T>& x, index_t n_, index_t h_, index_t d_, index_t pad)
-      : n(n_), h(h_), d(d_), ld(h_ * d_ + pad) {
-    std::vector<T> host(static_cast<std::size_t>(n * ld), basisattn::detail::from_compute<T>(7.0));
-    for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < h * d; ++j) host[std::size_t(i * ld + j)] = x[std::size_t(i * h * d + j)];
-    buf = to_device(ctx, host.data(), n * ld);
-  }
-  tensor3_view<const T> view() const { return {buf.data(), n, h, d, ld, d, 1}; }
-};
+device_tensor<T> device3(const cuda_context& ctx, const std::vector<T>& x, index_t n, index_t h, index_t d,
+                         index_t pad) {
+  return device_tensor<T>(ctx, x.data(), n, h, d, padding{0, pad}, 7.0);
+}
 
 // ---- the double oracle and the error model (header comment) ---------------------------------------
 
@@ -305,27 +295,26 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
   outcome r;
   r.cpu = conv::run<T>(cpu{}, p, Q, K, V, tensor3_view<T>(want.data(), x.n, x.hq, x.dv));
 
-  const device3<T> dq(ctx, qh, x.n, x.hq, x.d, 3), dk(ctx, kh, x.n, x.hkv, x.d, 1), dv(ctx, vh, x.n, x.hkv, x.dv, 2);
-  const index_t ldo = x.dv + 3;
-  device_buffer<T> dout(x.n * x.hq * ldo);
+  const device_tensor<T> dq = device3(ctx, qh, x.n, x.hq, x.d, 3), dk = device3(ctx, kh, x.n, x.hkv, x.d, 1),
+                         dv = device3(ctx, vh, x.n, x.hkv, x.dv, 2);
+  device_tensor<T> dout(x.n, x.hq, x.dv, padding{3, 0});  // head rows of d_v + 3 elements
   const std::size_t bytes = conv::workspace_bytes(ctx, p, x.dv, chunk_bytes);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes) + 5);
-  poison(ctx, dout);
+  dout.poison(ctx);
   poison(ctx, ws);
   // an odd workspace pointer: the run aligns it itself
-  const tensor3_view<T> out(dout.data(), x.n, x.hq, x.dv, x.hq * ldo, ldo, 1);
+  const tensor3_view<T> out = dout.view();
   if (uploaded) {
     const conv::device_plan dp = conv::upload(ctx, p);
     CHECK(conv::workspace_bytes(ctx, dp, x.dv, chunk_bytes) == bytes);
-    r.gpu = conv::run<T>(ctx, dp, dq.view(), dk.view(), dv.view(), out, ws.data() + 5, bytes, plans);
+    r.gpu = conv::run<T>(ctx, dp, dq.cview(), dk.cview(), dv.cview(), out, ws.data() + 5, bytes, plans);
     ctx.synchronize();  // before dp is freed
   } else {
-    r.gpu = conv::run<T>(ctx, p, dq.view(), dk.view(), dv.view(), out, ws.data() + 5, bytes, plans);
+    r.gpu = conv::run<T>(ctx, p, dq.cview(), dk.cview(), dv.cview(), out, ws.data() + 5, bytes, plans);
   }
   ctx.synchronize();
-  std::vector<T> got(static_cast<std::size_t>(x.n * x.hq * ldo));
-  dout.download(ctx, got.data(), x.n * x.hq * ldo);
-  const cudatest::comparison all = cudatest::compare(got, ldo, want);  // unwritten elements and padding
+  host_tensor<T> got(x.n, x.hq, x.dv);
+  const readback all = dout.download(ctx, got);  // unwritten elements and padding
   CHECK(all.non_finite == 0);
   CHECK(all.padding_touched == 0);
   REQUIRE(r.gpu.heads.size() == r.cpu.heads.size());
@@ -417,7 +406,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
       D2 += double(x.n) * (Fa + Fb) * (Fa + Fb);
       for (index_t i = 0; i < x.n; ++i)
         for (index_t j = 0; j < x.dv; ++j) {
-          const double g = cudatest::to_d(got[std::size_t((i * x.hq + index_t(h)) * ldo + j)]);
+          const double g = cudatest::to_d(got.at(i, index_t(h), j));
           const double w = cudatest::to_d(want(i * x.hq + index_t(h), j));
           diff2 += (g - w) * (g - w);
           want2 += w * w;
@@ -431,8 +420,8 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
       double e2 = 0, y2 = 0;
       for (index_t i = 0; i < x.n; ++i)
         for (index_t j = 0; j < x.dv; ++j) {
-          const double v = side == 0 ? cudatest::to_d(got[std::size_t((i * x.hq + index_t(h)) * ldo + j)])
-                                     : cudatest::to_d(want(i * x.hq + index_t(h), j));
+          const double v =
+              side == 0 ? cudatest::to_d(got.at(i, index_t(h), j)) : cudatest::to_d(want(i * x.hq + index_t(h), j));
           const double y = rows[std::size_t(i)].y[std::size_t(j)];
           e2 += (v - y) * (v - y);
           y2 += y * y;
@@ -452,9 +441,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
                   << " u_T)");
     CHECK(nerr <= tol);
   }
-  for (index_t i = 0; i < x.n * x.hq; ++i)
-    for (index_t j = 0; j < x.dv; ++j)
-      r.got.push_back(basisattn::detail::to_compute<float>(got[std::size_t(i * ldo + j)]));
+  for (const T& v : got.buf) r.got.push_back(basisattn::detail::to_compute<float>(v));  // [n, h_q, d_v] order
   return r;
 }
 
@@ -542,31 +529,22 @@ void conv_large(bool causal) {
     CHECK(p.heads[std::size_t(h)].explained == 1.0);  // exact structure: SSE is 0 exactly (integer logits)
   }
 
-  const device3<T> dq(ctx, qh, n, hq, d, 3), dk(ctx, kh, n, hkv, d, 1), dvv(ctx, vh, n, hkv, dv, 2);
-  const index_t ldo = hq * dv + 5;
-  device_buffer<T> dout(n * ldo);
+  const device_tensor<T> dq = device3(ctx, qh, n, hq, d, 3), dk = device3(ctx, kh, n, hkv, d, 1),
+                         dvv = device3(ctx, vh, n, hkv, dv, 2);
+  device_tensor<T> dout(n, hq, dv, padding{0, 5});  // token rows of h_q d_v + 5 elements
   const std::size_t bytes = conv::workspace_bytes(ctx, p, dv, std::size_t(4) << 30);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));
-  poison(ctx, dout);
+  dout.poison(ctx);
   poison(ctx, ws);
   const auto t2 = std::chrono::steady_clock::now();
-  const conv::report rep = conv::run<T>(ctx, p, dq.view(), dk.view(), dvv.view(),
-                                        tensor3_view<T>(dout.data(), n, hq, dv, ldo, dv, 1), ws.data(), bytes, plans);
+  const conv::report rep =
+      conv::run<T>(ctx, p, dq.cview(), dk.cview(), dvv.cview(), dout.view(), ws.data(), bytes, plans);
   ctx.synchronize();
   const double t_gpu = seconds_since(t2);
-  std::vector<T> out(static_cast<std::size_t>(n * ldo));
-  dout.download(ctx, out.data(), n * ldo);
-  index_t non_finite = 0, padding_touched = 0;
-  for (index_t i = 0; i < n; ++i)
-    for (index_t c = 0; c < ldo; ++c) {
-      const T v = out[std::size_t(i * ldo + c)];
-      if (c >= hq * dv)
-        padding_touched += cudatest::is_poison(v) ? 0 : 1;
-      else
-        non_finite += std::isfinite(cudatest::to_d(v)) ? 0 : 1;
-    }
-  CHECK(non_finite == 0);
-  CHECK(padding_touched == 0);
+  host_tensor<T> out(n, hq, dv);
+  const readback rb = dout.download(ctx, out);
+  CHECK(rb.non_finite == 0);
+  CHECK(rb.padding_touched == 0);
 
   // Sampled rows per head: the first, the last, the run's own 16, and evenly spread ones up to 64.
   const auto t3 = std::chrono::steady_clock::now();
@@ -628,7 +606,7 @@ void conv_large(bool causal) {
       const row_bounds rb = bounds_of(ro, n, d, dv, vm);
       double e2 = 0;
       for (index_t j = 0; j < dv; ++j) {
-        const double g = cudatest::to_d(out[std::size_t(i * ldo + h * dv + j)]) - ro.y[std::size_t(j)];
+        const double g = cudatest::to_d(out.at(i, h, j)) - ro.y[std::size_t(j)];
         e2 += g * g;
       }
       const double allowed = (1 + uT) * (F + rb.S) + uT * ro.ynorm + std::sqrt(double(dv)) * etaT;
@@ -847,14 +825,15 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   const conv::plan p =
       conv::make_plan<float>(cpu{}, tensor3_view<const float>(qh.data(), x.n, x.hq, x.d),
                              tensor3_view<const float>(kh.data(), x.n, x.hkv, x.d), test::no_fallback());
-  const device3<float> dq(ctx, qh, x.n, x.hq, x.d, 0), dk(ctx, kh, x.n, x.hkv, x.d, 0),
-      dv(ctx, vh, x.n, x.hkv, x.dv, 0);
+  const device_tensor<float> dq = device3(ctx, qh, x.n, x.hq, x.d, 0), dk = device3(ctx, kh, x.n, x.hkv, x.d, 0),
+                             dv = device3(ctx, vh, x.n, x.hkv, x.dv, 0);
   device_buffer<float> dout(x.n * x.hq * x.dv);
   const tensor3_view<float> O(dout.data(), x.n, x.hq, x.dv);
   const std::size_t bytes = conv::workspace_bytes(ctx, p, x.dv);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));
-  auto run = [&](const device3<float>& q, const device3<float>& k, const device3<float>& v, tensor3_view<float> out,
-                 std::size_t b) { conv::run<float>(ctx, p, q.view(), k.view(), v.view(), out, ws.data(), b); };
+  auto run = [&](const device_tensor<float>& q, const device_tensor<float>& k, const device_tensor<float>& v,
+                 tensor3_view<float> out,
+                 std::size_t b) { conv::run<float>(ctx, p, q.cview(), k.cview(), v.cview(), out, ws.data(), b); };
 
   run(dq, dk, dv, O, bytes);  // well formed
   ctx.synchronize();
@@ -864,25 +843,25 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   // q or k other than the plan's
   test::qkv other = x;
   other.k[5] += 0.25f;
-  const device3<float> dk2(ctx, to_storage<float>(other.k), x.n, x.hkv, x.d, 0);
+  const device_tensor<float> dk2 = device3(ctx, to_storage<float>(other.k), x.n, x.hkv, x.d, 0);
   test::expect_error([&] { run(dq, dk2, dv, O, bytes); }, errc::invalid_argument, "differ from those the plan");
   // a plan of other extents
   const test::qkv y = test::random_qkv(32, 4, 1, 8, 8, 1.0, 25);
-  const device3<float> yq(ctx, to_storage<float>(y.q), y.n, y.hq, y.d, 0);
+  const device_tensor<float> yq = device3(ctx, to_storage<float>(y.q), y.n, y.hq, y.d, 0);
   device_buffer<float> yout(y.n * y.hq * y.dv);
   test::expect_error([&] { run(yq, dk, dv, tensor3_view<float>(yout.data(), y.n, y.hq, y.dv), bytes); },
                      errc::shape_mismatch, "plan was made for");
   // n_q != n_kv
   test::expect_error(
       [&] {
-        conv::run<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.view(), dv.view(),
+        conv::run<float>(ctx, p, tensor3_view<const float>(dq.buf.data(), x.n - 1, x.hq, x.d), dk.cview(), dv.cview(),
                          tensor3_view<float>(dout.data(), x.n - 1, x.hq, x.dv), ws.data(), bytes);
       },
       errc::shape_mismatch, "self-attention");
   // NaN/Inf in v
   test::qkv bad = x;
   bad.v[3] = INFINITY;
-  const device3<float> dvb(ctx, to_storage<float>(bad.v), x.n, x.hkv, x.dv, 0);
+  const device_tensor<float> dvb = device3(ctx, to_storage<float>(bad.v), x.n, x.hkv, x.dv, 0);
   test::expect_error([&] { run(dq, dk, dvb, O, bytes); }, errc::non_finite, "v");
   // head dims above the CUDA limit
   const test::qkv wide = test::random_qkv(8, 1, 1, 300, 4, 1.0, 26);
@@ -894,10 +873,10 @@ TEST_CASE("CUDA conv-basis attention rejects bad input like the CPU run") {
   // an empty plan or device_plan
   test::expect_error([&] { (void)conv::upload(ctx, conv::plan{}); }, errc::invalid_argument, "empty");
   const conv::device_plan none;
-  test::expect_error([&] { conv::run<float>(ctx, none, dq.view(), dk.view(), dv.view(), O, ws.data(), bytes); },
+  test::expect_error([&] { conv::run<float>(ctx, none, dq.cview(), dk.cview(), dv.cview(), O, ws.data(), bytes); },
                      errc::invalid_argument, "empty");
   // the uploaded plan checks q and k like the plan
   const conv::device_plan dp = conv::upload(ctx, p);
-  test::expect_error([&] { conv::run<float>(ctx, dp, dq.view(), dk2.view(), dv.view(), O, ws.data(), bytes); },
+  test::expect_error([&] { conv::run<float>(ctx, dp, dq.cview(), dk2.cview(), dv.cview(), O, ws.data(), bytes); },
                      errc::invalid_argument, "differ from those the plan");
 }

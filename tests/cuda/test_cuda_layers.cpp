@@ -31,7 +31,7 @@
 // Without a usable GPU the program exits 77 (CTest: Skipped).
 #include "skip_main.hpp"
 
-#include "cuda_test_util.hpp"
+#include "cuda_harness.hpp"
 
 #include "reference_layers.hpp"
 #include "stored_layer_reference.hpp"
@@ -59,52 +59,17 @@ using namespace basisattn;
 
 namespace {
 
-using cudatest::compare;
-using cudatest::comparison;
-using cudatest::poison;
-
+using cudatest::code_of;
+using cudatest::device_tensor;
 using cudatest::from_d;
+using cudatest::host_tensor;
+using cudatest::nerr_finite;
+using cudatest::padding;
+using cudatest::poison;
+using cudatest::random_matrix;
+using cudatest::random_vector;
+using cudatest::readback;
 using cudatest::to_d;
-
-template <class T>
-matrix<T> random_matrix(std::mt19937_64& g, index_t rows, index_t cols, double scale) {
-  std::normal_distribution<double> nd(0.0, scale);
-  matrix<T> m(rows, cols);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = from_d<T>(nd(g));
-  return m;
-}
-template <class T>
-std::vector<T> random_vector(std::mt19937_64& g, index_t n, double scale, double mean = 0.0) {
-  std::normal_distribution<double> nd(mean, scale);
-  std::vector<T> v(static_cast<std::size_t>(n));
-  for (auto& x : v) x = from_d<T>(nd(g));
-  return v;
-}
-
-/// A rows x ld device result (first want.cols() columns) against a double reference:
-/// nerr = ||got - want||_F / ||want||_F over the finite elements, non-finite elements and touched padding counted.
-template <class T>
-comparison compare_to_reference(const std::vector<T>& got, index_t ld, const Eigen::MatrixXd& want) {
-  comparison c;
-  double e2 = 0, y2 = 0;
-  for (index_t i = 0; i < want.rows(); ++i)
-    for (index_t j = 0; j < ld; ++j) {
-      const T yv = got[static_cast<std::size_t>(i * ld + j)];
-      if (j >= want.cols()) {
-        c.padding_touched += cudatest::is_poison(yv) ? 0 : 1;
-        continue;
-      }
-      const double v = to_d(yv);
-      if (!std::isfinite(v)) {
-        ++c.non_finite;
-        continue;
-      }
-      e2 += (v - want(i, j)) * (v - want(i, j));
-      y2 += want(i, j) * want(i, j);
-    }
-  c.nerr = std::sqrt(e2 / std::max(y2, 1e-300));
-  return c;
-}
 
 /// Run host layer HL on the CPU and, uploaded, on the GPU (default epilogue, then prefill); check each
 /// against the double reference of the stored layer with its backend's model bound (see the header).
@@ -125,32 +90,28 @@ void check_layer(const cuda_context& ctx, const HL& layer, index_t d_model, inde
                 << err_cpu / uT << " u_T, bound " << tol_cpu / uT << " u_T");
   CHECK(err_cpu <= tol_cpu);
 
-  std::vector<T> xh(static_cast<std::size_t>(n * ldx), from_d<T>(7.0));
-  for (index_t i = 0; i < n; ++i)
-    for (index_t j = 0; j < d_model; ++j) xh[static_cast<std::size_t>(i * ldx + j)] = x(i, j);
+  // x with token rows of d_model + 3 elements (the padding holds 7), y of d_model + 5
   const auto dl = bd::upload(ctx, layer);
-  const auto dx = to_device(ctx, xh.data(), static_cast<index_t>(xh.size()));
-  device_buffer<T> dy(n * ldy);
+  const device_tensor<T> dx(ctx, x.data(), n, 1, d_model, padding{0, ldx - d_model}, 7.0);
+  device_tensor<T> dy(n, 1, d_model, padding{0, ldy - d_model});
+  host_tensor<T> y(n, 1, d_model);
   for (bd::cuda_epilogue epi : {bd::cuda_epilogue::automatic, bd::cuda_epilogue::prefill}) {
     bd::cuda_project_options po;
     po.epilogue = epi;
     device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dl, n, po)));
     for (int run = 0; run < 2; ++run) {  // the second run goes through the projections' cached plans
-      poison(ctx, dy);
+      dy.poison(ctx);
       poison(ctx, ws);
-      bd::forward(ctx, dl, matrix_view<const T>(dx.data(), n, d_model, ldx), matrix_view<T>(dy.data(), n, d_model, ldy),
-                  ws.data(), ws.bytes(), fo, po);
+      bd::forward(ctx, dl, dx.cmview(), dy.mview(), ws.data(), ws.bytes(), fo, po);
       ctx.synchronize();
-      std::vector<T> y(static_cast<std::size_t>(n * ldy));
-      dy.download(ctx, y.data(), n * ldy);
-      const comparison c = compare_to_reference(y, ldy, ref);
-      const comparison vs_cpu = compare(y, ldy, want);
+      const readback c = dy.download(ctx, y);
+      const double nerr = nerr_finite(y, ref), vs_cpu = nerr_finite(y, want);
       INFO("epilogue " << (epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic") << ", run " << run
-                       << ": GPU error " << c.nerr / uT << " u_T, bound " << tol_gpu / uT
-                       << " u_T (GPU - CPU: " << vs_cpu.nerr / uT << " u_T)");
+                       << ": GPU error " << nerr / uT << " u_T, bound " << tol_gpu / uT
+                       << " u_T (GPU - CPU: " << vs_cpu / uT << " u_T)");
       CHECK(c.non_finite == 0);
       CHECK(c.padding_touched == 0);
-      CHECK(c.nerr <= tol_gpu);
+      CHECK(nerr <= tol_gpu);
     }
   }
 }
@@ -353,25 +314,20 @@ void gqa_long() {
   const double tol = layerref::model_of(L, n, layerref::backend::cuda).template tol<T>(gs);
 
   const index_t ldx = dm + 3, ldy = dm + 5;
-  std::vector<T> xh(static_cast<std::size_t>(n * ldx), from_d<T>(7.0));
-  for (index_t i = 0; i < n; ++i)
-    for (index_t j = 0; j < dm; ++j) xh[static_cast<std::size_t>(i * ldx + j)] = x(i, j);
   const auto dl = bd::upload(ctx, L);
-  const auto dx = to_device(ctx, xh.data(), static_cast<index_t>(xh.size()));
-  device_buffer<T> dy(n * ldy);
+  const device_tensor<T> dx(ctx, x.data(), n, 1, dm, padding{0, ldx - dm}, 7.0);
+  device_tensor<T> dy(n, 1, dm, padding{0, ldy - dm});
+  host_tensor<T> y(n, 1, dm);
   for (bd::cuda_epilogue epi : {bd::cuda_epilogue::automatic, bd::cuda_epilogue::prefill}) {
     bd::cuda_project_options po;
     po.epilogue = epi;
     device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dl, n, po)));
-    poison(ctx, dy);
+    dy.poison(ctx);
     poison(ctx, ws);
-    bd::forward(ctx, dl, matrix_view<const T>(dx.data(), n, dm, ldx), matrix_view<T>(dy.data(), n, dm, ldy), ws.data(),
-                ws.bytes(), fo, po);
+    bd::forward(ctx, dl, dx.cmview(), dy.mview(), ws.data(), ws.bytes(), fo, po);
     ctx.synchronize();
-    std::vector<T> y(static_cast<std::size_t>(n * ldy));
-    dy.download(ctx, y.data(), n * ldy);
-    const comparison c = compare_to_reference(y, ldy, want);
-    const double err = c.nerr;
+    const readback c = dy.download(ctx, y);
+    const double err = nerr_finite(y, want);
     INFO("epilogue " << (epi == bd::cuda_epilogue::prefill ? "prefill" : "automatic") << ": error " << err << " = "
                      << err / uT << " u_T, bound " << tol << " = " << tol / uT << " u_T (g_q " << g_q << ", g_k " << g_k
                      << ")");
@@ -521,16 +477,6 @@ void layer_kernels_large() {
     }
     CHECK(bad == 0);
   }
-}
-
-template <class F>
-errc code_of(F&& f) {
-  try {
-    f();
-  } catch (const basisattn::error& e) {
-    return e.code();
-  }
-  return errc::io;  // "no error" marker for these checks
 }
 
 }  // namespace

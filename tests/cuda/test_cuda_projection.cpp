@@ -29,7 +29,7 @@
 // functions), counted twice (the weight and the rescale), against 1 ulp each on the CPU.
 #include "skip_main.hpp"
 
-#include "cuda_test_util.hpp"
+#include "cuda_harness.hpp"
 #include "test_util.hpp"
 
 #include <basisattn/attention.hpp>
@@ -56,26 +56,16 @@ using namespace basisattn;
 
 namespace {
 
+using cudatest::code_of;
+using cudatest::device_tensor;
+using cudatest::from_f;
+using cudatest::host_tensor;
+using cudatest::pad_fill;
+using cudatest::padding;
 using cudatest::poison;
-
-template <class T>
-double to_d(T x) {
-  return static_cast<double>(basisattn::detail::to_compute<float>(x));
-}
-template <class T>
-T from_f(double x) {
-  return basisattn::detail::from_compute<T>(static_cast<float>(x));
-}
-
-/// Host rows x ld buffer: the first `cols` columns N(0, scale^2), the rest a marker value.
-template <class T>
-std::vector<T> random_padded(std::mt19937_64& g, index_t rows, index_t cols, index_t ld, double scale = 1.0) {
-  std::normal_distribution<double> nd(0.0, scale);
-  std::vector<T> v(static_cast<std::size_t>(rows * ld), from_f<T>(7.0));
-  for (index_t i = 0; i < rows; ++i)
-    for (index_t j = 0; j < cols; ++j) v[static_cast<std::size_t>(i * ld + j)] = from_f<T>(nd(g));
-  return v;
-}
+using cudatest::random_tensor;
+using cudatest::readback;
+using cudatest::to_d;
 
 template <class T>
 bd::bd_projection<T> random_bd(std::mt19937_64& g, index_t m, index_t r, index_t heads, bool leading, bool bias) {
@@ -216,11 +206,11 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
                                    bd::cuda_epilogue epi, std::mt19937_64& g, std::vector<index_t> rows = {}) {
   const index_t in = in_of(hp), out = out_of(hp);
   const auto dp = bd::upload(ctx, hp);
-  const std::vector<T> x = random_padded<T>(g, tokens, in, in);
-  device_buffer<T> dx(tokens * ldx), dy(tokens * ldy);
-  poison(ctx, dx);
-  BASISATTN_CUDA_CHECK(cudaMemcpy2DAsync(dx.data(), sizeof(T) * ldx, x.data(), sizeof(T) * in, sizeof(T) * in, tokens,
-                                         cudaMemcpyHostToDevice, ctx.stream()));
+  // x: N(0, 1) values rounded through fp32; on the device with row stride ldx (the padding poisoned)
+  const host_tensor<T> x = random_tensor<T>(g, tokens, 1, in, 1.0, 0.0, from_f<T>);
+  const device_tensor<T> dx(ctx, x, padding{0, ldx - in}, pad_fill::poison());
+  device_tensor<T> dy(tokens, 1, out, padding{0, ldy - out});
+  host_tensor<T> y(tokens, 1, out);
   bd::cuda_project_options opt;
   opt.epilogue = epi;
   device_buffer<unsigned char> ws(static_cast<index_t>(bd::workspace_bytes(ctx, dp, tokens, opt)));
@@ -234,10 +224,9 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
     want[static_cast<std::size_t>(i)] = oracle(hp, x.data() + rows[static_cast<std::size_t>(i)] * in);
   projection_result res;
   for (int run = 0; run < 2; ++run) {
-    poison(ctx, dy);
+    dy.poison(ctx);
     try {
-      res.ran = bd::project(ctx, dp, matrix_view<const T>(dx.data(), tokens, in, ldx),
-                            matrix_view<T>(dy.data(), tokens, out, ldy), ws.data(), ws.bytes(), opt);
+      res.ran = bd::project(ctx, dp, dx.cmview(), dy.mview(), ws.data(), ws.bytes(), opt);
     } catch (const basisattn::error& e) {
       if (e.code() == errc::unsupported && epi == bd::cuda_epilogue::cublaslt) {
         res.declined = true;
@@ -252,28 +241,12 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
              res.ran == bd::cuda_epilogue::none));
     else if (res.ran != bd::cuda_epilogue::none)
       CHECK(res.ran == epi);
-    // Every element written (no poison left in the tokens x out block).
-    std::vector<T> y(static_cast<std::size_t>(tokens * out));
-    BASISATTN_CUDA_CHECK(cudaMemcpy2DAsync(y.data(), sizeof(T) * out, dy.data(), sizeof(T) * ldy, sizeof(T) * out,
-                                           tokens, cudaMemcpyDeviceToHost, ctx.stream()));
-    ctx.synchronize();
-    index_t unwritten = 0;
-    for (const T& v : y) unwritten += cudatest::is_poison(v) ? 1 : 0;
-    // Padding of the checked rows untouched.
-    index_t padding_touched = 0;
-    if (ldy > out) {
-      std::vector<T> pad(static_cast<std::size_t>(ldy - out));
-      for (index_t t : rows) {
-        BASISATTN_CUDA_CHECK(cudaMemcpyAsync(pad.data(), dy.data() + t * ldy + out, pad.size() * sizeof(T),
-                                             cudaMemcpyDeviceToHost, ctx.stream()));
-        ctx.synchronize();
-        for (const T& v : pad) padding_touched += cudatest::is_poison(v) ? 0 : 1;
-      }
-    }
+    // Every element written (no poison left in the tokens x out block); padding of the checked rows untouched.
+    const readback rb = dy.download_rows(ctx, y, rows, ldy - out);
     double worst = 0;
     for (std::size_t i = 0; i < rows.size(); ++i)
       for (index_t j = 0; j < out; ++j) {
-        const double got = to_d(y[static_cast<std::size_t>(rows[i] * out + j)]);
+        const double got = to_d(y.buf[static_cast<std::size_t>(rows[i] * out + j)]);
         const oracle_row& o = want[i];
         const double e = std::abs(got - o.want[j]);
         const double b = projection_bound<T>(res.ran, depth_of(hp), o.want[j], o.mag[j], o.basis_bias[j]);
@@ -282,8 +255,8 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
     INFO("dtype " << to_string(dtype_of_v<T>) << ", asked " << bd::to_string(epi) << ", ran " << bd::to_string(res.ran)
                   << ", tokens " << tokens << ", ldx " << ldx << ", ldy " << ldy << ", run " << run
                   << ": worst error / bound " << worst);
-    CHECK(unwritten == 0);
-    CHECK(padding_touched == 0);
+    CHECK(rb.unwritten == 0);
+    CHECK(rb.padding_touched == 0);
     CHECK(worst <= 1.0);
     res.worst = std::max(res.worst, worst);
   }
@@ -496,54 +469,32 @@ double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937
   const index_t lq = wq + (c.large_stride ? 0 : c.pad);
   const index_t lk = c.large_stride ? c.pad : wk + c.pad, lv = c.large_stride ? c.pad : wv + c.pad,
                 lo = c.large_stride ? c.pad : wo + c.pad;
-  // Host copies are compact; device tensors have the strides above (2-D copies).
-  const auto q = random_padded<T>(g, c.n_q, wq, wq), k = random_padded<T>(g, c.n_kv, wk, wk),
-             v = random_padded<T>(g, c.n_kv, wv, wv);
-  device_buffer<T> dq(c.n_q * lq), dk(c.n_kv * lk), dv(c.n_kv * lv), dout(c.n_q * lo);
-  auto put = [&](device_buffer<T>& d, const std::vector<T>& h, index_t rows_, index_t w, index_t ld) {
-    poison(ctx, d);
-    BASISATTN_CUDA_CHECK(cudaMemcpy2DAsync(d.data(), sizeof(T) * ld, h.data(), sizeof(T) * w, sizeof(T) * w, rows_,
-                                           cudaMemcpyHostToDevice, ctx.stream()));
-  };
-  put(dq, q, c.n_q, wq, lq);
-  put(dk, k, c.n_kv, wk, lk);
-  put(dv, v, c.n_kv, wv, lv);
-  poison(ctx, dout);
+  // Host copies are compact (N(0, 1) values rounded through fp32); device tensors have the row strides
+  // above, their padding poisoned (2-D copies).
+  const host_tensor<T> q = random_tensor<T>(g, c.n_q, c.h_q, c.d_qk, 1.0, 0.0, from_f<T>),
+                       k = random_tensor<T>(g, c.n_kv, c.h_kv, c.d_qk, 1.0, 0.0, from_f<T>),
+                       v = random_tensor<T>(g, c.n_kv, c.h_kv, c.d_v, 1.0, 0.0, from_f<T>);
+  const device_tensor<T> dq(ctx, q, padding{0, lq - wq}, pad_fill::poison()),
+      dk(ctx, k, padding{0, lk - wk}, pad_fill::poison()), dv(ctx, v, padding{0, lv - wv}, pad_fill::poison());
+  device_tensor<T> dout(c.n_q, c.h_q, c.d_v, padding{0, lo - wo});
+  dout.poison(ctx);
   attention_options opt;
   opt.causal = c.causal;
   opt.scale = c.scale;
   auto view3 = [](auto* p, index_t n, index_t h, index_t d, index_t ld) {
     return tensor3_view<std::remove_pointer_t<decltype(p)>>(p, n, h, d, ld, d, 1);
   };
-  CHECK(workspace_bytes(ctx, view3(static_cast<const T*>(dq.data()), c.n_q, c.h_q, c.d_qk, lq),
-                        view3(static_cast<const T*>(dk.data()), c.n_kv, c.h_kv, c.d_qk, lk),
-                        view3(static_cast<const T*>(dv.data()), c.n_kv, c.h_kv, c.d_v, lv), opt) == 0);
-  attention<T>(ctx, view3(static_cast<const T*>(dq.data()), c.n_q, c.h_q, c.d_qk, lq),
-               view3(static_cast<const T*>(dk.data()), c.n_kv, c.h_kv, c.d_qk, lk),
-               view3(static_cast<const T*>(dv.data()), c.n_kv, c.h_kv, c.d_v, lv),
-               view3(dout.data(), c.n_q, c.h_q, c.d_v, lo), opt);
+  CHECK(workspace_bytes(ctx, dq.cview(), dk.cview(), dv.cview(), opt) == 0);
+  attention<T>(ctx, dq.cview(), dk.cview(), dv.cview(), dout.view(), opt);
   ctx.synchronize();
-  std::vector<T> out(static_cast<std::size_t>(c.n_q * wo));
-  BASISATTN_CUDA_CHECK(cudaMemcpy2DAsync(out.data(), sizeof(T) * wo, dout.data(), sizeof(T) * lo, sizeof(T) * wo, c.n_q,
-                                         cudaMemcpyDeviceToHost, ctx.stream()));
-  ctx.synchronize();
-  index_t unwritten = 0;
-  for (const T& x : out) unwritten += cudatest::is_poison(x) ? 1 : 0;
   if (rows.empty()) {
     rows.resize(static_cast<std::size_t>(c.n_q));
     std::iota(rows.begin(), rows.end(), index_t(0));
   }
-  // Padding of the compared rows untouched (the first 64 elements after the row when the stride is large).
-  index_t padding_touched = 0;
-  if (lo > wo) {
-    std::vector<T> pad(static_cast<std::size_t>(std::min<index_t>(lo - wo, 64)));
-    for (index_t i : rows) {
-      BASISATTN_CUDA_CHECK(cudaMemcpyAsync(pad.data(), dout.data() + i * lo + wo, pad.size() * sizeof(T),
-                                           cudaMemcpyDeviceToHost, ctx.stream()));
-      ctx.synchronize();
-      for (const T& x : pad) padding_touched += cudatest::is_poison(x) ? 0 : 1;
-    }
-  }
+  // Every element written (no poison left); padding of the compared rows untouched (the first 64
+  // elements after the row when the stride is large).
+  host_tensor<T> out(c.n_q, c.h_q, c.d_v);
+  const readback rb = dout.download_rows(ctx, out, rows, 64);
   // Oracle per compared row: one query row against the keys it sees (causal: the first off + i + 1).
   const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(double(c.d_qk));
   const index_t off = c.n_kv - c.n_q, group = c.h_q / c.h_kv;
@@ -573,13 +524,13 @@ double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937
       for (index_t j = 0; j < seen; ++j) {
         double sabs = 0;
         for (index_t e = 0; e < c.d_qk; ++e)
-          sabs += std::abs(to_d(q[static_cast<std::size_t>(i * wq + h * c.d_qk + e)]) *
-                           to_d(k[static_cast<std::size_t>(j * wk + (h / group) * c.d_qk + e)]));
+          sabs += std::abs(to_d(q.buf[static_cast<std::size_t>(i * wq + h * c.d_qk + e)]) *
+                           to_d(k.buf[static_cast<std::size_t>(j * wk + (h / group) * c.d_qk + e)]));
         kp = std::max(kp, scale * sabs);
       }
     double nm = 0, dn = 0;
     for (index_t e = 0; e < wo; ++e) {
-      const double got = to_d(out[static_cast<std::size_t>(i * wo + e)]), want = ref[static_cast<std::size_t>(e)];
+      const double got = to_d(out.buf[static_cast<std::size_t>(i * wo + e)]), want = ref[static_cast<std::size_t>(e)];
       nm += std::isfinite(got) ? (got - want) * (got - want) : INFINITY;
       dn += want * want;
     }
@@ -594,8 +545,8 @@ double check_attention(const cuda_context& ctx, const attn_case& c, std::mt19937
   const double tol =
       test::u<T>() + test::u<float>() * (kappa * std::sqrt(double(c.d_qk)) + std::sqrt(double(c.n_kv)) + 8);
   INFO("dtype " << to_string(dtype_of_v<T>) << ": rel_error " << err << ", kappa " << kappa << ", tolerance " << tol);
-  CHECK(unwritten == 0);
-  CHECK(padding_touched == 0);
+  CHECK(rb.unwritten == 0);
+  CHECK(rb.padding_touched == 0);
   CHECK(err <= tol);
   return err / tol;
 }
@@ -703,14 +654,6 @@ TEST_CASE("CUDA projections reject bad shapes") {
   const auto dp = bd::upload(ctx, random_bd<float>(g, 16, 4, 2, true, false));
   const auto dd = bd::upload(ctx, random_dense<float>(g, 16, 8, false));
   device_buffer<float> x(10 * 17), y(10 * 9);
-  auto code_of = [](auto&& f) {
-    try {
-      f();
-    } catch (const basisattn::error& e) {
-      return e.code();
-    }
-    return errc::io;  // "no error" marker for these checks
-  };
   const std::size_t ws = bd::workspace_bytes(ctx, dp, 10);
   device_buffer<unsigned char> w(static_cast<index_t>(ws));
   CHECK(code_of([&] {
@@ -743,14 +686,6 @@ TEST_CASE("CUDA attention rejects bad arguments") {
   device_buffer<float> a(4 * 2 * 300), b(4 * 2 * 300), c(4 * 2 * 300), o(4 * 2 * 300);
   auto t = [](float* p, index_t n, index_t h, index_t d) { return tensor3_view<float>(p, n, h, d); };
   auto ct = [](const float* p, index_t n, index_t h, index_t d) { return tensor3_view<const float>(p, n, h, d); };
-  auto code_of = [](auto&& f) {
-    try {
-      f();
-    } catch (const basisattn::error& e) {
-      return e.code();
-    }
-    return errc::io;
-  };
   attention_options opt;
   CHECK(code_of([&] {
           attention<float>(ctx, ct(a.data(), 4, 2, 8), ct(b.data(), 4, 2, 9), ct(c.data(), 4, 2, 8),

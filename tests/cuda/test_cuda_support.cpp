@@ -48,7 +48,7 @@
 // Without a usable GPU the program exits 77 (CTest: Skipped).
 #include "skip_main.hpp"
 
-#include "cuda_test_util.hpp"
+#include "cuda_harness.hpp"
 #include "test_util.hpp"
 
 #include <basisattn/attention.hpp>
@@ -74,94 +74,25 @@ using namespace basisattn;
 
 namespace {
 
-using cudatest::is_poison;
+using cudatest::code_of;
+using cudatest::device_tensor;
+using cudatest::host_tensor;
+using cudatest::message_of;
+using cudatest::nerr;
 using cudatest::poison;
-
-using cudatest::from_d;
+using cudatest::readback;
+using cudatest::run_both;
 using cudatest::to_d;
+using cudatest::values_of;
 
 template <class T>
 double tolerance() {
   return 1e-4 + (std::is_same_v<T, float> ? 0.0 : 2 * unit_roundoff(dtype_of_v<T>));
 }
 
-/// Owning contiguous host [e0, e1, e2] tensor.
-template <class T>
-struct host_tensor {
-  index_t e0, e1, e2;
-  std::vector<T> buf;
-  host_tensor(index_t a, index_t b, index_t c) : e0(a), e1(b), e2(c), buf(static_cast<std::size_t>(a * b * c)) {}
-  tensor3_view<T> view() { return tensor3_view<T>(buf.data(), e0, e1, e2); }
-  tensor3_view<const T> cview() const { return tensor3_view<const T>(buf.data(), e0, e1, e2); }
-  T& at(index_t i, index_t j, index_t k) { return buf[static_cast<std::size_t>((i * e1 + j) * e2 + k)]; }
-  const T& at(index_t i, index_t j, index_t k) const { return buf[static_cast<std::size_t>((i * e1 + j) * e2 + k)]; }
-  /// Rows of N(0, scale^2) entries; a fraction `outliers` of the rows gets scale * big.
-  void fill(std::mt19937_64& g, double scale, double outliers = 0, double big = 1) {
-    std::uniform_real_distribution<double> u(0, 1);
-    std::normal_distribution<double> nd(0, 1);
-    for (index_t i = 0; i < e0; ++i)
-      for (index_t j = 0; j < e1; ++j) {
-        const double sc = u(g) < outliers ? scale * big : scale;
-        for (index_t k = 0; k < e2; ++k) at(i, j, k) = from_d<T>(sc * nd(g));
-      }
-  }
-  /// Row scales spread over two decades: max |entry| from ~0.01 to ~1 (the multi-threshold data).
-  void fill_spread(std::mt19937_64& g) {
-    std::uniform_real_distribution<double> u(-2, 0);
-    std::normal_distribution<double> nd(0, 1);
-    for (index_t i = 0; i < e0; ++i)
-      for (index_t j = 0; j < e1; ++j) {
-        const double sc = 0.4 * std::pow(10.0, u(g));
-        for (index_t k = 0; k < e2; ++k) at(i, j, k) = from_d<T>(sc * nd(g));
-      }
-  }
-};
-
-/// A device copy with padded strides (head stride e2 + 1, token stride e1 (e2 + 1) + 3); the padding
-/// holds `pad` (NaN for inputs).
-template <class T>
-struct device_tensor {
-  index_t e0, e1, e2, s0, s1;
-  device_buffer<T> buf;
-  device_tensor(const cuda_context& ctx, const host_tensor<T>& h, double pad)
-      : e0(h.e0), e1(h.e1), e2(h.e2), s0(h.e1 * (h.e2 + 1) + 3), s1(h.e2 + 1), buf(h.e0 * s0) {
-    std::vector<T> x(static_cast<std::size_t>(e0 * s0), from_d<T>(pad));
-    for (index_t i = 0; i < e0; ++i)
-      for (index_t j = 0; j < e1; ++j)
-        for (index_t k = 0; k < e2; ++k) x[static_cast<std::size_t>(i * s0 + j * s1 + k)] = h.at(i, j, k);
-    buf.upload(ctx, x.data(), static_cast<index_t>(x.size()));
-  }
-  tensor3_view<T> view() const { return tensor3_view<T>(buf.data(), e0, e1, e2, s0, s1, 1); }
-  tensor3_view<const T> cview() const { return tensor3_view<const T>(buf.data(), e0, e1, e2, s0, s1, 1); }
-  /// Download; counts non-finite elements and padding that lost its poison.
-  void download(const cuda_context& ctx, host_tensor<T>& h, index_t& non_finite, index_t& padding_touched) const {
-    std::vector<T> x(static_cast<std::size_t>(e0 * s0));
-    buf.download(ctx, x.data(), static_cast<index_t>(x.size()));
-    non_finite = padding_touched = 0;
-    for (index_t i = 0; i < e0; ++i)
-      for (index_t r = 0; r < s0; ++r) {
-        const T v = x[static_cast<std::size_t>(i * s0 + r)];
-        const index_t j = r / s1, k = r % s1;
-        if (j >= e1 || k >= e2) {
-          if (!is_poison(v)) ++padding_touched;
-          continue;
-        }
-        h.at(i, j, k) = v;
-        if (!std::isfinite(to_d(v))) ++non_finite;
-      }
-  }
-};
-
-template <class T>
-double nerr(const host_tensor<T>& got, const host_tensor<T>& want) {
-  double num = 0, den = 0;
-  for (std::size_t e = 0; e < want.buf.size(); ++e) {
-    const double a = to_d(got.buf[e]), b = to_d(want.buf[e]);
-    num += (a - b) * (a - b);
-    den += b * b;
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+/// The device copies' layout: head stride e2 + 1, token stride e1 (e2 + 1) + 3 (their padding holds NaN
+/// for the inputs of a comparison, 0 for outputs, which are poisoned whole before each run).
+constexpr cudatest::padding pad{1, 3};
 
 struct problem {
   index_t n_q = 96, n_kv = 96, h_q = 2, h_kv = 2, d = 16, d_v = 8;
@@ -170,14 +101,6 @@ struct problem {
 enum class data_kind { outliers, small, large, spread };
 
 constexpr double u64 = 0x1p-53;
-
-/// Values of a host tensor in double (the stored values), same layout.
-template <class T>
-std::vector<double> values_of(const host_tensor<T>& x) {
-  std::vector<double> r(x.buf.size());
-  for (std::size_t i = 0; i < r.size(); ++i) r[i] = to_d(x.buf[i]);
-  return r;
-}
 
 double max_abs(const std::vector<double>& x) {
   double m = 0;
@@ -460,6 +383,19 @@ est_range own_estimate(const support::plan& pl, const std::vector<double>& qd, c
   return r;
 }
 
+/// support::run of `plan` on the CPU backend (q, k, v into want) and on the CUDA backend (their device
+/// copies dq, dk, dv into dout, poisoned first, then downloaded into got): cudatest::run_both.
+template <class T>
+auto run_plan_both(const cuda_context& ctx, const support::plan& plan, const host_tensor<T>& q, const host_tensor<T>& k,
+                   const host_tensor<T>& v, host_tensor<T>& want, const device_tensor<T>& dq,
+                   const device_tensor<T>& dk, const device_tensor<T>& dv, device_tensor<T>& dout,
+                   host_tensor<T>& got) {
+  return run_both(
+      ctx, [&](tensor3_view<T> out) { return support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), out); }, want,
+      [&](tensor3_view<T> out) { return support::run<T>(ctx, plan, dq.cview(), dk.cview(), dv.cview(), out); }, dout,
+      got);
+}
+
 /// Fill, plan on the host, run on both backends, compare (see the header comment).
 template <class T>
 void compare_backends(const cuda_context& ctx, const problem& pr, const support::options& o, data_kind kind,
@@ -501,8 +437,8 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
     fc.push_back(forecast_rows(plan, qd, kd, vmax[std::size_t(h / (pr.h_q / pr.h_kv))], h));
 
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const device_tensor<T> dq(ctx, q, nan), dk(ctx, k, nan), dv(ctx, v, nan);
-  device_tensor<T> dout(ctx, want, 0.0);
+  const device_tensor<T> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dv(ctx, v, pad, nan);
+  device_tensor<T> dout(ctx, want, pad, 0.0);
   device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, plan, pr.d_v)));
   // Run 0 on the host plan; runs 1 and 2 on the uploaded plan (tables in device memory, a workspace
   // without them), each on a dirty (re-poisoned) workspace.
@@ -512,7 +448,7 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
   CHECK(dws_bytes + dplan.bytes() >= ws.bytes() - basisattn::detail::cuda_workspace_align);
   const double tol = o.tolerance;
   for (int run = 0; run < 3; ++run) {
-    poison(ctx, dout.buf);
+    dout.poison(ctx);
     poison(ctx, ws);
     std::vector<support::head_report> gpu_rep(static_cast<std::size_t>(pr.h_q));
     if (run == 0)
@@ -522,10 +458,9 @@ void compare_backends(const cuda_context& ctx, const problem& pr, const support:
       support::run<T>(ctx, dplan, dq.cview(), dk.cview(), dv.cview(), dout.view(), ws.data(), dws_bytes,
                       gpu_rep.data());
     ctx.synchronize();
-    index_t non_finite = 0, padding_touched = 0;
-    dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    const readback rb = dout.download(ctx, got);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     std::vector<bool> compare_head(static_cast<std::size_t>(pr.h_q), true), exact_gpu(compare_head.size(), false),
         exact_cpu(compare_head.size(), false);
     for (index_t h = 0; h < pr.h_q; ++h) {
@@ -738,14 +673,13 @@ void sanitize_suite() {
       o.tolerance = tol;
       const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
       const double nan = std::numeric_limits<double>::quiet_NaN();
-      const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan);
-      device_tensor<float> dout(ctx, got, 0.0);
-      poison(ctx, dout.buf);
+      const device_tensor<float> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dvv(ctx, v, pad, nan);
+      device_tensor<float> dout(ctx, got, pad, 0.0);
+      dout.poison(ctx);
       const auto rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dvv.cview(), dout.view());
-      index_t non_finite = 0, padding_touched = 0;
-      dout.download(ctx, got, non_finite, padding_touched);
-      CHECK(non_finite == 0);
-      CHECK(padding_touched == 0);
+      const readback rb = dout.download(ctx, got);
+      CHECK(rb.non_finite == 0);
+      CHECK(rb.padding_touched == 0);
       CHECK(rep[0].repaired_rows > 0);
       CHECK(rep[0].fell_back == (tol == 0.0));  // poly_error >= 1 here: a finite tolerance always falls back
     }
@@ -840,20 +774,19 @@ void support_large(bool causal) {
   }
 
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const device_tensor<T> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan);
-  device_tensor<T> dout(ctx, got, 0.0);
+  const device_tensor<T> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dvv(ctx, v, pad, nan);
+  device_tensor<T> dout(ctx, got, pad, 0.0);
   device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, plan, dv)));
-  poison(ctx, dout.buf);
+  dout.poison(ctx);
   poison(ctx, ws);
   std::vector<support::head_report> rep(static_cast<std::size_t>(hq));
   const auto t2 = std::chrono::steady_clock::now();
   support::run<T>(ctx, plan, dq.cview(), dk.cview(), dvv.cview(), dout.view(), ws.data(), ws.bytes(), rep.data());
   ctx.synchronize();
   const double t_gpu = since(t2);
-  index_t non_finite = 0, padding_touched = 0;
-  dout.download(ctx, got, non_finite, padding_touched);
-  CHECK(non_finite == 0);
-  CHECK(padding_touched == 0);
+  const readback rb = dout.download(ctx, got);
+  CHECK(rb.non_finite == 0);
+  CHECK(rb.padding_touched == 0);
 
   // P per head, the run's estimate rows, and the sample: those, the first and last rows, evenly spread ones.
   std::vector<std::vector<index_t>> est_rows(static_cast<std::size_t>(hq));
@@ -941,15 +874,6 @@ void support_large(bool causal) {
       to_string(dtype_of_v<T>), static_cast<long long>(n), causal ? "causal" : "non-causal", worst, t_data, t_plan,
       t_oracle, t_gpu);
 }
-template <class F>
-errc code_of(F&& f) {
-  try {
-    f();
-  } catch (const basisattn::error& e) {
-    return e.code();
-  }
-  return errc::io;  // "no error" marker for these checks
-}
 
 /// A run on an uploaded plan with check_rows = 0, check_finite = false and no report, captured in a
 /// CUDA graph and replayed twice (the second time on new values of v written into the same buffer):
@@ -976,8 +900,8 @@ void graph_capture_case() {
   const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
   const std::vector<double> qd = values_of(q), kd = values_of(k);
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan), dv2(ctx, v2, nan);
-  device_tensor<float> dout(ctx, want, 0.0);
+  const device_tensor<float> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dvv(ctx, v, pad, nan), dv2(ctx, v2, pad, nan);
+  device_tensor<float> dout(ctx, want, pad, 0.0);
   const support::device_plan dplan = support::upload(ctx, plan);
   device_buffer<unsigned char> ws(static_cast<index_t>(support::workspace_bytes(ctx, dplan, dv)));
   const cudaStream_t st = ctx.stream();
@@ -1000,13 +924,12 @@ void graph_capture_case() {
     if (replay == 1)
       REQUIRE(cudaMemcpyAsync(dvv.buf.data(), dv2.buf.data(), dvv.buf.bytes(), cudaMemcpyDeviceToDevice, st) ==
               cudaSuccess);
-    poison(ctx, dout.buf);
+    dout.poison(ctx);
     REQUIRE(cudaGraphLaunch(exec, st) == cudaSuccess);
     ctx.synchronize();
-    index_t non_finite = 0, padding_touched = 0;
-    dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    const readback rb = dout.download(ctx, got);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     support::run(cpu{}, plan, q.cview(), k.cview(), vv.cview(), want.view());
     double vmax = 0;
     for (float x : vv.buf) vmax = std::max(vmax, double(std::abs(x)));
@@ -1028,16 +951,6 @@ void graph_capture_case() {
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-}
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const basisattn::error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace
@@ -1087,20 +1000,16 @@ TEST_CASE("CUDA support-basis: non-positive denominators are detected and recomp
     const row_forecast f = forecast_rows(plan, values_of(q), values_of(k), max_abs(values_of(v)), 0);
     REQUIRE(f.unsure == 0);
     REQUIRE(f.bad == negatives);
-    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    REQUIRE(cpu_rep[0].repaired_rows == negatives);
     const double nan = std::numeric_limits<double>::quiet_NaN();
-    const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dvv(ctx, v, nan);
-    device_tensor<float> dout(ctx, want, 0.0);
-    poison(ctx, dout.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dvv.cview(), dout.view());
-    index_t non_finite = 0, padding_touched = 0;
-    dout.download(ctx, got, non_finite, padding_touched);
+    const device_tensor<float> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dvv(ctx, v, pad, nan);
+    device_tensor<float> dout(ctx, want, pad, 0.0);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q, k, v, want, dq, dk, dvv, dout, got);
+    REQUIRE(cpu_rep[0].repaired_rows == negatives);
     CHECK(gpu_rep[0].repaired_rows == negatives);
     CHECK(gpu_rep[0].poly_rows == cpu_rep[0].poly_rows);
     CHECK(gpu_rep[0].checked_rows == cpu_rep[0].checked_rows);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     CHECK(nerr(got, want) <= tolerance<float>());
   }
 }
@@ -1121,22 +1030,18 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
   o.target_error = 1e-3;
   o.check_rows = 8;
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dv(ctx, v, nan);
+  const device_tensor<float> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dv(ctx, v, pad, nan);
   host_tensor<float> want(pr.n_q, pr.h_q, pr.d_v), got(pr.n_q, pr.h_q, pr.d_v);
-  device_tensor<float> dout(ctx, want, 0.0);
-  index_t non_finite = 0, padding_touched = 0;
+  device_tensor<float> dout(ctx, want, pad, 0.0);
   // Without the fallback: a large estimate on both backends. (The polynomial is poor here, B ~ 9 at
   // degree 2, so rows with small positive denominators may amplify rounding differences: the outputs
   // and estimates of the two backends are not compared to the tight bound of the other tests.)
   o.tolerance = INFINITY;
   {
     const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
-    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    poison(ctx, dout.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv.cview(), dout.view());
-    dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q, k, v, want, dq, dk, dv, dout, got);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     for (std::size_t h = 0; h < gpu_rep.size(); ++h) {
       CHECK(gpu_rep[h].checked_rows == 8);
       CHECK(cpu_rep[h].checked_rows == 8);
@@ -1152,12 +1057,9 @@ TEST_CASE("CUDA support-basis: error estimate and exact fallback as on the CPU")
   o.tolerance = 0.05;
   {
     const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
-    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    poison(ctx, dout.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv.cview(), dout.view());
-    dout.download(ctx, got, non_finite, padding_touched);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q, k, v, want, dq, dk, dv, dout, got);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     std::vector<bool> fb_gpu, fb_cpu;
     for (std::size_t h = 0; h < gpu_rep.size(); ++h) {
       for (const auto* x : {&gpu_rep[h], &cpu_rep[h]})
@@ -1194,21 +1096,17 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
   o.max_degree = 1;
   o.tolerance = INFINITY;
   o.block = 16;
-  const device_tensor<float> dq(ctx, q, nan), dk(ctx, k, nan), dv_(ctx, v, nan);
-  device_tensor<float> dout(ctx, want, 0.0);
-  index_t non_finite = 0, padding_touched = 0;
+  const device_tensor<float> dq(ctx, q, pad, nan), dk(ctx, k, pad, nan), dv_(ctx, v, pad, nan);
+  device_tensor<float> dout(ctx, want, pad, 0.0);
   {
     const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
-    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    poison(ctx, dout.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
-    dout.download(ctx, got, non_finite, padding_touched);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q, k, v, want, dq, dk, dv_, dout, got);
     const support::head_report& h = gpu_rep[0];
     INFO("bound " << h.bound << ", poly_error " << h.poly_error << ", bad rows gpu " << h.repaired_rows << " cpu "
                   << cpu_rep[0].repaired_rows << ", poly rows gpu " << h.poly_rows << " cpu " << cpu_rep[0].poly_rows);
     REQUIRE(h.bound > 300);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     CHECK(h.repaired_rows + h.poly_rows <= n);
     CHECK(h.checked_rows == std::min<std::int64_t>(o.check_rows, h.poly_rows));
     CHECK(!h.fell_back);
@@ -1222,14 +1120,11 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
   o.tolerance = 1e9;
   {
     const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview(), o);
-    const auto cpu_rep = support::run(cpu{}, plan, q.cview(), k.cview(), v.cview(), want.view());
-    poison(ctx, dout.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq.cview(), dk.cview(), dv_.cview(), dout.view());
-    dout.download(ctx, got, non_finite, padding_touched);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q, k, v, want, dq, dk, dv_, dout, got);
     CHECK(cpu_rep[0].fell_back);
     CHECK(gpu_rep[0].fell_back);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     // scores up to ~|q_0| ||k_0|| ~ 1e3: the exact-attention model with the data's kappa (~3e3 here)
     check_exact_heads(plan, q, k, v, got, {true}, true, "gpu fallback");
     check_exact_heads(plan, q, k, v, want, {true}, false, "cpu fallback");
@@ -1256,12 +1151,9 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     const row_forecast f = forecast_rows(plan, values_of(q1), values_of(k1), max_abs(values_of(v)), 0);
     REQUIRE(f.unsure == 0);  // dpoly + its rounding bound < FLT_MIN for every row
     REQUIRE(f.bad == n);
-    const auto cpu_rep = support::run(cpu{}, plan, q1.cview(), k1.cview(), v.cview(), w1.view());
-    const device_tensor<float> dq1(ctx, q1, nan), dk1(ctx, k1, nan);
-    device_tensor<float> do1(ctx, w1, 0.0);
-    poison(ctx, do1.buf);
-    const auto gpu_rep = support::run<float>(ctx, plan, dq1.cview(), dk1.cview(), dv_.cview(), do1.view());
-    do1.download(ctx, g1, non_finite, padding_touched);
+    const device_tensor<float> dq1(ctx, q1, pad, nan), dk1(ctx, k1, pad, nan);
+    device_tensor<float> do1(ctx, w1, pad, 0.0);
+    const auto [cpu_rep, gpu_rep, rb] = run_plan_both(ctx, plan, q1, k1, v, w1, dq1, dk1, dv_, do1, g1);
     REQUIRE(cpu_rep[0].repaired_rows == n);
     CHECK(gpu_rep[0].repaired_rows == n);
     CHECK(gpu_rep[0].poly_rows == 0);
@@ -1270,8 +1162,8 @@ TEST_CASE("CUDA support-basis: a loose bound in float gives no non-finite output
     CHECK(gpu_rep[0].estimated_error == 0);
     CHECK(gpu_rep[0].mean_estimated_error == 0);
     CHECK(!gpu_rep[0].fell_back);
-    CHECK(non_finite == 0);
-    CHECK(padding_touched == 0);
+    CHECK(rb.non_finite == 0);
+    CHECK(rb.padding_touched == 0);
     // every row recomputed exactly: exact attention against the oracle (all scores equal: kappa = 320)
     check_exact_heads(plan, q1, k1, v, g1, {true}, true, "gpu");
     check_exact_heads(plan, q1, k1, v, w1, {true}, false, "cpu");
@@ -1288,8 +1180,8 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
   k.fill(g, 0.1);
   v.fill(g, 1.0);
   const support::plan plan = support::make_plan(cpu{}, q.cview(), k.cview());
-  const device_tensor<float> dq(ctx, q, 0.0), dk(ctx, k, 0.0), dv(ctx, v, 0.0);
-  device_tensor<float> dout(ctx, out, 0.0);
+  const device_tensor<float> dq(ctx, q, pad, 0.0), dk(ctx, k, pad, 0.0), dv(ctx, v, pad, 0.0);
+  device_tensor<float> dout(ctx, out, pad, 0.0);
   const std::size_t need = support::workspace_bytes(ctx, plan, pr.d_v);
   device_buffer<unsigned char> ws(static_cast<index_t>(need));
   auto run = [&](tensor3_view<const float> a, tensor3_view<const float> b, tensor3_view<const float> c,
@@ -1349,7 +1241,7 @@ TEST_CASE("CUDA support-basis rejects bad arguments like the CPU run") {
   {
     host_tensor<float> vb = v;
     vb.at(7, 1, 0) = std::numeric_limits<float>::quiet_NaN();
-    const device_tensor<float> dvb(ctx, vb, 0.0);
+    const device_tensor<float> dvb(ctx, vb, pad, 0.0);
     CHECK(code_of([&] { run(dq.cview(), dk.cview(), dvb.cview(), dout.view(), ws.data(), ws.bytes(), plan); }) ==
           errc::non_finite);
     CHECK(message_of([&] {
