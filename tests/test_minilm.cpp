@@ -17,6 +17,7 @@
 #include "bert_model.hpp"
 #include "instances.hpp"  // extern templates: compiled once in basisattn_test_instances
 #include "expect_error.hpp"
+#include "real_model_checks.hpp"
 #include "wordpiece_tokenizer.hpp"
 
 #include <algorithm>
@@ -27,10 +28,10 @@
 #include <vector>
 
 using namespace basisattn;
+using namespace test::real;
 
 namespace {
-const std::string dir = std::string(BASISATTN_MODEL_CACHE) + "/minilm/";
-const std::string wikitext_path = std::string(BASISATTN_SHARED_DIR) + "/data/wikitext-2-raw/wiki.test.raw";
+const std::string& dir = minilm_dir;
 
 struct reference {
   const char* text;
@@ -127,7 +128,7 @@ deviation deviation_from_dense32(bool use_bd) {
 const std::vector<std::vector<std::int32_t>>& wikitext_sentences(std::size_t count = 64) {
   static const std::vector<std::vector<std::int32_t>> s = [&] {
     std::vector<std::vector<std::int32_t>> out;
-    std::ifstream f(wikitext_path, std::ios::binary);
+    std::ifstream f(wikitext2_test, std::ios::binary);
     for (std::string l; out.size() < count && std::getline(f, l);)
       if (l.size() >= 40 && l.find(" = ") == std::string::npos) out.push_back(tokenizer().encode(l.substr(0, 600)));
     return out;
@@ -169,60 +170,30 @@ per_sentence deviations(bool use_bd) {
   return d;
 }
 
-/// Ratio of means mean(b) / mean(a) over paired samples, and its standard error by the delta method:
-/// se^2 = var(b_i - R a_i) / (n mean(a)^2).
-struct ratio {
-  double value = 0, se = 0;
-};
-inline ratio ratio_of_means(const std::vector<double>& b, const std::vector<double>& a) {
-  const double n = double(a.size());
-  double ma = 0, mb = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) ma += a[i] / n, mb += b[i] / n;
-  ratio r;
-  r.value = mb / ma;
-  double var = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) var += std::pow(b[i] - r.value * a[i], 2) / (n - 1);
-  r.se = std::sqrt(var / n) / ma;
-  return r;
-}
-
-/// The largest ratio, over every layer and side of the BD model, of BD's product error to that of
-/// the dense weights rounded once to T (bd::measure_product_errors; computed in double from the
-/// stored values, so the same on every machine up to double rounding).
+/// g of the BD model in T (worst_product_error_ratio, real_model_checks.hpp) against the weights
+/// as the safetensors file stores them.
 template <class T>
-double worst_product_error_ratio() {
+double bd_model_g() {
   const io::safetensors_file& f = weights();
   const index_t E = config().hidden_size;
   auto mat = [&](const std::string& name) { return io::as_matrix(f.get(name), f.bytes); };
   auto vec = [&](const std::string& name) { return io::to_float(f.get(name), f.bytes); };
-  double g = 0;
-  for (index_t l = 0; l < config().n_layers; ++l) {
-    const std::string p = "encoder.layer." + std::to_string(l) + ".";
-    const matrix<float> wq = mat(p + "attention.self.query.weight"), wk = mat(p + "attention.self.key.weight"),
-                        wv = mat(p + "attention.self.value.weight"), wo = mat(p + "attention.output.dense.weight");
-    const std::vector<float> bq = vec(p + "attention.self.query.bias"), bk = vec(p + "attention.self.key.bias"),
-                             bv = vec(p + "attention.self.value.bias"), bo = vec(p + "attention.output.dense.bias");
-    REQUIRE(wq.rows() == E);
-    const bd::mha_weights<float> w{wq.view().t(), wk.view().t(), wv.view().t(), wo.view().t(),
-                                   bq.data(),     bk.data(),     bv.data(),     bo.data()};
-    const bd::product_errors e = bd::measure_product_errors(w, model<T>(true).attn[std::size_t(l)]);
-    g = std::max({g, e.qk_ratio(), e.vo_ratio()});
-  }
-  return g;
+  REQUIRE(index_t(model<T>(true).attn.size()) == config().n_layers);
+  return test::real::worst_product_error_ratio(model<T>(true).attn, [&](index_t l) {
+    const std::string p = "encoder.layer." + std::to_string(l) + ".attention.";
+    stored_attention s{mat(p + "self.query.weight"),   mat(p + "self.key.weight"),  mat(p + "self.value.weight"),
+                       mat(p + "output.dense.weight"), vec(p + "self.query.bias"),  vec(p + "self.key.bias"),
+                       vec(p + "self.value.bias"),     vec(p + "output.dense.bias")};
+    REQUIRE(s.wq.rows() == E);
+    return s;
+  });
 }
 }  // namespace
 
 bool test_prerequisites(std::string& why) {
-  for (const char* f : {"model.safetensors", "tokenizer.json", "config.json"})
-    if (!std::ifstream(dir + f)) {
-      why = "all-MiniLM-L6-v2 not in " + dir + " (run scripts/fetch-models.sh)";
-      return false;
-    }
-  if (!std::ifstream(wikitext_path)) {
-    why = "wikitext-2-raw (" + wikitext_path + ") absent";
-    return false;
-  }
-  return true;
+  return files_present({dir + "model.safetensors", dir + "tokenizer.json", dir + "config.json"},
+                       "all-MiniLM-L6-v2: run scripts/fetch-models.sh", why) &&
+         files_present({wikitext2_test}, "wikitext-2-raw; -DBASISATTN_SHARED_DIR=<folder with data/>", why);
 }
 
 TEST_CASE("WordPiece tokenizer: ids match Hugging Face tokenizers") {
@@ -325,8 +296,7 @@ TEST_CASE("all-MiniLM-L6-v2 BD (Q/K and V/O, shared pivot) vs dense: fp32 exact,
   std::printf("BD vs dense in 16 bits, deviation from dense fp32 over %zu WikiText-2 sentences:\n",
               wikitext_sentences().size());
   REQUIRE(wikitext_sentences().size() == 64);
-  check_type("fp16", worst_product_error_ratio<Eigen::half>(), deviations<Eigen::half>(false),
-             deviations<Eigen::half>(true));
-  check_type("bf16", worst_product_error_ratio<Eigen::bfloat16>(), deviations<Eigen::bfloat16>(false),
+  check_type("fp16", bd_model_g<Eigen::half>(), deviations<Eigen::half>(false), deviations<Eigen::half>(true));
+  check_type("bf16", bd_model_g<Eigen::bfloat16>(), deviations<Eigen::bfloat16>(false),
              deviations<Eigen::bfloat16>(true));
 }
