@@ -123,13 +123,16 @@ double bound_ratio(const tens<T>& out, const Eigen::MatrixXd& want, const tens<T
 struct run_result {
   support::plan plan;
   std::vector<support::head_report> rep;
+  index_t fallbacks = 0;  ///< the report's count of heads that fell back
 };
 
 template <class T>
 run_result run_support(const tens<T>& q, const tens<T>& k, const tens<T>& v, tens<T>& out, const support::options& o) {
   run_result r;
   r.plan = support::make_plan(cpu{}, q.c(), k.c(), o);
-  r.rep = support::run(cpu{}, r.plan, q.c(), k.c(), v.c(), out.v);
+  const support::report rep = support::run(cpu{}, r.plan, q.c(), k.c(), v.c(), out.v);
+  r.rep = rep.heads;
+  r.fallbacks = rep.fallbacks;
   return r;
 }
 
@@ -503,6 +506,7 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
   tens<float> out(pr.n_q, pr.h_q, pr.d_v), exact(pr.n_q, pr.h_q, pr.d_v);
   const run_result r1 = run_support(q, k, v, out, o);
   for (const auto& hr : r1.rep) CHECK(hr.fell_back);
+  CHECK(r1.fallbacks == pr.h_q);
   attention_options ao;
   ao.causal = o.causal;
   attention(cpu{}, q.c(), k.c(), v.c(), exact.v, ao);
@@ -514,6 +518,7 @@ TEST_CASE("support: error estimate and exact fallback on bad data", "[support]")
   good_q.fill(0.1);
   good_k.fill(0.1);
   const run_result r2 = run_support(good_q, good_k, v, out2, o);
+  CHECK(r2.fallbacks == 0);
   for (const auto& hr : r2.rep) {
     CHECK(!hr.fell_back);
     CHECK(hr.estimated_error < 1e-3);
@@ -660,7 +665,7 @@ TEST_CASE("support: caller-owned workspace gives the same result as the allocati
   v.fill(1.0);
   support::options o;
   const support::plan p = support::make_plan(cpu{}, q.c(), k.c(), o);
-  const auto rep_a = support::run(cpu{}, p, q.c(), k.c(), v.c(), a.v);
+  const std::vector<support::head_report> rep_a = support::run(cpu{}, p, q.c(), k.c(), v.c(), a.v).heads;
   const std::size_t bytes = support::workspace_bytes(cpu{}, p, pr.d_v);
   std::vector<unsigned char> ws(bytes);
   std::vector<support::head_report> rep_b(static_cast<std::size_t>(pr.h_q));

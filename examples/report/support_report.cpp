@@ -331,7 +331,7 @@ model_summary report_model(const capture::model_capture& mc, double capture_s, s
           o.accumulate_double = variants[vi].accumulate_double;
           const auto qh = L.q_view().sub1(h, 1), kh = L.k_view().sub1(h / group, 1), vh = L.v_view().sub1(h / group, 1);
           const support::plan p = support::make_plan(basisattn::cpu{}, qh, kh, o);
-          reps[std::size_t(h)] = support::run(basisattn::cpu{}, p, qh, kh, vh, outv.sub1(h, 1)).front();
+          reps[std::size_t(h)] = support::run(basisattn::cpu{}, p, qh, kh, vh, outv.sub1(h, 1)).heads.front();
         }
         cs.support_s += seconds_since(t0);
         for (index_t h = 0; h < H; ++h) {

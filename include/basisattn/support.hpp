@@ -8,8 +8,8 @@
 //   workspace_bytes(cpu{}, plan, d_v)             caller-owned workspace for run
 //   run(cpu{}, plan, q, k, v, out, workspace, bytes, report = nullptr)
 //                                                  allocation-free evaluation (<basisattn/cpu/support.hpp>)
-//   run(cpu{}, plan, q, k, v, out) -> std::vector<head_report>       allocates its workspace
-//   attention(cpu{}, q, k, v, out, opt) -> std::vector<head_report>  plan + run in one call
+//   run(cpu{}, plan, q, k, v, out) -> report       allocates its workspace (report: heads, fallbacks)
+//   attention(cpu{}, q, k, v, out, opt) -> report  plan + run in one call
 // Supporting pieces: options / head_report (<basisattn/support/options.hpp>), fit_exp /
 // fit_exp_auto (<basisattn/support/polynomial.hpp>), feature_map (<basisattn/support/features.hpp>).
 //
@@ -27,7 +27,7 @@
 //
 // Accuracy: if every polynomial weight has relative error <= eps < 1 (head_report::poly_error with exact
 // features), each output row moves by at most eps / (1 - eps) max_j ||v_j - y_i||. Sketched features add
-// a random error not covered by poly_error; the sampled estimate (est_error_*) covers both. Heads whose
+// a random error not covered by poly_error; the sampled estimate (estimated_error) covers both. Heads whose
 // estimate exceeds options.tolerance are recomputed exactly (head_report::fell_back).
 //
 // CUDA backend: support::workspace_bytes(ctx, plan, d_v) and support::run(ctx, plan, ...) in

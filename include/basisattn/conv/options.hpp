@@ -158,18 +158,8 @@ struct head_report : approx_head_report {
   bool float_fft = false;  ///< the FFTs of this head ran in float (fft_precision::f32_checked)
 };
 
-/// What one run measured.
-struct report {
-  std::vector<head_report> heads;
-  index_t fallbacks = 0;  ///< heads recomputed exactly
-  /// Largest estimated_error over the heads (NaN without sampling).
-  double max_estimated_error() const {
-    double m = std::numeric_limits<double>::quiet_NaN();
-    for (const auto& h : heads)
-      if (!std::isnan(h.estimated_error) && !(h.estimated_error <= m)) m = h.estimated_error;
-    return m;
-  }
-};
+/// What one run measured: heads, fallbacks, max_estimated_error() (<basisattn/core/report.hpp>).
+using report = approx_report<head_report>;
 
 }  // namespace conv
 BASISATTN_END_NAMESPACE

@@ -11,11 +11,17 @@
 //   fell_back                                 the estimate exceeded options.tolerance (or the method
 //                                             could guarantee nothing): the head was recomputed with
 //                                             exact attention
+// and their whole-run report is approx_report<their head_report> (conv::report, support::report):
+//   heads                                     one entry per query head
+//   fallbacks                                 heads that fell back to exact attention
+//   max_estimated_error()                     the largest estimate (NaN when none was made)
 #pragma once
 
 #include <basisattn/core/config.hpp>
 
+#include <cmath>
 #include <limits>
+#include <vector>
 
 BASISATTN_BEGIN_NAMESPACE
 
@@ -28,6 +34,20 @@ struct approx_head_report {
   index_t checked_rows = 0;   ///< rows computed exactly for the estimate
   index_t repaired_rows = 0;  ///< rows recomputed exactly because the fast path failed its own check
   bool fell_back = false;     ///< the head was recomputed with exact attention
+};
+
+/// What one run of an approximate method measured, per query head.
+template <class HeadReport>
+struct approx_report {
+  std::vector<HeadReport> heads;
+  index_t fallbacks = 0;  ///< heads recomputed exactly (fell_back)
+  /// Largest estimated_error over the heads (NaN when no head made an estimate).
+  double max_estimated_error() const {
+    double m = std::numeric_limits<double>::quiet_NaN();
+    for (const auto& h : heads)
+      if (!std::isnan(h.estimated_error) && !(h.estimated_error <= m)) m = h.estimated_error;
+    return m;
+  }
 };
 
 BASISATTN_END_NAMESPACE

@@ -3,8 +3,8 @@
 // Public entry points (namespace basisattn::support; documented in <basisattn/support.hpp>):
 //   workspace_bytes(cpu{}, plan, d_v)
 //   run(cpu{}, plan, q, k, v, out, workspace, workspace_bytes, report = nullptr)
-//   run(cpu{}, plan, q, k, v, out) -> reports          allocates the workspace
-//   attention(cpu{}, q, k, v, out, options) -> reports  make_plan + run
+//   run(cpu{}, plan, q, k, v, out) -> report           allocates the workspace
+//   attention(cpu{}, q, k, v, out, options) -> report   make_plan + run
 //
 // Per query head h (kv head hk), in compute type C (float; double for double storage or
 // options.accumulate_double), with s_ij = scale q_i.k_j and P the plan's pair polynomials:
@@ -308,22 +308,24 @@ void run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, t
     detail::run_impl<float>(p, q, k, v, out, workspace, workspace_bytes, report);
 }
 
-/// run with a workspace it allocates; returns the H_q head reports.
+/// run with a workspace it allocates; returns the report (H_q heads).
 template <class T>
-std::vector<head_report> run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k,
-                             tensor3_view<const T> v, tensor3_view<T> out) {
+report run(cpu, const plan& p, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
+           tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run: v has d_v = ", v.extent[2], "; must be >= 1");
   const std::size_t bytes = workspace_bytes(cpu{}, p, v.extent[2]);
   std::unique_ptr<unsigned char[]> ws(new unsigned char[bytes]);
-  std::vector<head_report> rep(static_cast<std::size_t>(p.shape.h_q));
-  run(cpu{}, p, q, k, v, out, ws.get(), bytes, rep.data());
+  report rep;
+  rep.heads.resize(static_cast<std::size_t>(p.shape.h_q));
+  run(cpu{}, p, q, k, v, out, ws.get(), bytes, rep.heads.data());
+  for (const head_report& h : rep.heads) rep.fallbacks += h.fell_back ? 1 : 0;
   return rep;
 }
 
-/// Support-basis attention in one call (make_plan + run); returns the H_q head reports.
+/// Support-basis attention in one call (make_plan + run); returns the report (H_q heads).
 template <class T>
-std::vector<head_report> attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v,
-                                   tensor3_view<T> out, const options& opt = {}) {
+report attention(cpu, tensor3_view<const T> q, tensor3_view<const T> k, tensor3_view<const T> v, tensor3_view<T> out,
+                 const options& opt = {}) {
   const plan p = make_plan(cpu{}, q, k, opt);
   return run(cpu{}, p, q, k, v, out);
 }

@@ -10,7 +10,7 @@
 //   workspace_bytes(ctx, plan, d_v)        device workspace bytes run(ctx, ...) needs
 //   run(ctx, plan, q, k, v, out, workspace, bytes, report = nullptr)
 //                                          support-basis attention of device tensors; allocates nothing
-//   run(ctx, plan, q, k, v, out) -> std::vector<head_report>
+//   run(ctx, plan, q, k, v, out) -> report (support::report: heads, fallbacks)
 //                                          the same with a workspace it allocates (cudaMalloc)
 //
 // The plan. There is no GPU make_plan: make the plan with the CPU one, support::make_plan(cpu{}, q, k,
@@ -282,12 +282,11 @@ void run(const cuda_context& ctx, const device_plan& p, tensor3_view<const ::bas
 }
 
 /// run(ctx, ...) with a device workspace it allocates (and frees after waiting for the stream);
-/// returns the H_q head reports. P is a plan or a device_plan.
+/// returns the report (H_q heads). P is a plan or a device_plan.
 template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
-std::vector<head_report> run(const cuda_context& ctx, const P& p,
-                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
-                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
-                             tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
+report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
+           tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run(cuda): v has d_v = ", v.extent[2],
                     "; must be >= 1");
   device_buffer<unsigned char> ws(static_cast<index_t>(workspace_bytes(ctx, p, v.extent[2])));
@@ -297,9 +296,11 @@ std::vector<head_report> run(const cuda_context& ctx, const P& p,
     else
       return p.host();
   }();
-  std::vector<head_report> rep(static_cast<std::size_t>(hp.shape.h_q));
-  run<T>(ctx, p, q, k, v, out, ws.data(), ws.bytes(), rep.data());
+  report rep;
+  rep.heads.resize(static_cast<std::size_t>(hp.shape.h_q));
+  run<T>(ctx, p, q, k, v, out, ws.data(), ws.bytes(), rep.heads.data());
   ctx.synchronize();  // the workspace is freed on return
+  for (const head_report& h : rep.heads) rep.fallbacks += h.fell_back ? 1 : 0;
   return rep;
 }
 

@@ -94,6 +94,9 @@ struct head_report : approx_head_report {
   std::int64_t poly_rows = 0;  ///< rows whose output came (partly) from the polynomial; the others are exact
 };
 
+/// What one run measured: heads, fallbacks, max_estimated_error() (<basisattn/core/report.hpp>).
+using report = approx_report<head_report>;
+
 namespace detail {
 
 /// Validate support options for entry point `fn`.
