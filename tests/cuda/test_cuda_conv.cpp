@@ -195,7 +195,7 @@ double fft_margin(index_t n, index_t dv, bool float_fft) {
   return std::max(2 * std::sqrt(double(dv)), (double(n) / 2 + 2) * (float_fft ? eps64 / eps32 : 1.0));
 }
 
-/// The GPU's per-row bound / denominator ratio (bound_r / eps, <basisattn/cuda/conv.hpp> step 2) of query
+/// The GPU's per-row bound / denominator ratio (bound_r / eps, docs/design/cuda-conv.md step 2) of query
 /// head h, recomputed on the host in double from the plan and the stored values: every FFT block (lower
 /// blocks; upper blocks with n - s0 >= 2) of length nf = fft_size(2n - 1) contributes
 /// log2(nf) ||a||_2 ||V_block||_F / max|v| + ||a||_1 to the rows it feeds. Infinity where D_r <= 0.
@@ -682,7 +682,7 @@ TEST_CASE("CUDA conv-basis attention matches the CPU run: k = n on unstructured 
   }
   // The same cache again: no new plan, and the same bits. A bitwise check on purpose: the same plan, data,
   // device and code path, and the run is deterministic by design (no atomics in its arithmetic:
-  // <basisattn/cuda/conv.hpp> step 4; only maxima and counts use atomics).
+  // docs/design/cuda-conv.md step 4; only maxima and counts use atomics).
   const std::size_t held = plans.size();
   conv::options o = test::no_fallback();
   o.k = 7;

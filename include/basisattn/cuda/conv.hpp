@@ -50,48 +50,7 @@
 // summation orders (|difference| <= 2 N eps sum|terms|, N the number of terms), so any real change
 // of q or k is refused, but a change at the level of rounding is not.
 //
-// How a run goes (per query head, on ctx's stream; cf. the CPU steps in <basisattn/cpu/conv.hpp>):
-//   0. (once) q, k, v scanned on the device: checksums, NaN/Inf counts.
-//   1. The head's kernels (logits, double) and its block table are copied from the plan to the
-//      workspace; v of its kv head is converted to double, channel-major (vd), with squared row norms
-//      and max |v|.
-//   2. Per block, one CUDA block: the global shift g (the largest kernel entry of the head), the
-//      prefix sums P of exp(u - g) and the block's error-bound constants. Per row: the denominator
-//      D_r from the prefix sums (no FFT) and the same bound as the CPU's,
-//          bound_r = eps (sum_i log2(nf) ||a_i||_2 ||V_i||_F / max|v| + sum_i ||a_i||_1) / D_r,
-//      except that every block uses the one FFT length nf (the CPU uses the block's own length and
-//      applies narrow blocks directly, without FFT): the GPU's bound is never smaller than the CPU's,
-//      so it may repair a few more rows.
-//   3. f32_checked: float FFTs when eps_float * max_r (bound_r / eps) <= fft_tolerance (rows with
-//      D_r > 0), else double. Read back to the host.
-//   4. Numerators, in chunks of blocks: a fill kernel writes per block the kernel exp(u - g) and the
-//      d_v value signals (lower: the block's values; upper: the values from its first row on), one
-//      batched in-place R2C/D2Z cufftPlanMany transform of all of them (length nf = fft_size(2n - 1)
-//      for every block, so one plan serves every block and head), a product kernel (lower:
-//      convolution; upper: correlation, with the conjugate), one batched C2R/Z2D of the value
-//      signals, and a gather kernel adding each block's outputs (lower: rows >= s0; upper: the
-//      block's rows) to the double numerators; no atomics, deterministic.
-//   5. Outputs num / D per row; rows with bound_r > fft_tolerance, D_r <= 0 / non-finite or a
-//      non-finite output are recomputed directly from the basis with their own shift (one CUDA block
-//      per row, O(n d_v)) and counted (head_report::repaired_rows).
-//   6. The sampled rows (the CPU's choice: conv::detail::sampled_rows with the same seed) are
-//      computed exactly on the device in double from q . k (one CUDA block per row, O(n (d_qk + d_v));
-//      the exact attention kernel is fp32 and would measure its own rounding), giving the estimated
-//      error and the uniform-attention baseline.
-//   7. After the last head the report is read back; heads whose estimated error exceeds
-//      options.tolerance are recomputed with the CUDA exact attention kernel (fp32 arithmetic, where
-//      the CPU fallback uses its own exact attention).
-//
-// Cost: per head O(k (2 d_v + 1) nf log nf) for the FFTs, with nf ~ 2n for every block (about twice
-// the CPU's FFT work for evenly spread anchors: the price of one plan for everything), plus O(k n)
-// for the prefix sums and denominators. The plan's kernels (up to 2 k n doubles per head) are copied
-// from pageable host memory every run, unless the plan was uploaded (conv::upload).
-//
-// Workspace (each piece 256-byte aligned, in this order): scan results of q, k, v; per-head results
-// (repaired rows, largest bound, bound ratio, sampled-row errors); per-head scalars (g, max |v|);
-// vd and num (d_v x n doubles each, channel-major); D and the bound (n doubles each); the repair flags
-// (n ints); v's row norms / prefix sums (n + 1 doubles); the kernels; their prefix sums; the block
-// table; per-block maxima and bound constants; the sampled rows; the FFT chunk buffer.
+// How a run goes (the steps, their cost and the workspace layout): docs/design/cuda-conv.md.
 #pragma once
 
 #include <basisattn/cuda/conv_steps.hpp>

@@ -33,53 +33,15 @@
 // kv head h / (H_q / H_kv)); causal mask end-aligned. T = float, Eigen::half or Eigen::bfloat16, fp32
 // arithmetic (options.accumulate_double raises errc::unsupported).
 //
-// Algorithm, per query head (heads one after the other on ctx's stream; the workspace holds one head's
-// buffers), as the CPU run (<basisattn/cpu/support.hpp>):
-//   0. the head's q, k, v are copied to fp32 row-major buffers; accumulators num (n_q x d_v), den, m,
-//      dpoly start at 0, 0, M_bq (-inf for rows in R), 0.
-//   1. polynomial part as streamed linear attention, options.block rows at a time (never n x r features):
-//      features phi (block x r, column-major): degree 0 and 1 copied, exact monomials one degree at a
-//      time from the plan's parent/var/ratio tables (phi[:, c] = phi[:, parent] * x[:, var] * ratio),
-//      sketched degrees by cuBLAS GEMMs with the plan's sign matrices and elementwise products.
-//      Key states S_bk = sum_{j in bucket bk} phi(k_j) [v_j, 1]^T (r x (d_v + 1), one per key bucket)
-//      by GEMMs phi^T [V, 1] with the keys of other buckets masked to zero rows; queries read
-//      sum_bk (c_{bq,bk} o phi(q_i))^T S_bk (coefficients by degree, zero for rows in R).
-//      Non-causal: all keys into the states, then all queries read them. Causal (block lower-triangular):
-//      for each block of keys, the queries whose position falls in the block read the states of the
-//      previous blocks plus the exact products P_{bq,bk}(s_ij) e^{-M_bq} of the block's visible
-//      non-top keys (one GEMM for the scores, one for the products with [V, 1]), then the block's keys
-//      enter the states.
-//   2. rows after the polynomial part (before the exact part), each row i not in R with vis visible
-//      keys (row flags: 0 exact only, 1 approximated, 2 bad):
-//        - no visible polynomial key (plan.k_poly_prefix[hk][vis] == 0, so no polynomial term): m_i = -inf,
-//          so the exact part's online max starts fresh instead of at the loose M_bq (whose weights
-//          e^{s - M_bq} can underflow to 0 or a denormal in fp32 and give inf outputs);
-//        - else dpoly_i not a normal positive finite number (!(dpoly_i >= FLT_MIN): <= 0, denormal, NaN;
-//          or inf) or num_i with a non-finite entry: the row is bad (step 4), the exact part skips it;
-//        - else renormalised: m_i += log dpoly_i, num_i /= dpoly_i, dpoly_i = 1 (the same num e^m).
-//      Rows in R keep m = -inf, num = dpoly = 0.
-//   3. exact part, flash-style on the same accumulators (den starts at dpoly; one warp per query row,
-//      online max: m only grows and num, den are rescaled): rows in R against every visible key, the
-//      other non-bad rows against the visible keys in C.
-//   4. bad rows (step 2, or a final den not in [FLT_MIN, finite], or a non-finite num entry) are
-//      recomputed exactly from scratch; out = num / den, rounded once to T; a row whose fp32 output
-//      num * (1 / den) is still non-finite is recomputed exactly too and stored again.
-//      head_report::repaired_rows counts the distinct recomputed rows of both rounds.
-//   5. error estimate over the approximated rows A (ascending: not in R, not bad, with a visible
-//      polynomial key; head_report::poly_rows = |A|, listed on the device by a one-block scan):
-//      s = min(options.check_rows, |A|) rows A[floor((j + 1) |A| / s) - 1], j < s (evenly spread, the
-//      last approximated row always in), recomputed on the GPU in double from the storage values of q,
-//      k, v and compared with the stored out (relative l2 row errors -> estimated_error / mean_estimated_error);
-//      checked_rows = s; with |A| = 0 (every row exact) checked_rows = 0 and both estimates are 0.
-// These are the CPU run's rules (<basisattn/cpu/support.hpp>, detail::run_head), so on the same plan
-// both backends give the same repaired_rows, poly_rows and checked_rows and the same rows' estimates (up to
-// fp32 rounding order).
+// Algorithm, per query head, as the CPU run (<basisattn/cpu/support.hpp>): docs/design/cuda-support.md.
+// On the same plan both backends give the same repaired_rows, poly_rows and checked_rows and the same
+// rows' estimates (up to fp32 rounding order).
 // After the last head, when options.check_rows > 0 or `report` is not null, run waits for the stream
 // (ctx.synchronize()) and reads the per-head bad-row counts, |A| and error summaries back (a few bytes
 // per head, into local variables). With options.check_rows > 0, a head whose estimated_error exceeds
 // options.tolerance, or whose plan has poly_error >= 1 while options.tolerance is finite (the
 // polynomial guarantees nothing on [-B, B]), is then recomputed exactly with this file's own exact
-// kernel (step 3 with every row against every visible key: no head dim limit, fp32) and flagged
+// kernel (the exact part of docs/design/cuda-support.md, step 3, with every row against every visible key: no head dim limit, fp32) and flagged
 // (head_report::fell_back). With check_rows = 0 and no report, run returns without waiting.
 //
 // Errors: the CPU run's argument checks (errc::shape_mismatch / invalid_argument with the same messages,

@@ -256,7 +256,7 @@ inline void cuda_read_states(const cuda_run& c, index_t i0, index_t ni, const fl
   }
 }
 
-/// Polynomial part of the current head (see the header comment, step 1).
+/// Polynomial part of the current head (docs/design/cuda-support.md, step 1).
 inline void cuda_poly(const cuda_run& c) {
   namespace ck = ::basisattn::detail::cuda_kernels;
   const auto& sh = c.p->shape;
@@ -367,7 +367,7 @@ void store_head(const cuda_run& c, const tensor3_view<T>& out, bool bad_only = f
       out.stride[2], bad_only ? c.at<int>(c.L.flags) : nullptr, c.stream());
 }
 
-/// Steps 0-5 of the header comment for query head c.h.
+/// Steps 0-5 of docs/design/cuda-support.md for query head c.h.
 template <class T>
 void run_head_cuda(const cuda_run& c, const tensor3_view<const T>& q, const tensor3_view<const T>& k,
                    const tensor3_view<const T>& v, const tensor3_view<T>& out) {
