@@ -4,14 +4,19 @@
 //   GFLOP       rate counter (printed GFLOP=x/s): 4 n^2 d flops per head non-causal, half that causal
 //               (the two GEMMs; softmax not counted)
 //   s_per_head  wall time per head
+//   (blocked only) peak_GFLOPs: the fp32 FMA peak of the same thread count measured in this process
+//               (examples/common/cpu_peak.hpp); median_GFLOPs over the iterations; peak_frac = their ratio
 // Arguments: n (= n_q = n_kv), causal (0/1), threads (omp_set_num_threads + Eigen::setNbThreads).
 #include <basisattn/attention.hpp>
 #include <basisattn/attention/reference.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include "cpu_peak.hpp"
+
 #include <Eigen/Core>
 
+#include <chrono>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -53,8 +58,12 @@ void set_threads(int t) {
   Eigen::setNbThreads(t);
 }
 
+double flops_of(index_t n, bool causal) {
+  return (causal ? 2.0 : 4.0) * double(n) * double(n) * double(head_dim) * double(heads);
+}
+
 void set_counters(benchmark::State& state, index_t n, bool causal) {
-  const double flops = (causal ? 2.0 : 4.0) * double(n) * double(n) * double(head_dim) * double(heads);
+  const double flops = flops_of(n, causal);
   state.counters["GFLOP"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["s_per_head"] =
       benchmark::Counter(double(heads), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
@@ -70,13 +79,21 @@ void bm_attention_blocked(benchmark::State& state) {
   opt.causal = causal;
   const std::size_t bytes = basisattn::workspace_bytes(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), opt);
   std::vector<unsigned char> workspace(bytes);
+  const double peak = bench_util::fp32_peak_gflops(threads);
+  std::vector<double> t;
   for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
     basisattn::attention(basisattn::cpu{}, p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), opt, workspace.data(),
                          workspace.size());
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
+    t.push_back(bench_util::seconds_since(t0));
   }
   set_counters(state, n, causal);
+  const double gflops = flops_of(n, causal) / bench_util::median(t) * 1e-9;
+  state.counters["peak_GFLOPs"] = peak;
+  state.counters["median_GFLOPs"] = gflops;
+  state.counters["peak_frac"] = gflops / peak;
   set_threads(1);
 }
 

@@ -1,10 +1,15 @@
 // BD benchmarks (Google Benchmark; --benchmark_out=f.json --benchmark_out_format=json for JSON).
 //
 // BM_kv_up_projection/<tokens>/<threads>: the key up-projection of a DeepSeek-V2-Lite MLA layer
-//   (latent 512 -> 16 heads x 128, fp32), dense (x W, inner dimension 512) against BD (basis copy +
-//   x_rest C, inner dimension 384, latent permuted at preparation so no gather), both through
-//   bd::project in the same iteration. Counters: dense_ms, bd_ms (median over iterations) and
-//   ratio = dense_ms / bd_ms (FLOP limit 512 / 384 = 1.333).
+//   (latent 512 -> 16 heads x 128, fp32): our dense projection (x W, inner dimension 512), Eigen's
+//   GEMM alone (y = x W, the fastest dense GEMM in this binary) and BD (basis copy + x_rest C, inner
+//   dimension 384, latent permuted at preparation so no gather), each once per iteration, the order
+//   cycling through all six permutations. Counters (medians over iterations):
+//     peak_GFLOPs       the fp32 FMA peak of <threads> threads, measured in this process (cpu_peak.hpp)
+//     dense_ms, gemm_ms, bd_ms; dense_GFLOPs, gemm_GFLOPs, bd_GFLOPs (each its own FLOPs: 2 n 512 2048
+//                       dense, 2 n 384 2048 BD); *_peak = GFLOP/s / peak_GFLOPs
+//     ratio = dense_ms / bd_ms; ratio_fastest = min(dense_ms, gemm_ms) / bd_ms (FLOP limit 512 / 384
+//                       = 1.333)
 // BM_kv_up_projection_gather: the same with the basis channels gathered (input not permuted).
 // BM_prepare_model<T>/<threads>: BD preparation of all 27 MLA layers of a DeepSeek-V2-Lite shaped
 //   model (random weights of the right shapes; K-nope and V sides, one basis each per layer,
@@ -15,10 +20,13 @@
 
 #include <benchmark/benchmark.h>
 
+#include "cpu_peak.hpp"
 #include "deepseek_shapes.hpp"
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -38,14 +46,8 @@ void set_threads(int n) {
   Eigen::setNbThreads(n);
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench_util::median;
+using bench_util::seconds_since;
 
 /// The K-nope up-projection of one layer, dense and BD, prepared once.
 struct kv_up {
@@ -69,11 +71,21 @@ struct kv_up {
   }
 };
 
+/// The fp32 peak of `threads` threads, measured once per thread count in this process.
+double peak_gflops(int threads) {
+  static std::map<int, double> cache;
+  auto it = cache.find(threads);
+  if (it == cache.end()) it = cache.emplace(threads, bench_util::fp32_peak_gflops(threads)).first;
+  return it->second;
+}
+
 void run_projection(benchmark::State& state, bool permuted) {
   static const kv_up leading(true), gathered(false);
   const kv_up& p = permuted ? leading : gathered;
   const index_t tokens = state.range(0);
-  set_threads(static_cast<int>(state.range(1)));
+  const int threads = static_cast<int>(state.range(1));
+  set_threads(threads);
+  const double peak = peak_gflops(threads);
   matrix<float> x(tokens, ds::kv_lora_rank), y(tokens, ds::heads * ds::qk_nope);
   std::mt19937 g(7);
   std::normal_distribution<float> nd;
@@ -82,23 +94,46 @@ void run_projection(benchmark::State& state, bool permuted) {
       std::max(bd::workspace_bytes(cpu{}, p.bd, tokens), bd::workspace_bytes(cpu{}, p.dense, tokens)) + 64);
   bd::project_options po;
   po.check_finite = false;  // time the projections alone
-  std::vector<double> td, tb;
+  using rm = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Map<const rm> xm(x.data(), tokens, ds::kv_lora_rank),
+      wm(p.dense.weight.data(), p.dense.in_dim(), p.dense.out_dim());
+  Eigen::Map<rm> ym(y.data(), tokens, p.dense.out_dim());
+  // Three contestants, in all six orders in turn (none always runs first on warm data): our dense
+  // projection, Eigen's GEMM alone (y = x W: the fastest dense GEMM in this binary), and BD.
+  const std::function<void()> run[3] = {
+      [&] { bd::project(cpu{}, p.dense, x.view(), y.view(), ws.data(), ws.size(), po); },
+      [&] { ym.noalias() = xm * wm; }, [&] { bd::project(cpu{}, p.bd, x.view(), y.view(), ws.data(), ws.size(), po); }};
+  static constexpr int orders[6][3] = {{0, 1, 2}, {2, 1, 0}, {1, 2, 0}, {0, 2, 1}, {2, 0, 1}, {1, 0, 2}};
+  for (int k = 0; k < 3; ++k) run[k]();  // warm-up
+  std::vector<double> t[3];
+  int round = 0;
   for (auto _ : state) {
-    auto t = std::chrono::steady_clock::now();
-    bd::project(cpu{}, p.dense, x.view(), y.view(), ws.data(), ws.size(), po);
-    benchmark::ClobberMemory();
-    td.push_back(seconds_since(t));
-    t = std::chrono::steady_clock::now();
-    bd::project(cpu{}, p.bd, x.view(), y.view(), ws.data(), ws.size(), po);
-    benchmark::ClobberMemory();
-    tb.push_back(seconds_since(t));
-    state.SetIterationTime(td.back() + tb.back());
+    double total = 0;
+    for (int k : orders[round % 6]) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run[k]();
+      benchmark::ClobberMemory();
+      t[k].push_back(seconds_since(t0));
+      total += t[k].back();
+    }
+    ++round;
+    state.SetIterationTime(total);
   }
-  const double md = median(td), mb = median(tb);
+  const double md = median(t[0]), me = median(t[1]), mb = median(t[2]);
+  const double dense_flop = 2.0 * double(tokens) * ds::kv_lora_rank * ds::heads * ds::qk_nope;
+  const double bd_flop = 2.0 * double(tokens) * (ds::kv_lora_rank - ds::qk_nope) * ds::heads * ds::qk_nope;
+  state.counters["peak_GFLOPs"] = peak;
   state.counters["dense_ms"] = md * 1e3;
+  state.counters["gemm_ms"] = me * 1e3;
   state.counters["bd_ms"] = mb * 1e3;
-  state.counters["ratio"] = md / mb;
-  state.counters["dense_GFLOPs"] = 2.0 * double(tokens) * ds::kv_lora_rank * ds::heads * ds::qk_nope / md * 1e-9;
+  state.counters["dense_GFLOPs"] = dense_flop / md * 1e-9;
+  state.counters["gemm_GFLOPs"] = dense_flop / me * 1e-9;
+  state.counters["bd_GFLOPs"] = bd_flop / mb * 1e-9;
+  state.counters["dense_peak"] = dense_flop / md * 1e-9 / peak;
+  state.counters["gemm_peak"] = dense_flop / me * 1e-9 / peak;
+  state.counters["bd_peak"] = bd_flop / mb * 1e-9 / peak;
+  state.counters["ratio"] = md / mb;                        // against our dense projection
+  state.counters["ratio_fastest"] = std::min(md, me) / mb;  // against the fastest dense GEMM here
   set_threads(1);
 }
 

@@ -7,10 +7,12 @@
 //   - weight bytes dense vs BD,
 //   - the output error of the dense and of the BD layer, fp32 and fp16, against the dense layer
 //     computed in double on the same input, and BD against dense,
-//   - the dense vs BD time of the K/V up-projection (the part BD makes cheaper), same run.
+//   - the dense vs BD time of the K/V up-projection (the part BD makes cheaper), alternating in one
+//     run, with GFLOP/s as a fraction of the fp32 peak measured in the same run (cpu_peak.hpp).
 // Usage: mla_demo [tokens_for_timing=4096] [tokens_for_error=256]
 #include <basisattn/basisattn.hpp>
 
+#include "cpu_peak.hpp"
 #include "deepseek_shapes.hpp"
 
 #include <algorithm>
@@ -30,9 +32,7 @@ namespace ds = deepseek_v2_lite;
 
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
+using bench_util::seconds_since;
 
 template <class A, class B>
 double rel_diff(const matrix<A>& a, const matrix<B>& b) {
@@ -130,33 +130,33 @@ int main(int argc, char** argv) {
         std::max(bd::workspace_bytes(cpu{}, dense, t_time), bd::workspace_bytes(cpu{}, k_up, t_time)));
     bd::project_options po;
     po.check_finite = false;
-    std::printf("\nK up-projection (latent -> 16 x 128), fp32, %ld tokens, median of 7 alternating runs:\n",
-                long(t_time));
+    std::printf(
+        "\nK up-projection (latent -> 16 x 128), fp32, %ld tokens, medians of 7 runs each, dense and BD\n"
+        "alternating (dense first, then BD first, ...); speeds as a fraction of this machine's fp32 FMA\n"
+        "peak measured here with the same number of threads:\n",
+        long(t_time));
 #if defined(_OPENMP)
     const int max_threads = omp_get_max_threads();
 #else
     const int max_threads = 1;
 #endif
+    const double dense_flop = 2.0 * double(t_time) * ds::kv_lora_rank * ds::heads * ds::qk_nope;
+    const double bd_flop = 2.0 * double(t_time) * (ds::kv_lora_rank - ds::qk_nope) * ds::heads * ds::qk_nope;
     for (int threads : {1, max_threads}) {
 #if defined(_OPENMP)
       omp_set_num_threads(threads);
 #endif
       Eigen::setNbThreads(threads);
-      std::vector<double> td, tb;
-      for (int rep_i = 0; rep_i < 8; ++rep_i) {
-        auto t = std::chrono::steady_clock::now();
-        bd::project(cpu{}, dense, x.view(), y.view(), ws.data(), ws.size(), po);
-        const double d = seconds_since(t);
-        t = std::chrono::steady_clock::now();
-        bd::project(cpu{}, k_up, x.view(), y.view(), ws.data(), ws.size(), po);
-        const double b = seconds_since(t);
-        if (rep_i > 0) td.push_back(d), tb.push_back(b);  // first run warms up
-      }
-      std::sort(td.begin(), td.end());
-      std::sort(tb.begin(), tb.end());
-      const double md = td[td.size() / 2], mb = tb[tb.size() / 2];
-      std::printf("  %d thread%s: dense %.2f ms, BD %.2f ms, dense/BD time ratio %.3f (FLOP limit 512/384 = 1.333)\n",
-                  threads, threads > 1 ? "s" : " ", md * 1e3, mb * 1e3, md / mb);
+      const double peak = bench_util::fp32_peak_gflops(threads);
+      const auto [td, tb] = bench_util::alternating(
+          7, [&] { bd::project(cpu{}, dense, x.view(), y.view(), ws.data(), ws.size(), po); },
+          [&] { bd::project(cpu{}, k_up, x.view(), y.view(), ws.data(), ws.size(), po); });
+      const double md = bench_util::median(td), mb = bench_util::median(tb);
+      std::printf(
+          "  %d thread%s (peak %.0f GFLOP/s): dense %.2f ms (%.0f%% of peak), BD %.2f ms (%.0f%%), "
+          "dense/BD time ratio %.3f (FLOP limit 512/384 = 1.333)\n",
+          threads, threads > 1 ? "s" : " ", peak, md * 1e3, 100 * dense_flop / md * 1e-9 / peak, mb * 1e3,
+          100 * bd_flop / mb * 1e-9 / peak, md / mb);
       if (max_threads == 1) break;
     }
     return 0;

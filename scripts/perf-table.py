@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Turn Google Benchmark JSON from bench_bd (and any benchmark with the same counters) into a
+markdown table, and a plot when matplotlib is installed (pip install matplotlib).
+
+    build/bench/bench_bd --benchmark_filter=BM_kv_up_projection/ \
+        --benchmark_out=bd.json --benchmark_out_format=json
+    python3 scripts/perf-table.py bd.json --out docs/perf/bd
+
+writes docs/perf/bd.md (the machine from the JSON's context and /proc/cpuinfo, then one row per
+benchmark: times, GFLOP/s, the fraction of the fp32 peak measured in the same run, ratios) and
+docs/perf/bd.png. Every speed in it is relative to the peak or to another contestant measured in the
+same run, never a bare time from elsewhere.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown CPU"
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M)
+    number = re.search(r"^model\s*:\s*(\d+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    isa = []
+    if flags:
+        fl = flags.group(1).split()
+        for name in ("avx2", "fma", "avx512f", "avx512_bf16"):
+            if name in fl:
+                isa.append(name)
+    parts = [model.group(1).strip() if model else "unknown CPU"]
+    if family and number:
+        parts.append("family %s model %s" % (family.group(1), number.group(1)))
+    parts.append(", ".join(isa) if isa else "no AVX2")
+    return "; ".join(parts)
+
+
+# Columns shown when a benchmark has them: (counter, header, format).
+COLUMNS = [
+    ("peak_GFLOPs", "peak GFLOP/s", "%.0f"),
+    ("dense_ms", "dense ms", "%.3f"),
+    ("gemm_ms", "GEMM ms", "%.3f"),
+    ("bd_ms", "BD ms", "%.3f"),
+    ("dense_peak", "dense / peak", "%.0f%%"),
+    ("gemm_peak", "GEMM / peak", "%.0f%%"),
+    ("bd_peak", "BD / peak", "%.0f%%"),
+    ("ratio", "dense / BD", "%.3f"),
+    ("ratio_fastest", "fastest dense / BD", "%.3f"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help="Google Benchmark JSON (--benchmark_out_format=json)")
+    ap.add_argument("--out", required=True, help="output path without extension (writes .md, and .png)")
+    args = ap.parse_args()
+    with open(args.json) as f:
+        data = json.load(f)
+    rows = [b for b in data.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
+    if not rows:
+        sys.exit("perf-table: no benchmark rows in %s" % args.json)
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    ctx = data.get("context", {})
+    lines = ["# %s" % os.path.basename(args.out), ""]
+    lines.append("Machine: %s; %s CPUs reported by the benchmark library; run %s." %
+                 (cpu_model(), ctx.get("num_cpus", "?"), ctx.get("date", "?")))
+    lines.append("Made by scripts/perf-table.py from %s (%s)." % (os.path.basename(args.json),
+                 ctx.get("executable", "the benchmark")))
+    lines.append("")
+    lines.append("| benchmark | " + " | ".join(c[1] for c in cols) + " |")
+    lines.append("| --- | " + " | ".join("---" for _ in cols) + " |")
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            if key not in r:
+                cells.append("")
+            elif fmt.endswith("%%"):
+                cells.append(fmt % (100 * r[key]))
+            else:
+                cells.append(fmt % r[key])
+        name = re.sub(r"/(min_time:[0-9.]+|manual_time|real_time)", "", r["name"])
+        lines.append("| %s | %s |" % (name, " | ".join(cells)))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("perf-table: wrote %s.md" % args.out)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("perf-table: matplotlib not installed, no plot (pip install matplotlib)")
+        return
+    keys = [k for k in ("dense_peak", "gemm_peak", "bd_peak") if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(rows))], [100 * r.get(k, 0) for r in rows], width, label=k)
+    ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["name"].split("/iterations")[0] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("% of the fp32 peak measured in the same run")
+    ax.set_title(cpu_model(), fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+    print("perf-table: wrote %s.png" % args.out)
+
+
+if __name__ == "__main__":
+    main()
