@@ -100,15 +100,21 @@ def main():
     keys = [k for k in ("dense_peak", "gemm_peak", "bd_peak") if any(k in r for r in rows)]
     if not keys:
         return
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
+    names = [re.sub(r"/(min_time:[0-9.]+|manual_time|real_time|iterations:[0-9]+)", "", r["name"]) for r in rows]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
+    labels = [n[len(prefix):] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.3), 4.2))
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
-        ax.bar([j + i * width for j in range(len(rows))], [100 * r.get(k, 0) for r in rows], width, label=k)
+        ax.bar([j + i * width for j in range(len(rows))], [100 * r.get(k, 0) for r in rows], width,
+               label=k.replace("_peak", ""))
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))])
-    ax.set_xticklabels([r["name"].split("/iterations")[0] for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("% of the fp32 peak measured in the same run")
-    ax.set_title(cpu_model(), fontsize=8)
-    ax.legend()
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of the measured fp32 peak")
+    ax.set_title("%s\n%s" % (prefix.rstrip("/"), cpu_model()), fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
     print("perf-table: wrote %s.png" % args.out)
