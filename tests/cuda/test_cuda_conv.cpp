@@ -375,8 +375,7 @@ outcome check_case(const cuda_context& ctx, cufft_plan_cache& plans, const test:
     fallbacks_cpu += b.fell_back;
 
     // Estimates: against each other and each against its own bound.
-    const std::vector<index_t> picked =
-        conv::detail::sampled_rows(x.n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked = conv::detail::head_sampled_rows(p, index_t(h));
     if (b.checked_rows > 0) {
       double allow = 0, uallow = 0, own_a = 0, own_b = 0;
       for (index_t row : picked) {
@@ -551,7 +550,7 @@ void conv_large(bool causal) {
   std::vector<std::vector<index_t>> rows(static_cast<std::size_t>(hq));
   for (index_t h = 0; h < hq; ++h) {
     auto& r = rows[std::size_t(h)];
-    r = conv::detail::sampled_rows(n, o.check_rows, o.seed + std::uint64_t(h) * 7919u);
+    r = conv::detail::head_sampled_rows(p, h);
     for (index_t i = 0; i < 48; ++i) r.push_back(i * (n - 1) / 47);  // 0 and n - 1 among them
     std::sort(r.begin(), r.end());
     r.erase(std::unique(r.begin(), r.end()), r.end());
@@ -591,7 +590,7 @@ void conv_large(bool causal) {
       }
     const double F = fft_margin(n, dv, false) * hr.fft_error_bound * vm + direct;
     double own = 0;
-    for (index_t row : conv::detail::sampled_rows(n, o.check_rows, o.seed + std::uint64_t(h) * 7919u))
+    for (index_t row : conv::detail::head_sampled_rows(p, h))
       for (std::size_t w = 0; w < work.size(); ++w)
         if (work[w].first == h && work[w].second == row) {
           const row_bounds rb = bounds_of(orc[w], n, d, dv, vm);

@@ -499,6 +499,12 @@ void check_layer_io(const matrix_view<const T>& x, const matrix_view<T>& out, in
   BASISATTN_REQUIRE(x.rows >= 1, invalid_argument, "forward: x has no tokens");
 }
 
+/// A forward pass's workspace check on every backend: `need` bytes (workspace_bytes) at `workspace`.
+inline void check_forward_workspace(const char* what, const void* workspace, std::size_t bytes, std::size_t need) {
+  BASISATTN_REQUIRE(bytes >= need && (need == 0 || workspace), invalid_argument, what, ": workspace of ", bytes,
+                    " bytes", workspace ? "" : " (null)", ", ", need, " needed (workspace_bytes)");
+}
+
 /// The intermediates of a forward pass over n tokens, carved in this order by w (a counting carver,
 /// or one over the caller's workspace): MHA q, k, v, the attention output a; MLA q, the latent kva,
 /// k_nope, the keys k (k_nope itself when qk_rope_dim = 0), v, a; then `scratch` bytes that the

@@ -147,6 +147,11 @@ inline std::vector<index_t> sampled_rows(index_t n, index_t count, std::uint64_t
   return rows;
 }
 
+/// The rows query head h of a run on plan p checks exactly: the same on every backend.
+inline std::vector<index_t> head_sampled_rows(const plan& p, index_t h) {
+  return sampled_rows(p.n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+}
+
 }  // namespace detail
 
 /// See <basisattn/conv.hpp>.

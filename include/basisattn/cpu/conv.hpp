@@ -355,7 +355,7 @@ void run_head(const plan& p, index_t h, const tensor3_view<const T>& q, const te
   rep.fft_error_bound = worst;
 
   // 6. error estimate on sampled rows
-  const std::vector<index_t> rows = sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+  const std::vector<index_t> rows = head_sampled_rows(p, h);
   rep.checked_rows = static_cast<index_t>(rows.size());
   if (!rows.empty()) {
     double emax = 0, esum = 0, umax = 0;

@@ -58,10 +58,9 @@ tensor3_view<const T> ct(const tensor3_view<T>& t) {
   return t;
 }
 
+/// The carver of a forward pass: 64-byte regions, counted (base null) or carved within `limit` bytes.
 inline ::basisattn::detail::workspace_carver cpu_forward_carver(void* base, std::size_t limit) {
-  constexpr std::size_t align = ::basisattn::detail::cpu_workspace_align;
-  return base ? ::basisattn::detail::workspace_carver(align, base, limit)
-              : ::basisattn::detail::workspace_carver(align);
+  return ::basisattn::detail::workspace_carver(::basisattn::detail::cpu_workspace_align, base, limit);
 }
 
 template <class T>
@@ -94,11 +93,6 @@ forward_buffers<T> carve_mla_cpu(const mla_layer<T>& L, index_t n, void* base, s
     s = std::max(s, p);
   return carve_forward<T>(c, n, s, cpu_forward_carver(base, limit));
 }
-
-inline void check_forward_workspace(const void* workspace, std::size_t bytes, std::size_t need) {
-  BASISATTN_REQUIRE(need == 0 || (workspace && bytes >= need), invalid_argument, "bd::forward: workspace of ", bytes,
-                    " bytes", workspace ? "" : " (null)", ", ", need, " needed (workspace_bytes)");
-}
 }  // namespace detail
 
 /// Workspace bytes forward(cpu{}, L, x, out, workspace, bytes, ...) needs for `tokens` tokens with the
@@ -123,7 +117,8 @@ void forward(cpu c, const mha_layer<T>& L, matrix_view<const ::basisattn::detail
   const auto& cfg = L.config;
   detail::check_layer_io(x, out, cfg.d_model);
   const index_t n = x.rows, H = cfg.n_heads, Hkv = cfg.n_kv_heads, d = cfg.head_dim;
-  detail::check_forward_workspace(workspace, workspace_bytes, detail::carve_mha_cpu(L, n, nullptr, 0).total);
+  detail::check_forward_workspace("bd::forward", workspace, workspace_bytes,
+                                  detail::carve_mha_cpu(L, n, nullptr, 0).total);
   const auto b = detail::carve_mha_cpu(L, n, workspace, workspace_bytes);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;
@@ -160,7 +155,8 @@ void forward(cpu c, const mla_layer<T>& L, matrix_view<const ::basisattn::detail
   detail::check_layer_io(x, out, cfg.d_model);
   const index_t n = x.rows, H = cfg.n_heads, Lr = cfg.kv_lora_rank, dn = cfg.qk_nope_dim, dr = cfg.qk_rope_dim,
                 dv = cfg.v_head_dim, qd = dn + dr;
-  detail::check_forward_workspace(workspace, workspace_bytes, detail::carve_mla_cpu(L, n, nullptr, 0).total);
+  detail::check_forward_workspace("bd::forward", workspace, workspace_bytes,
+                                  detail::carve_mla_cpu(L, n, nullptr, 0).total);
   const auto b = detail::carve_mla_cpu(L, n, workspace, workspace_bytes);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;

@@ -61,7 +61,7 @@
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
 #include <basisattn/core/workspace.hpp>
-#include <basisattn/conv/plan.hpp>  // fft_size, detail::check_run_args, sampled_rows (shared with the CPU run)
+#include <basisattn/conv/plan.hpp>  // fft_size, detail::check_run_args, head_sampled_rows (shared with the CPU run)
 #include <basisattn/cuda/attention.hpp>
 #include <basisattn/cuda/backend.hpp>
 #include <basisattn/cuda/context.hpp>
@@ -131,8 +131,7 @@ inline device_plan upload(const cuda_context& ctx, plan p) {
   for (std::size_t h = 0; h < heads; ++h) {
     const head_plan& pl = hp.heads[h];
     detail::head_items(hp, static_cast<index_t>(h), items[h]);
-    const std::vector<index_t> picked =
-        detail::sampled_rows(hp.n, hp.opt.check_rows, hp.opt.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked = detail::head_sampled_rows(hp, static_cast<index_t>(h));
     rows[h].assign(picked.begin(), picked.end());
     const std::size_t nk = pl.lower.values.size() + (hp.opt.causal ? 0 : pl.upper.values.size());
     dp.kernel_off_[h] = w.take(std::max<std::size_t>(1, nk * sizeof(double)));
@@ -339,8 +338,7 @@ report run_cuda(const cuda_context& ctx, const plan& p, const device_plan* dp, t
     ck::launch_conv_repair(hp, p.opt.causal, out.data, h, os.data(), st);
 
     // 6. sampled rows, exactly
-    const std::vector<index_t> picked =
-        detail::sampled_rows(n, p.opt.check_rows, p.opt.seed + std::uint64_t(h) * 7919u);
+    const std::vector<index_t> picked = detail::head_sampled_rows(p, h);
     rows.assign(picked.begin(), picked.end());
     hr.checked_rows = static_cast<index_t>(rows.size());
     if (!rows.empty()) {
@@ -413,6 +411,12 @@ report run(const cuda_context& ctx, const device_plan& p, tensor3_view<const ::b
   return detail::run_cuda<T>(ctx, p.host(), &p, q, k, v, out, workspace, workspace_bytes, fft_plans);
 }
 
+namespace detail {
+/// The host plan of a plan or of an uploaded one.
+inline const plan& host_plan(const plan& p) { return p; }
+inline const plan& host_plan(const device_plan& p) { return p.host(); }
+}  // namespace detail
+
 /// Same, with cuFFT plans made for this call only. P is a plan or a device_plan.
 template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
 report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::detail::nondeduced_t<T>> q,
@@ -431,12 +435,8 @@ report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> k,
            tensor3_view<const ::basisattn::detail::nondeduced_t<T>> v, tensor3_view<T> out) {
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "conv::run(cuda): v has d_v = ", v.extent[2], " < 1");
-  const plan* hp = nullptr;
-  if constexpr (std::is_same_v<P, plan>)
-    hp = &p;
-  else
-    hp = &p.host();
-  BASISATTN_REQUIRE(hp->n >= 1 && !hp->heads.empty(), invalid_argument,
+  const plan& hp = detail::host_plan(p);
+  BASISATTN_REQUIRE(hp.n >= 1 && !hp.heads.empty(), invalid_argument,
                     "conv::run(cuda): the plan is empty (make it with conv::make_plan)");
   const std::size_t bytes = workspace_bytes(ctx, p, v.extent[2]);
   device_buffer<unsigned char> ws(static_cast<index_t>(bytes));

@@ -177,11 +177,6 @@ void check_forward_io(const char* what, const matrix_view<const T>& x, const mat
                     ": x and y rows must be contiguous (col_stride 1)");
 }
 
-inline void check_workspace(const char* what, const void* workspace, std::size_t bytes, std::size_t need) {
-  BASISATTN_REQUIRE(bytes >= need && (need == 0 || workspace), invalid_argument, what, ": workspace of ", bytes,
-                    " bytes, ", need, " needed (workspace_bytes)");
-}
-
 /// The forward pass's buffers (bd::detail::carve_forward) with the projections' largest scratch.
 template <class T>
 forward_buffers<T> carve_mha(const cuda_context& ctx, const device_mha_layer<T>& L, index_t n, void* base,
@@ -306,7 +301,7 @@ void forward(const cuda_context& ctx, const device_mha_layer<T>& L,
   const auto& c = L.config;
   detail::check_forward_io(what, x, y, c.d_model);
   const index_t n = x.rows, H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim;
-  detail::check_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
+  detail::check_forward_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
   const auto b = detail::carve_mha(ctx, L, n, workspace, popt);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;
@@ -342,7 +337,7 @@ void forward(const cuda_context& ctx, const device_mla_layer<T>& L,
   detail::check_forward_io(what, x, y, c.d_model);
   const index_t n = x.rows, H = c.n_heads, Lr = c.kv_lora_rank, dn = c.qk_nope_dim, dr = c.qk_rope_dim,
                 dv = c.v_head_dim, qd = dn + dr;
-  detail::check_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
+  detail::check_forward_workspace(what, workspace, workspace_bytes, bd::workspace_bytes(ctx, L, n, popt));
   const auto b = detail::carve_mla(ctx, L, n, workspace, popt);
   void* const s = b.scratch;
   const std::size_t sb = b.scratch_bytes;

@@ -243,6 +243,12 @@ void run(const cuda_context& ctx, const device_plan& p, tensor3_view<const ::bas
   detail::run_cuda<T>(ctx, p.host(), p.tables(), &p.tables_layout(), q, k, v, out, workspace, workspace_bytes, report);
 }
 
+namespace detail {
+/// The host plan of a plan or of an uploaded one.
+inline const plan& host_plan(const plan& p) { return p; }
+inline const plan& host_plan(const device_plan& p) { return p.host(); }
+}  // namespace detail
+
 /// run(ctx, ...) with a device workspace it allocates (and frees after waiting for the stream);
 /// returns the report (H_q heads). P is a plan or a device_plan.
 template <class T, class P, class = std::enable_if_t<std::is_same_v<P, plan> || std::is_same_v<P, device_plan>>>
@@ -252,12 +258,7 @@ report run(const cuda_context& ctx, const P& p, tensor3_view<const ::basisattn::
   BASISATTN_REQUIRE(v.extent[2] >= 1, invalid_argument, "support::run(cuda): v has d_v = ", v.extent[2],
                     "; must be >= 1");
   device_buffer<unsigned char> ws(static_cast<index_t>(workspace_bytes(ctx, p, v.extent[2])));
-  const plan& hp = [&]() -> const plan& {
-    if constexpr (std::is_same_v<P, plan>)
-      return p;
-    else
-      return p.host();
-  }();
+  const plan& hp = detail::host_plan(p);
   report rep;
   rep.heads.resize(static_cast<std::size_t>(hp.shape.h_q));
   run<T>(ctx, p, q, k, v, out, ws.data(), ws.bytes(), rep.heads.data());
