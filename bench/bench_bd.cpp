@@ -1,16 +1,22 @@
 // BD benchmarks (Google Benchmark; --benchmark_out=f.json --benchmark_out_format=json for JSON).
 //
 // BM_kv_up_projection/<tokens>/<threads>: the key up-projection of a DeepSeek-V2-Lite MLA layer
-//   (latent 512 -> 16 heads x 128, fp32): our dense projection (x W, inner dimension 512), Eigen's
-//   GEMM alone (y = x W, the fastest dense GEMM in this binary) and BD (basis copy + x_rest C, inner
-//   dimension 384, latent permuted at preparation so no gather), each once per iteration, the order
-//   cycling through all six permutations. Counters (medians over iterations):
+//   (latent 512 -> 16 heads x 128, fp32): our dense projection (x W, inner dimension 512, through the
+//   build's GEMM provider), each bare GEMM y = x W this binary has (Eigen's as `gemm`; oneDNN's
+//   dnnl_sgemm as `onednn` when built with BASISATTN_WITH_ONEDNN) and BD (basis copy + x_rest C,
+//   inner dimension 384, latent permuted at preparation so no gather), each once per iteration, the
+//   order rotating through every start and both directions. Counters (medians over iterations):
 //     peak_GFLOPs       the fp32 FMA peak of <threads> threads, measured in this process (cpu_peak.hpp)
-//     dense_ms, gemm_ms, bd_ms; dense_GFLOPs, gemm_GFLOPs, bd_GFLOPs (each its own FLOPs: 2 n 512 2048
-//                       dense, 2 n 384 2048 BD); *_peak = GFLOP/s / peak_GFLOPs
-//     ratio = dense_ms / bd_ms; ratio_fastest = min(dense_ms, gemm_ms) / bd_ms (FLOP limit 512 / 384
-//                       = 1.333)
+//     <name>_ms, <name>_GFLOPs (each its own FLOPs: 2 n 512 2048 dense, 2 n 384 2048 BD),
+//                       <name>_peak = GFLOP/s / peak_GFLOPs, for name in dense, gemm, onednn, bd
+//     ratio = dense_ms / bd_ms; ratio_fastest = (fastest of the dense contestants) / bd_ms (FLOP
+//                       limit 512 / 384 = 1.333)
 // BM_kv_up_projection_gather: the same with the basis channels gathered (input not permuted).
+// BM_kv_up_projection_bf16/<tokens>/<threads>: the same BD projection with bf16 weights and
+//   activations (coefficients rounded from the fp32 ones) against fp32 BD, in alternating order:
+//   bd_fp32_ms, bd_ms (bf16), ratio_fp32 = bd_fp32_ms / bd_ms, bd_peak (against the fp32 peak), and
+//   bf16_dot = 1 when the binary uses the AVX512_BF16 GEMM (detail::bf16_dot_available), 0 when it
+//   converts to float around the float GEMM.
 // BM_prepare_model<T>/<threads>: BD preparation of all 27 MLA layers of a DeepSeek-V2-Lite shaped
 //   model (random weights of the right shapes; K-nope and V sides, one basis each per layer,
 //   absorbed into q_proj and o_proj; storage T), layers prepared in parallel on <threads> threads.
@@ -27,6 +33,7 @@
 #include <chrono>
 #include <functional>
 #include <map>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -79,6 +86,31 @@ double peak_gflops(int threads) {
   return it->second;
 }
 
+/// Alternating-order timing of contestants (every start, both directions); returns median seconds.
+std::vector<double> time_alternating(benchmark::State& state, std::vector<std::function<void()>> run) {
+  const int n = static_cast<int>(run.size());
+  std::vector<std::vector<double>> t(run.size());
+  for (auto& f : run) f();  // warm-up
+  int round = 0;
+  for (auto _ : state) {
+    double total = 0;
+    const int start = round % n, dir = (round / n) % 2 ? -1 : 1;
+    for (int i = 0; i < n; ++i) {
+      const auto k = static_cast<std::size_t>(((start + dir * i) % n + n) % n);
+      const auto t0 = std::chrono::steady_clock::now();
+      run[k]();
+      benchmark::ClobberMemory();
+      t[k].push_back(seconds_since(t0));
+      total += t[k].back();
+    }
+    ++round;
+    state.SetIterationTime(total);
+  }
+  std::vector<double> med;
+  for (auto& v : t) med.push_back(median(v));
+  return med;
+}
+
 void run_projection(benchmark::State& state, bool permuted) {
   static const kv_up leading(true), gathered(false);
   const kv_up& p = permuted ? leading : gathered;
@@ -98,42 +130,79 @@ void run_projection(benchmark::State& state, bool permuted) {
   const Eigen::Map<const rm> xm(x.data(), tokens, ds::kv_lora_rank),
       wm(p.dense.weight.data(), p.dense.in_dim(), p.dense.out_dim());
   Eigen::Map<rm> ym(y.data(), tokens, p.dense.out_dim());
-  // Three contestants, in all six orders in turn (none always runs first on warm data): our dense
-  // projection, Eigen's GEMM alone (y = x W: the fastest dense GEMM in this binary), and BD.
-  const std::function<void()> run[3] = {
-      [&] { bd::project(cpu{}, p.dense, x.view(), y.view(), ws.data(), ws.size(), po); },
-      [&] { ym.noalias() = xm * wm; }, [&] { bd::project(cpu{}, p.bd, x.view(), y.view(), ws.data(), ws.size(), po); }};
-  static constexpr int orders[6][3] = {{0, 1, 2}, {2, 1, 0}, {1, 2, 0}, {0, 2, 1}, {2, 0, 1}, {1, 0, 2}};
-  for (int k = 0; k < 3; ++k) run[k]();  // warm-up
-  std::vector<double> t[3];
-  int round = 0;
-  for (auto _ : state) {
-    double total = 0;
-    for (int k : orders[round % 6]) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run[k]();
-      benchmark::ClobberMemory();
-      t[k].push_back(seconds_since(t0));
-      total += t[k].back();
-    }
-    ++round;
-    state.SetIterationTime(total);
-  }
-  const double md = median(t[0]), me = median(t[1]), mb = median(t[2]);
+  // The contestants, in a different order every round (all rotations, both directions: none always
+  // runs first on warm data): our dense projection, each bare GEMM of the whole y = x W this binary
+  // has (Eigen's; oneDNN's when built with it), and BD. Contestant 0 is ours, the last is BD.
+  struct contestant {
+    const char* name;
+    std::function<void()> run;
+  };
+  std::vector<contestant> c;
+  c.push_back({"dense", [&] { bd::project(cpu{}, p.dense, x.view(), y.view(), ws.data(), ws.size(), po); }});
+  c.push_back({"gemm", [&] { ym.noalias() = xm * wm; }});
+#if defined(BASISATTN_WITH_ONEDNN) && BASISATTN_WITH_ONEDNN
+  c.push_back({"onednn", [&] {
+                 dnnl_sgemm('N', 'N', tokens, p.dense.out_dim(), p.dense.in_dim(), 1.f, x.data(), p.dense.in_dim(),
+                            p.dense.weight.data(), p.dense.out_dim(), 0.f, y.data(), p.dense.out_dim());
+               }});
+#endif
+  c.push_back({"bd", [&] { bd::project(cpu{}, p.bd, x.view(), y.view(), ws.data(), ws.size(), po); }});
+  const int n = static_cast<int>(c.size());
+  std::vector<std::function<void()>> runs;
+  for (auto& e : c) runs.push_back(e.run);
+  const std::vector<double> med = time_alternating(state, runs);
   const double dense_flop = 2.0 * double(tokens) * ds::kv_lora_rank * ds::heads * ds::qk_nope;
   const double bd_flop = 2.0 * double(tokens) * (ds::kv_lora_rank - ds::qk_nope) * ds::heads * ds::qk_nope;
   state.counters["peak_GFLOPs"] = peak;
-  state.counters["dense_ms"] = md * 1e3;
-  state.counters["gemm_ms"] = me * 1e3;
-  state.counters["bd_ms"] = mb * 1e3;
-  state.counters["dense_GFLOPs"] = dense_flop / md * 1e-9;
-  state.counters["gemm_GFLOPs"] = dense_flop / me * 1e-9;
-  state.counters["bd_GFLOPs"] = bd_flop / mb * 1e-9;
-  state.counters["dense_peak"] = dense_flop / md * 1e-9 / peak;
-  state.counters["gemm_peak"] = dense_flop / me * 1e-9 / peak;
-  state.counters["bd_peak"] = bd_flop / mb * 1e-9 / peak;
-  state.counters["ratio"] = md / mb;                        // against our dense projection
-  state.counters["ratio_fastest"] = std::min(md, me) / mb;  // against the fastest dense GEMM here
+  double fastest_dense = 1e300;
+  for (int i = 0; i < n; ++i) {
+    const std::string name = c[static_cast<std::size_t>(i)].name;
+    const double m = med[static_cast<std::size_t>(i)];
+    const double flop = i == n - 1 ? bd_flop : dense_flop;
+    if (i < n - 1) fastest_dense = std::min(fastest_dense, m);
+    state.counters[name + "_ms"] = m * 1e3;
+    state.counters[name + "_GFLOPs"] = flop / m * 1e-9;
+    state.counters[name + "_peak"] = flop / m * 1e-9 / peak;
+  }
+  const double mb = med.back();
+  state.counters["ratio"] = med.front() / mb;            // against our dense projection
+  state.counters["ratio_fastest"] = fastest_dense / mb;  // against the fastest dense GEMM here
+  set_threads(1);
+}
+
+void BM_kv_up_projection_bf16(benchmark::State& state) {
+  static const kv_up p(true);
+  static const bd::bd_projection<Eigen::bfloat16> pb = [] {
+    bd::bd_projection<Eigen::bfloat16> b;
+    b.in_dim = p.bd.in_dim, b.rank = p.bd.rank, b.heads = p.bd.heads, b.basis = p.bd.basis, b.rest = p.bd.rest;
+    b.coeff = matrix<Eigen::bfloat16>(p.bd.coeff.rows(), p.bd.coeff.cols());
+    for (index_t i = 0; i < b.coeff.size(); ++i) b.coeff.data()[i] = Eigen::bfloat16(p.bd.coeff.data()[i]);
+    return b;
+  }();
+  const index_t tokens = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  set_threads(threads);
+  const double peak = peak_gflops(threads);
+  matrix<float> x(tokens, ds::kv_lora_rank), y(tokens, p.bd.out_dim());
+  matrix<Eigen::bfloat16> xb(tokens, ds::kv_lora_rank), yb(tokens, p.bd.out_dim());
+  std::mt19937 g(7);
+  std::normal_distribution<float> nd;
+  for (index_t i = 0; i < x.size(); ++i) xb.data()[i] = Eigen::bfloat16(x.data()[i] = nd(g));
+  std::vector<unsigned char> ws(
+      std::max(bd::workspace_bytes(cpu{}, p.bd, tokens), bd::workspace_bytes(cpu{}, pb, tokens)) + 64);
+  bd::project_options po;
+  po.check_finite = false;
+  const auto med =
+      time_alternating(state, {[&] { bd::project(cpu{}, p.bd, x.view(), y.view(), ws.data(), ws.size(), po); },
+                               [&] { bd::project(cpu{}, pb, xb.view(), yb.view(), ws.data(), ws.size(), po); }});
+  const double bd_flop = 2.0 * double(tokens) * (ds::kv_lora_rank - ds::qk_nope) * ds::heads * ds::qk_nope;
+  state.counters["peak_GFLOPs"] = peak;
+  state.counters["bd_fp32_ms"] = med[0] * 1e3;
+  state.counters["bd_ms"] = med[1] * 1e3;
+  state.counters["bd_fp32_peak"] = bd_flop / med[0] * 1e-9 / peak;
+  state.counters["bd_peak"] = bd_flop / med[1] * 1e-9 / peak;
+  state.counters["ratio_fp32"] = med[0] / med[1];
+  state.counters["bf16_dot"] = ::basisattn::detail::bf16_dot_available ? 1 : 0;
   set_threads(1);
 }
 
@@ -200,6 +269,12 @@ BENCHMARK(BM_kv_up_projection)
 BENCHMARK(BM_kv_up_projection_gather)
     ->ArgNames({"tokens", "threads"})
     ->Args({4096, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_kv_up_projection_bf16)
+    ->ArgNames({"tokens", "threads"})
+    ->ArgsProduct({{4096, 32768}, {1, 2}})
+    ->MinTime(2.0)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_prepare_model, Eigen::half)

@@ -2,10 +2,11 @@
 # Install what basisattn needs to build, test and benchmark on Debian/Ubuntu, only when missing
 # (idempotent; run as root or with sudo available). CUDA is optional and never installed here.
 # libfftw3-dev is only for the opt-in FFTW engine of conv-basis attention (GPL), which the test
-# command of the README enables (-DBASISATTN_WITH_FFTW=ON) so that CI tests it.
+# command of the README enables (-DBASISATTN_WITH_FFTW=ON) so that CI tests it. libdnnl-dev is oneDNN,
+# the optional GEMM provider of the CPU backend (-DBASISATTN_WITH_ONEDNN=ON, Apache-2.0).
 # `install-deps.sh fuzz` also installs clang and its runtime (libFuzzer, sanitizers).
 set -euo pipefail
-pkgs=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libfftw3-dev)
+pkgs=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libfftw3-dev libdnnl-dev)
 if [ "${1:-}" = "fuzz" ]; then pkgs+=(clang libclang-rt-14-dev); fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -45,10 +45,12 @@ def cpu_model():
 COLUMNS = [
     ("peak_GFLOPs", "peak GFLOP/s", "%.0f"),
     ("dense_ms", "dense ms", "%.3f"),
-    ("gemm_ms", "GEMM ms", "%.3f"),
+    ("gemm_ms", "Eigen GEMM ms", "%.3f"),
+    ("onednn_ms", "oneDNN GEMM ms", "%.3f"),
     ("bd_ms", "BD ms", "%.3f"),
     ("dense_peak", "dense / peak", "%.0f%%"),
-    ("gemm_peak", "GEMM / peak", "%.0f%%"),
+    ("gemm_peak", "Eigen GEMM / peak", "%.0f%%"),
+    ("onednn_peak", "oneDNN GEMM / peak", "%.0f%%"),
     ("bd_peak", "BD / peak", "%.0f%%"),
     ("ratio", "dense / BD", "%.3f"),
     ("ratio_fastest", "fastest dense / BD", "%.3f"),
@@ -97,7 +99,7 @@ def main():
     except ImportError:
         print("perf-table: matplotlib not installed, no plot (pip install matplotlib)")
         return
-    keys = [k for k in ("dense_peak", "gemm_peak", "bd_peak") if any(k in r for r in rows)]
+    keys = [k for k in ("dense_peak", "gemm_peak", "onednn_peak", "bd_peak") if any(k in r for r in rows)]
     if not keys:
         return
     names = [re.sub(r"/(min_time:[0-9.]+|manual_time|real_time|iterations:[0-9]+)", "", r["name"]) for r in rows]

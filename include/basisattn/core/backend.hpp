@@ -28,7 +28,8 @@
 
 BASISATTN_BEGIN_NAMESPACE
 
-/// Host backend: Eigen GEMMs, OpenMP threads when compiled with OpenMP.
+/// Host backend: Eigen (or oneDNN's sgemm, backend_traits<cpu>::gemm) GEMMs, OpenMP threads when
+/// compiled with OpenMP.
 struct cpu {};
 /// CUDA backend: see <basisattn/cuda/backend.hpp>.
 struct cuda {};
@@ -53,6 +54,13 @@ struct backend_traits<cpu> {
   static constexpr bool host_memory = true;
   template <class T>
   static constexpr bool supports_storage = is_storage_type_v<T>;
+  /// The GEMM provider of float products (see <basisattn/cpu/gemm.hpp>): "onednn" when the program
+  /// is built with BASISATTN_WITH_ONEDNN=1 and links oneDNN, else "eigen".
+#if defined(BASISATTN_WITH_ONEDNN) && BASISATTN_WITH_ONEDNN
+  static constexpr const char* gemm = "onednn";
+#else
+  static constexpr const char* gemm = "eigen";
+#endif
 };
 
 namespace detail {

@@ -11,15 +11,15 @@
 // (float; double for double storage or opt.accumulate_double):
 //   Qb = scale * q[block, h, :]                               (converted once)
 //   for each key block (blocks entirely above the causal diagonal are never visited):
-//     S = Qb Kb^T                                             (Eigen GEMM; Kb mapped in place when the
+//     S = Qb Kb^T                                             (detail::cpu_gemm; Kb mapped in place when the
 //                                                              storage is C with contiguous rows, else
 //                                                              converted into the slice)
 //     per row: m' = max(m, max S), alpha = exp(m - m'), P = exp(S - m'), l = alpha l + sum P
 //              (columns past the causal diagonal get P = 0)
-//     O = alpha O + P Vb                                      (Eigen GEMM)
+//     O = alpha O + P Vb                                      (detail::cpu_gemm)
 //   out[block, h, :] = O / l                                  (rounded to the storage type)
-// Inside the OpenMP region Eigen's GEMMs run single-threaded; with one thread no region is opened and
-// Eigen may use its own threads.
+// Inside the OpenMP region the GEMMs (Eigen's, or oneDNN's where the build enables it) run
+// single-threaded; with one thread no region is opened and the GEMM may use its own threads.
 #pragma once
 
 #include <basisattn/attention/options.hpp>
@@ -31,6 +31,7 @@
 #include <basisattn/core/eigen.hpp>
 #include <basisattn/core/parallel.hpp>
 #include <basisattn/core/workspace.hpp>
+#include <basisattn/cpu/gemm.hpp>
 
 #include <Eigen/Core>
 
@@ -162,7 +163,7 @@ void attention_cpu_item(const attention_cpu_problem<C, T>& p, const attention_cp
     const attention_cmap<C> kb = attention_cpu_kv_block<C>(p.k, hk, k0, nk, kbuf);
     const attention_cmap<C> vb = attention_cpu_kv_block<C>(p.v, hk, k0, nk, vbuf);
     amap s(sbuf, nq, nk);
-    s.noalias() = qb * kb.transpose();
+    cpu_gemm<C>(false, true, nq, nk, sh.d_qk, C(1), qb.data(), sh.d_qk, kb.data(), kb.outerStride(), C(0), sbuf, nk);
 
     const bool masked = p.causal && k0 + nk - 1 > q0 + off;
     for (index_t i = 0; i < nq; ++i) {
@@ -178,7 +179,7 @@ void attention_cpu_item(const attention_cpu_problem<C, T>& p, const attention_cp
       m[i] = m_new;
       if (alpha != C(1)) o.row(i) *= alpha;
     }
-    o.noalias() += s * vb;
+    cpu_gemm<C>(false, false, nq, sh.d_v, nk, C(1), sbuf, nk, vb.data(), vb.outerStride(), C(1), o.data(), sh.d_v);
   }
 
   for (index_t i = 0; i < nq; ++i) {

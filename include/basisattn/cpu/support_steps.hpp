@@ -11,6 +11,7 @@
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
 #include <basisattn/cpu/attention.hpp>
+#include <basisattn/cpu/gemm.hpp>
 #include <basisattn/core/eigen.hpp>
 #include <basisattn/core/parallel.hpp>
 #include <basisattn/core/workspace.hpp>
@@ -169,9 +170,11 @@ void exact_rows(const head_ctx<C, T>& c, const index_t* rows, index_t nrows, con
           kg.row(j) = K.row(keys[k0 + j]);
           vg.row(j) = V.row(keys[k0 + j]);
         }
-        s.noalias() = qg * kg.transpose();
+        ::basisattn::detail::cpu_gemm<C>(false, true, nr, nk, c.d, C(1), qg.data(), c.d, kg.data(), c.d, C(0), s.data(),
+                                         nk);
       } else {
-        s.noalias() = qg * K.middleRows(k0, nk).transpose();
+        ::basisattn::detail::cpu_gemm<C>(false, true, nr, nk, c.d, C(1), qg.data(), c.d, K.data() + k0 * c.d, c.d, C(0),
+                                         s.data(), nk);
       }
       for (index_t i = 0; i < nr; ++i) {
         index_t visible = nk;
@@ -191,10 +194,8 @@ void exact_rows(const head_ctx<C, T>& c, const index_t* rows, index_t nrows, con
         mm[i] = m_new;
         if (alpha != C(1)) o.row(i) *= alpha;
       }
-      if (keys)
-        o.noalias() += s * vg;
-      else
-        o.noalias() += s * V.middleRows(k0, nk);
+      const C* vb = keys ? vg.data() : V.data() + k0 * c.dv;
+      ::basisattn::detail::cpu_gemm<C>(false, false, nr, c.dv, nk, C(1), s.data(), nk, vb, c.dv, C(1), o.data(), c.dv);
     }
     for (index_t i = 0; i < nr; ++i) {
       const index_t row = rows[r0 + i];
@@ -336,7 +337,8 @@ void poly_causal(const head_ctx<C, T>& c) {
       rmap qg(c.template at<C>(c.lay->qg), ni, c.d);
       for (index_t i = 0; i < ni; ++i) qg.row(i) = Q.row(sel[i]);
       rmap s(c.template at<C>(c.lay->s), ni, nk);
-      s.noalias() = qg * K.middleRows(k0, nk).transpose();
+      ::basisattn::detail::cpu_gemm<C>(false, true, ni, nk, c.d, C(1), qg.data(), c.d, K.data() + k0 * c.d, c.d, C(0),
+                                       s.data(), nk);
       for (index_t i = 0; i < ni; ++i) {
         const index_t pi = sel[i] + c.off;
         const int bq = qb[static_cast<std::size_t>(sel[i])];
