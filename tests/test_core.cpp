@@ -1,13 +1,18 @@
-// Core: views, dtypes, errors, backend traits.
+// Core: views, dtypes, errors, backend traits, the CPU backend's one GEMM (detail::cpu_gemm).
 #include <basisattn/core/backend.hpp>
 #include <basisattn/core/dtype.hpp>
 #include <basisattn/core/error.hpp>
 #include <basisattn/core/view.hpp>
 #include <basisattn/core/eigen.hpp>
+#include <basisattn/cpu/gemm.hpp>
 
 #include <catch2/catch.hpp>
 
+#include "test_util.hpp"
+
+#include <cmath>
 #include <string>
+#include <vector>
 
 using namespace basisattn;
 
@@ -81,4 +86,50 @@ TEST_CASE("require_finite finds NaN and Inf in every storage type") {
                     Catch::Contains("w has a non-finite value at (0, 1)"));
   std::vector<double> d = {1.0, 2.0};
   CHECK_NOTHROW(detail::require_finite(d.data(), 2, "ok"));
+}
+
+TEST_CASE("the CPU GEMM matches a double product for every transposition, beta and stride") {
+  // Whatever the provider (backend_traits<cpu>::gemm), C = alpha op(A) op(B) + beta C is a sum of k
+  // products and the scaled old value in float: componentwise |C - C_64| <= gamma_{k+1}(u_32)
+  // (|alpha| |op(A)||op(B)| + |beta| |C0|) + gamma_{k+1}(u_64) (the same), Higham eq. 3.13. beta = 0
+  // must ignore C0 even when it is NaN.
+  const std::string provider = backend_traits<cpu>::gemm;
+  INFO("GEMM provider: " << provider);
+  CHECK((provider == "eigen" || provider == "onednn"));
+  test::seed(31);
+  struct shape {
+    index_t m, n, k;
+  };
+  for (const shape sh : {shape{1, 1, 1}, shape{1, 37, 5}, shape{17, 1, 9}, shape{33, 29, 0}, shape{64, 48, 130}})
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (const float beta : {0.0f, 1.0f, -0.5f}) {
+          const index_t m = sh.m, n = sh.n, k = sh.k, pad = 3;
+          // A stored (k x m) when transposed, else (m x k); every row padded by `pad` to test strides.
+          const index_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+          const auto a = test::random_matrix<float>(ar, ac + pad), b = test::random_matrix<float>(br, bc + pad);
+          auto c = test::random_matrix<float>(m, n + pad);
+          if (beta == 0.0f) c(0, 0) = NAN;
+          const auto before = c;
+          const Eigen::MatrixXd ad = test::to_double(a).leftCols(ac), bd = test::to_double(b).leftCols(bc),
+                                c0 = test::to_double(c).leftCols(n);
+          const Eigen::MatrixXd opa = ta ? Eigen::MatrixXd(ad.transpose()) : ad,
+                                opb = tb ? Eigen::MatrixXd(bd.transpose()) : bd;
+          const float alpha = 0.75f;
+          detail::cpu_gemm<float>(ta, tb, m, n, k, alpha, a.data(), ac + pad, b.data(), bc + pad, beta, c.data(),
+                                  n + pad);
+          Eigen::MatrixXd want = alpha * opa * opb, mag = std::abs(alpha) * opa.cwiseAbs() * opb.cwiseAbs();
+          if (beta != 0.0f) {
+            want += beta * c0;
+            mag += std::abs(beta) * c0.cwiseAbs();
+          }
+          const double g = test::gamma<float>(k + 1) + test::gamma<double>(k + 1);
+          const Eigen::MatrixXd got = test::to_double(c).leftCols(n);
+          INFO("m " << m << " n " << n << " k " << k << " ta " << ta << " tb " << tb << " beta " << beta);
+          CHECK(test::max_error_ratio(got, want, (g * mag).array() + 1e-300) <= 1);
+          bool padding_kept = true;  // the padding of C is left alone (a copy: bitwise)
+          for (index_t i = 0; i < m; ++i)
+            for (index_t j = n; j < n + pad; ++j) padding_kept = padding_kept && c(i, j) == before(i, j);
+          CHECK(padding_kept);
+        }
 }
