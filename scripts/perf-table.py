@@ -47,13 +47,18 @@ COLUMNS = [
     ("dense_ms", "dense ms", "%.3f"),
     ("gemm_ms", "Eigen GEMM ms", "%.3f"),
     ("onednn_ms", "oneDNN GEMM ms", "%.3f"),
+    ("bd_fp32_ms", "fp32 BD ms", "%.3f"),
     ("bd_ms", "BD ms", "%.3f"),
     ("dense_peak", "dense / peak", "%.0f%%"),
     ("gemm_peak", "Eigen GEMM / peak", "%.0f%%"),
     ("onednn_peak", "oneDNN GEMM / peak", "%.0f%%"),
+    ("bd_fp32_peak", "fp32 BD / peak", "%.0f%%"),
     ("bd_peak", "BD / peak", "%.0f%%"),
+    ("median_GFLOPs", "GFLOP/s", "%.1f"),
+    ("peak_frac", "/ peak", "%.0f%%"),
     ("ratio", "dense / BD", "%.3f"),
     ("ratio_fastest", "fastest dense / BD", "%.3f"),
+    ("ratio_fp32", "fp32 BD / BD", "%.3f"),
 ]
 
 
@@ -99,7 +104,7 @@ def main():
     except ImportError:
         print("perf-table: matplotlib not installed, no plot (pip install matplotlib)")
         return
-    keys = [k for k in ("dense_peak", "gemm_peak", "onednn_peak", "bd_peak") if any(k in r for r in rows)]
+    keys = [k for k in ("dense_peak", "gemm_peak", "onednn_peak", "bd_fp32_peak", "bd_peak", "peak_frac") if any(k in r for r in rows)]
     if not keys:
         return
     names = [re.sub(r"/(min_time:[0-9.]+|manual_time|real_time|iterations:[0-9]+)", "", r["name"]) for r in rows]
@@ -113,7 +118,7 @@ def main():
                label=k.replace("_peak", ""))
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))])
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, max(100, 10 * int(1 + max(100 * r.get(k, 0) for r in rows for k in keys) / 10)))
     ax.set_ylabel("% of the measured fp32 peak")
     ax.set_title("%s\n%s" % (prefix.rstrip("/"), cpu_model()), fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
