@@ -23,12 +23,13 @@
 // Rounding: every product of two bf16 values is exact in fp32; vdpbf16ps adds the two products of a
 // pair to the accumulator in fp32 with round-to-nearest-even, so a sum of k products meets the same
 // componentwise bound gamma_k |A||B| (u = 2^-24) as the float GEMM. Unlike the float GEMM, the
-// instruction treats subnormal inputs and results as zero (DAZ/FTZ, whatever MXCSR says): each
-// product of magnitude below 2^-126 may be lost, an absolute error below k 2^-126 per output,
-// far under the final rounding to bf16 of any normal result.
+// instruction treats subnormal inputs and results as zero (DAZ/FTZ, whatever MXCSR says): a product
+// with a subnormal factor (magnitude below 2^-126) is lost, an absolute error below
+// 2^-126 |other factor| per product, far under the final rounding to bf16 of any normal result.
 #pragma once
 
 #include <basisattn/core/config.hpp>
+#include <basisattn/core/error.hpp>
 
 #include <Eigen/Core>
 
@@ -44,6 +45,16 @@
 
 BASISATTN_BEGIN_NAMESPACE
 namespace detail {
+// What this header defines depends on the translation unit's flags, so its names live in an inline
+// namespace named after them: a program whose translation units differ (one file built with
+// -mavx512bf16, one without) links two distinct sets of functions instead of one silently replacing
+// the other. The projections that call them carry the choice as a template argument
+// (<basisattn/cpu/projection.hpp>).
+#if BASISATTN_BF16_DOT
+inline namespace bf16_dot_on {
+#else
+inline namespace bf16_dot_off {
+#endif
 
 /// True when this translation unit was compiled with AVX512_BF16 (the bf16 GEMM below exists).
 inline constexpr bool bf16_dot_available = BASISATTN_BF16_DOT == 1;
@@ -119,7 +130,8 @@ inline void bf16_kernel(index_t k, const std::uint16_t* a, index_t lda, const st
 #endif
 
 /// C (m x n fp32, row stride ldc) = A (m x k bf16, row stride lda) * B (bp from bf16_pack_b, 64-byte
-/// aligned). Only with bf16_dot_available (otherwise it must not be called: it does nothing).
+/// aligned). Only with bf16_dot_available; elsewhere it raises errc::unsupported (never reached from
+/// the projections, which take the float path there).
 inline void bf16_gemm(index_t m, index_t n, index_t k, const Eigen::bfloat16* a, index_t lda, const Eigen::bfloat16* bp,
                       float* c, index_t ldc) {
 #if BASISATTN_BF16_DOT
@@ -148,8 +160,10 @@ inline void bf16_gemm(index_t m, index_t n, index_t k, const Eigen::bfloat16* a,
   }
 #else
   (void)m, (void)n, (void)k, (void)a, (void)lda, (void)bp, (void)c, (void)ldc;
+  raise(errc::unsupported, "bf16_gemm: this translation unit was not compiled for AVX512_BF16");
 #endif
 }
 
+}  // namespace bf16_dot_on / bf16_dot_off
 }  // namespace detail
 BASISATTN_END_NAMESPACE

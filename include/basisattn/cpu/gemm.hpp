@@ -13,13 +13,19 @@
 // row chunks of 256 (bench_bd's shape): Eigen 65% of the measured FMA peak, oneDNN 94%.
 //
 // Threads: the library never changes a thread setting. Called inside one of the library's OpenMP
-// regions, either provider runs single-threaded (both see omp_in_parallel()); called outside one,
-// both use OpenMP's current thread count, as Eigen always did. Define BASISATTN_WITH_ONEDNN the same
-// way in every translation unit of a program (it selects inline code).
+// regions, either provider runs single-threaded (both see omp_in_parallel()). Called outside one,
+// Eigen uses Eigen::nbThreads() (OpenMP's thread count unless Eigen::setNbThreads was called) and
+// oneDNN OpenMP's thread count. This holds for a oneDNN built on the same OpenMP runtime as the
+// program (Debian's is built on GCC's libgomp, the runtime of g++ -fopenmp); with another runtime
+// (clang's libomp, a TBB build of oneDNN) oneDNN cannot see the library's regions and each of the
+// library's threads may start a full team of its own. A program compiled without OpenMP gets no
+// threads of the library's, but oneDNN still uses OpenMP's default thread count (OMP_NUM_THREADS).
+// Define BASISATTN_WITH_ONEDNN the same way in every translation unit of a program (it selects
+// inline code; the results of the two providers obey the same bound, below).
 //
-// Rounding: both providers sum k products in float with a fused multiply-add per product, in an
-// order of their choosing; the componentwise bound gamma_k |A||B| holds for either, and no test
-// depends on the order.
+// Rounding: both providers sum k products in float, in an order of their choosing, with or without
+// fused multiply-adds (Eigen uses them where the build enables FMA); the componentwise bound
+// gamma_k |A||B| holds for either, and no test depends on the order.
 #pragma once
 
 #include <basisattn/core/config.hpp>

@@ -5,7 +5,9 @@
 //   bd::project(cpu{}, p, x, y)                          convenience: allocates the workspace
 // for p a bd::dense_projection<T> or bd::bd_projection<T>; x: tokens x in_dim, y: tokens x out_dim,
 // both with contiguous rows (any row stride). T may be float, double, Eigen::half or
-// Eigen::bfloat16; 16-bit data are converted to float around a float GEMM.
+// Eigen::bfloat16; 16-bit data are converted to float around a float GEMM, except bf16 where the
+// translation unit is compiled for AVX512_BF16 (<basisattn/cpu/bf16_gemm.hpp>: bf16 operands, fp32
+// sums). Either way each output is one sum in float, rounded once to T.
 //
 // Tokens are processed in row chunks of up to 256, one chunk per thread at a time (OpenMP). Each
 // chunk is one GEMM, y = x_rest C for BD (y = x W dense; detail::cpu_gemm: Eigen, or oneDNN where the
@@ -51,7 +53,9 @@ constexpr std::size_t ws_align = ::basisattn::detail::cpu_workspace_align;
 using arena = ::basisattn::detail::workspace_carver;
 
 /// bf16 projections use the AVX512_BF16 GEMM (<basisattn/cpu/bf16_gemm.hpp>) where this translation
-/// unit has it: weights packed as bf16, x read as bf16, fp32 accumulation.
+/// unit has it: weights packed as bf16, x read as bf16, fp32 accumulation. The choice is the
+/// template argument `Dot` of every function whose code depends on it (workspace_bytes, project and
+/// their helpers), so translation units built with and without AVX512_BF16 never share one.
 template <class T>
 inline constexpr bool use_bf16_dot = std::is_same_v<T, Eigen::bfloat16>&& ::basisattn::detail::bf16_dot_available;
 
@@ -76,12 +80,12 @@ struct ws_layout {
   index_t thread_s = 0;  // one row of basis channels
 };
 
-template <class T, class P>
+template <class T, bool Dot, class P>
 ws_layout layout_of(const P& p, const chunking& ch) {
   constexpr bool narrow = !std::is_same_v<T, compute_t<T>>;
   ws_layout l;
-  if constexpr (use_bf16_dot<T>) {  // x read in place unless the basis must be gathered
-    index_t nr = 0;                 // the GEMM's inner dimension
+  if constexpr (Dot) {  // x read in place unless the basis must be gathered
+    index_t nr = 0;     // the GEMM's inner dimension
     if constexpr (std::is_same_v<P, bd_projection<T>>) {
       nr = p.in_dim - p.rank;
       if (!p.basis_leading()) l.thread_x = bf16_in_float(ch.rows * nr);
@@ -190,7 +194,7 @@ void run_chunks(index_t tokens, const chunking& ch, const ws_layout& l, arena& a
 
 /// Common prologue of both projections: validates, scans x when asked, plans the chunks and checks
 /// the workspace. Returns false when there is nothing to do (no tokens).
-template <class T, class P>
+template <class T, bool Dot, class P>
 bool begin_run(const P& p, const matrix_view<const T>& x, const matrix_view<T>& y, index_t in, index_t out,
                void* workspace, std::size_t workspace_bytes, const project_options& opt, chunking& ch, ws_layout& l,
                arena& ar) {
@@ -198,7 +202,7 @@ bool begin_run(const P& p, const matrix_view<const T>& x, const matrix_view<T>& 
   if (x.rows == 0) return false;
   if (opt.check_finite) ::basisattn::detail::require_finite(x, "project: x");
   ch = plan_chunks(x.rows);
-  l = layout_of<T>(p, ch);
+  l = layout_of<T, Dot>(p, ch);
   const std::size_t need = bytes_of<compute_t<T>>(l, ch.threads);
   BASISATTN_REQUIRE(need == 0 || (workspace && workspace_bytes >= need), invalid_argument, "project: workspace of ",
                     workspace_bytes, " bytes, ", need, " needed (workspace_bytes)");
@@ -242,10 +246,10 @@ const T* pack_bf16_weight(const matrix<T>& w, index_t k, index_t n, arena& ar) {
 
 /// One chunk's Y = X W: the bf16 GEMM on bf16 operands (wp packed), else cpu_gemm on compute-type
 /// ones (w). x: the chunk's first row of X and its row stride.
-template <class T>
+template <class T, bool Dot>
 void chunk_product(index_t nt, index_t n, index_t k, rows_ref<T> xb, const T* wp, rows_ref<compute_t<T>> xc,
                    const compute_t<T>* w, compute_t<T>* yd, index_t ldy) {
-  if constexpr (use_bf16_dot<T>) {
+  if constexpr (Dot) {
     (void)xc, (void)w;
     ::basisattn::detail::bf16_gemm(nt, n, k, xb.data, xb.ld, wp, yd, ldy);
   } else {
@@ -258,15 +262,15 @@ void chunk_product(index_t nt, index_t n, index_t k, rows_ref<T> xb, const T* wp
 }  // namespace detail
 
 /// Workspace bytes project(cpu, p, x, y, ...) needs for `tokens` rows with the current thread count.
-template <class T>
+template <class T, bool Dot = detail::use_bf16_dot<T>>
 std::size_t workspace_bytes(cpu, const bd_projection<T>& p, index_t tokens) {
   const auto ch = detail::plan_chunks(tokens);
-  return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
+  return detail::bytes_of<compute_t<T>>(detail::layout_of<T, Dot>(p, ch), ch.threads);
 }
-template <class T>
+template <class T, bool Dot = detail::use_bf16_dot<T>>
 std::size_t workspace_bytes(cpu, const dense_projection<T>& p, index_t tokens) {
   const auto ch = detail::plan_chunks(tokens);
-  return detail::bytes_of<compute_t<T>>(detail::layout_of<T>(p, ch), ch.threads);
+  return detail::bytes_of<compute_t<T>>(detail::layout_of<T, Dot>(p, ch), ch.threads);
 }
 
 /// Deprecated spelling of workspace_bytes(cpu{}, p, tokens).
@@ -277,7 +281,7 @@ template <class P>
 }
 
 /// BD projection of all heads: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
-template <class T>
+template <class T, bool Dot = detail::use_bf16_dot<T>>
 void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
              matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
@@ -285,10 +289,10 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
   detail::chunking ch;
   detail::ws_layout l;
   detail::arena ar(detail::ws_align);
-  if (!detail::begin_run<T>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
+  if (!detail::begin_run<T, Dot>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
   const bool lead = p.basis_leading();
-  constexpr bool dot = detail::use_bf16_dot<T>;
+  constexpr bool dot = Dot;
   const C* w = nullptr;
   const T* wp = nullptr;
   if constexpr (dot)
@@ -338,13 +342,13 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
     detail::rows_ref<C> xc{bx, nr};
     if constexpr (!narrow)
       if (lead) xc = {x.data + t0 * x.row_stride + r, x.row_stride};  // no copy
-    detail::chunk_product<T>(nt, G * r, nr, xb, wp, xc, w, yd, ldy);
+    detail::chunk_product<T, Dot>(nt, G * r, nr, xb, wp, xc, w, yd, ldy);
   };
   detail::run_chunks<T>(x.rows, ch, l, ar, y, G * r, gather, product, add);
 }
 
 /// Dense projection y = x W + b, same chunked structure as the BD one.
-template <class T>
+template <class T, bool Dot = detail::use_bf16_dot<T>>
 void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
              matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
@@ -352,9 +356,9 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
   detail::chunking ch;
   detail::ws_layout l;
   detail::arena ar(detail::ws_align);
-  if (!detail::begin_run<T>(p, x, y, p.in_dim(), p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
+  if (!detail::begin_run<T, Dot>(p, x, y, p.in_dim(), p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t in = p.in_dim(), out = p.out_dim();
-  constexpr bool dot = detail::use_bf16_dot<T>;
+  constexpr bool dot = Dot;
   const C* w = nullptr;
   const T* wp = nullptr;
   if constexpr (dot)
@@ -383,7 +387,7 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
     const detail::rows_ref<T> xb{x.data + t0 * x.row_stride, x.row_stride};
     detail::rows_ref<C> xc{bx, in};
     if constexpr (!narrow) xc = {x.data + t0 * x.row_stride, x.row_stride};
-    detail::chunk_product<T>(nt, out, in, xb, wp, xc, w, yd, ldy);
+    detail::chunk_product<T, Dot>(nt, out, in, xb, wp, xc, w, yd, ldy);
   };
   detail::run_chunks<T>(x.rows, ch, l, ar, y, out, gather, product, add);
 }
