@@ -235,7 +235,9 @@ void add_keys(const head_ctx<C, T>& c, const index_t* keys, index_t n, int bk) {
     gather_cm<C>(V, keys + j0, nb, cm_map<C>(vx.data(), nb, c.dv));
     vx.col(c.dv).setOnes();
     compute_features<C>(c.p->features, w, x, phi, c.template at<C>(c.lay->sk));
-    st.noalias() += phi.transpose() * vx;
+    // st += phi^T vx, as its row-major transpose: st^T += vx^T phi (column-major maps, ld = rows).
+    ::basisattn::detail::cpu_gemm<C>(false, true, c.dv + 1, w, nb, C(1), vx.data(), nb, phi.data(), nb, C(1), st.data(),
+                                     w);
   }
 }
 
@@ -279,7 +281,9 @@ void poly_noncausal(const head_ctx<C, T>& c) {
       cm_map<C> out(c.template at<C>(c.lay->tmp), nb, c.dv + 1);
       gather_cm<C>(Q, rows.data() + i0, nb, x);
       compute_features<C>(pl.features, w, x, phi, c.template at<C>(c.lay->sk));
-      out.noalias() = phi * sc;
+      // out = phi sc, as its row-major transpose: out^T = sc^T phi^T (column-major maps, ld = rows).
+      ::basisattn::detail::cpu_gemm<C>(false, false, c.dv + 1, nb, w, C(1), sc.data(), w, phi.data(), nb, C(0),
+                                       out.data(), nb);
       for (index_t i = 0; i < nb; ++i) {
         const index_t row = rows[static_cast<std::size_t>(i0 + i)];
         num.row(row) = out.row(i).head(c.dv);
@@ -330,7 +334,9 @@ void poly_causal(const head_ctx<C, T>& c) {
           cm_map<C> psi(c.template at<C>(c.lay->psi), ni, w);
           scale_query_features(c, sel, ni, bk, w, phi, psi);
           cm_map<C> st(c.template at<C>(c.lay->st) + bk * r * (c.dv + 1), w, c.dv + 1);
-          tmp.noalias() += psi * st;
+          // tmp += psi st, as its row-major transpose (column-major maps, ld = rows).
+          ::basisattn::detail::cpu_gemm<C>(false, false, c.dv + 1, ni, w, C(1), st.data(), w, psi.data(), ni, C(1),
+                                           tmp.data(), ni);
         }
       }
       // Inside the block: exact products P(s_ij) for visible non-top keys.
@@ -347,7 +353,9 @@ void poly_causal(const head_ctx<C, T>& c) {
           s(i, j) = (k0 + j <= pi && bk < c.nl) ? horner<C>(c.coef(bq, bk), static_cast<int>(c.g), s(i, j)) : C(0);
         }
       }
-      tmp.leftCols(c.dv).noalias() += s * V.middleRows(k0, nk);
+      // tmp[:, :dv] += s V_block, as its row-major transpose: tmp^T[:dv] += V_block^T s^T.
+      ::basisattn::detail::cpu_gemm<C>(true, true, c.dv, ni, nk, C(1), V.data() + k0 * c.dv, c.dv, s.data(), nk, C(1),
+                                       tmp.data(), ni);
       tmp.col(c.dv) += s.rowwise().sum();
       for (index_t i = 0; i < ni; ++i) {
         num.row(sel[i]) = tmp.row(i).head(c.dv);
