@@ -8,7 +8,7 @@
 // projections convert bf16 to float around the float GEMM, as before.
 //
 //   bf16_packed_elems(k, n)                 bf16 elements of a packed k x n weight
-//   bf16_pack_b(w, ldw, k, n, dst)          pack a row-major k x n bf16 matrix for bf16_gemm
+//   bf16_pack_block(w, ldw, k, n, nb, dst)  pack column block nb of a row-major k x n bf16 matrix
 //   bf16_gemm(m, n, k, a, lda, bp, c, ldc)  C (m x n fp32) = A (m x k bf16, row-major) * B (packed)
 //
 // Packing: columns in blocks of 32 (the last block padded with zeros), rows in pairs (an odd last row
@@ -81,11 +81,6 @@ inline void bf16_pack_block(const Eigen::bfloat16* w, index_t ldw, index_t k, in
       }
 }
 
-/// Pack all of w (single-threaded; callers parallelise over blocks with bf16_pack_block).
-inline void bf16_pack_b(const Eigen::bfloat16* w, index_t ldw, index_t k, index_t n, Eigen::bfloat16* dst) {
-  for (index_t nb = 0; nb < (n + bf16_nr - 1) / bf16_nr; ++nb) bf16_pack_block(w, ldw, k, n, nb, dst);
-}
-
 #if BASISATTN_BF16_DOT
 /// MR rows x 32 columns: C[i][0..32) = A[i][0..k) * (packed block bp); masks select the valid columns.
 template <int MR>
@@ -129,8 +124,8 @@ inline void bf16_kernel(index_t k, const std::uint16_t* a, index_t lda, const st
 }
 #endif
 
-/// C (m x n fp32, row stride ldc) = A (m x k bf16, row stride lda) * B (bp from bf16_pack_b, 64-byte
-/// aligned). Only with bf16_dot_available; elsewhere it raises errc::unsupported (never reached from
+/// C (m x n fp32, row stride ldc) = A (m x k bf16, row stride lda) * B (bp: every column block packed
+/// by bf16_pack_block, 64-byte aligned). Only with bf16_dot_available; elsewhere it raises errc::unsupported (never reached from
 /// the projections, which take the float path there).
 inline void bf16_gemm(index_t m, index_t n, index_t k, const Eigen::bfloat16* a, index_t lda, const Eigen::bfloat16* bp,
                       float* c, index_t ldc) {

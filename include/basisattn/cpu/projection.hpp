@@ -140,13 +140,6 @@ void check_io(const P& p, const matrix_view<const T>& x, const matrix_view<T>& y
                     "project: row strides (", x.row_stride, ", ", y.row_stride, ") smaller than the row lengths");
 }
 
-/// Rows of a GEMM operand: pointer to the first and row stride.
-template <class C>
-struct rows_ref {
-  const C* data;
-  index_t ld;
-};
-
 /// Shared driver: for each row chunk, gather(chunk rows, thread x buffer) (input rows into the
 /// thread's x buffer where the GEMM cannot read x in place), product(chunk rows, thread x buffer,
 /// Y chunk, ldY) (Y = X W, one GEMM), then add(chunk rows, Y chunk, ldY, thread scratch) adds what is
@@ -244,19 +237,38 @@ const T* pack_bf16_weight(const matrix<T>& w, index_t k, index_t n, arena& ar) {
   return dst;
 }
 
-/// One chunk's Y = X W: the bf16 GEMM on bf16 operands (wp packed), else cpu_gemm on compute-type
-/// ones (w). x: the chunk's first row of X and its row stride.
+/// Element type of the GEMM's operands: T itself for the bf16 GEMM (Dot), else the compute type.
 template <class T, bool Dot>
-void chunk_product(index_t nt, index_t n, index_t k, rows_ref<T> xb, const T* wp, rows_ref<compute_t<T>> xc,
-                   const compute_t<T>* w, compute_t<T>* yd, index_t ldy) {
-  if constexpr (Dot) {
-    (void)xc, (void)w;
-    ::basisattn::detail::bf16_gemm(nt, n, k, xb.data, xb.ld, wp, yd, ldy);
-  } else {
-    (void)xb, (void)wp;
-    ::basisattn::detail::cpu_gemm<compute_t<T>>(false, false, nt, n, k, compute_t<T>(1), xc.data, xc.ld, w, n,
-                                                compute_t<T>(0), yd, ldy);
-  }
+using operand_t = std::conditional_t<Dot, T, compute_t<T>>;
+
+/// One input element as a GEMM operand (a copy, or the widening to the compute type).
+template <class X, class T>
+X as_operand(const T& v) {
+  if constexpr (std::is_same_v<X, T>)
+    return v;
+  else
+    return ::basisattn::detail::to_compute<X>(v);
+}
+
+/// The weight (k x n, row-major) as the GEMM's B operand: packed into the workspace for the bf16
+/// GEMM, converted into it for other 16-bit storage, else the stored matrix itself.
+template <class T, bool Dot>
+const operand_t<T, Dot>* weight_operand(const matrix<T>& w, index_t k, index_t n, arena& ar) {
+  if constexpr (Dot)
+    return pack_bf16_weight(w, k, n, ar);
+  else
+    return weight_in_compute<compute_t<T>>(w, ar, k * n);
+}
+
+/// One chunk's Y = X W (X: nt x k rows at x, row stride ldx; W as weight_operand gives it).
+template <class T, bool Dot>
+void chunk_product(index_t nt, index_t n, index_t k, const operand_t<T, Dot>* x, index_t ldx,
+                   const operand_t<T, Dot>* w, compute_t<T>* yd, index_t ldy) {
+  if constexpr (Dot)
+    ::basisattn::detail::bf16_gemm(nt, n, k, x, ldx, w, yd, ldy);
+  else
+    ::basisattn::detail::cpu_gemm<compute_t<T>>(false, false, nt, n, k, compute_t<T>(1), x, ldx, w, n, compute_t<T>(0),
+                                                yd, ldy);
 }
 
 }  // namespace detail
@@ -285,41 +297,25 @@ template <class T, bool Dot = detail::use_bf16_dot<T>>
 void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
              matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
-  constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
   detail::ws_layout l;
   detail::arena ar(detail::ws_align);
   if (!detail::begin_run<T, Dot>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
   const bool lead = p.basis_leading();
-  constexpr bool dot = Dot;
-  const C* w = nullptr;
-  const T* wp = nullptr;
-  if constexpr (dot)
-    wp = detail::pack_bf16_weight(p.coeff, nr, G * r, ar);
-  else
-    w = detail::weight_in_compute<C>(p.coeff, ar, nr * G * r);
+  using X = detail::operand_t<T, Dot>;
+  const X* w = detail::weight_operand<T, Dot>(p.coeff, nr, G * r, ar);
+  const bool in_place = lead && std::is_same_v<X, T>;  // the GEMM reads x's rest channels where they are
   const index_t* basis = p.basis.data();
   const index_t* rest = p.rest.data();
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
 
   auto gather = [&](index_t t0, index_t nt, C* bx) {
-    if ((!narrow || dot) && lead) return;
-    if constexpr (dot) {  // gather the rest channels as bf16
-      for (index_t t = 0; t < nt; ++t) {
-        const T* xr = x.data + (t0 + t) * x.row_stride;
-        T* xo = reinterpret_cast<T*>(bx) + t * nr;
-        for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = xr[rest[l2]];
-      }
-      return;
-    }
+    if (in_place) return;
     for (index_t t = 0; t < nt; ++t) {
       const T* xr = x.data + (t0 + t) * x.row_stride;
-      C* xo = bx + t * nr;
-      if (lead)
-        for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = ::basisattn::detail::to_compute<C>(xr[r + l2]);
-      else
-        for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = ::basisattn::detail::to_compute<C>(xr[rest[l2]]);
+      X* xo = reinterpret_cast<X*>(bx) + t * nr;
+      for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = detail::as_operand<X>(xr[lead ? r + l2 : rest[l2]]);
     }
   };
   auto add = [&](index_t t0, index_t nt, C* yd, index_t ldy, C* bs) {
@@ -337,12 +333,11 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
     }
   };
   auto product = [&](index_t t0, index_t nt, C* bx, C* yd, index_t ldy) {
-    const detail::rows_ref<T> xb = lead ? detail::rows_ref<T>{x.data + t0 * x.row_stride + r, x.row_stride}
-                                        : detail::rows_ref<T>{reinterpret_cast<const T*>(bx), nr};
-    detail::rows_ref<C> xc{bx, nr};
-    if constexpr (!narrow)
-      if (lead) xc = {x.data + t0 * x.row_stride + r, x.row_stride};  // no copy
-    detail::chunk_product<T, Dot>(nt, G * r, nr, xb, wp, xc, w, yd, ldy);
+    const X* xo = reinterpret_cast<const X*>(bx);  // gathered
+    index_t ld = nr;
+    if constexpr (std::is_same_v<X, T>)
+      if (in_place) xo = x.data + t0 * x.row_stride + r, ld = x.row_stride;
+    detail::chunk_product<T, Dot>(nt, G * r, nr, xo, ld, w, yd, ldy);
   };
   detail::run_chunks<T>(x.rows, ch, l, ar, y, G * r, gather, product, add);
 }
@@ -352,25 +347,20 @@ template <class T, bool Dot = detail::use_bf16_dot<T>>
 void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::detail::nondeduced_t<T>> x,
              matrix_view<T> y, void* workspace, std::size_t workspace_bytes, const project_options& opt = {}) {
   using C = compute_t<T>;
-  constexpr bool narrow = !std::is_same_v<T, C>;
   detail::chunking ch;
   detail::ws_layout l;
   detail::arena ar(detail::ws_align);
   if (!detail::begin_run<T, Dot>(p, x, y, p.in_dim(), p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
   const index_t in = p.in_dim(), out = p.out_dim();
-  constexpr bool dot = Dot;
-  const C* w = nullptr;
-  const T* wp = nullptr;
-  if constexpr (dot)
-    wp = detail::pack_bf16_weight(p.weight, in, out, ar);
-  else
-    w = detail::weight_in_compute<C>(p.weight, ar, in * out);
+  using X = detail::operand_t<T, Dot>;
+  const X* w = detail::weight_operand<T, Dot>(p.weight, in, out, ar);
+  constexpr bool in_place = std::is_same_v<X, T>;  // else x is converted chunk by chunk
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
   auto gather = [&](index_t t0, index_t nt, C* bx) {
-    if constexpr (narrow && !dot) {
+    if constexpr (!in_place) {
       for (index_t t = 0; t < nt; ++t) {
         const T* xr = x.data + (t0 + t) * x.row_stride;
-        for (index_t j = 0; j < in; ++j) bx[t * in + j] = ::basisattn::detail::to_compute<C>(xr[j]);
+        for (index_t j = 0; j < in; ++j) bx[t * in + j] = detail::as_operand<X>(xr[j]);
       }
     } else {
       (void)t0, (void)nt, (void)bx;
@@ -384,10 +374,10 @@ void project(cpu, const dense_projection<T>& p, matrix_view<const ::basisattn::d
     }
   };
   auto product = [&](index_t t0, index_t nt, C* bx, C* yd, index_t ldy) {
-    const detail::rows_ref<T> xb{x.data + t0 * x.row_stride, x.row_stride};
-    detail::rows_ref<C> xc{bx, in};
-    if constexpr (!narrow) xc = {x.data + t0 * x.row_stride, x.row_stride};
-    detail::chunk_product<T, Dot>(nt, out, in, xb, wp, xc, w, yd, ldy);
+    if constexpr (in_place)
+      detail::chunk_product<T, Dot>(nt, out, in, x.data + t0 * x.row_stride, x.row_stride, w, yd, ldy);
+    else
+      detail::chunk_product<T, Dot>(nt, out, in, bx, in, w, yd, ldy);
   };
   detail::run_chunks<T>(x.rows, ch, l, ar, y, out, gather, product, add);
 }
