@@ -184,71 +184,99 @@ class shared_basis {
   /// M = [I; C] (min ||M (B' - A_S B)|| column by column), C from the nearest plane for the
   /// rounded B' (min ||C_j B' - (A B)_j|| row by row); then `alternations` rounds of grid
   /// coordinate descent, on B' with C fixed and on C with B' fixed, each lowering ||M' B' - A B||_F.
+  /// The work runs in float for the 16-bit types and in double for float (detail::work_t); the
+  /// gradients are formed from the small differences B' - A_S B and C' - C, never as differences
+  /// of large products. With `with_error` the product error is computed (in double) into
+  /// product_error; without, it is left 0 (preparation does not need it).
   /// TO = double returns the exact values. A value that would overflow TO raises singular_basis.
   template <class TO>
-  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixXd& b, int alternations = 2) const {
+  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixXd& b, int alternations = 2,
+                              bool with_error = true) const {
     BASISATTN_REQUIRE(b.rows() == r_, shape_mismatch, "round_pair: B has ", b.rows(), " rows, the basis has rank ", r_);
     const auto& f = at(g);
     const index_t n = b.cols(), k = m_ - r_;
-    const Eigen::MatrixXd ps = f.a_s * b;  // exact B' = rows S of A B; rows rest are C ps
+    using W = detail::work_t<TO>;
+    using wm = detail::wmat<W>;
+    using wr = detail::wrmat<W>;
     rounded_pair<TO> out;
     out.coeff = matrix<TO>(k, r_);
     out.b_prime = matrix<TO>(r_, n);
-    round_into(f.coeff, out.coeff.view());  // also the overflow checks
-    round_into(ps, out.b_prime.view());
     if constexpr (std::is_same_v<TO, double>) {
+      const Eigen::MatrixXd ps = f.a_s * b;
+      round_into(f.coeff, out.coeff.view());
+      round_into(ps, out.b_prime.view());
       return out;
     } else {
-      // Everything below costs O(r^2 (n + m)): the (m - r) x n rows C ps are never formed.
-      const Eigen::MatrixXd& c = f.coeff;
+      // Column counts padded for the descent's lanes; the padding stays 0 throughout.
+      const index_t np = detail::pad_to_lanes(n), kp = detail::pad_to_lanes(k);
+      wr ps = wr::Zero(r_, np);  // exact B' = rows S of A B (rows rest are C ps, never formed)
+      ps.leftCols(n).noalias() = f.a_s.cast<W>() * b.cast<W>();
+      round_into(f.coeff, out.coeff.view());  // the overflow checks
+      round_into(ps.leftCols(n), out.b_prime.view());
+      const Eigen::MatrixXd& c = f.coeff;  // k x r
+      wr cT = wr::Zero(r_, kp);            // C^T
+      cT.leftCols(k) = c.transpose().cast<W>();
       Eigen::MatrixXd m(r_ + k, r_);
       m.topRows(r_).setIdentity();
       m.bottomRows(k) = c;
       const Eigen::HouseholderQR<Eigen::MatrixXd> qr(m);
-      const Eigen::MatrixXd rm = qr.matrixQR().topRows(r_).triangularView<Eigen::Upper>();
-      Eigen::MatrixXd bh = detail::nearest_plane<TO>(rm, ps);  // r x n
-      Eigen::MatrixXd ct;                                      // rounded C^T: r x k
-      Eigen::MatrixXd kk;                                      // B' B'^T of the current B'
-      // C step: rows j of C minimise ||C_j B' - C_j ps||: Hessian K = B' B'^T, rhs (B' ps^T) C^T.
+      const Eigen::MatrixXd rmd = qr.matrixQR().topRows(r_).triangularView<Eigen::Upper>();
+      const wm rm = rmd.cast<W>();
+      wr bh = detail::nearest_plane<TO, W>(rm, ps);  // B' on the grid
+      wr db = bh - ps;                                // its rounding error
+      wr ct;                                          // rounded C^T: r x kp
+      wm kk(r_, r_), kd(r_, r_);                      // B' B'^T and B' dB^T of the current B'
+      // C step: rows j of C minimise ||C_j B' - C_j ps||, Hessian K = B' B'^T; the gradient in C^T
+      // is K (C'^T - C^T) + (B' dB^T) C^T (K C^T minus the right-hand side (B' ps^T) C^T).
       auto c_step = [&](bool start) {
-        kk = bh * bh.transpose();
-        const Eigen::MatrixXd rhs = (bh * ps.transpose()) * c.transpose();
+        kk.noalias() = bh * bh.transpose();
+        kd.noalias() = bh * db.transpose();
+        wr kdc = kd * cT;
         if (start) {
-          const Eigen::LLT<Eigen::MatrixXd> llt(kk);
+          const Eigen::LLT<Eigen::MatrixXd> llt(kk.template cast<double>());
           if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
-            ct = c.transpose().unaryExpr([](double v) { return detail::round_to<TO>(v); });
+            ct = cT.unaryExpr([](W v) { return detail::round_to<TO>(v); });
             return;
           }
-          const Eigen::MatrixXd target = llt.solve(rhs);  // least-squares C for the rounded B'
-          const Eigen::MatrixXd rc = llt.matrixU();
-          ct = detail::nearest_plane<TO>(rc, target);
+          // The least-squares C^T for the rounded B' is C^T - K^-1 (B' dB^T) C^T.
+          const wr target = cT - llt.solve(kdc.template cast<double>()).template cast<W>();
+          const Eigen::MatrixXd rcd = llt.matrixU();
+          const wm rc = rcd.cast<W>();
+          ct = detail::nearest_plane<TO, W>(rc, target);
           return;
         }
-        Eigen::MatrixXd z = kk * ct - rhs;
-        detail::grid_descent<TO>(kk, ct, z, 2);
+        wr z = kdc;
+        z.noalias() += kk * (ct - cT);
+        detail::grid_descent<TO, W>(kk, ct, z, 2);
       };
       c_step(true);
       for (int a = 0; a < alternations; ++a) {
-        // B step: columns of B' minimise ||M' B'_k - M ps_k|| with M' = [I; C'], M = [I; C].
-        const Eigen::MatrixXd gm = Eigen::MatrixXd::Identity(r_, r_) + ct * ct.transpose();
-        Eigen::MatrixXd mix = ct * c;
-        mix.diagonal().array() += 1.0;
-        Eigen::MatrixXd z = gm * bh;
-        z.noalias() -= mix * ps;
-        detail::grid_descent<TO>(gm, bh, z, 2);
+        // B step: columns of B' minimise ||M' B'_k - M ps_k|| with M' = [I; C'], M = [I; C]: Hessian
+        // I + C'^T C', gradient (I + C'^T C') dB + C'^T (C' - C) ps.
+        wm gm = ct * ct.transpose();
+        gm.diagonal().array() += W(1);
+        const wm e = ct * (ct - cT).transpose();
+        wr z = gm * db;
+        z.noalias() += e * ps;
+        detail::grid_descent<TO, W>(gm, bh, z, 2);
+        db = bh - ps;
         c_step(false);
       }
-      // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
-      // r x r Gram matrices (the small differences are formed first: no cancellation).
-      const Eigen::MatrixXd db = bh - ps, dc = ct.transpose() - c;
-      // B' is unchanged since the last C step, so kk is current.
-      const Eigen::MatrixXd kb = bh * db.transpose(), dd = db * db.transpose(), pp = ps * ps.transpose();
-      const double e2 = dd.trace() + ((dc * kk).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
-                        ((c * dd).cwiseProduct(c)).sum();
-      const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();
-      out.product_error = norm2 > 0 ? std::sqrt(std::max(e2, 0.0) / norm2) : 0.0;
-      round_into(ct.transpose(), out.coeff.view());  // on the grid already: exact
-      round_into(bh, out.b_prime.view());
+      if (with_error) {
+        // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
+        // r x r Gram matrices in double (the small differences are formed first: no cancellation).
+        const Eigen::MatrixXd bd = bh.leftCols(n).template cast<double>(), psd = f.a_s * b;
+        const Eigen::MatrixXd dbd = bd - psd;
+        const Eigen::MatrixXd dc = ct.leftCols(k).transpose().template cast<double>() - c;
+        const Eigen::MatrixXd kkd = bd * bd.transpose(), kb = bd * dbd.transpose(), dd = dbd * dbd.transpose(),
+                              pp = psd * psd.transpose();
+        const double e2 = dd.trace() + ((dc * kkd).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
+                          ((c * dd).cwiseProduct(c)).sum();
+        const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();
+        out.product_error = norm2 > 0 ? std::sqrt(std::max(e2, 0.0) / norm2) : 0.0;
+      }
+      round_into(ct.leftCols(k).transpose(), out.coeff.view());  // on the grid already: exact
+      round_into(bh.leftCols(n), out.b_prime.view());
       return out;
     }
   }

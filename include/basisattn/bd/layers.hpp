@@ -139,7 +139,7 @@ void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view
       for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = ::basisattn::detail::to_compute<double>(v(i, j));
     c0 += v.cols;
   }
-  const rounded_pair<T> rp = sb.template round_pair<T>(g, b, alternations);
+  const rounded_pair<T> rp = sb.template round_pair<T>(g, b, alternations, false);
   for (index_t i = 0; i < coeff_dst.rows; ++i)
     for (index_t j = 0; j < r; ++j) coeff_dst(i, j) = rp.coeff(i, j);
   c0 = 0;

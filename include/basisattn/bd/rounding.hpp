@@ -16,82 +16,126 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 BASISATTN_BEGIN_NAMESPACE
 namespace bd {
 namespace detail {
+/// Working precision of error-aware rounding to TS: float for the 16-bit types (float's unit
+/// roundoff is 2^-13 of fp16's and 2^-16 of bf16's: what it loses cannot move a value on TS's grid
+/// but for ties at that level), double for float and double.
 template <class TS>
-double round_to(double x) {
-  return static_cast<double>(::basisattn::detail::to_compute<compute_t<TS>>(::basisattn::detail::from_compute<TS>(x)));
+using work_t =
+    std::conditional_t<std::is_same_v<TS, Eigen::half> || std::is_same_v<TS, Eigen::bfloat16>, float, double>;
+template <class W>
+using wmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic>;  ///< column-major
+template <class W>
+using wrmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Columns swept together by grid_descent; the matrices it sweeps have a multiple of it.
+constexpr index_t descent_lanes = 16;
+inline index_t pad_to_lanes(index_t n) { return (n + descent_lanes - 1) / descent_lanes * descent_lanes; }
+
+/// x rounded to the grid of TS (to nearest even), returned in x's type.
+template <class TS, class W>
+W round_to(W x) {
+  return static_cast<W>(::basisattn::detail::to_compute<compute_t<TS>>(::basisattn::detail::from_compute<TS>(x)));
 }
 
-/// The representable value of TS next to x (which must be representable in TS) towards +inf
-/// (dir > 0) or -inf; NaN when that value would not be finite. Computed from x's
-/// binary exponent (no conversion to TS): the spacing of TS at x is 2^(max(e, e_min) - p).
-template <class TS>
-double grid_neighbor(double x, int dir) {
+/// The representable value of TS next to x (which must be representable in TS) towards +inf (up)
+/// or -inf; x itself when that value would not be finite in TS. Computed from the binary exponent
+/// of x in W (no conversion to TS, no branch: the descent sweeps it over 16 lanes at once): the
+/// spacing of TS at x is 2^(max(e, e_min) - p), half that below a power of two when moving inwards.
+template <class TS, class W>
+W grid_step(W x, bool up) {
+  static_assert(std::is_same_v<W, float> || std::is_same_v<W, double>, "working precision: float or double");
+  static_assert(sizeof(TS) <= sizeof(W), "the grid of TS must be representable in W");
+  using U = std::conditional_t<std::is_same_v<W, double>, std::uint64_t, std::uint32_t>;
+  constexpr int wm = std::is_same_v<W, double> ? 52 : 23, bias = std::is_same_v<W, double> ? 1023 : 127;
   constexpr int p = std::is_same_v<TS, double>        ? 52
                     : std::is_same_v<TS, float>       ? 23
                     : std::is_same_v<TS, Eigen::half> ? 10
                                                       : 7;
   constexpr int emin = std::is_same_v<TS, double> ? -1022 : std::is_same_v<TS, Eigen::half> ? -14 : -126;
-  std::uint64_t bits;
-  std::memcpy(&bits, &x, 8);
-  const int e = static_cast<int>((bits >> 52) & 0x7ffu) - 1023;
-  const bool pow2 = (bits & ((std::uint64_t(1) << 52) - 1)) == 0;
-  auto pow2_of = [](int k) {  // 2^k for the normal range of double, by its bit pattern
-    if constexpr (std::is_same_v<TS, double>) {
-      return std::ldexp(1.0, k);
-    } else {
-      const std::uint64_t b = static_cast<std::uint64_t>(k + 1023) << 52;
-      double v;
-      std::memcpy(&v, &b, 8);
-      return v;
-    }
-  };
-  if (x == 0) return dir > 0 ? pow2_of(emin - p) : -pow2_of(emin - p);
-  const bool away = (dir > 0) == (x > 0);
-  const int eff = std::max(e, emin);
-  const double step = pow2_of((!away && pow2 && e > emin ? eff - 1 : eff) - p);
-  const double y = x + (dir > 0 ? step : -step);
-  return std::abs(y) < ::basisattn::detail::rounds_finite_below<TS>() ? y : std::numeric_limits<double>::quiet_NaN();
+  U bits;
+  std::memcpy(&bits, &x, sizeof x);
+  const int e = static_cast<int>((bits >> wm) & U(2 * bias + 1)) - bias;
+  const bool pow2 = (bits & ((U(1) << wm) - 1)) == 0;
+  const bool inward = up == (x < W(0));  // towards zero (x = 0: e <= emin, no halving below)
+  const int eff = e > emin ? e : emin;
+  const int k = (inward && pow2 && e > emin ? eff - 1 : eff) - p;
+  // 2^k in W, normal or (bf16's subnormal spacing in float) subnormal.
+  const U normal = static_cast<U>(k + bias > 0 ? k + bias : 0) << wm;
+  const U sub = U(1) << (k + bias + wm - 1 > 0 ? k + bias + wm - 1 : 0);
+  const U sbits = k + bias > 0 ? normal : sub;
+  W step;
+  std::memcpy(&step, &sbits, sizeof step);
+  const W y = up ? x + step : x - step;
+  // Values on TS's grid are finite there up to max_finite (exact in W); y past it does not exist.
+  return std::abs(y) <= static_cast<W>(::basisattn::detail::max_finite<TS>()) ? y : x;
 }
 
-/// Coordinate descent on the grid of TS: lowers 0.5 x^T H x - rhs^T x column by column, moving one
-/// entry of X to a neighbouring representable value at a time (in the direction that the gradient
-/// Z = H X - rhs, kept up to date, says can help).
-template <class TS>
-void grid_descent(const Eigen::MatrixXd& h, Eigen::MatrixXd& x, Eigen::MatrixXd& z, int passes) {
-  for (int pass = 0; pass < passes; ++pass) {
-    index_t moved = 0;
-    for (index_t k = 0; k < x.cols(); ++k)
-      for (index_t i = 0; i < x.rows(); ++i) {
-        const double zi = z(i, k), xi = x(i, k);
-        if (zi == 0) continue;
-        // Moving down (dl < 0) can only help when z > 0, and up when z < 0.
-        const double y = grid_neighbor<TS>(xi, zi > 0 ? -1 : 1);
-        if (!std::isfinite(y)) continue;
-        const double dl = y - xi;
-        if (2.0 * dl * zi + dl * dl * h(i, i) < 0) {
-          x(i, k) = y;
-          z.col(k) += h.col(i) * dl;
-          ++moved;
-        }
+/// Coordinate descent on the grid of TS: lowers sum_k 0.5 x_k^T H x_k - rhs_k^T x_k over the columns
+/// x_k of X (r x n, row-major, n a multiple of descent_lanes), moving one entry at a time to the
+/// neighbouring representable value that the gradient Z = H X - rhs (row-major, kept up to date)
+/// points to, when that lowers the objective. H couples only the entries of one column, so columns
+/// are independent: descent_lanes of them are swept together, row by row, `passes` times (fewer
+/// when a pass moves nothing), in a contiguous copy.
+template <class TS, class W>
+void grid_descent(const wmat<W>& h, wrmat<W>& x, wrmat<W>& z, int passes) {
+  constexpr index_t L = descent_lanes;
+  const index_t r = x.rows(), n = x.cols();
+  std::vector<W> xb(static_cast<std::size_t>(r * L)), zb(static_cast<std::size_t>(r * L));
+  for (index_t k0 = 0; k0 < n; k0 += L) {
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < L; ++j) {
+        xb[static_cast<std::size_t>(i * L + j)] = x(i, k0 + j);
+        zb[static_cast<std::size_t>(i * L + j)] = z(i, k0 + j);
       }
-    if (moved == 0) break;
+    for (int pass = 0; pass < passes; ++pass) {
+      bool moved = false;
+      for (index_t i = 0; i < r; ++i) {
+        W* xi = xb.data() + i * L;
+        const W* zi = zb.data() + i * L;
+        const W hii = h(i, i);
+        W dl[L];
+        int any = 0;
+        for (index_t j = 0; j < L; ++j) {
+          const W zj = zi[j], xj = xi[j];
+          // Moving down can only help when z > 0, and up when z < 0 (z = 0: d^2 h_ii < 0 fails).
+          const W d = grid_step<TS>(xj, zj < W(0)) - xj;
+          const bool take = W(2) * d * zj + d * d * hii < W(0);
+          dl[j] = take ? d : W(0);
+          xi[j] = xj + dl[j];
+          any |= take;
+        }
+        if (!any) continue;
+        moved = true;
+        // Z += H[:, i] dl^T, one row of lanes at a time (a whole vector register for float).
+        const W* hc = h.data() + i * r;  // column i
+        const Eigen::Map<const Eigen::Array<W, L, 1>> dv(dl);
+        for (index_t l = 0; l < r; ++l) Eigen::Map<Eigen::Array<W, L, 1>>(zb.data() + l * L) += hc[l] * dv;
+      }
+      if (!moved) break;
+    }
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < L; ++j) {
+        x(i, k0 + j) = xb[static_cast<std::size_t>(i * L + j)];
+        z(i, k0 + j) = zb[static_cast<std::size_t>(i * L + j)];
+      }
   }
 }
 
 /// Babai's nearest plane on the grid of TS: column by column, x ~ target minimising ||R (x - target)||
 /// (R upper triangular), rounding the last coordinate first and carrying its error up. Blocked:
 /// the carry from the rows below a block of 32 is one matrix product.
-template <class TS>
-Eigen::MatrixXd nearest_plane(const Eigen::MatrixXd& r, const Eigen::MatrixXd& target) {
+template <class TS, class W>
+wrmat<W> nearest_plane(const wmat<W>& r, const wrmat<W>& target) {
   const index_t n = r.rows(), nb = 32;
-  Eigen::MatrixXd x(target.rows(), target.cols()), err(target.rows(), target.cols());  // err = target - x
+  wrmat<W> x(target.rows(), target.cols()), err(target.rows(), target.cols());  // err = target - x
   for (index_t hi = n; hi > 0; hi -= nb) {
     const index_t lo = std::max<index_t>(0, hi - nb), w = hi - lo;
-    Eigen::MatrixXd y = target.middleRows(lo, w);
+    wrmat<W> y = target.middleRows(lo, w);
     if (hi < n) {
       y.noalias() += (r.diagonal().segment(lo, w).cwiseInverse().asDiagonal() * r.block(lo, hi, w, n - hi)) *
                      err.bottomRows(n - hi);
@@ -100,7 +144,7 @@ Eigen::MatrixXd nearest_plane(const Eigen::MatrixXd& r, const Eigen::MatrixXd& t
       const index_t gi = lo + i;
       if (i + 1 < w)
         y.row(i).noalias() += (r.row(gi).segment(gi + 1, w - i - 1) / r(gi, gi)) * err.middleRows(gi + 1, w - i - 1);
-      for (index_t k = 0; k < y.cols(); ++k) x(gi, k) = round_to<TS>(y(i, k));
+      x.row(gi) = y.row(i).unaryExpr([](W v) { return round_to<TS>(v); });
       err.row(gi) = target.row(gi) - x.row(gi);
     }
   }
