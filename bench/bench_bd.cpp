@@ -213,6 +213,9 @@ void BM_kv_up_projection_gather(benchmark::State& s) { run_projection(s, false);
 /// parallel loops run single-threaded inside this region).
 template <class F>
 void time_model(benchmark::State& state, int threads, F&& one_layer) {
+  // A team of one thread is not a parallel region to OpenMP: without this, the library's loops and
+  // Eigen's products inside it would use every core.
+  set_threads(threads);
   for (auto _ : state) {
     const auto t = std::chrono::steady_clock::now();
 #if defined(_OPENMP)
@@ -221,7 +224,7 @@ void time_model(benchmark::State& state, int threads, F&& one_layer) {
     for (index_t l = 0; l < ds::layers; ++l) one_layer(l);
     state.SetIterationTime(seconds_since(t));
   }
-  (void)threads;
+  set_threads(1);
 }
 
 const ds::weights& model_weights() {

@@ -34,6 +34,8 @@ using wrmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 /// Columns swept together by grid_descent; the matrices it sweeps have a multiple of it.
 constexpr index_t descent_lanes = 16;
+/// Rows of a column whose moves grid_descent applies to the gradient together.
+constexpr index_t descent_block = 8;
 inline index_t pad_to_lanes(index_t n) { return (n + descent_lanes - 1) / descent_lanes * descent_lanes; }
 
 /// x rounded to the grid of TS (to nearest even), returned in x's type.
@@ -76,16 +78,21 @@ W grid_step(W x, bool up) {
 }
 
 /// Coordinate descent on the grid of TS: lowers sum_k 0.5 x_k^T H x_k - rhs_k^T x_k over the columns
-/// x_k of X (r x n, row-major, n a multiple of descent_lanes), moving one entry at a time to the
-/// neighbouring representable value that the gradient Z = H X - rhs (row-major, kept up to date)
-/// points to, when that lowers the objective. H couples only the entries of one column, so columns
-/// are independent: descent_lanes of them are swept together, row by row, `passes` times (fewer
-/// when a pass moves nothing), in a contiguous copy.
+/// x_k of X (r x n, row-major, n a multiple of descent_lanes; H symmetric), moving one entry at a
+/// time to the neighbouring representable value that the gradient Z = H X - rhs (row-major, kept
+/// up to date) points to, when that lowers the objective. H couples only the entries of one
+/// column, so columns are independent: descent_lanes of them are swept together, row by row,
+/// `passes` times (fewer when a pass moves nothing), in a contiguous copy. The gradient is updated
+/// once per block of descent_block rows (a rank-descent_block update); inside a block, the rows
+/// see the moves of the rows before them through a correction computed on the fly, so every test
+/// uses the exact current gradient, as a row-at-a-time sweep does.
 template <class TS, class W>
 void grid_descent(const wmat<W>& h, wrmat<W>& x, wrmat<W>& z, int passes) {
-  constexpr index_t L = descent_lanes;
+  constexpr index_t L = descent_lanes, B = descent_block;
   const index_t r = x.rows(), n = x.cols();
   std::vector<W> xb(static_cast<std::size_t>(r * L)), zb(static_cast<std::size_t>(r * L));
+  using lanes = Eigen::Array<W, L, 1>;  // one row of the swept columns (a vector register for float)
+  lanes dl[B];                          // the moves of the current block's rows
   for (index_t k0 = 0; k0 < n; k0 += L) {
     for (index_t i = 0; i < r; ++i)
       for (index_t j = 0; j < L; ++j) {
@@ -94,27 +101,35 @@ void grid_descent(const wmat<W>& h, wrmat<W>& x, wrmat<W>& z, int passes) {
       }
     for (int pass = 0; pass < passes; ++pass) {
       bool moved = false;
-      for (index_t i = 0; i < r; ++i) {
-        W* xi = xb.data() + i * L;
-        const W* zi = zb.data() + i * L;
-        const W hii = h(i, i);
-        W dl[L];
+      for (index_t i0 = 0; i0 < r; i0 += B) {
+        const index_t nb = std::min(B, r - i0);
         int any = 0;
-        for (index_t j = 0; j < L; ++j) {
-          const W zj = zi[j], xj = xi[j];
-          // Moving down can only help when z > 0, and up when z < 0 (z = 0: d^2 h_ii < 0 fails).
-          const W d = grid_step<TS>(xj, zj < W(0)) - xj;
-          const bool take = W(2) * d * zj + d * d * hii < W(0);
-          dl[j] = take ? d : W(0);
-          xi[j] = xj + dl[j];
-          any |= take;
+        for (index_t b = 0; b < nb; ++b) {
+          const index_t i = i0 + b;
+          W* xi = xb.data() + i * L;
+          lanes zi = Eigen::Map<const lanes>(zb.data() + i * L);
+          for (index_t c = 0; c < b; ++c) zi += h(i0 + c, i) * dl[c];  // this block's earlier rows' moves
+          const W hii = h(i, i);
+          for (index_t j = 0; j < L; ++j) {
+            const W zj = zi[j], xj = xi[j];
+            // Moving down can only help when z > 0, and up when z < 0 (z = 0: d^2 h_ii < 0 fails).
+            const W d = grid_step<TS>(xj, zj < W(0)) - xj;
+            const bool take = W(2) * d * zj + d * d * hii < W(0);
+            dl[b][j] = take ? d : W(0);
+            xi[j] = xj + dl[b][j];
+            any |= take;
+          }
         }
         if (!any) continue;
         moved = true;
-        // Z += H[:, i] dl^T, one row of lanes at a time (a whole vector register for float).
-        const W* hc = h.data() + i * r;  // column i
-        const Eigen::Map<const Eigen::Array<W, L, 1>> dv(dl);
-        for (index_t l = 0; l < r; ++l) Eigen::Map<Eigen::Array<W, L, 1>>(zb.data() + l * L) += hc[l] * dv;
+        // Z += H[:, block] dl: row l gains sum_b H(i0 + b, l) dl[b] (H symmetric: column l, contiguous).
+        for (index_t l = 0; l < r; ++l) {
+          const W* hl = h.data() + l * r + i0;
+          Eigen::Map<lanes> zl(zb.data() + l * L);
+          lanes acc = zl;
+          for (index_t b = 0; b < nb; ++b) acc += hl[b] * dl[b];
+          zl = acc;
+        }
       }
       if (!moved) break;
     }
