@@ -177,7 +177,7 @@ class shared_basis {
     return out;
   }
 
-  /// C_g and A_S B (B: r x n, in double) rounded to TO together, so that their product stays as
+  /// C_g and A_S B (B: r x n, float or double) rounded to TO together, so that their product stays as
   /// close as the grid of TO allows to A_g B, the product the model uses: error-aware rounding.
   /// Rounding each of C and A_S B to nearest makes the product error 3-5x that of rounding the dense
   /// A and B on real weights; this makes it about 2x. B' starts from Babai's nearest plane for
@@ -189,8 +189,8 @@ class shared_basis {
   /// of large products. With `with_error` the product error is computed (in double) into
   /// product_error; without, it is left 0 (preparation does not need it).
   /// TO = double returns the exact values. A value that would overflow TO raises singular_basis.
-  template <class TO>
-  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixXd& b, int alternations = 2,
+  template <class TO, class BM>
+  rounded_pair<TO> round_pair(index_t g, const Eigen::MatrixBase<BM>& b, int alternations = 2,
                               bool with_error = true) const {
     BASISATTN_REQUIRE(b.rows() == r_, shape_mismatch, "round_pair: B has ", b.rows(), " rows, the basis has rank ", r_);
     const auto& f = at(g);
@@ -202,7 +202,7 @@ class shared_basis {
     out.coeff = matrix<TO>(k, r_);
     out.b_prime = matrix<TO>(r_, n);
     if constexpr (std::is_same_v<TO, double>) {
-      const Eigen::MatrixXd ps = f.a_s * b;
+      const Eigen::MatrixXd ps = f.a_s * b.template cast<double>();
       round_into(f.coeff, out.coeff.view());
       round_into(ps, out.b_prime.view());
       return out;
@@ -210,17 +210,18 @@ class shared_basis {
       // Column counts padded for the descent's lanes; the padding stays 0 throughout.
       const index_t np = detail::pad_to_lanes(n), kp = detail::pad_to_lanes(k);
       wr ps = wr::Zero(r_, np);  // exact B' = rows S of A B (rows rest are C ps, never formed)
-      ps.leftCols(n).noalias() = f.a_s.cast<W>() * b.cast<W>();
+      ps.leftCols(n).noalias() = f.a_s.cast<W>() * b.template cast<W>();
       round_into(f.coeff, out.coeff.view());  // the overflow checks
       round_into(ps.leftCols(n), out.b_prime.view());
       const Eigen::MatrixXd& c = f.coeff;  // k x r
       wr cT = wr::Zero(r_, kp);            // C^T
       cT.leftCols(k) = c.transpose().cast<W>();
-      Eigen::MatrixXd m(r_ + k, r_);
-      m.topRows(r_).setIdentity();
-      m.bottomRows(k) = c;
-      const Eigen::HouseholderQR<Eigen::MatrixXd> qr(m);
-      const Eigen::MatrixXd rmd = qr.matrixQR().topRows(r_).triangularView<Eigen::Upper>();
+      // R of M = [I; C] = Q R from the Cholesky factor of M^T M = I + C^T C (eigenvalues >= 1: the
+      // factorization is as accurate as the QR, at the cost of one r x r product).
+      Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(r_, r_);
+      mtm.selfadjointView<Eigen::Lower>().rankUpdate(c.transpose());
+      const Eigen::LLT<Eigen::MatrixXd> mllt(mtm);
+      const Eigen::MatrixXd rmd = mllt.matrixU();
       const wm rm = rmd.cast<W>();
       wr bh = detail::nearest_plane<TO, W>(rm, ps);  // B' on the grid
       wr db = bh - ps;                                // its rounding error
@@ -265,7 +266,7 @@ class shared_basis {
       if (with_error) {
         // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
         // r x r Gram matrices in double (the small differences are formed first: no cancellation).
-        const Eigen::MatrixXd bd = bh.leftCols(n).template cast<double>(), psd = f.a_s * b;
+        const Eigen::MatrixXd bd = bh.leftCols(n).template cast<double>(), psd = f.a_s * b.template cast<double>();
         const Eigen::MatrixXd dbd = bd - psd;
         const Eigen::MatrixXd dc = ct.leftCols(k).transpose().template cast<double>() - c;
         const Eigen::MatrixXd kkd = bd * bd.transpose(), kb = bd * dbd.transpose(), dd = dbd * dbd.transpose(),

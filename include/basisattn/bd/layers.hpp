@@ -132,11 +132,20 @@ void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view
   const index_t r = sb.rank();
   index_t n = 0;
   for (const auto& v : src) n += v.cols;
-  Eigen::MatrixXd b(r, n);
+  // B in the rounding's working precision (bd::detail::work_t: exact unless TI is wider, e.g.
+  // double weights prepared in fp16 are read as float), along the view's contiguous direction
+  // (the Q/K pair's blocks are transposed views).
+  using W = work_t<T>;
+  Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic> b(r, n);
   index_t c0 = 0;
   for (const auto& v : src) {
-    for (index_t i = 0; i < r; ++i)
-      for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = ::basisattn::detail::to_compute<double>(v(i, j));
+    if (v.col_stride == 1) {
+      for (index_t i = 0; i < r; ++i)
+        for (index_t j = 0; j < v.cols; ++j) b(i, c0 + j) = static_cast<W>(::basisattn::detail::to_compute<W>(v(i, j)));
+    } else {
+      for (index_t j = 0; j < v.cols; ++j)
+        for (index_t i = 0; i < r; ++i) b(i, c0 + j) = static_cast<W>(::basisattn::detail::to_compute<W>(v(i, j)));
+    }
     c0 += v.cols;
   }
   const rounded_pair<T> rp = sb.template round_pair<T>(g, b, alternations, false);
