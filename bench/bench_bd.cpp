@@ -17,9 +17,10 @@
 //   bd_fp32_ms, bd_ms (bf16), ratio_fp32 = bd_fp32_ms / bd_ms, bd_peak (against the fp32 peak), and
 //   bf16_dot = 1 when the binary uses the AVX512_BF16 GEMM (detail::bf16_dot_available), 0 when it
 //   converts to float around the float GEMM.
-// BM_prepare_model<T>/<threads>: BD preparation of all 27 MLA layers of a DeepSeek-V2-Lite shaped
-//   model (random weights of the right shapes; K-nope and V sides, one basis each per layer,
-//   absorbed into q_proj and o_proj; storage T), layers prepared in parallel on <threads> threads.
+// BM_prepare_model<T>/<threads>/<error_aware>: BD preparation of all 27 MLA layers of a
+//   DeepSeek-V2-Lite shaped model (random weights of the right shapes; K-nope and V sides, one basis
+//   each per layer, absorbed into q_proj and o_proj; storage T), layers prepared in parallel on
+//   <threads> threads, with the default error-aware rounding (1) or rounding::nearest (0).
 // BM_factorize_model<T>/<threads>: the basis choice + factorization part of that alone.
 #include <basisattn/bd/layers.hpp>
 #include <basisattn/cpu/projection.hpp>
@@ -237,8 +238,10 @@ const ds::weights& model_weights() {
 template <class T>
 void BM_prepare_model(benchmark::State& state) {
   const auto views = model_weights().views();
+  bd::mla_options opt;
+  opt.prepare.round = state.range(1) ? bd::rounding::error_aware : bd::rounding::nearest;
   time_model(state, static_cast<int>(state.range(0)), [&](index_t) {
-    const auto layer = bd::prepare_mla<T>(views, ds::config());
+    const auto layer = bd::prepare_mla<T>(views, ds::config(), opt);
     benchmark::DoNotOptimize(layer.q.weight.data());
   });
 }
@@ -281,15 +284,14 @@ BENCHMARK(BM_kv_up_projection_bf16)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_prepare_model, Eigen::half)
-    ->ArgName("threads")
-    ->Arg(1)
-    ->Arg(2)
+    ->ArgNames({"threads", "error_aware"})
+    ->ArgsProduct({{1, 2}, {1, 0}})
     ->UseManualTime()
     ->Unit(benchmark::kSecond)
     ->Iterations(2);
 BENCHMARK_TEMPLATE(BM_prepare_model, float)
-    ->ArgName("threads")
-    ->Arg(2)
+    ->ArgNames({"threads", "error_aware"})
+    ->Args({2, 1})
     ->UseManualTime()
     ->Unit(benchmark::kSecond)
     ->Iterations(2);
