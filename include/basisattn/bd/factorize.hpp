@@ -195,9 +195,6 @@ class shared_basis {
     BASISATTN_REQUIRE(b.rows() == r_, shape_mismatch, "round_pair: B has ", b.rows(), " rows, the basis has rank ", r_);
     const auto& f = at(g);
     const index_t n = b.cols(), k = m_ - r_;
-    using W = detail::work_t<TO>;
-    using wm = detail::wmat<W>;
-    using wr = detail::wrmat<W>;
     rounded_pair<TO> out;
     out.coeff = matrix<TO>(k, r_);
     out.b_prime = matrix<TO>(r_, n);
@@ -205,87 +202,98 @@ class shared_basis {
       const Eigen::MatrixXd ps = f.a_s * b.template cast<double>();
       round_into(f.coeff, out.coeff.view());
       round_into(ps, out.b_prime.view());
-      return out;
     } else {
-      // Column counts padded for the descent's lanes; the padding stays 0 throughout.
-      const index_t np = detail::pad_to_lanes(n), kp = detail::pad_to_lanes(k);
-      wr ps = wr::Zero(r_, np);  // exact B' = rows S of A B (rows rest are C ps, never formed)
-      ps.leftCols(n).noalias() = f.a_s.cast<W>() * b.template cast<W>();
-      round_into(f.coeff, out.coeff.view());  // the overflow checks
-      round_into(ps.leftCols(n), out.b_prime.view());
-      const Eigen::MatrixXd& c = f.coeff;  // k x r
-      wr cT = wr::Zero(r_, kp);            // C^T
-      cT.leftCols(k) = c.transpose().cast<W>();
-      // R of M = [I; C] = Q R from the Cholesky factor of M^T M = I + C^T C (eigenvalues >= 1: the
-      // factorization is as accurate as the QR, at the cost of one r x r product).
+      // M^T M = I + C^T C for M = [I; C]: its Cholesky factor is the R of M = Q R (eigenvalues >= 1:
+      // as accurate as a QR of M, for one r x r product), and its norm says whether float is
+      // precise enough (detail::float_work_suffices).
       Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(r_, r_);
-      mtm.selfadjointView<Eigen::Lower>().rankUpdate(c.transpose());
-      const Eigen::LLT<Eigen::MatrixXd> mllt(mtm);
-      const Eigen::MatrixXd rmd = mllt.matrixU();
-      const wm rm = rmd.cast<W>();
-      wr bh = detail::nearest_plane<TO, W>(rm, ps);  // B' on the grid
-      wr db = bh - ps;                                // its rounding error
-      wr ct;                                          // rounded C^T: r x kp
-      wm kk(r_, r_), kd(r_, r_);                      // B' B'^T and B' dB^T of the current B'
-      // C step: rows j of C minimise ||C_j B' - C_j ps||, Hessian K = B' B'^T; the gradient in C^T
-      // is K (C'^T - C^T) + (B' dB^T) C^T (K C^T minus the right-hand side (B' ps^T) C^T).
-      auto c_step = [&](bool start) {
-        kk.noalias() = bh * bh.transpose();
-        kd.noalias() = bh * db.transpose();
-        wr kdc = kd * cT;
-        if (start) {
-          const Eigen::LLT<Eigen::MatrixXd> llt(kk.template cast<double>());
-          if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
-            ct = cT.unaryExpr([](W v) { return detail::round_to<TO>(v); });
-            return;
-          }
-          // The least-squares C^T for the rounded B' is C^T - K^-1 (B' dB^T) C^T.
-          const wr target = cT - llt.solve(kdc.template cast<double>()).template cast<W>();
-          const Eigen::MatrixXd rcd = llt.matrixU();
-          const wm rc = rcd.cast<W>();
-          ct = detail::nearest_plane<TO, W>(rc, target);
-          return;
-        }
-        wr z = kdc;
-        z.noalias() += kk * (ct - cT);
-        detail::grid_descent<TO, W>(kk, ct, z, 2);
-      };
-      c_step(true);
-      for (int a = 0; a < alternations; ++a) {
-        // B step: columns of B' minimise ||M' B'_k - M ps_k|| with M' = [I; C'], M = [I; C]: Hessian
-        // I + C'^T C', gradient (I + C'^T C') dB + C'^T (C' - C) ps.
-        wm gm = ct * ct.transpose();
-        gm.diagonal().array() += W(1);
-        const wm e = ct * (ct - cT).transpose();
-        wr z = gm * db;
-        z.noalias() += e * ps;
-        detail::grid_descent<TO, W>(gm, bh, z, 2);
-        db = bh - ps;
-        c_step(false);
-      }
-      if (with_error) {
-        // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
-        // r x r Gram matrices in double (the small differences are formed first: no cancellation).
-        const Eigen::MatrixXd bd = bh.leftCols(n).template cast<double>(), psd = f.a_s * b.template cast<double>();
-        const Eigen::MatrixXd dbd = bd - psd;
-        const Eigen::MatrixXd dc = ct.leftCols(k).transpose().template cast<double>() - c;
-        const Eigen::MatrixXd kkd = bd * bd.transpose(), kb = bd * dbd.transpose(), dd = dbd * dbd.transpose(),
-                              pp = psd * psd.transpose();
-        const double e2 = dd.trace() + ((dc * kkd).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
-                          ((c * dd).cwiseProduct(c)).sum();
-        const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();
-        out.product_error = norm2 > 0 ? std::sqrt(std::max(e2, 0.0) / norm2) : 0.0;
-      }
-      round_into(ct.leftCols(k).transpose(), out.coeff.view());  // on the grid already: exact
-      round_into(bh.leftCols(n), out.b_prime.view());
-      return out;
+      mtm.selfadjointView<Eigen::Lower>().rankUpdate(f.coeff.transpose());
+      mtm.triangularView<Eigen::StrictlyUpper>() = mtm.transpose();
+      if (std::is_same_v<detail::work_t<TO>, float> && detail::float_work_suffices<TO>(mtm))
+        round_pair_in<float>(f, b, mtm, alternations, with_error, out);
+      else
+        round_pair_in<double>(f, b, mtm, alternations, with_error, out);
     }
+    return out;
   }
 
   template <class TS, class TI>
   friend shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt);
 
  private:
+  /// The work of round_pair for 16-bit and float TO, in working precision W.
+  template <class W, class TO, class BM>
+  void round_pair_in(const detail::head_factor& f, const Eigen::MatrixBase<BM>& b, const Eigen::MatrixXd& mtm,
+                     int alternations, bool with_error, rounded_pair<TO>& out) const {
+    using wm = detail::wmat<W>;
+    using wr = detail::wrmat<W>;
+    const index_t n = b.cols();
+    wr ps(r_, n);  // exact B' = rows S of A B (rows rest are C ps, never formed)
+    ps.noalias() = f.a_s.cast<W>() * b.template cast<W>();
+    round_into(f.coeff, out.coeff.view());  // the overflow checks
+    round_into(ps, out.b_prime.view());
+    const Eigen::MatrixXd& c = f.coeff;     // k x r
+    const wr cT = c.transpose().cast<W>();  // C^T
+    const Eigen::LLT<Eigen::MatrixXd> mllt(mtm);  // R of M = [I; C] = Q R
+    const Eigen::MatrixXd rmd = mllt.matrixU();
+    const wm rm = rmd.cast<W>();
+    wr bh = detail::nearest_plane<TO, W>(rm, ps);  // B' on the grid
+    wr db = bh - ps;                                // its rounding error
+    wr ct;                                          // rounded C^T: r x k
+    wm kk(r_, r_), kd(r_, r_);                      // B' B'^T and B' dB^T of the current B'
+    // C step: rows j of C minimise ||C_j B' - C_j ps||, Hessian K = B' B'^T; the gradient in C^T
+    // is K (C'^T - C^T) + (B' dB^T) C^T (K C^T minus the right-hand side (B' ps^T) C^T).
+    auto c_step = [&](bool start) {
+      kk.noalias() = bh * bh.transpose();
+      kd.noalias() = bh * db.transpose();
+      wr kdc = kd * cT;
+      if (start) {
+        const Eigen::LLT<Eigen::MatrixXd> llt(kk.template cast<double>());
+        if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
+          ct = cT.unaryExpr([](W v) { return detail::round_to<TO>(v); });
+          return;
+        }
+        // The least-squares C^T for the rounded B' is C^T - K^-1 (B' dB^T) C^T.
+        const wr target = cT - llt.solve(kdc.template cast<double>()).template cast<W>();
+        const Eigen::MatrixXd rcd = llt.matrixU();
+        const wm rc = rcd.cast<W>();
+        ct = detail::nearest_plane<TO, W>(rc, target);
+        return;
+      }
+      wr z = kdc;
+      z.noalias() += kk * (ct - cT);
+      detail::grid_descent<TO, W>(kk, ct, z, 2);
+    };
+    c_step(true);
+    for (int a = 0; a < alternations; ++a) {
+      // B step: columns of B' minimise ||M' B'_k - M ps_k|| with M' = [I; C'], M = [I; C]: Hessian
+      // I + C'^T C', gradient (I + C'^T C') dB + C'^T (C' - C) ps.
+      wm gm = ct * ct.transpose();
+      gm.diagonal().array() += W(1);
+      const wm e = ct * (ct - cT).transpose();
+      wr z = gm * db;
+      z.noalias() += e * ps;
+      detail::grid_descent<TO, W>(gm, bh, z, 2);
+      db = bh - ps;
+      c_step(false);
+    }
+    if (with_error) {
+      // ||M' B' - M ps||^2 = ||dB||^2 + ||dC B' + C dB||^2 with dB = B' - ps, dC = C' - C, from
+      // r x r Gram matrices in double (the small differences are formed first: no cancellation).
+      const Eigen::MatrixXd bd = bh.template cast<double>(), psd = f.a_s * b.template cast<double>();
+      const Eigen::MatrixXd dbd = bd - psd;
+      const Eigen::MatrixXd dc = ct.transpose().template cast<double>() - c;
+      const Eigen::MatrixXd kkd = bd * bd.transpose(), kb = bd * dbd.transpose(), dd = dbd * dbd.transpose(),
+                            pp = psd * psd.transpose();
+      const double e2 = dd.trace() + ((dc * kkd).cwiseProduct(dc)).sum() + 2.0 * ((dc * kb).cwiseProduct(c)).sum() +
+                        ((c * dd).cwiseProduct(c)).sum();
+      const double norm2 = pp.trace() + ((c * pp).cwiseProduct(c)).sum();
+      out.product_error = norm2 > 0 ? std::sqrt(std::max(e2, 0.0) / norm2) : 0.0;
+    }
+    round_into(ct.transpose(), out.coeff.view());  // on the grid already: exact
+    round_into(bh, out.b_prime.view());
+  }
+
   const detail::head_factor& at(index_t g) const {
     BASISATTN_REQUIRE(g >= 0 && g < heads(), invalid_argument, "head ", g, " out of range [0, ", heads(), ")");
     return f_[static_cast<std::size_t>(g)];

@@ -22,8 +22,8 @@ BASISATTN_BEGIN_NAMESPACE
 namespace bd {
 namespace detail {
 /// Working precision of error-aware rounding to TS: float for the 16-bit types (float's unit
-/// roundoff is 2^-13 of fp16's and 2^-16 of bf16's: what it loses cannot move a value on TS's grid
-/// but for ties at that level), double for float and double.
+/// roundoff is 2^-13 of fp16's and 2^-16 of bf16's), double for float and double; the 16-bit
+/// types fall back to double when float_work_suffices says no.
 template <class TS>
 using work_t =
     std::conditional_t<std::is_same_v<TS, Eigen::half> || std::is_same_v<TS, Eigen::bfloat16>, float, double>;
@@ -32,11 +32,22 @@ using wmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic>;  ///< column-majo
 template <class W>
 using wrmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-/// Columns swept together by grid_descent; the matrices it sweeps have a multiple of it.
+/// Whether float is precise enough for error-aware rounding to TS with M^T M = I + C^T C (r x r,
+/// both triangles). Float's rounding of the target A_S B reaches the product through M = [I; C]:
+/// relative to the product it is up to u_float ||M||_2, and it must stay far below TS's own unit
+/// roundoff: float is used while u_float ||M||_2 <= u_TS / 16 (||M||_2 <= 512 for fp16, 4096 for
+/// bf16), with ||M||_2^2 bounded above by the largest row sum of |M^T M|. Larger coefficients (a
+/// poorly chosen basis: first_r on real weights) are rounded in double.
+template <class TS>
+bool float_work_suffices(const Eigen::MatrixXd& mtm) {
+  const double row_sum = mtm.cwiseAbs().colwise().sum().maxCoeff();  // symmetric: columns = rows
+  return std::sqrt(row_sum) * unit_roundoff(dtype::f32) <= unit_roundoff(dtype_of_v<TS>) / 16;
+}
+
+/// Columns swept together by grid_descent.
 constexpr index_t descent_lanes = 16;
 /// Rows of a column whose moves grid_descent applies to the gradient together.
 constexpr index_t descent_block = 8;
-inline index_t pad_to_lanes(index_t n) { return (n + descent_lanes - 1) / descent_lanes * descent_lanes; }
 
 /// x rounded to the grid of TS (to nearest even), returned in x's type.
 template <class TS, class W>
@@ -46,7 +57,7 @@ W round_to(W x) {
 
 /// The representable value of TS next to x (which must be representable in TS) towards +inf (up)
 /// or -inf; x itself when that value would not be finite in TS. Computed from the binary exponent
-/// of x in W (no conversion to TS, no branch: the descent sweeps it over 16 lanes at once): the
+/// of x in W (no conversion to TS, no branch: the descent sweeps it over 16 columns at once): the
 /// spacing of TS at x is 2^(max(e, e_min) - p), half that below a power of two when moving inwards.
 template <class TS, class W>
 W grid_step(W x, bool up) {
@@ -78,7 +89,7 @@ W grid_step(W x, bool up) {
 }
 
 /// Coordinate descent on the grid of TS: lowers sum_k 0.5 x_k^T H x_k - rhs_k^T x_k over the columns
-/// x_k of X (r x n, row-major, n a multiple of descent_lanes; H symmetric), moving one entry at a
+/// x_k of X (r x n, row-major; H symmetric, r x r), moving one entry at a
 /// time to the neighbouring representable value that the gradient Z = H X - rhs (row-major, kept
 /// up to date) points to, when that lowers the objective. H couples only the entries of one
 /// column, so columns are independent: descent_lanes of them are swept together, row by row,
@@ -94,10 +105,11 @@ void grid_descent(const wmat<W>& h, wrmat<W>& x, wrmat<W>& z, int passes) {
   using lanes = Eigen::Array<W, L, 1>;  // one row of the swept columns (a vector register for float)
   lanes dl[B];                          // the moves of the current block's rows
   for (index_t k0 = 0; k0 < n; k0 += L) {
+    const index_t w = std::min(L, n - k0);  // lanes past n hold x = z = 0: nothing moves there
     for (index_t i = 0; i < r; ++i)
       for (index_t j = 0; j < L; ++j) {
-        xb[static_cast<std::size_t>(i * L + j)] = x(i, k0 + j);
-        zb[static_cast<std::size_t>(i * L + j)] = z(i, k0 + j);
+        xb[static_cast<std::size_t>(i * L + j)] = j < w ? x(i, k0 + j) : W(0);
+        zb[static_cast<std::size_t>(i * L + j)] = j < w ? z(i, k0 + j) : W(0);
       }
     for (int pass = 0; pass < passes; ++pass) {
       bool moved = false;
@@ -134,7 +146,7 @@ void grid_descent(const wmat<W>& h, wrmat<W>& x, wrmat<W>& z, int passes) {
       if (!moved) break;
     }
     for (index_t i = 0; i < r; ++i)
-      for (index_t j = 0; j < L; ++j) {
+      for (index_t j = 0; j < w; ++j) {
         x(i, k0 + j) = xb[static_cast<std::size_t>(i * L + j)];
         z(i, k0 + j) = zb[static_cast<std::size_t>(i * L + j)];
       }
