@@ -273,9 +273,12 @@ double bit_neighbor(double x, bool up) {
   using U = std::conditional_t<sizeof(TS) == 2, std::uint16_t, std::uint32_t>;
   U bits = Eigen::numext::bit_cast<U>(::basisattn::detail::from_compute<TS>(x));
   const U sign = U(U(1) << (8 * sizeof(U) - 1));
-  if ((bits & U(~sign)) == 0) bits = up ? U(1) : U(sign | 1u);  // +-0: the smallest subnormal
-  else if (((bits & sign) == 0) == up) ++bits;                 // away from zero
-  else --bits;
+  if ((bits & U(~sign)) == 0)
+    bits = up ? U(1) : U(sign | 1u);  // +-0: the smallest subnormal
+  else if (((bits & sign) == 0) == up)
+    ++bits;  // away from zero
+  else
+    --bits;
   return static_cast<double>(::basisattn::detail::to_compute<float>(Eigen::numext::bit_cast<TS>(bits)));
 }
 }  // namespace
@@ -285,7 +288,8 @@ TEMPLATE_TEST_CASE("grid_step is the next value of the storage type's grid", "",
   const double maxv = ::basisattn::detail::max_finite<TestType>();
   std::vector<double> xs = {0.0, 1.0, -1.0, 0.5, -2.0, 1.5, maxv, -maxv};
   // The smallest subnormal, the smallest normal and their neighbourhood.
-  const double tiny = bit_neighbor<TestType>(0.0, true), min_normal = static_cast<double>(static_cast<float>(std::numeric_limits<TestType>::min()));
+  const double tiny = bit_neighbor<TestType>(0.0, true),
+               min_normal = static_cast<double>(static_cast<float>(std::numeric_limits<TestType>::min()));
   for (double v : {tiny, 2 * tiny, 3 * tiny, min_normal, bit_neighbor<TestType>(min_normal, false), 2 * min_normal})
     xs.push_back(v), xs.push_back(-v);
   std::mt19937_64 rng(5);
@@ -319,7 +323,7 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
   for (index_t i = 0; i < f.size(); ++i) f.data()[i] = nd(rng);
   for (index_t i = 0; i < xt.size(); ++i) xt.data()[i] = nd(rng);
   const Eigen::MatrixXd h = f.transpose() * f / double(4 * r);  // SPD, unit scale
-  const Eigen::MatrixXd rhs = h * xt;                       // minimiser xt, off the grid
+  const Eigen::MatrixXd rhs = h * xt;                           // minimiser xt, off the grid
   bd::detail::wmat<W> hw = h.cast<W>();
   bd::detail::wrmat<W> x(r, n), z(r, n);
   for (index_t i = 0; i < r; ++i)
@@ -342,10 +346,10 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
   const double hmax = hd.cwiseAbs().maxCoeff();
   for (index_t k = 0; k < n; ++k) {
     double dmax = 0;
-    for (index_t i = 0; i < r; ++i)
-      dmax = std::max(dmax, std::abs(bit_neighbor<TS>(xd(i, k), true) - xd(i, k)));
+    for (index_t i = 0; i < r; ++i) dmax = std::max(dmax, std::abs(bit_neighbor<TS>(xd(i, k), true) - xd(i, k)));
     const double zmax = std::max(ztrue.col(k).cwiseAbs().maxCoeff(), z.col(k).cast<double>().cwiseAbs().maxCoeff());
-    const double zerr = double(passes * r + 1) * u * (zmax + 2 * hmax * dmax) + u * (hd.cwiseAbs() * xd.col(k).cwiseAbs()).maxCoeff();
+    const double zerr =
+        double(passes * r + 1) * u * (zmax + 2 * hmax * dmax) + u * (hd.cwiseAbs() * xd.col(k).cwiseAbs()).maxCoeff();
     CHECK((z.col(k).cast<double>() - ztrue.col(k)).cwiseAbs().maxCoeff() <= zerr);
     for (index_t i = 0; i < r; ++i) {
       REQUIRE(bd::detail::round_to<TS>(xd(i, k)) == xd(i, k));  // on the grid
@@ -353,7 +357,7 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
         const double d = bit_neighbor<TS>(xd(i, k), up) - xd(i, k);
         const double gain = d * ztrue(i, k) + 0.5 * d * d * hd(i, i);  // change of the objective
         INFO("column " << k << " row " << i << std::setprecision(17) << ": gain " << gain << ", d " << d << ", zerr "
-                         << zerr << ", z " << z(i, k) << " (exact " << ztrue(i, k) << "), h_ii " << hd(i, i));
+                       << zerr << ", z " << z(i, k) << " (exact " << ztrue(i, k) << "), h_ii " << hd(i, i));
         CHECK(gain >= -std::abs(d) * zerr);
       }
     }

@@ -184,9 +184,10 @@ class shared_basis {
   /// M = [I; C] (min ||M (B' - A_S B)|| column by column), C from the nearest plane for the
   /// rounded B' (min ||C_j B' - (A B)_j|| row by row); then `alternations` rounds of grid
   /// coordinate descent, on B' with C fixed and on C with B' fixed, each lowering ||M' B' - A B||_F.
-  /// The work runs in float for the 16-bit types and in double for float (detail::work_t); the
-  /// gradients are formed from the small differences B' - A_S B and C' - C, never as differences
-  /// of large products. With `with_error` the product error is computed (in double) into
+  /// The work runs in float for the 16-bit types (in double when the coefficients are too large
+  /// for float's precision, detail::float_work_suffices) and in double for float; the gradients
+  /// are formed from the small differences B' - A_S B and C' - C, never as differences of large
+  /// products. With `with_error` the product error is computed (in double) into
   /// product_error; without, it is left 0 (preparation does not need it).
   /// TO = double returns the exact values. A value that would overflow TO raises singular_basis.
   template <class TO, class BM>
@@ -209,10 +210,13 @@ class shared_basis {
       Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(r_, r_);
       mtm.selfadjointView<Eigen::Lower>().rankUpdate(f.coeff.transpose());
       mtm.triangularView<Eigen::StrictlyUpper>() = mtm.transpose();
-      if (std::is_same_v<detail::work_t<TO>, float> && detail::float_work_suffices<TO>(mtm))
-        round_pair_in<float>(f, b, mtm, alternations, with_error, out);
-      else
-        round_pair_in<double>(f, b, mtm, alternations, with_error, out);
+      if constexpr (std::is_same_v<detail::work_t<TO>, float>) {
+        if (detail::float_work_suffices<TO>(mtm)) {
+          round_pair_in<float>(f, b, mtm, alternations, with_error, out);
+          return out;
+        }
+      }
+      round_pair_in<double>(f, b, mtm, alternations, with_error, out);
     }
     return out;
   }
@@ -232,15 +236,15 @@ class shared_basis {
     ps.noalias() = f.a_s.cast<W>() * b.template cast<W>();
     round_into(f.coeff, out.coeff.view());  // the overflow checks
     round_into(ps, out.b_prime.view());
-    const Eigen::MatrixXd& c = f.coeff;     // k x r
-    const wr cT = c.transpose().cast<W>();  // C^T
+    const Eigen::MatrixXd& c = f.coeff;           // k x r
+    const wr cT = c.transpose().cast<W>();        // C^T
     const Eigen::LLT<Eigen::MatrixXd> mllt(mtm);  // R of M = [I; C] = Q R
     const Eigen::MatrixXd rmd = mllt.matrixU();
     const wm rm = rmd.cast<W>();
     wr bh = detail::nearest_plane<TO, W>(rm, ps);  // B' on the grid
-    wr db = bh - ps;                                // its rounding error
-    wr ct;                                          // rounded C^T: r x k
-    wm kk(r_, r_), kd(r_, r_);                      // B' B'^T and B' dB^T of the current B'
+    wr db = bh - ps;                               // its rounding error
+    wr ct;                                         // rounded C^T: r x k
+    wm kk(r_, r_), kd(r_, r_);                     // B' B'^T and B' dB^T of the current B'
     // C step: rows j of C minimise ||C_j B' - C_j ps||, Hessian K = B' B'^T; the gradient in C^T
     // is K (C'^T - C^T) + (B' dB^T) C^T (K C^T minus the right-hand side (B' ps^T) C^T).
     auto c_step = [&](bool start) {

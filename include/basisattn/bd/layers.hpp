@@ -132,10 +132,9 @@ void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view
   const index_t r = sb.rank();
   index_t n = 0;
   for (const auto& v : src) n += v.cols;
-  // B in the rounding's working precision (bd::detail::work_t: exact unless TI is wider, e.g.
-  // double weights prepared in fp16 are read as float), along the view's contiguous direction
-  // (the Q/K pair's blocks are transposed views).
-  using W = work_t<T>;
+  // B exactly, in the rounding's working precision (work_t) unless TI is double, read along the
+  // view's contiguous direction (the Q/K pair's blocks are transposed views).
+  using W = std::conditional_t<std::is_same_v<TI, double>, double, work_t<T>>;
   Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic> b(r, n);
   index_t c0 = 0;
   for (const auto& v : src) {
