@@ -319,11 +319,12 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
   const index_t r = 21, n = 37;
   std::mt19937_64 rng(11);
   std::normal_distribution<double> nd(0.0, 1.0);
-  Eigen::MatrixXd f(4 * r, r), xt(r, n);  // H = F^T F / r: condition number about 9
+  Eigen::MatrixXd f(4 * r, r), xt(r, n);  // H = F^T F / (4 r): condition number about 9
   for (index_t i = 0; i < f.size(); ++i) f.data()[i] = nd(rng);
   for (index_t i = 0; i < xt.size(); ++i) xt.data()[i] = nd(rng);
-  const Eigen::MatrixXd h = f.transpose() * f / double(4 * r);  // SPD, unit scale
-  const Eigen::MatrixXd rhs = h * xt;                           // minimiser xt, off the grid
+  Eigen::MatrixXd h = f.transpose() * f / double(4 * r);     // SPD, unit scale
+  h.triangularView<Eigen::StrictlyUpper>() = h.transpose();  // exactly symmetric, as grid_descent needs
+  const Eigen::MatrixXd rhs = h * xt;                        // minimiser xt, off the grid
   bd::detail::wmat<W> hw = h.cast<W>();
   bd::detail::wrmat<W> x(r, n), z(r, n);
   for (index_t i = 0; i < r; ++i)
@@ -341,15 +342,19 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
   };
   CHECK(objective(xd) < objective(x0));
   // The float gradient drifts by at most one rounding per update of its column: K <= passes r
-  // updates, each |fl(z + h d) - (z + h d)| <= u (|z| + |h d|), plus the initial rounding.
+  // updates, each |fl(z + h d) - (z + h d)| <= u (|z| + |h d|), plus the initial rounding. Along
+  // the descent the objective only decreases, so ||x - x*||_H <= ||x0 - x*||_H: then
+  // ||z||_2 <= sqrt(cond H) ||z0||_2, and |x| <= max |x*| + ||z0||_2 / lambda_min bounds the steps d.
   const double u = test::u<float>();
   const double hmax = hd.cwiseAbs().maxCoeff();
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(hd);
+  const double lmin = eig.eigenvalues().minCoeff(), lmax = eig.eigenvalues().maxCoeff();
+  const Eigen::MatrixXd z0 = hd * x0 - rhs, xstar = hd.llt().solve(rhs);
   for (index_t k = 0; k < n; ++k) {
-    double dmax = 0;
-    for (index_t i = 0; i < r; ++i) dmax = std::max(dmax, std::abs(bit_neighbor<TS>(xd(i, k), true) - xd(i, k)));
-    const double zmax = std::max(ztrue.col(k).cwiseAbs().maxCoeff(), z.col(k).cast<double>().cwiseAbs().maxCoeff());
-    const double zerr =
-        double(passes * r + 1) * u * (zmax + 2 * hmax * dmax) + u * (hd.cwiseAbs() * xd.col(k).cwiseAbs()).maxCoeff();
+    const double zpath = std::sqrt(lmax / lmin) * z0.col(k).norm();
+    const double xbound = bd::detail::round_to<TS>(xstar.col(k).cwiseAbs().maxCoeff() + z0.col(k).norm() / lmin);
+    const double dpath = 2 * (bit_neighbor<TS>(xbound, true) - xbound);  // also past a binade
+    const double zerr = double(passes * r + 1) * u * (zpath + hmax * dpath);
     CHECK((z.col(k).cast<double>() - ztrue.col(k)).cwiseAbs().maxCoeff() <= zerr);
     for (index_t i = 0; i < r; ++i) {
       REQUIRE(bd::detail::round_to<TS>(xd(i, k)) == xd(i, k));  // on the grid
@@ -364,20 +369,69 @@ TEST_CASE("grid descent ends where no single grid move lowers the objective, wit
   }
 }
 
+TEMPLATE_TEST_CASE("grid descent makes exactly the moves of a sweep that tests one row at a time", "", Eigen::half,
+                   Eigen::bfloat16) {
+  // Small integers times powers of two throughout (H, the gradient, the grid steps of values in
+  // [1, 4)): every operation of both sweeps is exact, whatever the order or FMA contraction, so
+  // the 16-column, 8-row-block sweep must reproduce the plain one bit for bit.
+  using TS = TestType;
+  using W = float;
+  const double step = std::is_same_v<TS, Eigen::half> ? std::ldexp(1.0, -10) : std::ldexp(1.0, -7);  // in [1, 2)
+  std::mt19937_64 rng(23);
+  std::uniform_int_distribution<int> small(-3, 3), mant(0, 127), grad(-40, 40);
+  for (const auto& shape : std::vector<std::pair<index_t, index_t>>{{21, 37}, {8, 16}, {16, 5}, {1, 1}, {9, 33}}) {
+    const index_t r = shape.first, n = shape.second;
+    bd::detail::wmat<W> h(r, r);
+    for (index_t i = 0; i < r; ++i)
+      for (index_t l = 0; l <= i; ++l) h(i, l) = h(l, i) = i == l ? W(8 + mant(rng) % 8) : W(small(rng));
+    bd::detail::wrmat<W> x(r, n), z(r, n);
+    for (index_t i = 0; i < r; ++i)
+      for (index_t k = 0; k < n; ++k) {
+        x(i, k) = static_cast<W>(1.0 + step * (mant(rng) % static_cast<int>(1 / step / 2)) * 2);  // on the grid
+        z(i, k) = static_cast<W>(grad(rng) * step);
+      }
+    for (int passes : {1, 2, 3}) {
+      bd::detail::wrmat<W> xa = x, za = z;
+      bd::detail::grid_descent<TS, W>(h, xa, za, passes);
+      // The plain sweep: column by column, row by row, one move at a time.
+      Eigen::MatrixXd xb = x.template cast<double>(), zb = z.template cast<double>();
+      const Eigen::MatrixXd hb = h.template cast<double>();
+      for (index_t k = 0; k < n; ++k)
+        for (int p = 0; p < passes; ++p)
+          for (index_t i = 0; i < r; ++i) {
+            const double d = bit_neighbor<TS>(xb(i, k), zb(i, k) < 0) - xb(i, k);
+            if (2 * d * zb(i, k) + d * d * hb(i, i) < 0) {
+              xb(i, k) += d;
+              zb.col(k) += hb.col(i) * d;
+            }
+          }
+      INFO("r " << r << ", n " << n << ", passes " << passes);
+      CHECK((xa.template cast<double>() - xb).cwiseAbs().maxCoeff() == 0.0);
+      CHECK((za.template cast<double>() - zb).cwiseAbs().maxCoeff() == 0.0);
+      CHECK((xa.template cast<double>() - x.template cast<double>()).cwiseAbs().maxCoeff() > 0.0);  // it moved
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("error-aware rounding: C and B' on TO's grid, product error below rounding each to nearest", "",
                    float, Eigen::half, Eigen::bfloat16) {
   // Well-spread heads (small coefficients: a 16-bit TO is rounded in float), and nearly singular
-  // first-r bases (coefficients in the thousands: rounded in double, detail::float_work_suffices).
+  // first-r bases (coefficients in the thousands: rounded in double where float is not precise
+  // enough, detail::float_work_suffices).
   const bool ill = GENERATE(false, true);
   const auto f = make_heads<double>(3, 64, 8, 40, ill ? 1e-2 : 0.0, 31);
   bd::prepare_options opt;
   if (ill) opt.select = bd::strategy::first_r, opt.max_error_growth = INFINITY;
   const auto sb = bd::factorize<TestType>(f.views(), opt);
   INFO((ill ? "ill-conditioned first_r" : "well-spread shared_pivot") << ", max |C| " << sb.report().max_abs_coeff);
-  if (!std::is_same_v<TestType, float>) {
-    const Eigen::MatrixXd& c = sb.coefficients_double(0);
-    const Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(8, 8) + c.transpose() * c;
-    CHECK(bd::detail::float_work_suffices<TestType>(mtm) == !ill);
+  if (!std::is_same_v<TestType, float>) {  // well spread: every head in float; ill: some in double
+    int in_float = 0;
+    for (index_t g = 0; g < 3; ++g) {
+      const Eigen::MatrixXd& c = sb.coefficients_double(g);
+      const Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(8, 8) + c.transpose() * c;
+      in_float += bd::detail::float_work_suffices<TestType>(mtm) ? 1 : 0;
+    }
+    CHECK((ill ? in_float < 3 : in_float == 3));
   }
   double nearest = 0, aware = 0, den = 0;
   for (index_t g = 0; g < 3; ++g) {

@@ -68,6 +68,16 @@ TEST_CASE("unit roundoff and conversions follow each storage type") {
   CHECK(float(detail::from_compute<Eigen::half>(-above)) == -(1.0f + std::ldexp(1.0f, -10)));
 }
 
+TEMPLATE_TEST_CASE("rounds_finite_below is where rounding to the type starts giving infinity", "", Eigen::half,
+                   Eigen::bfloat16, float) {
+  const double t = detail::rounds_finite_below<TestType>();
+  auto rounded = [](double x) { return static_cast<double>(static_cast<float>(detail::from_compute<TestType>(x))); };
+  CHECK(std::isinf(rounded(t)));
+  CHECK(std::isinf(rounded(-t)));
+  CHECK(rounded(std::nextafter(t, 0.0)) == detail::max_finite<TestType>());
+  CHECK(rounded(-std::nextafter(t, 0.0)) == -detail::max_finite<TestType>());
+}
+
 TEST_CASE("errors carry a code and a message naming the problem") {
   try {
     BASISATTN_REQUIRE(1 + 1 == 3, shape_mismatch, "x has ", 3, " columns");

@@ -204,9 +204,10 @@ class shared_basis {
       round_into(f.coeff, out.coeff.view());
       round_into(ps, out.b_prime.view());
     } else {
-      // M^T M = I + C^T C for M = [I; C]: its Cholesky factor is the R of M = Q R (eigenvalues >= 1:
-      // as accurate as a QR of M, for one r x r product), and its norm says whether float is
-      // precise enough (detail::float_work_suffices).
+      // M^T M = I + C^T C for M = [I; C]: its Cholesky factor is the R of M = Q R (eigenvalues >= 1;
+      // its error, about u_64 ||M||^2, is far below any storage grid, for one r x r product instead
+      // of a QR of M), and its norm says whether float is precise enough
+      // (detail::float_work_suffices).
       Eigen::MatrixXd mtm = Eigen::MatrixXd::Identity(r_, r_);
       mtm.selfadjointView<Eigen::Lower>().rankUpdate(f.coeff.transpose());
       mtm.triangularView<Eigen::StrictlyUpper>() = mtm.transpose();
@@ -232,8 +233,8 @@ class shared_basis {
     using wm = detail::wmat<W>;
     using wr = detail::wrmat<W>;
     const index_t n = b.cols();
-    wr ps(r_, n);  // exact B' = rows S of A B (rows rest are C ps, never formed)
-    ps.noalias() = f.a_s.cast<W>() * b.template cast<W>();
+    // B' = rows S of A B (rows rest are C ps, never formed): in double, rounded once to W.
+    const wr ps = (f.a_s * b.template cast<double>()).template cast<W>();
     round_into(f.coeff, out.coeff.view());  // the overflow checks
     round_into(ps, out.b_prime.view());
     const Eigen::MatrixXd& c = f.coeff;           // k x r
@@ -249,12 +250,13 @@ class shared_basis {
     // is K (C'^T - C^T) + (B' dB^T) C^T (K C^T minus the right-hand side (B' ps^T) C^T).
     auto c_step = [&](bool start) {
       kk.noalias() = bh * bh.transpose();
+      kk.template triangularView<Eigen::StrictlyUpper>() = kk.transpose();  // exactly symmetric
       kd.noalias() = bh * db.transpose();
       wr kdc = kd * cT;
       if (start) {
         const Eigen::LLT<Eigen::MatrixXd> llt(kk.template cast<double>());
         if (llt.info() != Eigen::Success) {  // rounded B' lost rank: C rounded to nearest
-          ct = cT.unaryExpr([](W v) { return detail::round_to<TO>(v); });
+          ct = c.transpose().unaryExpr([](double v) { return detail::round_to<TO>(v); }).template cast<W>();
           return;
         }
         // The least-squares C^T for the rounded B' is C^T - K^-1 (B' dB^T) C^T.
@@ -274,6 +276,7 @@ class shared_basis {
       // I + C'^T C', gradient (I + C'^T C') dB + C'^T (C' - C) ps.
       wm gm = ct * ct.transpose();
       gm.diagonal().array() += W(1);
+      gm.template triangularView<Eigen::StrictlyUpper>() = gm.transpose();  // exactly symmetric
       const wm e = ct * (ct - cT).transpose();
       wr z = gm * db;
       z.noalias() += e * ps;

@@ -33,9 +33,10 @@ template <class W>
 using wrmat = Eigen::Matrix<W, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 /// Whether float is precise enough for error-aware rounding to TS with M^T M = I + C^T C (r x r,
-/// both triangles). Float's rounding of the target A_S B reaches the product through M = [I; C]:
-/// relative to the product it is up to u_float ||M||_2, and it must stay far below TS's own unit
-/// roundoff: float is used while u_float ||M||_2 <= u_TS / 16 (||M||_2 <= 512 for fp16, 4096 for
+/// both triangles). The target A_S B is computed in double and rounded once to float; that
+/// rounding reaches the product through M = [I; C]: relative to the product it is up to
+/// u_float ||M||_2, and it must stay far below TS's own unit roundoff (the gradients' own float
+/// errors grow with ||M||_2 as well, M^T M being positive definite): float is used while u_float ||M||_2 <= u_TS / 16 (||M||_2 <= 512 for fp16, 4096 for
 /// bf16), with ||M||_2^2 bounded above by the largest row sum of |M^T M|. Larger coefficients (a
 /// poorly chosen basis: first_r on real weights) are rounded in double.
 template <class TS>
@@ -79,7 +80,8 @@ W grid_step(W x, bool up) {
   const int k = (inward && pow2 && e > emin ? eff - 1 : eff) - p;
   // 2^k in W, normal or (bf16's subnormal spacing in float) subnormal.
   const U normal = static_cast<U>(k + bias > 0 ? k + bias : 0) << wm;
-  const U sub = U(1) << (k + bias + wm - 1 > 0 ? k + bias + wm - 1 : 0);
+  const int sub_shift = k + bias + wm - 1;  // in [0, wm - 1] exactly when 2^k is subnormal
+  const U sub = U(1) << (sub_shift < 0 ? 0 : sub_shift > wm - 1 ? wm - 1 : sub_shift);
   const U sbits = k + bias > 0 ? normal : sub;
   W step;
   std::memcpy(&step, &sbits, sizeof step);
@@ -91,7 +93,8 @@ W grid_step(W x, bool up) {
 /// Coordinate descent on the grid of TS: lowers sum_k 0.5 x_k^T H x_k - rhs_k^T x_k over the columns
 /// x_k of X (r x n, row-major; H symmetric, r x r), moving one entry at a
 /// time to the neighbouring representable value that the gradient Z = H X - rhs (row-major, kept
-/// up to date) points to, when that lowers the objective. H couples only the entries of one
+/// up to date) points to, when that lowers the objective. H must be exactly symmetric (both
+/// triangles equal): the updates read its columns as rows. H couples only the entries of one
 /// column, so columns are independent: descent_lanes of them are swept together, row by row,
 /// `passes` times (fewer when a pass moves nothing), in a contiguous copy. The gradient is updated
 /// once per block of descent_block rows (a rank-descent_block update); inside a block, the rows

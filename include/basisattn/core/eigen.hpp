@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 
 BASISATTN_BEGIN_NAMESPACE
@@ -140,9 +141,14 @@ constexpr double max_finite() {
          : std::is_same_v<T, Eigen::half> ? 65504.0
                                           : 3.3895313892515355e38;
 }
+/// Rounding to nearest even sends max_finite plus half a unit in the last place there, and
+/// everything above, to infinity: the bound is that midpoint (any finite double for double).
 template <class T>
 constexpr double rounds_finite_below() {
-  return max_finite<T>() * (1.0 + unit_roundoff(dtype_of_v<T>));
+  return std::is_same_v<T, double>        ? std::numeric_limits<double>::infinity()
+         : std::is_same_v<T, float>       ? 3.4028235677973366e38  // (2 - 2^-24) 2^127
+         : std::is_same_v<T, Eigen::half> ? 65520.0                // 65504 + 16
+                                          : 3.39617752923046e38;   // bf16: (2 - 2^-8) 2^127
 }
 
 template <class T>
