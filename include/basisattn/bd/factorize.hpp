@@ -232,7 +232,6 @@ class shared_basis {
                      int alternations, bool with_error, rounded_pair<TO>& out) const {
     using wm = detail::wmat<W>;
     using wr = detail::wrmat<W>;
-    const index_t n = b.cols();
     // B' = rows S of A B (rows rest are C ps, never formed): in double, rounded once to W.
     const wr ps = (f.a_s * b.template cast<double>()).template cast<W>();
     round_into(f.coeff, out.coeff.view());  // the overflow checks
