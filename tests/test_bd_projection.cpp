@@ -7,6 +7,8 @@
 
 #include "test_util.hpp"
 
+#include <optional>
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -212,6 +214,81 @@ void dense_projection_case(index_t tokens, int threads, index_t in = 24, index_t
   set_threads(1);
 }
 
+/// A projection with Q basis groups of G / Q heads (each group factorized on its own heads, as
+/// prepare_mha does per kv head) against the double sum of its stored values, head by head with its
+/// group's channels: the same sums and bound as the shared case (project_bound).
+template <class T>
+void grouped_projection_case(bool with_bias, index_t tokens, int threads, index_t G, index_t Q, index_t m, index_t r) {
+  set_threads(threads);
+  test::seed(400 + tokens + 7 * with_bias + 11 * Q);
+  const index_t nr = m - r, hq = G / Q;
+  std::vector<matrix<T>> a;
+  std::vector<std::vector<T>> b;
+  std::vector<const T*> bp;
+  for (index_t g = 0; g < G; ++g) a.push_back(test::random_matrix<T>(m, r)), b.push_back(test::random_vector<T>(r));
+  for (index_t g = 0; g < G; ++g) bp.push_back(b[g].data());
+  std::vector<bd::shared_basis> bases;
+  for (index_t q = 0; q < Q; ++q) {
+    std::vector<matrix_view<const T>> av;
+    for (index_t h = q * hq; h < (q + 1) * hq; ++h) av.push_back(a[h].view());
+    bases.push_back(bd::factorize<T>(av));
+  }
+  const auto p = bd::make_bd_projection<T>(bases, with_bias ? bp : std::vector<const T*>{});
+  REQUIRE(p.groups == Q);
+  REQUIRE(p.heads == G);
+  CHECK(p.bytes() == std::size_t(nr * G * r + (with_bias ? G * r : 0)) * sizeof(T));
+  CHECK(p.basis_leading() == false);
+  INFO(to_string(dtype_of_v<T>) << " tokens " << tokens << " bias " << with_bias << " threads " << threads << " G " << G
+                                << " groups " << Q << " m " << m << " r " << r);
+  // Each head's stored coefficients are its group basis's C (rounded to T), in its group's rest order.
+  for (index_t g = 0; g < G; ++g) {
+    const bd::shared_basis& sb = bases[std::size_t(g / hq)];
+    CHECK(std::equal(sb.basis().begin(), sb.basis().end(), p.basis_of(g)));
+    CHECK(std::equal(sb.rest().begin(), sb.rest().end(), p.rest_of(g)));
+    CHECK(
+        (test::to_double(sb.template coefficients<T>(g % hq)) - test::to_double(p.coeff).middleCols(g * r, r)).norm() ==
+        0.0);
+  }
+  const auto x = test::random_matrix<T>(tokens, m);
+  const Eigen::MatrixXd xd = test::to_double(x), cd = test::to_double(p.coeff);
+  Eigen::MatrixXd want(tokens, G * r), mag(tokens, G * r), xs(tokens, r), xr(tokens, nr);
+  for (index_t g = 0; g < G; ++g) {
+    for (index_t i = 0; i < r; ++i) xs.col(i) = xd.col(p.basis_of(g)[i]);
+    for (index_t l = 0; l < nr; ++l) xr.col(l) = xd.col(p.rest_of(g)[l]);
+    want.middleCols(g * r, r) = xr * cd.middleCols(g * r, r) + xs;
+    mag.middleCols(g * r, r) = xr.cwiseAbs() * cd.middleCols(g * r, r).cwiseAbs() + xs.cwiseAbs();
+    if (with_bias)
+      for (index_t j = 0; j < r; ++j) {
+        const double bj = static_cast<double>(detail::to_compute<compute_t<T>>(p.bias[std::size_t(g * r + j)]));
+        want.col(g * r + j).array() += bj;
+        mag.col(g * r + j).array() += std::abs(bj);
+      }
+  }
+  const Eigen::MatrixXd bound = project_bound<T>(want, mag, nr + 1 + (with_bias ? 1 : 0));
+  matrix<T> y(tokens, G * r);
+  test::poison(y);
+  std::vector<unsigned char> ws(bd::workspace_bytes(cpu{}, p, tokens));
+  bd::project(cpu{}, p, x.view(), y.view(), ws.data(), ws.size());
+  const double ratio = test::max_error_ratio(test::to_double(y), want, bound);
+  INFO("worst entry at " << ratio << " of its bound");
+  CHECK(ratio <= 1);
+  // A slice of whole groups keeps their bases and computes the same columns (same bound).
+  if (Q > 1) {
+    const auto s = bd::slice_heads(p, hq, hq * (Q - 1));
+    CHECK(s.groups == Q - 1);
+    CHECK(std::equal(s.basis.begin(), s.basis.end(), p.basis.begin() + r));
+    matrix<T> ys(tokens, (G - hq) * r);
+    test::poison(ys);
+    bd::project(cpu{}, s, x.view(), ys.view());
+    const double rs =
+        test::max_error_ratio(test::to_double(ys), want.rightCols((G - hq) * r), bound.rightCols((G - hq) * r));
+    INFO("slice: worst entry at " << rs << " of its bound");
+    CHECK(rs <= 1);
+    if (hq > 1) CHECK_THROWS_AS(bd::slice_heads(p, 1, hq), basisattn::error);
+  }
+  set_threads(1);
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("BD projection matches (x A + b) A_S^-1 computed in double", "", float, double, Eigen::half,
@@ -224,6 +301,49 @@ TEMPLATE_TEST_CASE("BD projection matches (x A + b) A_S^-1 computed in double", 
   // An odd number of rest channels (33: the bf16 GEMM pairs the last one with zero) and an output
   // width (40) that ends inside a 32-column block.
   for (index_t tokens : {13, 300}) bd_projection_case<TestType>(true, tokens, 2, {5, 41, 8});
+}
+
+TEMPLATE_TEST_CASE("BD projection with a basis per group of heads matches its stored values in double", "", float,
+                   double, Eigen::half, Eigen::bfloat16) {
+  for (index_t tokens : {1, 300})
+    for (int threads : {1, 2})
+      for (bool bias : {true, false}) {
+        grouped_projection_case<TestType>(bias, tokens, threads, 4, 4, 41, 8);  // a basis per head
+        grouped_projection_case<TestType>(bias, tokens, threads, 6, 2, 40, 8);  // 3 heads per basis: 24 columns
+      }
+  // Bases that cannot be grouped: another rank, or another head count.
+  test::seed(401);
+  std::vector<matrix<TestType>> a = {test::random_matrix<TestType>(20, 4), test::random_matrix<TestType>(20, 5),
+                                     test::random_matrix<TestType>(20, 4)};
+  const auto b0 = bd::factorize<TestType>(std::vector<matrix_view<const TestType>>{a[0].view()});
+  const auto b1 = bd::factorize<TestType>(std::vector<matrix_view<const TestType>>{a[1].view()});
+  const auto b2 = bd::factorize<TestType>(std::vector<matrix_view<const TestType>>{a[0].view(), a[2].view()});
+  CHECK_THROWS_AS(bd::make_bd_projection<TestType>(std::vector<bd::shared_basis>{b0, b1}), basisattn::error);
+  CHECK_THROWS_AS(bd::make_bd_projection<TestType>(std::vector<bd::shared_basis>{b0, b2}), basisattn::error);
+  CHECK_THROWS_AS(bd::make_bd_projection<TestType>(std::vector<bd::shared_basis>{}), basisattn::error);
+  // A hand-built projection whose lists disagree with its groups is refused before any read.
+  auto p = bd::make_bd_projection<TestType>(std::vector<bd::shared_basis>{b0, b0});
+  const auto x = test::random_matrix<TestType>(3, 20);
+  matrix<TestType> y(3, 8);
+  auto code = [&](const bd::bd_projection<TestType>& q) -> std::optional<errc> {
+    try {
+      bd::project(cpu{}, q, x.view(), y.view());
+    } catch (const basisattn::error& e) {
+      return e.code();
+    }
+    return std::nullopt;
+  };
+  CHECK(!code(p));
+  auto bad = p;
+  bad.groups = 3;  // does not divide 2 heads
+  CHECK(code(bad) == errc::invalid_argument);
+  bad = p;
+  bad.groups = 1;  // the lists hold two groups
+  CHECK(code(bad) == errc::shape_mismatch);
+  bad = p;
+  bad.rest.back() = 20;  // channel out of range
+  CHECK(code(bad) == errc::invalid_argument);
+  CHECK_THROWS_AS(bd::workspace_bytes(cpu{}, bad, 3), basisattn::error);
 }
 
 TEMPLATE_TEST_CASE("dense projection matches x W + b computed in double", "", float, double, Eigen::half,

@@ -143,16 +143,18 @@ Eigen::MatrixXd project(const basisattn::bd::dense_projection<T>& p, const Eigen
 template <class T>
 Eigen::MatrixXd project(const basisattn::bd::bd_projection<T>& p, const Eigen::MatrixXd& x) {
   const index_t r = p.rank, nr = p.in_dim - p.rank, G = p.heads;
-  Eigen::MatrixXd xr(x.rows(), nr), c(nr, G * r);
-  for (index_t l = 0; l < nr; ++l) xr.col(l) = x.col(p.rest[static_cast<std::size_t>(l)]);
-  for (index_t i = 0; i < nr; ++i)
-    for (index_t j = 0; j < G * r; ++j) c(i, j) = to_double(p.coeff(i, j));
-  Eigen::MatrixXd y = xr * c;
-  for (index_t g = 0; g < G; ++g)
+  Eigen::MatrixXd y(x.rows(), G * r), xr(x.rows(), nr), c(nr, r);
+  for (index_t g = 0; g < G; ++g) {  // head by head, each with its group's channels
+    const index_t *basis = p.basis_of(g), *rest = p.rest_of(g);
+    for (index_t l = 0; l < nr; ++l) xr.col(l) = x.col(rest[l]);
+    for (index_t i = 0; i < nr; ++i)
+      for (index_t j = 0; j < r; ++j) c(i, j) = to_double(p.coeff(i, g * r + j));
+    y.middleCols(g * r, r) = xr * c;
     for (index_t e = 0; e < r; ++e) {
-      y.col(g * r + e) += x.col(p.basis[static_cast<std::size_t>(e)]);
+      y.col(g * r + e) += x.col(basis[e]);
       if (!p.bias.empty()) y.col(g * r + e).array() += to_double(p.bias[static_cast<std::size_t>(g * r + e)]);
     }
+  }
   return y;
 }
 template <class T>

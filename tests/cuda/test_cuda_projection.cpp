@@ -67,17 +67,22 @@ using cudatest::random_tensor;
 using cudatest::readback;
 using cudatest::to_d;
 
+/// A random BD projection; with groups > 1 (never leading) each basis group has its own channels.
 template <class T>
-bd::bd_projection<T> random_bd(std::mt19937_64& g, index_t m, index_t r, index_t heads, bool leading, bool bias) {
+bd::bd_projection<T> random_bd(std::mt19937_64& g, index_t m, index_t r, index_t heads, bool leading, bool bias,
+                               index_t groups = 1) {
   bd::bd_projection<T> p;
   p.in_dim = m;
   p.rank = r;
   p.heads = heads;
-  std::vector<index_t> ch(static_cast<std::size_t>(m));
-  std::iota(ch.begin(), ch.end(), index_t(0));
-  if (!leading) std::shuffle(ch.begin(), ch.end(), g);
-  p.basis.assign(ch.begin(), ch.begin() + r);
-  p.rest.assign(ch.begin() + r, ch.end());
+  p.groups = groups;
+  for (index_t q = 0; q < groups; ++q) {
+    std::vector<index_t> ch(static_cast<std::size_t>(m));
+    std::iota(ch.begin(), ch.end(), index_t(0));
+    if (!leading) std::shuffle(ch.begin(), ch.end(), g);
+    p.basis.insert(p.basis.end(), ch.begin(), ch.begin() + r);
+    p.rest.insert(p.rest.end(), ch.begin() + r, ch.end());
+  }
   if (!leading && p.basis_leading()) std::swap(p.basis[0], p.rest[0]);  // make sure a gather is needed
   p.coeff = matrix<T>(m - r, heads * r);
   std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(double(m)));
@@ -130,17 +135,17 @@ template <class T>
 oracle_row oracle(const bd::bd_projection<T>& p, const T* x) {
   const index_t r = p.rank, out = p.heads * p.rank;
   oracle_row o{std::vector<double>(out, 0.0), std::vector<double>(out, 0.0), std::vector<double>(out, 0.0), {}};
-  for (index_t l = 0; l < p.in_dim - r; ++l) {
-    const double xl = to_d(x[p.rest[static_cast<std::size_t>(l)]]);
-    for (index_t j = 0; j < out; ++j) {
-      const double t = xl * to_d(p.coeff(l, j));
+  for (index_t j = 0; j < out; ++j) {  // head j / r, with its group's channels
+    const index_t* rest = p.rest_of(j / r);
+    for (index_t l = 0; l < p.in_dim - r; ++l) {
+      const double t = to_d(x[rest[l]]) * to_d(p.coeff(l, j));
       o.want[j] += t;
       o.mag[j] += std::abs(t);
     }
   }
   o.sum_part = o.want;
   for (index_t j = 0; j < out; ++j) {
-    const double xb = to_d(x[p.basis[static_cast<std::size_t>(j % r)]]);
+    const double xb = to_d(x[p.basis_of(j / r)[j % r]]);
     const double b = p.bias.empty() ? 0.0 : to_d(p.bias[static_cast<std::size_t>(j)]);
     o.want[j] += xb + b;
     o.mag[j] += std::abs(xb) + std::abs(b);
@@ -266,6 +271,7 @@ projection_result check_projection(const cuda_context& ctx, const HP& hp, index_
 struct proj_shape {
   index_t m, r, heads, tokens, x_pad, y_pad;
   const char* name;
+  index_t groups = 1;  ///< basis groups (> 1: gathered only, one basis per group of heads)
 };
 
 /// Every (leading, bias, method) combination of a BD projection of this shape and the dense
@@ -280,9 +286,10 @@ void projection_shape(const cuda_context& ctx, const proj_shape& s, std::mt19937
   const bool need_lt = deepseek && is_hopper();
   for (bool leading : {true, false})
     for (bool bias : {false, true}) {
-      INFO("shape " << s.name << ": m " << s.m << ", r " << s.r << ", heads " << s.heads << ", tokens " << s.tokens
-                    << ", leading " << leading << ", bias " << bias);
-      const auto hp = random_bd<T>(g, s.m, s.r, s.heads, leading, bias);
+      if (leading && s.groups > 1) continue;
+      INFO("shape " << s.name << ": m " << s.m << ", r " << s.r << ", heads " << s.heads << " in " << s.groups
+                    << " basis groups, tokens " << s.tokens << ", leading " << leading << ", bias " << bias);
+      const auto hp = random_bd<T>(g, s.m, s.r, s.heads, leading, bias, s.groups);
       const auto hd = random_dense<T>(g, s.m, s.heads * s.r, bias);
       for (auto epi : methods) {
         INFO("bd, asked " << bd::to_string(epi));
@@ -319,9 +326,14 @@ void projection_suite(bool small_only) {
   cuda_context ctx;
   // r = 12 and r = 4 in 16-bit storage would put a packed head bias at 24 / 8-byte offsets (the device
   // layout pads each head's bias to 256 bytes); the single token and odd strides test edges.
-  const proj_shape small[] = {
-      {70, 12, 3, 129, 5, 3, "odd"}, {40, 8, 2, 1, 0, 8, "one-token"}, {64, 4, 5, 257, 0, 1, "r4"}};
-  const proj_shape more[] = {{512, 128, 16, 300, 0, 0, "deepseek-v2-lite"}, {192, 12, 16, 200, 0, 0, "r12x16"}};
+  const proj_shape small[] = {{70, 12, 3, 129, 5, 3, "odd"},
+                              {40, 8, 2, 1, 0, 8, "one-token"},
+                              {64, 4, 5, 257, 0, 1, "r4"},
+                              {70, 12, 3, 129, 5, 3, "odd, a basis per head", 3}};
+  const proj_shape more[] = {{512, 128, 16, 300, 0, 0, "deepseek-v2-lite"},
+                             {192, 12, 16, 200, 0, 0, "r12x16"},
+                             {576, 64, 3, 300, 0, 0, "smollm2 gqa, a basis per kv head", 3},
+                             {192, 12, 16, 200, 0, 0, "r12x16, 4 basis groups", 4}};
   for (const proj_shape& s : small) projection_shape<T>(ctx, s, g);
   if (small_only) return;
   for (const proj_shape& s : more) projection_shape<T>(ctx, s, g);
@@ -679,6 +691,14 @@ TEST_CASE("CUDA projections reject bad shapes") {
   bd::bd_projection<float> bad = random_bd<float>(g, 16, 4, 2, true, false);
   bad.rest[0] = 0;  // channel 0 twice
   CHECK(code_of([&] { (void)bd::upload(ctx, bad); }) == errc::invalid_argument);
+  bd::bd_projection<float> grouped = random_bd<float>(g, 16, 4, 4, false, false, 2);
+  grouped.groups = 3;  // does not divide 4 heads
+  CHECK(code_of([&] { (void)bd::upload(ctx, grouped); }) == errc::invalid_argument);
+  grouped.groups = 4;  // divides, but the channel lists hold 2 groups
+  CHECK(code_of([&] { (void)bd::upload(ctx, grouped); }) == errc::shape_mismatch);
+  grouped.groups = 2;
+  grouped.rest[12] = grouped.basis[4];  // group 1: a basis channel also in its rest
+  CHECK(code_of([&] { (void)bd::upload(ctx, grouped); }) == errc::invalid_argument);
 }
 
 TEST_CASE("CUDA attention rejects bad arguments") {

@@ -66,10 +66,10 @@ Eigen::MatrixXd stored_a(const any_projection<T>& p, index_t g, index_t dm, inde
     return to_double(matrix_view<const T>(dp->weight.view()).block(0, g * d, dm, d));
   const auto& b = std::get<bd_projection<T>>(p);
   Eigen::MatrixXd a = Eigen::MatrixXd::Zero(dm, d);
-  for (index_t j = 0; j < d; ++j) a(b.basis[static_cast<std::size_t>(j)], j) = 1.0;
+  const index_t *basis = b.basis_of(g), *rest = b.rest_of(g);
+  for (index_t j = 0; j < d; ++j) a(basis[j], j) = 1.0;
   for (index_t i = 0; i < dm - d; ++i)
-    for (index_t j = 0; j < d; ++j)
-      a(b.rest[static_cast<std::size_t>(i)], j) = ::basisattn::detail::to_compute<double>(b.coeff(i, g * d + j));
+    for (index_t j = 0; j < d; ++j) a(rest[i], j) = ::basisattn::detail::to_compute<double>(b.coeff(i, g * d + j));
   return a;
 }
 }  // namespace detail

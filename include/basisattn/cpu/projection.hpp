@@ -10,7 +10,8 @@
 // sums). Either way each output is one sum in float, rounded once to T.
 //
 // Tokens are processed in row chunks of up to 256, one chunk per thread at a time (OpenMP). Each
-// chunk is one GEMM, y = x_rest C for BD (y = x W dense; detail::cpu_gemm: Eigen, or oneDNN where the
+// chunk is one GEMM, y = x_rest C for BD (one per basis group, each after gathering its group's rest
+// channels; y = x W dense; detail::cpu_gemm: Eigen, or oneDNN where the
 // build enables it, see <basisattn/cpu/gemm.hpp>), then one pass over the chunk while it is in cache
 // adds the r basis channels into every head's slot (BD) and the bias. Adding after the GEMM rather
 // than handing the GEMM a prefilled y measured 1.26 -> 1.29x BD over oneDNN's dense GEMM on Zen 4
@@ -78,6 +79,8 @@ struct ws_layout {
   index_t thread_x = 0;  // gathered / converted input chunk (bf16 with use_bf16_dot)
   index_t thread_y = 0;  // compute-type output chunk (16-bit storage only)
   index_t thread_s = 0;  // one row of basis channels
+  index_t runs = 0;      // gathered BD, per group: the number of runs of consecutive rest channels, then
+                         // (source channel, length) of each
 };
 
 template <class T, bool Dot, class P>
@@ -88,19 +91,22 @@ ws_layout layout_of(const P& p, const chunking& ch) {
     index_t nr = 0;     // the GEMM's inner dimension
     if constexpr (std::is_same_v<P, bd_projection<T>>) {
       nr = p.in_dim - p.rank;
-      if (!p.basis_leading()) l.thread_x = bf16_in_float(ch.rows * nr);
+      if (!p.basis_leading()) l.thread_x = bf16_in_float(ch.rows * nr), l.runs = p.groups * (2 * nr + 1);
       l.thread_s = p.rank;
     } else {
       nr = p.in_dim();
     }
-    l.shared_w = bf16_in_float(::basisattn::detail::bf16_packed_elems(nr, p.out_dim()));
+    if constexpr (std::is_same_v<P, bd_projection<T>>)  // each basis group packed on its own
+      l.shared_w = p.groups * bf16_in_float(::basisattn::detail::bf16_packed_elems(nr, p.out_dim() / p.groups));
+    else
+      l.shared_w = bf16_in_float(::basisattn::detail::bf16_packed_elems(nr, p.out_dim()));
     l.thread_y = ch.rows * p.out_dim();
     return l;
   }
   if constexpr (std::is_same_v<P, bd_projection<T>>) {
     const index_t nr = p.in_dim - p.rank;
     if (narrow) l.shared_w = nr * p.out_dim();
-    if (narrow || !p.basis_leading()) l.thread_x = ch.rows * nr;
+    if (narrow || !p.basis_leading()) l.thread_x = ch.rows * nr, l.runs = p.groups * (2 * nr + 1);
     if (narrow) l.thread_y = ch.rows * p.out_dim();
     l.thread_s = p.rank;
   } else {
@@ -119,6 +125,7 @@ template <class C>
 std::size_t bytes_of(const ws_layout& l, index_t threads) {
   arena w(ws_align);
   w.take_elems<C>(l.shared_w);
+  w.take_elems<index_t>(l.runs);
   for (index_t t = 0; t < threads; ++t) {
     w.take_elems<C>(l.thread_x);
     w.take_elems<C>(l.thread_y);
@@ -224,15 +231,20 @@ const C* weight_in_compute(const matrix<T>& w, arena& ar, index_t n) {
   }
 }
 
-/// w (k x n, row-major bf16) packed for bf16_gemm into the workspace, column blocks in parallel.
+/// w (k x n, row-major bf16) packed for bf16_gemm into the workspace, column blocks in parallel; with
+/// parts > 1, each of `parts` equal column ranges is packed on its own, one after another (part q at
+/// q bf16_packed_elems(k, n / parts)).
 template <class T>
-const T* pack_bf16_weight(const matrix<T>& w, index_t k, index_t n, arena& ar) {
-  T* dst =
-      reinterpret_cast<T*>(ar.template take_elems<float>(bf16_in_float(::basisattn::detail::bf16_packed_elems(k, n))));
-  const index_t blocks = (n + ::basisattn::detail::bf16_nr - 1) / ::basisattn::detail::bf16_nr;
+const T* pack_bf16_weight(const matrix<T>& w, index_t k, index_t n, arena& ar, index_t parts = 1) {
+  const index_t np = n / parts, per_part = ::basisattn::detail::bf16_packed_elems(k, np);
+  T* dst = reinterpret_cast<T*>(ar.template take_elems<float>(parts * bf16_in_float(per_part)));
+  const index_t blocks = (np + ::basisattn::detail::bf16_nr - 1) / ::basisattn::detail::bf16_nr;
   ::basisattn::detail::parallel_for_slots(
-      blocks, ::basisattn::detail::cpu_threads(),
-      [&](index_t nb, int) { ::basisattn::detail::bf16_pack_block(w.data(), n, k, n, nb, dst); },
+      parts * blocks, ::basisattn::detail::cpu_threads(),
+      [&](index_t i, int) {
+        const index_t q = i / blocks;
+        ::basisattn::detail::bf16_pack_block(w.data() + q * np, n, k, np, i % blocks, dst + q * per_part);
+      },
       ::basisattn::detail::loop_schedule::fixed);
   return dst;
 }
@@ -253,22 +265,25 @@ X as_operand(const T& v) {
 /// The weight (k x n, row-major) as the GEMM's B operand: packed into the workspace for the bf16
 /// GEMM, converted into it for other 16-bit storage, else the stored matrix itself.
 template <class T, bool Dot>
-const operand_t<T, Dot>* weight_operand(const matrix<T>& w, index_t k, index_t n, arena& ar) {
+const operand_t<T, Dot>* weight_operand(const matrix<T>& w, index_t k, index_t n, arena& ar, index_t parts = 1) {
   if constexpr (Dot)
-    return pack_bf16_weight(w, k, n, ar);
+    return pack_bf16_weight(w, k, n, ar, parts);
   else
     return weight_in_compute<compute_t<T>>(w, ar, k * n);
 }
 
-/// One chunk's Y = X W (X: nt x k rows at x, row stride ldx; W as weight_operand gives it).
+/// One chunk's Y = X W (X: nt x k rows at x, row stride ldx; W as weight_operand gives it: packed
+/// for Dot, else row-major with row stride ldw, n by default).
 template <class T, bool Dot>
 void chunk_product(index_t nt, index_t n, index_t k, const operand_t<T, Dot>* x, index_t ldx,
-                   const operand_t<T, Dot>* w, compute_t<T>* yd, index_t ldy) {
-  if constexpr (Dot)
+                   const operand_t<T, Dot>* w, compute_t<T>* yd, index_t ldy, index_t ldw = -1) {
+  if constexpr (Dot) {
+    (void)ldw;
     ::basisattn::detail::bf16_gemm(nt, n, k, x, ldx, w, yd, ldy);
-  else
-    ::basisattn::detail::cpu_gemm<compute_t<T>>(false, false, nt, n, k, compute_t<T>(1), x, ldx, w, n, compute_t<T>(0),
-                                                yd, ldy);
+  } else {
+    ::basisattn::detail::cpu_gemm<compute_t<T>>(false, false, nt, n, k, compute_t<T>(1), x, ldx, w, ldw < 0 ? n : ldw,
+                                                compute_t<T>(0), yd, ldy);
+  }
 }
 
 }  // namespace detail
@@ -276,6 +291,7 @@ void chunk_product(index_t nt, index_t n, index_t k, const operand_t<T, Dot>* x,
 /// Workspace bytes project(cpu, p, x, y, ...) needs for `tokens` rows with the current thread count.
 template <class T, bool Dot = detail::use_bf16_dot<T>>
 std::size_t workspace_bytes(cpu, const bd_projection<T>& p, index_t tokens) {
+  detail::check_bd_layout(p, "workspace_bytes");
   const auto ch = detail::plan_chunks(tokens);
   return detail::bytes_of<compute_t<T>>(detail::layout_of<T, Dot>(p, ch), ch.threads);
 }
@@ -300,46 +316,80 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
   detail::chunking ch;
   detail::ws_layout l;
   detail::arena ar(detail::ws_align);
+  detail::check_bd_layout(p, "project");
   if (!detail::begin_run<T, Dot>(p, x, y, p.in_dim, p.out_dim(), workspace, workspace_bytes, opt, ch, l, ar)) return;
-  const index_t r = p.rank, G = p.heads, nr = p.in_dim - r;
+  const index_t r = p.rank, G = p.heads, nr = p.in_dim - r, Q = p.groups, hq = G / Q, nq = hq * r;
   const bool lead = p.basis_leading();
   using X = detail::operand_t<T, Dot>;
-  const X* w = detail::weight_operand<T, Dot>(p.coeff, nr, G * r, ar);
+  const X* w = detail::weight_operand<T, Dot>(p.coeff, nr, G * r, ar, Dot ? Q : 1);
   const bool in_place = lead && std::is_same_v<X, T>;  // the GEMM reads x's rest channels where they are
-  const index_t* basis = p.basis.data();
-  const index_t* rest = p.rest.data();
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
-
-  auto gather = [&](index_t t0, index_t nt, C* bx) {
+  // The rest channels of each group as runs of consecutive channels (source channel, length): the
+  // gather copies runs (contiguous, vectorizable) instead of one indexed element at a time. A
+  // complement of r ascending channels has at most r + 1 runs; any order has at most m - r.
+  index_t* runs = ar.template take_elems<index_t>(l.runs);
+  if (!in_place) {
+    for (index_t q = 0; q < Q; ++q) {
+      const index_t* rest = lead ? nullptr : p.rest.data() + q * nr;
+      index_t* rq = runs + q * (2 * nr + 1) + 1;
+      index_t k = 0;
+      for (index_t l2 = 0; l2 < nr; ++l2) {
+        const index_t c = lead ? r + l2 : rest[l2];
+        if (k > 0 && rq[2 * (k - 1)] + rq[2 * (k - 1) + 1] == c)
+          ++rq[2 * (k - 1) + 1];
+        else
+          rq[2 * k] = c, rq[2 * k + 1] = 1, ++k;
+      }
+      rq[-1] = k;
+    }
+  }
+  // Basis group q: its heads' columns [q nq, (q + 1) nq) of y and of the coefficients.
+  auto gather = [&](index_t t0, index_t nt, C* bx, index_t q) {
     if (in_place) return;
+    const index_t* rq = runs + q * (2 * nr + 1) + 1;
+    const index_t k = rq[-1];
     for (index_t t = 0; t < nt; ++t) {
       const T* xr = x.data + (t0 + t) * x.row_stride;
       X* xo = reinterpret_cast<X*>(bx) + t * nr;
-      for (index_t l2 = 0; l2 < nr; ++l2) xo[l2] = detail::as_operand<X>(xr[lead ? r + l2 : rest[l2]]);
+      for (index_t i = 0; i < k; ++i) {
+        const T* src = xr + rq[2 * i];
+        const index_t len = rq[2 * i + 1];
+        for (index_t j = 0; j < len; ++j) xo[j] = detail::as_operand<X>(src[j]);
+        xo += len;
+      }
     }
   };
   auto add = [&](index_t t0, index_t nt, C* yd, index_t ldy, C* bs) {
     for (index_t t = 0; t < nt; ++t) {
       const T* xr = x.data + (t0 + t) * x.row_stride;
-      for (index_t k = 0; k < r; ++k) bs[k] = ::basisattn::detail::to_compute<C>(xr[lead ? k : basis[k]]);
       C* yr = yd + t * ldy;
-      if (bias) {
-        for (index_t g = 0; g < G; ++g)
-          for (index_t k = 0; k < r; ++k) yr[g * r + k] += bs[k] + ::basisattn::detail::to_compute<C>(bias[g * r + k]);
-      } else {
-        for (index_t g = 0; g < G; ++g)
-          for (index_t k = 0; k < r; ++k) yr[g * r + k] += bs[k];
+      for (index_t q = 0; q < Q; ++q) {
+        const index_t* basis = p.basis.data() + q * r;
+        for (index_t k = 0; k < r; ++k) bs[k] = ::basisattn::detail::to_compute<C>(xr[lead ? k : basis[k]]);
+        for (index_t g = q * hq; g < (q + 1) * hq; ++g) {
+          if (bias) {
+            for (index_t k = 0; k < r; ++k)
+              yr[g * r + k] += bs[k] + ::basisattn::detail::to_compute<C>(bias[g * r + k]);
+          } else {
+            for (index_t k = 0; k < r; ++k) yr[g * r + k] += bs[k];
+          }
+        }
       }
     }
   };
   auto product = [&](index_t t0, index_t nt, C* bx, C* yd, index_t ldy) {
-    const X* xo = reinterpret_cast<const X*>(bx);  // gathered
-    index_t ld = nr;
-    if constexpr (std::is_same_v<X, T>)
-      if (in_place) xo = x.data + t0 * x.row_stride + r, ld = x.row_stride;
-    detail::chunk_product<T, Dot>(nt, G * r, nr, xo, ld, w, yd, ldy);
+    for (index_t q = 0; q < Q; ++q) {
+      gather(t0, nt, bx, q);
+      const X* xo = reinterpret_cast<const X*>(bx);  // gathered
+      index_t ld = nr;
+      if constexpr (std::is_same_v<X, T>)
+        if (in_place) xo = x.data + t0 * x.row_stride + r, ld = x.row_stride;
+      const X* wq = Dot ? w + q * ::basisattn::detail::bf16_packed_elems(nr, nq) : w + q * nq;
+      detail::chunk_product<T, Dot>(nt, nq, nr, xo, ld, wq, yd + q * nq, ldy, G * r);
+    }
   };
-  detail::run_chunks<T>(x.rows, ch, l, ar, y, G * r, gather, product, add);
+  auto no_gather = [](index_t, index_t, C*) {};  // each group gathers inside product
+  detail::run_chunks<T>(x.rows, ch, l, ar, y, G * r, no_gather, product, add);
 }
 
 /// Dense projection y = x W + b, same chunked structure as the BD one.

@@ -25,11 +25,13 @@
 // cuda_project_options::check_finite is not offered: the data are on the device; scan them yourself.
 //
 // How the BD projection runs (all heads in one pass):
+//   With several basis groups (bd_projection::groups, e.g. a basis per kv head) steps 1 and 2 run
+//   once per group, on its heads' columns of coeff and y (one gather buffer, reused in stream order).
 //   1. input layout: when p.basis_leading() (basis = channels 0..r-1, as prepare_mla arranges by
 //      permuting the latent), x[:, :r] is the basis block and x[:, r:] the GEMM operand, both plain
 //      strided views of x: no copy. Otherwise one gather kernel writes x[:, basis ++ rest] into the
-//      workspace (tokens x in_dim elements; reads/writes in_dim columns per token, a fraction
-//      in_dim / (G r) of the output traffic) and the rest is the same.
+//      workspace (tokens x in_dim elements; reads/writes in_dim columns per token and group, a
+//      fraction groups in_dim / (G r) of the output traffic) and the rest is the same.
 //   2. the basis channels + bias are added in the GEMM epilogue, never as an extra pass over y:
 //      method `cublaslt` is one cuBLASLt matmul batched over the G heads, batch g computing
 //          y[:, g r:(g+1) r] = x_rest * coeff[:, g r:(g+1) r] + x_basis + b_g
@@ -342,12 +344,14 @@ struct device_dense_projection {
 template <class T>
 struct device_bd_projection {
   index_t in_dim = 0, rank = 0, heads = 0;
+  index_t groups = 1;          ///< basis groups (bd_projection::groups)
   bool basis_leading = false;  ///< input needs no gather (p.basis_leading() on the host)
   device_buffer<T> coeff;      ///< (in_dim - rank) x (heads rank), row-major
   device_buffer<T> bias;       ///< head g's rank values at bias_stride g (padding zero), or empty
   index_t bias_stride = 0;     ///< elements between two heads' biases: rank rounded up to 256 bytes
-  device_buffer<int> perm;     ///< basis ++ rest (in_dim channels); empty when basis_leading
-  std::unique_ptr<detail::lt_plan_cache> cache = std::make_unique<detail::lt_plan_cache>();
+  device_buffer<int> perm;     ///< per group basis ++ rest (groups x in_dim); empty when basis_leading
+  /// One cuBLASLt plan cache per basis group (a plan holds its group's bias pointer).
+  std::vector<std::unique_ptr<detail::lt_plan_cache>> caches;
   index_t out_dim() const { return heads * rank; }
   std::size_t bytes() const { return coeff.bytes() + bias.bytes() + perm.bytes(); }
 };
@@ -375,28 +379,36 @@ device_bd_projection<T> upload(const cuda_context& ctx, const bd_projection<T>& 
   const index_t m = p.in_dim, r = p.rank, G = p.heads;
   BASISATTN_REQUIRE(r >= 1 && m > r && G >= 1, invalid_argument, "upload: bd projection with in_dim ", m, ", rank ", r,
                     ", heads ", G, " (need 1 <= rank < in_dim, heads >= 1)");
-  BASISATTN_REQUIRE(static_cast<index_t>(p.basis.size()) == r && static_cast<index_t>(p.rest.size()) == m - r,
+  const index_t Q = p.groups;
+  BASISATTN_REQUIRE(Q >= 1 && G % Q == 0, invalid_argument, "upload: ", Q, " basis groups do not divide ", G, " heads");
+  BASISATTN_REQUIRE(static_cast<index_t>(p.basis.size()) == Q * r && static_cast<index_t>(p.rest.size()) == Q * (m - r),
                     shape_mismatch, "upload: bd projection has ", p.basis.size(), " basis and ", p.rest.size(),
-                    " rest channels for in_dim ", m, ", rank ", r);
+                    " rest channels for ", Q, " groups, in_dim ", m, ", rank ", r);
   BASISATTN_REQUIRE(p.coeff.rows() == m - r && p.coeff.cols() == G * r, shape_mismatch, "upload: coefficients are ",
                     p.coeff.rows(), "x", p.coeff.cols(), ", expected ", m - r, "x", G * r);
   BASISATTN_REQUIRE(p.bias.empty() || static_cast<index_t>(p.bias.size()) == G * r, shape_mismatch,
                     "upload: bd projection bias has ", p.bias.size(), " values for ", G * r, " outputs");
   BASISATTN_REQUIRE(m <= INT_MAX, invalid_argument, "upload: in_dim ", m, " too large");
   std::vector<int> perm;
-  perm.reserve(static_cast<std::size_t>(m));
-  std::vector<bool> seen(static_cast<std::size_t>(m), false);
-  for (const auto* list : {&p.basis, &p.rest})
-    for (index_t c : *list) {
-      BASISATTN_REQUIRE(c >= 0 && c < m && !seen[static_cast<std::size_t>(c)], invalid_argument,
-                        "upload: basis/rest channel ", c, " is out of range or repeated (in_dim ", m, ")");
-      seen[static_cast<std::size_t>(c)] = true;
-      perm.push_back(static_cast<int>(c));
-    }
+  perm.reserve(static_cast<std::size_t>(Q * m));
+  for (index_t q = 0; q < Q; ++q) {
+    std::vector<bool> seen(static_cast<std::size_t>(m), false);
+    for (const index_t* list : {p.basis.data() + q * r, p.rest.data() + q * (m - r)})
+      for (index_t i = 0; i < (list == p.basis.data() + q * r ? r : m - r); ++i) {
+        const index_t c = list[i];
+        BASISATTN_REQUIRE(c >= 0 && c < m && !seen[static_cast<std::size_t>(c)], invalid_argument,
+                          "upload: basis/rest channel ", c, " of group ", q, " is out of range or repeated (in_dim ", m,
+                          ")");
+        seen[static_cast<std::size_t>(c)] = true;
+        perm.push_back(static_cast<int>(c));
+      }
+  }
   device_bd_projection<T> d;
   d.in_dim = m;
   d.rank = r;
   d.heads = G;
+  d.groups = Q;
+  for (index_t q = 0; q < Q; ++q) d.caches.push_back(std::make_unique<detail::lt_plan_cache>());
   d.basis_leading = p.basis_leading();
   d.coeff = to_device(ctx, p.coeff.data(), p.coeff.size());
   d.bias_stride = static_cast<index_t>(detail::cuda_align_up(static_cast<std::size_t>(r) * sizeof(T)) / sizeof(T));
@@ -406,7 +418,7 @@ device_bd_projection<T> upload(const cuda_context& ctx, const bd_projection<T>& 
       std::copy(p.bias.begin() + g * r, p.bias.begin() + (g + 1) * r, padded.begin() + g * d.bias_stride);
     d.bias = to_device(ctx, padded.data(), static_cast<index_t>(padded.size()));
   }
-  if (!d.basis_leading) d.perm = to_device(ctx, perm.data(), m);
+  if (!d.basis_leading) d.perm = to_device(ctx, perm.data(), Q * m);
   return d;
 }
 
@@ -436,7 +448,8 @@ template <class P>
 }
 
 /// BD projection of all heads on the GPU: y = [x_S + x_rest C_g + b_g]_g (see the top of this header).
-/// Returns the method that ran (cuda_epilogue::cublaslt or cuda_epilogue::prefill).
+/// Returns the method that ran (cuda_epilogue::cublaslt, or cuda_epilogue::prefill when any basis group
+/// took it).
 template <class T>
 cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
                       matrix_view<const ::basisattn::detail::nondeduced_t<T>> x, matrix_view<T> y, void* workspace,
@@ -447,52 +460,67 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
   const std::size_t need = bd::workspace_bytes(ctx, p, tokens, opt);
   BASISATTN_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), invalid_argument,
                     "project(cuda, bd): workspace of ", workspace_bytes, " bytes, ", need, " needed (workspace_bytes)");
-  const index_t m = p.in_dim, r = p.rank, G = p.heads, nr = m - r;
+  const index_t m = p.in_dim, r = p.rank, G = p.heads, nr = m - r, Q = p.groups, hq = G / Q, nq = hq * r;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
-
-  // 1. input with the basis leading: x itself, or x[:, basis ++ rest] gathered into the workspace.
-  const T* xs = x.data;
-  index_t ldx = x.row_stride;
+  T* xg = nullptr;  // the gathered input of one group at a time (stream order makes the reuse safe)
   if (!p.basis_leading) {
-    T* xg = reinterpret_cast<T*>(ws);
+    xg = reinterpret_cast<T*>(ws);
     ws += detail::cuda_align_up(static_cast<std::size_t>(tokens * m) * sizeof(T));
-    ::basisattn::detail::cuda_kernels::launch_gather_columns(x.data, x.row_stride, p.perm.data(), m, tokens, xg, m,
-                                                             ctx.stream());
-    xs = xg;
-    ldx = m;
   }
-  const T* bias = p.bias.empty() ? nullptr : p.bias.data();
   const bool tf32 = std::is_same_v<T, float> && opt.allow_tf32;
+  bool lt = opt.epilogue != cuda_epilogue::prefill;
+  index_t lt_groups = 0;  // groups that ran the cuBLASLt epilogue
+  for (index_t q = 0; q < Q; ++q) {
+    // 1. input with the basis leading: x itself, or x[:, basis_q ++ rest_q] gathered into the workspace.
+    const T* xs = x.data;
+    index_t ldx = x.row_stride;
+    if (!p.basis_leading) {
+      ::basisattn::detail::cuda_kernels::launch_gather_columns(x.data, x.row_stride, p.perm.data() + q * m, m, tokens,
+                                                               xg, m, ctx.stream());
+      xs = xg;
+      ldx = m;
+    }
+    const T* bias = p.bias.empty() ? nullptr : p.bias.data() + q * hq * p.bias_stride;
+    const T* coeff = p.coeff.data() + q * nq;
+    T* yq = y.data + q * nq;
 
-  // 2a. cuBLASLt: one matmul batched over heads, basis block as C (batch stride 0), bias epilogue.
-  if (opt.epilogue != cuda_epilogue::prefill) {
-    detail::lt_problem pr;
-    const std::uint64_t es = sizeof(T);
-    pr.type = detail::cuda_data_type<T>();
-    pr.m = r, pr.n = tokens, pr.k = nr, pr.batch = G;
-    pr.lda = G * r, pr.stride_a = r;                 // coeff[:, g r:(g+1) r] as a column-major r x nr matrix
-    pr.ldb = ldx, pr.stride_b = 0;                   // x_rest as a column-major nr x tokens matrix, every head
-    pr.has_c = true, pr.ldc = ldx, pr.stride_c = 0;  // x_basis (r x tokens), every head
-    pr.ldd = y.row_stride, pr.stride_d = r;          // y[:, g r:(g+1) r]
-    pr.bias = bias, pr.stride_bias = p.bias_stride;  // 256-byte aligned per head (see upload)
-    pr.tf32 = tf32;
-    pr.workspace = detail::cublaslt_workspace_bytes;
-    pr.align_a = detail::common_alignment({detail::byte_offset(p.coeff.data()), es * G * r, es * r});
-    pr.align_b = detail::common_alignment({detail::byte_offset(xs + r), es * ldx});
-    pr.align_c = detail::common_alignment({detail::byte_offset(xs), es * ldx});
-    pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, es * r});
-    if (detail::lt_run_cached(*p.cache, ctx, pr, p.coeff.data(), xs + r, xs, y.data, ws))
-      return cuda_epilogue::cublaslt;
-    BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
-                      "project(cuda, bd): cuBLASLt has no algorithm for the batched basis-epilogue GEMM (tokens ",
-                      tokens, ", rank ", r, ", heads ", G, "); use cuda_epilogue::prefill or automatic");
+    // 2a. cuBLASLt: one matmul batched over the group's heads, basis block as C (batch stride 0), bias
+    // epilogue; each group's plan cached in its own slot (the bias pointer is part of a plan).
+    if (lt) {
+      detail::lt_problem pr;
+      const std::uint64_t es = sizeof(T);
+      pr.type = detail::cuda_data_type<T>();
+      pr.m = r, pr.n = tokens, pr.k = nr, pr.batch = hq;
+      pr.lda = G * r, pr.stride_a = r;                 // coeff[:, g r:(g+1) r] as a column-major r x nr matrix
+      pr.ldb = ldx, pr.stride_b = 0;                   // x_rest as a column-major nr x tokens matrix, every head
+      pr.has_c = true, pr.ldc = ldx, pr.stride_c = 0;  // x_basis (r x tokens), every head
+      pr.ldd = y.row_stride, pr.stride_d = r;          // y[:, g r:(g+1) r]
+      pr.bias = bias, pr.stride_bias = p.bias_stride;  // 256-byte aligned per head (see upload)
+      pr.tf32 = tf32;
+      pr.workspace = detail::cublaslt_workspace_bytes;
+      pr.align_a = detail::common_alignment({detail::byte_offset(p.coeff.data()), es * G * r, es * r, es * nq});
+      pr.align_b = detail::common_alignment({detail::byte_offset(xs + r), es * ldx});
+      pr.align_c = detail::common_alignment({detail::byte_offset(xs), es * ldx});
+      pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, es * r, es * nq});
+      BASISATTN_REQUIRE(static_cast<index_t>(p.caches.size()) == Q, invalid_argument,
+                        "project(cuda, bd): the device projection has ", p.caches.size(), " plan caches for ", Q,
+                        " basis groups (made by bd::upload?)");
+      if (detail::lt_run_cached(*p.caches[static_cast<std::size_t>(q)], ctx, pr, coeff, xs + r, xs, yq, ws)) {
+        ++lt_groups;
+        continue;
+      }
+      BASISATTN_REQUIRE(opt.epilogue == cuda_epilogue::automatic, unsupported,
+                        "project(cuda, bd): cuBLASLt has no algorithm for the batched basis-epilogue GEMM (tokens ",
+                        tokens, ", rank ", r, ", heads ", hq, "); use cuda_epilogue::prefill or automatic");
+      lt = false;  // this group and the next ones take the prefill method
+    }
+
+    // 2b. prefill: y = [x_basis + b_g]_g, then y += x_rest C over the group's heads in one GEMM.
+    ::basisattn::detail::cuda_kernels::launch_broadcast_rows(xs, ldx, r, hq, bias, p.bias_stride, tokens, yq,
+                                                             y.row_stride, ctx.stream());
+    detail::gemm_ex<T>(ctx, nq, tokens, nr, coeff, G * r, xs + r, ldx, 1.0f, yq, y.row_stride, tf32);
   }
-
-  // 2b. prefill: y = [x_basis + b_g]_g, then y += x_rest C over all heads in one GEMM.
-  ::basisattn::detail::cuda_kernels::launch_broadcast_rows(xs, ldx, r, G, bias, p.bias_stride, tokens, y.data,
-                                                           y.row_stride, ctx.stream());
-  detail::gemm_ex<T>(ctx, G * r, tokens, nr, p.coeff.data(), G * r, xs + r, ldx, 1.0f, y.data, y.row_stride, tf32);
-  return cuda_epilogue::prefill;
+  return lt_groups == Q ? cuda_epilogue::cublaslt : cuda_epilogue::prefill;
 }
 
 /// Dense projection y = x W + b on the GPU (the baseline). Returns the method that ran
