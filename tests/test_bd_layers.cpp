@@ -139,7 +139,8 @@ double shard_rounding(const std::vector<Eigen::MatrixXd>& parts, const Eigen::Ma
 }
 
 template <class T>
-void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
+void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved,
+              bd::basis_grouping grouping = bd::basis_grouping::automatic) {
   test::seed(1000 + 10 * H + Hkv + 100 * rope);
   const index_t dm = 64, d = 16, n = 37;
   const double s = 0.25;
@@ -175,10 +176,16 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   dense_opt.bd_qk = dense_opt.bd_vo = false;
   bd::mha_options bd_opt;
   bd_opt.bd_qk = !rope;
+  bd_opt.grouping = grouping;
   const auto Ld = bd::prepare_mha<T>(w, cfg, dense_opt);
   const auto Lb = bd::prepare_mha<T>(w, cfg, bd_opt);
   CHECK(bd::is_bd(Lb.k) == !rope);
   CHECK(bd::is_bd(Lb.v));
+  if (grouping != bd::basis_grouping::automatic) {
+    const index_t want_groups = grouping == bd::basis_grouping::shared ? 1 : Hkv;
+    CHECK(std::get<bd::bd_projection<T>>(Lb.v).groups == want_groups);
+    if (!rope) CHECK(std::get<bd::bd_projection<T>>(Lb.k).groups == want_groups);
+  }
   matrix<T> yd(n, dm), yb(n, dm);
   test::poison(yd);
   test::poison(yb);
@@ -202,11 +209,11 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved) {
   const double e_w = std::max(bd_weight_error(Lb.v), rope ? 0.0 : bd_weight_error(Lb.k));
   const double tol_b = eb_model.tol<T>(sg, e_w);
   const double ed = test::rel_error(test::to_double(yd), want), eb = test::rel_error(test::to_double(yb), want);
-  INFO(to_string(dtype_of_v<T>) << " H " << H << "/" << Hkv << " rope " << rope << ": kappa " << sg.kappa << ", g_q "
-                                << sg.g_q << ", g_k " << sg.g_k << "; dense error " << ed / test::u<T>() << " u of "
-                                << tol_d / test::u<T>() << " u (margin " << tol_d / ed << "), BD error "
-                                << eb / test::u<T>() << " u of " << tol_b / test::u<T>() << " u (margin " << tol_b / eb
-                                << ")");
+  INFO(to_string(dtype_of_v<T>) << " H " << H << "/" << Hkv << " rope " << rope << " bases " << bd::to_string(grouping)
+                                << ": kappa " << sg.kappa << ", g_q " << sg.g_q << ", g_k " << sg.g_k
+                                << "; dense error " << ed / test::u<T>() << " u of " << tol_d / test::u<T>()
+                                << " u (margin " << tol_d / ed << "), BD error " << eb / test::u<T>() << " u of "
+                                << tol_b / test::u<T>() << " u (margin " << tol_b / eb << ")");
   CHECK(ed <= tol_d);
   CHECK(eb <= tol_b);
   // Size: K/V projections lose r rows per kv head; nothing else changes.
@@ -345,6 +352,8 @@ void mla_case(bd::basis_sharing sharing) {
 TEMPLATE_TEST_CASE("MHA layer: BD on Q/K and V/O equals dense and the double reference", "", float, double, Eigen::half,
                    Eigen::bfloat16) {
   mha_case<TestType>(4, 4, false, true);
+  mha_case<TestType>(4, 4, false, true, bd::basis_grouping::shared);
+  mha_case<TestType>(4, 4, false, true, bd::basis_grouping::per_kv_head);
 }
 
 TEMPLATE_TEST_CASE("GQA and MQA layers with RoPE: BD on V/O equals dense and the double reference", "", float, double,
@@ -352,6 +361,8 @@ TEMPLATE_TEST_CASE("GQA and MQA layers with RoPE: BD on V/O equals dense and the
   mha_case<TestType>(8, 2, true, true);
   mha_case<TestType>(4, 1, true, false);
   mha_case<TestType>(6, 3, false, true);
+  mha_case<TestType>(8, 2, true, true, bd::basis_grouping::per_kv_head);
+  mha_case<TestType>(6, 3, false, true, bd::basis_grouping::per_kv_head);
 }
 
 TEMPLATE_TEST_CASE("MLA layer: BD on K-nope and V equals dense and the double reference", "", float, double,
@@ -366,49 +377,112 @@ TEST_CASE("bd::basis_block maps a BD V projection's basis coordinates back to th
   const auto wq = test::random_matrix<float>(dm, H * d), wk = test::random_matrix<float>(dm, Hkv * d),
              wv = test::random_matrix<float>(dm, Hkv * d), wo = test::random_matrix<float>(H * d, dm);
   bd::mha_weights<float> w{wq.view(), wk.view(), wv.view(), wo.view()};
-  bd::mha_options o;
-  o.bd_qk = false;
-  const auto L = bd::prepare_mha<float>(w, bd::mha_config{dm, H, Hkv, d}, o);
-  const auto& pv = std::get<bd::bd_projection<float>>(L.v);
-  const auto x = test::random_matrix<float>(n, dm);
-  matrix<float> y(n, Hkv * d);
-  bd::project(cpu{}, pv, x.view(), y.view());
-  // y_g = fl(x_S + x_rest C~_g), a float sum of m - r + 1 terms with the stored C~_g = C_g (1 + delta),
-  // |delta| <= u: elementwise |y_g - x W_g A_S^-1| <= gamma_{m-r+1} (|x_S| + |x_rest| |C~_g|) +
-  // u (1 + u) |x_rest| |C~_g|, hence |y_g A_S - x W_g| <= that times |A_S| (all in double), plus 1e-12
-  // relative to |x| |W_g| for the double factorization's and this check's own arithmetic.
-  const double u = test::u<float>(), g = test::gamma<float>(dm - d + 1);
-  for (index_t hk = 0; hk < Hkv; ++hk) {
-    const matrix<double> a = bd::basis_block(pv, wv.view().block(0, hk * d, dm, d));
-    index_t wrong = 0;
+  for (const bd::basis_grouping grouping : {bd::basis_grouping::shared, bd::basis_grouping::per_kv_head}) {
+    CAPTURE(bd::to_string(grouping));
+    bd::mha_options o;
+    o.bd_qk = false;
+    o.grouping = grouping;
+    const auto L = bd::prepare_mha<float>(w, bd::mha_config{dm, H, Hkv, d}, o);
+    const auto& pv = std::get<bd::bd_projection<float>>(L.v);
+    CHECK(pv.groups == (grouping == bd::basis_grouping::shared ? 1 : Hkv));
+    const auto x = test::random_matrix<float>(n, dm);
+    matrix<float> y(n, Hkv * d);
+    bd::project(cpu{}, pv, x.view(), y.view());
+    // y_g = fl(x_S + x_rest C~_g), a float sum of m - r + 1 terms with the stored C~_g = C_g (1 + delta),
+    // |delta| <= u: elementwise |y_g - x W_g A_S^-1| <= gamma_{m-r+1} (|x_S| + |x_rest| |C~_g|) +
+    // u (1 + u) |x_rest| |C~_g|, hence |y_g A_S - x W_g| <= that times |A_S| (all in double), plus 1e-12
+    // relative to |x| |W_g| for the double factorization's and this check's own arithmetic.
+    const double u = test::u<float>(), g = test::gamma<float>(dm - d + 1);
+    for (index_t hk = 0; hk < Hkv; ++hk) {
+      const matrix<double> a = bd::basis_block(pv, wv.view().block(0, hk * d, dm, d), hk);
+      index_t wrong = 0;
+      for (index_t t = 0; t < n; ++t)
+        for (index_t j = 0; j < d; ++j) {
+          double got = 0, want = 0, bound = 0, scale = 0;
+          for (index_t c = 0; c < dm; ++c) {
+            want += double(x(t, c)) * double(wv(c, hk * d + j));
+            scale += std::abs(double(x(t, c)) * double(wv(c, hk * d + j)));
+          }
+          for (index_t i = 0; i < d; ++i) {
+            const double yi = double(y(t, hk * d + i));
+            double xc = 0;  // |x_rest| |C_g| of coordinate i
+            for (index_t l = 0; l < dm - d; ++l)
+              xc += std::abs(double(x(t, pv.rest_of(hk)[l])) * double(pv.coeff(l, hk * d + i)));
+            const double xs = std::abs(double(x(t, pv.basis_of(hk)[i])));
+            got += yi * a(i, j);
+            bound += (g * (xs + xc) + u * (1 + u) * xc) * std::abs(a(i, j));
+          }
+          wrong += !(std::abs(got - want) <= bound + 1e-12 * scale);
+        }
+      CHECK(wrong == 0);
+    }
+    // Without mapping back, the coordinates are not the dense output (the test can fail).
+    double diff = 0;
     for (index_t t = 0; t < n; ++t)
       for (index_t j = 0; j < d; ++j) {
-        double got = 0, want = 0, bound = 0, scale = 0;
-        for (index_t c = 0; c < dm; ++c) {
-          want += double(x(t, c)) * double(wv(c, hk * d + j));
-          scale += std::abs(double(x(t, c)) * double(wv(c, hk * d + j)));
-        }
-        for (index_t i = 0; i < d; ++i) {
-          const double yi = double(y(t, hk * d + i));
-          double xc = 0;  // |x_rest| |C_g| of coordinate i
-          for (index_t l = 0; l < dm - d; ++l)
-            xc += std::abs(double(x(t, pv.rest[std::size_t(l)])) * double(pv.coeff(l, hk * d + i)));
-          const double xs = std::abs(double(x(t, pv.basis[std::size_t(i)])));
-          got += yi * a(i, j);
-          bound += (g * (xs + xc) + u * (1 + u) * xc) * std::abs(a(i, j));
-        }
-        wrong += !(std::abs(got - want) <= bound + 1e-12 * scale);
+        double want = 0;
+        for (index_t c = 0; c < dm; ++c) want += double(x(t, c)) * double(wv(c, j));
+        diff = std::max(diff, std::abs(double(y(t, j)) - want));
       }
-    CHECK(wrong == 0);
+    CHECK(diff > 1e-3);
+    CHECK_THROWS_AS(bd::basis_block(pv, wv.view()), basisattn::error);
+    CHECK_THROWS_AS(bd::basis_block(pv, wv.view().block(0, 0, dm, d), Hkv), basisattn::error);
   }
-  // Without mapping back, the coordinates are not the dense output (the test can fail).
-  double diff = 0;
-  for (index_t t = 0; t < n; ++t)
-    for (index_t j = 0; j < d; ++j) {
-      double want = 0;
-      for (index_t c = 0; c < dm; ++c) want += double(x(t, c)) * double(wv(c, j));
-      diff = std::max(diff, std::abs(double(y(t, j)) - want));
-    }
-  CHECK(diff > 1e-3);
-  CHECK_THROWS_AS(bd::basis_block(pv, wv.view()), basisattn::error);
+}
+
+TEST_CASE("prepare_mha chooses per-kv-head bases only where sharing one raises the error estimate") {
+  test::seed(92);
+  const index_t dm = 32, H = 4, Hkv = 2, d = 4;
+  auto rms = [](const bd::any_projection<float>& p) {
+    double s = 0;
+    const auto& r = std::get<bd::bd_projection<float>>(p).report.heads;
+    for (const auto& h : r) s += h.error_growth * h.error_growth;
+    return std::sqrt(s / double(r.size()));
+  };
+  auto groups = [](const bd::any_projection<float>& p) { return std::get<bd::bd_projection<float>>(p).groups; };
+  const auto wq = test::random_matrix<float>(dm, H * d), wo = test::random_matrix<float>(H * d, dm);
+  bd::mha_config cfg{dm, H, Hkv, d};
+  auto prepare = [&](const matrix<float>& wk, bd::basis_grouping g, double gain = 1.1) {
+    bd::mha_options o;
+    o.grouping = g;
+    o.per_head_gain = gain;
+    return bd::prepare_mha<float>(bd::mha_weights<float>{wq.view(), wk.view(), wk.view(), wo.view()}, cfg, o);
+  };
+  // Heads that live on different channels: kv head 0 on channels 0-7, head 1 on 8-15, 0.05 elsewhere.
+  // No basis of 4 channels suits both, so the shared one has large coefficients.
+  matrix<float> apart = test::random_matrix<float>(dm, Hkv * d, 0.05f);
+  for (index_t g = 0; g < Hkv; ++g)
+    for (index_t i = 8 * g; i < 8 * g + 8; ++i)
+      for (index_t j = 0; j < d; ++j) apart(i, g * d + j) *= 20.0f;
+  const auto shared = prepare(apart, bd::basis_grouping::shared);
+  const auto each = prepare(apart, bd::basis_grouping::per_kv_head);
+  const auto chosen = prepare(apart, bd::basis_grouping::automatic);
+  INFO("estimated error growth (RMS over heads): shared " << rms(shared.k) << ", per kv head " << rms(each.k));
+  CHECK(groups(shared.k) == 1);
+  CHECK(groups(each.k) == Hkv);
+  CHECK(rms(shared.k) > 1.1 * rms(each.k));
+  CHECK(groups(chosen.k) == Hkv);
+  CHECK(groups(chosen.v) == Hkv);
+  // A gain above the measured ratio keeps the shared basis.
+  CHECK(groups(prepare(apart, bd::basis_grouping::automatic, 1.01 * rms(shared.k) / rms(each.k)).k) == 1);
+  // Identical kv heads: one basis is as good as two (equal estimates): shared.
+  matrix<float> same(dm, Hkv * d);
+  const auto one = test::random_matrix<float>(dm, d);
+  for (index_t g = 0; g < Hkv; ++g)
+    for (index_t i = 0; i < dm; ++i)
+      for (index_t j = 0; j < d; ++j) same(i, g * d + j) = one(i, j);
+  CHECK(groups(prepare(same, bd::basis_grouping::automatic).k) == 1);
+  // MQA: one kv head, one basis whatever is asked.
+  {
+    const auto wk1 = test::random_matrix<float>(dm, d);
+    bd::mha_options o;
+    o.grouping = bd::basis_grouping::per_kv_head;
+    const auto L = bd::prepare_mha<float>(bd::mha_weights<float>{wq.view(), wk1.view(), wk1.view(), wo.view()},
+                                          bd::mha_config{dm, H, 1, d}, o);
+    CHECK(groups(L.k) == 1);
+  }
+  test::expect_error([&] { prepare(apart, bd::basis_grouping::automatic, 0.5); }, errc::invalid_argument,
+                     "per_head_gain");
+  test::expect_error([&] { prepare(apart, bd::basis_grouping::automatic, NAN); }, errc::invalid_argument,
+                     "per_head_gain");
 }

@@ -26,6 +26,7 @@
 
 #include "gpt2_model.hpp"  // layer_norm, add_into
 
+#include <functional>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -150,7 +151,9 @@ struct bert_model {
   }
 
   /// Last hidden states, tokens x hidden (float), of one unpadded sequence of token type 0.
-  matrix<float> hidden(const std::vector<std::int32_t>& ids) const {
+  /// on_attention_input, when given, sees each layer's attention input (layer index, tokens x hidden).
+  matrix<float> hidden(const std::vector<std::int32_t>& ids,
+                       const std::function<void(std::size_t, const matrix<T>&)>& on_attention_input = {}) const {
     const index_t n = static_cast<index_t>(ids.size()), E = cfg.hidden_size, F = cfg.intermediate_size;
     BASISATTN_REQUIRE(n >= 1 && n <= cfg.max_positions, invalid_argument, "bert: ", n, " tokens, the model takes 1 to ",
                       cfg.max_positions);
@@ -165,6 +168,7 @@ struct bert_model {
     matrix<T> h(n, E), a(n, E), f(n, F), o(n, E);
     for (std::size_t l = 0; l < attn.size(); ++l) {
       round_into(x, h);
+      if (on_attention_input) on_attention_input(l, h);
       bd::forward(basisattn::cpu{}, attn[l], std::as_const(h).view(), a.view());
       add_into(x, a);
       x = layer_norm<float>(x, attn_ln_w[l], attn_ln_b[l], cfg.layer_norm_eps);

@@ -8,7 +8,8 @@
 //   data        data paths, files_present (the skip message), read_file
 //   pair sides  pair_side, qk_side, vo_side: the products A_g B_h BD keeps, from stored weights;
 //               print_side_header, check_side: BD's product error by strategy and storage type
-//   layers      stored_attention, worst_product_error_ratio: g, the worst ratio of BD's product
+//   layers      stored_attention, worst_activation_gain: h (BD's activation rounding, estimated),
+//               worst_product_error_ratio: g, the worst ratio of BD's product
 //               error to the dense weights' own rounding (bd::measure_product_errors)
 //   perplexity  ppl_result (per-token NLL over sequences), blocks, paired_difference,
 //               ratio_of_means, rms_ratio; check_bd_perplexity: BD vs dense, fp32 and fp16
@@ -260,6 +261,75 @@ double worst_product_error_ratio(const Layers& attn, Stored&& stored) {
     g = std::max({g, e.qk_ratio(), e.vo_ratio()});
   }
   return g;
+}
+
+/// h: the largest factor, over every layer and BD'd side of a BD model, by which rounding the
+/// side's activations to T in basis coordinates (k' = k A_S^-1 and v' = v A_S^-1 stored, mapped back
+/// by A_S; with BD on Q/K also q' = q A_S^T, mapped back by A_S^-T) exceeds rounding them in the dense
+/// coordinates, in root-mean-square. Each stored activation entry carries an independent relative
+/// error of size u, so the mapped error's energy is sum_i E[a'_i^2] ||M_i||^2 (a' the stored
+/// activation, M the map back) against the dense sum_j E[a_j^2]. E[a^2] = c^T S c for an activation
+/// a = [x, 1] c (c: a weight column with its bias), S the second moment of the layer input [x, 1]:
+/// moments[l], (d_model + 1) square, measured on the data (any scale); without it, x isotropic and
+/// biases ignored (S = diag(I, 0)), an assumption rather than a measurement. g (above) covers the
+/// weights; this term is what BD changes in the activations' rounding.
+template <class Layers, class Stored>
+double worst_activation_gain(const Layers& attn, Stored&& stored, const std::vector<Eigen::MatrixXd>& moments = {}) {
+  using T = std::remove_const_t<std::remove_reference_t<decltype(*attn[0].q.weight.data())>>;
+  double h = 0;
+  for (std::size_t l = 0; l < attn.size(); ++l) {
+    const auto& L = attn[l];
+    const stored_attention st = stored(static_cast<index_t>(l));
+    const basisattn::bd::mha_weights<float> w = st.weights();
+    const index_t dm = L.config.d_model, d = L.config.head_dim, Hkv = L.config.n_kv_heads, grp = L.config.n_heads / Hkv;
+    Eigen::MatrixXd S = Eigen::MatrixXd::Identity(dm + 1, dm + 1);
+    S(dm, dm) = 0;
+    if (!moments.empty()) {
+      REQUIRE(moments.size() == attn.size());
+      REQUIRE(moments[l].rows() == dm + 1);
+      S = moments[l];
+    }
+    // Columns [W; b] of a weight block (b: its bias, or zero).
+    auto aug = [&](const Eigen::MatrixXd& wb, const float* b) {
+      Eigen::MatrixXd c = Eigen::MatrixXd::Zero(dm + 1, wb.cols());
+      c.topRows(dm) = wb;
+      if (b)
+        for (index_t j = 0; j < wb.cols(); ++j) c(dm, j) = b[j];
+      return c;
+    };
+    auto energy = [&](const Eigen::VectorXd& c) { return c.dot(S * c); };
+    auto side = [&](const basisattn::bd::any_projection<T>& pr, matrix_view<const float> wa, const float* ba,
+                    bool with_q) {
+      const auto* p = std::get_if<basisattn::bd::bd_projection<T>>(&pr);
+      if (!p) return;
+      double num = 0, den = 0, num_q = 0, den_q = 0;
+      for (index_t g = 0; g < Hkv; ++g) {
+        const Eigen::MatrixXd a = basisattn::bd::detail::to_double(wa.block(0, g * d, dm, d));
+        Eigen::MatrixXd ap = aug(basisattn::bd::detail::stored_a(pr, g, dm, d), nullptr);
+        if (!p->bias.empty())
+          for (index_t i = 0; i < d; ++i)
+            ap(dm, i) = static_cast<double>(basisattn::detail::to_compute<float>(p->bias[std::size_t(g * d + i)]));
+        const Eigen::MatrixXd ad = aug(a, ba ? ba + g * d : nullptr);
+        Eigen::MatrixXd as(d, d);
+        for (index_t i = 0; i < d; ++i) as.row(i) = a.row(p->basis_of(g)[i]);
+        for (index_t i = 0; i < d; ++i) num += energy(ap.col(i)) * as.row(i).squaredNorm(), den += energy(ad.col(i));
+        if (!with_q) continue;
+        const Eigen::MatrixXd inv = as.inverse();
+        for (index_t hq = g * grp; hq < (g + 1) * grp; ++hq) {
+          const Eigen::MatrixXd qd = aug(basisattn::bd::detail::to_double(w.wq.block(0, hq * d, dm, d)),
+                                         w.bq ? w.bq + hq * d : nullptr),
+                                qp = qd * as.transpose();
+          for (index_t i = 0; i < d; ++i)
+            num_q += energy(qp.col(i)) * inv.col(i).squaredNorm(), den_q += energy(qd.col(i));
+        }
+      }
+      h = std::max(h, std::sqrt(num / den));
+      if (with_q) h = std::max(h, std::sqrt(num_q / den_q));
+    };
+    side(L.k, w.wk, w.bk, true);
+    side(L.v, w.wv, w.bv, false);
+  }
+  return h;
 }
 
 // ---------------------------------------------------------------------------------------------

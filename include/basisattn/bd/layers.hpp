@@ -10,7 +10,11 @@
 //          with RoPE on q/k it is refused (errc::invalid_argument).
 //   bd_vo: V side: A_g = W_V^g, paired with the rows of W_O of every query head of the group
 //          (W_O^h <- A_S W_O^h, b_V^g <- b_V^g A_S^-1). Exact with any positional scheme.
-//   One basis per side is shared by all kv heads, so each of the K and V projections is one GEMM.
+//   mha_options::grouping decides per side whether one basis is shared by all kv heads (each of the
+//   K and V projections is then one GEMM) or each kv head gets its own (one gather + GEMM per kv
+//   head; bd_projection::groups = n_kv_heads). basis_grouping::automatic (default) factorizes both
+//   and keeps per-kv-head bases only where the shared basis's estimated error growth (RMS over heads
+//   of head_diagnostics::error_growth) exceeds the per-head one by more than per_head_gain.
 // MLA, DeepSeek-V2 layout (prepare_mla): q_proj (nope | rope slices per head), kv_a_proj_with_mqa
 //   (latent | shared rope key), RMSNorm on the latent, kv_b_proj (k_nope | v per head), o_proj.
 //   BD on the K-nope and V up-projections from the latent: A_h = W_UK^h or W_UV^h (L x d), paired
@@ -40,6 +44,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <exception>
 #include <variant>
 #include <vector>
 
@@ -84,10 +89,26 @@ struct mha_weights {
   const T* bo = nullptr;
 };
 
+/// Whether the kv heads of a BD'd side share one basis (see the top of this header).
+enum class basis_grouping {
+  automatic,    ///< per side, from the error estimate (mha_options::per_head_gain)
+  shared,       ///< one basis for all kv heads: one GEMM per projection
+  per_kv_head,  ///< one basis per kv head: one gather + GEMM per kv head
+};
+
+inline const char* to_string(basis_grouping g) noexcept {
+  return g == basis_grouping::automatic ? "automatic" : g == basis_grouping::shared ? "shared" : "per_kv_head";
+}
+
 /// What to BD when preparing an MHA layer.
 struct mha_options {
   bool bd_qk = true;  ///< BD on the Q/K pair (refused with RoPE)
   bool bd_vo = true;  ///< BD on the V/O pair
+  basis_grouping grouping = basis_grouping::automatic;
+  /// automatic: per-kv-head bases are chosen when the shared basis's estimated error growth exceeds
+  /// theirs by more than this factor (>= 1). A factor, not an absolute margin: the estimate tracks
+  /// the measured product error's trend (docs/fidelity), not its value.
+  double per_head_gain = 1.1;
   prepare_options prepare = {};
 };
 
@@ -156,6 +177,58 @@ void round_head(const shared_basis& sb, index_t g, const std::vector<matrix_view
       for (index_t j = 0; j < v.cols; ++j) v(i, j) = rp.b_prime(i, c0 + j);
     c0 += v.cols;
   }
+}
+
+/// RMS over heads of a basis's estimated error growth (head_diagnostics::error_growth).
+inline double rms_growth(const std::vector<shared_basis>& bases) {
+  double s = 0;
+  index_t n = 0;
+  for (const shared_basis& b : bases)
+    for (const head_diagnostics& h : b.report().heads) s += h.error_growth * h.error_growth, ++n;
+  return n ? std::sqrt(s / static_cast<double>(n)) : 0.0;
+}
+
+/// The bases of one side's kv heads as opt.grouping asks: one shared basis, or one per head. With
+/// automatic, both are factorized (the per-head ones in parallel: the factorization's cost about
+/// doubles), and a grouping whose factorization raises (a refusal: errc::singular_basis,
+/// rank_deficient, error growth over the limit) loses to the other; when both raise, the shared
+/// one's error is raised. Built without exceptions, a refusal aborts as everywhere else.
+template <class TS, class TI>
+std::vector<shared_basis> choose_bases(const std::vector<matrix_view<const TI>>& heads, const prepare_options& prep,
+                                       const mha_options& opt) {
+  BASISATTN_REQUIRE(opt.per_head_gain >= 1 && std::isfinite(opt.per_head_gain), invalid_argument,
+                    "prepare_mha: per_head_gain ", opt.per_head_gain, " must be finite and >= 1");
+  const index_t G = static_cast<index_t>(heads.size());
+  auto per_head = [&] {
+    std::vector<shared_basis> b(static_cast<std::size_t>(G));
+    ::basisattn::detail::parallel_for(G, [&](index_t g) {
+      b[static_cast<std::size_t>(g)] = factorize<TS>(std::vector<matrix_view<const TI>>{heads[std::size_t(g)]}, prep);
+    });
+    return b;
+  };
+  if (G == 1 || opt.grouping == basis_grouping::shared) return {factorize<TS>(heads, prep)};
+  if (opt.grouping == basis_grouping::per_kv_head) return per_head();
+  std::vector<shared_basis> shared, each;
+#if BASISATTN_HAS_EXCEPTIONS
+  std::exception_ptr shared_error;
+  try {
+    shared = {factorize<TS>(heads, prep)};
+  } catch (const ::basisattn::error&) {
+    shared_error = std::current_exception();
+  }
+  try {
+    each = per_head();
+  } catch (const ::basisattn::error&) {
+    if (shared_error) std::rethrow_exception(shared_error);
+    return shared;
+  }
+#else  // a refusal aborts (core/error.hpp): no fallback to the other grouping
+  const bool shared_error = false;
+  shared = {factorize<TS>(heads, prep)};
+  each = per_head();
+#endif
+  if (shared_error || rms_growth(shared) > opt.per_head_gain * rms_growth(each)) return each;
+  return shared;
 }
 
 template <class TI>
@@ -229,8 +302,13 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     if (!bd) return make_dense_projection<T>(wa, ba, false);
     std::vector<matrix_view<const TI>> heads;
     for (index_t g = 0; g < Hkv; ++g) heads.push_back(wa.block(0, g * d, dm, d));
-    const shared_basis sb = factorize<T>(heads, scanned);
-    bd_projection<T> p = make_bd_projection<T>(sb, detail::head_pointers(ba, Hkv, d));
+    const std::vector<shared_basis> bases = detail::choose_bases<T>(heads, scanned, opt);
+    // Head g's basis and its index in it.
+    const bool per_head = bases.size() > 1;
+    auto basis_of = [&](index_t g) -> const shared_basis& { return bases[per_head ? static_cast<std::size_t>(g) : 0]; };
+    auto index_in = [&](index_t g) { return per_head ? index_t(0) : g; };
+    bd_projection<T> p = per_head ? make_bd_projection<T>(bases, detail::head_pointers(ba, Hkv, d))
+                                  : make_bd_projection<T>(bases.front(), detail::head_pointers(ba, Hkv, d));
     if (opt.prepare.round == rounding::error_aware) {
       // B_g: for the V/O pair the rows of W_O of the group's query heads; for Q/K the transposed
       // W_Q columns of the group's heads (and their biases, as extra columns: b_Q A_S^T is one more
@@ -251,12 +329,13 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
             dst.push_back(L.o.weight.view().block(h * d, 0, d, dm));
           }
         }
-        detail::round_head(sb, g, src, dst, p.coeff.view().block(0, g * d, dm - d, d));
+        detail::round_head(basis_of(g), index_in(g), src, dst, p.coeff.view().block(0, g * d, dm - d, d));
       });
       return p;
     }
     ::basisattn::detail::parallel_for(H, [&](index_t h) {
-      const index_t g = h / grp;
+      const shared_basis& sb = basis_of(h / grp);
+      const index_t g = index_in(h / grp);
       if (absorb_into_q) {  // W_Q^h A_S^T and b_Q^h A_S^T
         sb.absorb_cols_into(g, w.wq.block(0, h * d, dm, d), L.q.weight.view().block(0, h * d, dm, d));
         if (w.bq)
