@@ -123,17 +123,19 @@ bool same(const bd::any_projection<T>& a, const bd::any_projection<T>& b) {
   }
   const auto& x = std::get<bd::bd_projection<T>>(a);
   const auto& y = std::get<bd::bd_projection<T>>(b);
-  return x.basis == y.basis && x.rest == y.rest && same(x.coeff, y.coeff) && same(x.bias, y.bias);
+  return x.groups == y.groups && x.basis == y.basis && x.rest == y.rest && same(x.coeff, y.coeff) &&
+         same(x.bias, y.bias);
 }
 
 /// Convert, write, read back, and compare every layer with prepare_mha on the same weights.
 template <class T>
-void round_trip(const synthetic& s, io::tensor_type type) {
+void round_trip(const synthetic& s, io::tensor_type type, bd::basis_grouping grouping = bd::basis_grouping::automatic) {
   const io::checkpoint c = io::open_checkpoint(s.model);
   CHECK(c.architecture == (s.bert ? "bert" : "llama"));
   CHECK(c.attention.use_rope == !s.bert);
   io::convert_options o;
   o.type = type;
+  o.grouping = grouping;
   index_t calls = 0;
   o.progress = [&](index_t done, index_t total) {
     CHECK(done == ++calls);
@@ -144,7 +146,11 @@ void round_trip(const synthetic& s, io::tensor_type type) {
   const std::string out = s.dir + "/bd_" + io::to_string(type) + ".safetensors";
   io::write_conversion(out, cv);
   const io::safetensors_file f = io::read_safetensors(out);
-  CHECK(f.metadata.at("basisattn.format") == "bd/1");
+  bool grouped = false;  // some side has a basis per kv head: the format says bd/2
+  for (const auto& r : cv.layers) grouped = grouped || r.qk.groups > 1 || r.vo.groups > 1;
+  CHECK(f.metadata.at("basisattn.format") == (grouped ? "bd/2" : "bd/1"));
+  if (grouping == bd::basis_grouping::per_kv_head) CHECK(grouped == (s.cfg.n_kv_heads > 1));
+  if (grouping == bd::basis_grouping::shared) CHECK(!grouped);
   // Untouched tensors survive (rounded once to the output type).
   const std::vector<float> extra = io::to_float(f.get("norm.weight"), f.bytes);
   for (std::size_t i = 0; i < extra.size(); ++i)
@@ -156,6 +162,7 @@ void round_trip(const synthetic& s, io::tensor_type type) {
     const bd::mha_layer<T> loaded = io::load_bd_layer<T>(f, l, settings);
     bd::mha_options mo;
     mo.bd_qk = s.bert;  // RoPE keeps Q/K dense
+    mo.grouping = grouping;
     const auto w = weights_of<T>(s, l);
     const bd::mha_layer<T> direct = bd::prepare_mha<T>(w, s.cfg, mo);
     CHECK(same(loaded.q.weight, direct.q.weight));
@@ -186,8 +193,22 @@ void round_trip(const synthetic& s, io::tensor_type type) {
       }
       for (const auto& m : bs) b.push_back(m.view());
       bd::prepare_options po;
-      const auto sb = bd::factorize<T>(a, po);
-      CHECK(rep.vo.error == Approx(test::bd_pair_error<T>(a, b, sb)).epsilon(1e-9));
+      const index_t groups = std::get<bd::bd_projection<T>>(loaded.v).groups;
+      CHECK(rep.vo.groups == groups);
+      if (groups == 1) {
+        const auto sb = bd::factorize<T>(a, po);
+        CHECK(rep.vo.error == Approx(test::bd_pair_error<T>(a, b, sb)).epsilon(1e-9));
+      } else {  // a basis per kv head: the heads' squared errors add, weighted by ||A_g B_g||^2
+        REQUIRE(groups == s.cfg.n_kv_heads);
+        double num = 0, den = 0;
+        for (index_t g = 0; g < groups; ++g) {
+          const std::vector<matrix_view<const float>> ag{a[std::size_t(g)]}, bg{b[std::size_t(g)]};
+          const double e = test::bd_pair_error<T>(ag, bg, bd::factorize<T>(ag, po));
+          const double n2 = (test::to_double(ag[0]) * test::to_double(bg[0])).squaredNorm();
+          num += e * e * n2, den += n2;
+        }
+        CHECK(rep.vo.error == Approx(std::sqrt(num / den)).epsilon(1e-9));
+      }
       CHECK(rep.vo.dense_error == Approx(test::dense_rounding_error<T>(a, b)).epsilon(1e-9));
     }
     // BD costs at most a small multiple of the dense rounding in 16 bits, and is at rounding level in fp32.
@@ -229,6 +250,8 @@ TEST_CASE("convert: HF Llama-style GQA with RoPE and Q/K/V biases round-trips th
   round_trip<float>(s, io::tensor_type::f32);
   round_trip<Eigen::half>(s, io::tensor_type::f16);
   round_trip<Eigen::bfloat16>(s, io::tensor_type::bf16);
+  round_trip<Eigen::half>(s, io::tensor_type::f16, bd::basis_grouping::shared);
+  round_trip<Eigen::half>(s, io::tensor_type::f16, bd::basis_grouping::per_kv_head);
   fs::remove_all(s.dir);
 }
 
@@ -236,6 +259,7 @@ TEST_CASE("convert: HF BERT-style MHA round-trips with BD on Q/K and V/O") {
   const synthetic s = make_checkpoint("bert", true, 40, 4, 4, 8, true);
   round_trip<float>(s, io::tensor_type::f32);
   round_trip<Eigen::half>(s, io::tensor_type::f16);
+  round_trip<Eigen::half>(s, io::tensor_type::f16, bd::basis_grouping::per_kv_head);
   fs::remove_all(s.dir);
 }
 
@@ -298,5 +322,24 @@ TEST_CASE("convert: bad checkpoints and lying BD files raise clear errors") {
       },
       "bd_coeff");
   lie([&](io::conversion& x) { x.tensors.erase(x.tensors.begin()); }, "no tensor");
+  // A basis per kv head (bd/2, bd_basis I32 [4, 8]), then lies about it.
+  o.grouping = bd::basis_grouping::per_kv_head;
+  cv = io::convert_to_bd(c, o);
+  REQUIRE(cv.metadata.at("basisattn.format") == "bd/2");
+  REQUIRE(find(cv, ".bd_basis").shape == std::vector<std::uint64_t>{4, 8});
+  lie([&](io::conversion& x) { x.metadata["basisattn.format"] = "bd/1"; }, "must be I32 [8], it is I32 [4,8]");
+  lie(
+      [&](io::conversion& x) {
+        auto& b = find(x, ".bd_basis");  // 3 groups for 4 kv heads
+        b.shape[0] = 3;
+        b.data.resize(3 * 8 * 4);
+      },
+      "groups dividing the kv heads");
+  lie(
+      [&](io::conversion& x) {
+        auto& b = find(x, ".bd_basis");  // group 1's first entry repeats its second
+        std::copy(b.data.begin() + 36, b.data.begin() + 40, b.data.begin() + 32);
+      },
+      "group 1 entry 1");
   fs::remove_all(s.dir);
 }

@@ -1,7 +1,8 @@
 // basisattn-convert: a checkpoint in, a BD checkpoint (safetensors + metadata) out.
 //
 //   basisattn-convert IN OUT [--dtype f32|f16|bf16] [--strategy shared_pivot|residual_min|first_r]
-//                            [--rounding error_aware|nearest] [--config config.json] [--no-qk] [--no-vo]
+//                            [--rounding error_aware|nearest] [--bases automatic|shared|per_kv_head]
+//                            [--config config.json] [--no-qk] [--no-vo]
 //
 // IN: a llama2.c checkpoint (.bin), a GGUF file (llama/mistral/qwen2), or a safetensors file with
 // Hugging Face BERT or Llama tensor names (config.json beside it, or --config). A progress bar goes
@@ -23,7 +24,8 @@ namespace {
 void usage(FILE* f) {
   std::fprintf(f,
                "usage: basisattn-convert IN OUT [--dtype f32|f16|bf16] [--strategy shared_pivot|residual_min|first_r]\n"
-               "                         [--rounding error_aware|nearest] [--config config.json] [--no-qk] [--no-vo]\n"
+               "                         [--rounding error_aware|nearest] [--bases automatic|shared|per_kv_head]\n"
+               "                         [--config config.json] [--no-qk] [--no-vo]\n"
                "IN: llama2.c .bin, GGUF (llama family) or safetensors (HF BERT / Llama names). OUT: safetensors.\n");
 }
 
@@ -41,8 +43,8 @@ std::string side_cell(const io::side_report& s) {
     std::snprintf(buf, sizeof buf, "%-8s %-32s %9.2e %9.2e %6s", "dense", s.why_dense.c_str(), s.error, s.dense_error,
                   "");
   } else {
-    std::snprintf(buf, sizeof buf, "%-8s rcond %8.1e |C| %6.2f est %5.2fx %9.2e %9.2e %5.2fx", "BD", s.min_rcond,
-                  s.max_abs_coeff, s.error_growth, s.error, s.dense_error,
+    std::snprintf(buf, sizeof buf, "%-8s rcond %8.1e |C| %6.2f est %5.2fx %9.2e %9.2e %5.2fx",
+                  s.groups > 1 ? "BD/head" : "BD", s.min_rcond, s.max_abs_coeff, s.error_growth, s.error, s.dense_error,
                   s.dense_error > 0 ? s.error / s.dense_error : 0.0);
   }
   return buf;
@@ -93,6 +95,16 @@ int main(int argc, char** argv) {
           o.prepare.round = bd::rounding::nearest;
         else
           throw std::runtime_error("--rounding must be error_aware or nearest, got '" + v + "'");
+      } else if (a == "--bases") {
+        const std::string v = value();
+        if (v == "automatic")
+          o.grouping = bd::basis_grouping::automatic;
+        else if (v == "shared")
+          o.grouping = bd::basis_grouping::shared;
+        else if (v == "per_kv_head")
+          o.grouping = bd::basis_grouping::per_kv_head;
+        else
+          throw std::runtime_error("--bases must be automatic, shared or per_kv_head, got '" + v + "'");
       } else if (a == "--config") {
         config = value();
       } else if (a == "--no-qk") {
@@ -118,12 +130,12 @@ int main(int argc, char** argv) {
   try {
     const io::checkpoint c = io::open_checkpoint(in, config);
     const auto& a = c.attention;
-    std::printf("%s: %s (%s), %zu layers, d_model %lld, %lld/%lld heads of %lld%s -> %s, strategy %s, rounding %s\n",
-                in.c_str(), c.format.c_str(), c.architecture.c_str(), c.layers.size(),
-                static_cast<long long>(a.d_model), static_cast<long long>(a.n_heads),
-                static_cast<long long>(a.n_kv_heads), static_cast<long long>(a.head_dim),
-                a.use_rope ? ", RoPE (Q/K stays dense)" : "", io::to_string(o.type), bd::to_string(o.prepare.select),
-                bd::to_string(o.prepare.round));
+    std::printf(
+        "%s: %s (%s), %zu layers, d_model %lld, %lld/%lld heads of %lld%s -> %s, strategy %s, rounding %s, bases %s\n",
+        in.c_str(), c.format.c_str(), c.architecture.c_str(), c.layers.size(), static_cast<long long>(a.d_model),
+        static_cast<long long>(a.n_heads), static_cast<long long>(a.n_kv_heads), static_cast<long long>(a.head_dim),
+        a.use_rope ? ", RoPE (Q/K stays dense)" : "", io::to_string(o.type), bd::to_string(o.prepare.select),
+        bd::to_string(o.prepare.round), bd::to_string(o.grouping));
     const bool tty = isatty(fileno(stderr)) != 0;
     const auto t0 = std::chrono::steady_clock::now();
     if (tty)

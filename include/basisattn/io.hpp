@@ -7,7 +7,7 @@
 //   <basisattn/io/llama2c.hpp>         llama2.c checkpoints and tokenizer
 //   <basisattn/io/gguf.hpp>            GGUF (F32/F16/BF16, Q4_0/Q4_1/Q8_0)
 //   <basisattn/io/architectures.hpp>   io::checkpoint, io::open_checkpoint: the architectures and tensor names
-//   <basisattn/io/bd_checkpoint.hpp>   the BD checkpoint format ("bd/1"), io::read_bd_info, io::load_bd_layer
+//   <basisattn/io/bd_checkpoint.hpp>   the BD checkpoint format ("bd/1", "bd/2"), io::read_bd_info, io::load_bd_layer
 //   <basisattn/io/convert.hpp>         io::convert_to_bd, io::write_conversion (includes the two above)
 #pragma once
 

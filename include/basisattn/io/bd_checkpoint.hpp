@@ -1,21 +1,25 @@
-// basisattn/io/bd_checkpoint.hpp - the BD checkpoint file format ("bd/1"): what io::convert_to_bd
+// basisattn/io/bd_checkpoint.hpp - the BD checkpoint file format ("bd/1", "bd/2"): what io::convert_to_bd
 // writes (io/convert.hpp) and how it is read back (io::read_bd_info, io::load_bd_layer).
 //
 //   bd::mha_layer<Eigen::half> L = io::load_bd_layer<Eigen::half>(io::read_safetensors(p), 3, cfg);
 //
-// The BD checkpoint (format "bd/1"): every tensor of the source, in the source's order and names,
-// stored in the chosen float type (quantized GGUF blocks are dequantized; integer tensors are kept
-// as they are), except that for each BD'd side of layer l
+// The BD checkpoint (format "bd/1", or "bd/2" when some side has per-kv-head bases): every tensor
+// of the source, in the source's order and names, stored in the chosen float type (quantized GGUF
+// blocks are dequantized; integer tensors are kept as they are), except that for each BD'd side of
+// layer l
 //   <W_K or W_V name>.bd_coeff   (d_model - d) x (n_kv_heads d), y = x W form: head g owns columns
-//                                [g d, (g + 1) d), rows follow the input channels not in the basis,
-//                                ascending (bd::bd_projection::coeff)
-//   <W_K or W_V name>.bd_basis   I32 [d]: the basis input channels, ascending
+//                                [g d, (g + 1) d), rows follow the input channels not in its group's
+//                                basis, ascending (bd::bd_projection::coeff)
+//   <W_K or W_V name>.bd_basis   I32 [d]: the basis input channels, ascending (bd/1); or (bd/2 only)
+//                                I32 [groups, d]: one basis per group of n_kv_heads / groups
+//                                consecutive kv heads, each ascending (bd::bd_projection::groups)
 // replace the K or V weight, and the tensors BD rewrites keep their names and shapes with new
 // values: W_O (rows A_S W_O^h) for V/O; W_Q and b_Q (A_S^T applied) for Q/K; b_K and b_V
-// (b A_S^-1). Metadata (strings): "basisattn.format" = "bd/1", "basisattn.config" (JSON: shapes,
-// dtype, strategy, rounding, source) and "basisattn.layers" (JSON array, one object per layer: the
-// tensor names, and per side whether it is BD, its basis, min rcond, max |C|, estimated error
-// growth, and the measured product error with the dense-rounding reference; bd/measure.hpp).
+// (b A_S^-1). Metadata (strings): "basisattn.format" = "bd/1" or "bd/2", "basisattn.config" (JSON:
+// shapes, dtype, strategy, rounding, grouping, source) and "basisattn.layers" (JSON array, one
+// object per layer: the tensor names, and per side whether it is BD, its basis (basis_groups x d
+// channels) and basis_groups, min rcond, max |C|, estimated error growth, and the measured product
+// error with the dense-rounding reference; bd/measure.hpp).
 // Errors: errc::io for files that are not what they claim, errc::invalid_argument for a layer type
 // or layer index the checkpoint does not have (or BD on Q/K with settings.use_rope),
 // errc::shape_mismatch for settings whose shapes disagree with the checkpoint's.
@@ -40,18 +44,21 @@
 BASISATTN_BEGIN_NAMESPACE
 namespace io {
 
-/// The configuration and per-layer records of a BD checkpoint ("bd/1"); errc::io when absent or bad.
+/// The configuration and per-layer records of a BD checkpoint ("bd/1" or "bd/2"); errc::io when absent or bad.
 struct bd_checkpoint_info {
   bd::mha_config attention;
   tensor_type type = tensor_type::f16;
+  int version = 1;  ///< 2: sides may have several basis groups
   nlohmann::json config, layers;
 };
 
 inline bd_checkpoint_info read_bd_info(const safetensors_file& f) {
   const auto fmt = f.metadata.find("basisattn.format");
-  BASISATTN_REQUIRE(fmt != f.metadata.end() && fmt->second == "bd/1", io,
-                    "BD checkpoint: metadata 'basisattn.format' is not 'bd/1' (not written by io::write_conversion)");
+  BASISATTN_REQUIRE(fmt != f.metadata.end() && (fmt->second == "bd/1" || fmt->second == "bd/2"), io,
+                    "BD checkpoint: metadata 'basisattn.format' is not 'bd/1' or 'bd/2' (not written by "
+                    "io::write_conversion)");
   bd_checkpoint_info info;
+  info.version = fmt->second == "bd/2" ? 2 : 1;
   auto parse = [&](const char* key) {
     const auto it = f.metadata.find(key);
     BASISATTN_REQUIRE(it != f.metadata.end(), io, "BD checkpoint: metadata '", key, "' is missing");
@@ -118,7 +125,7 @@ std::vector<T> load_bias(const safetensors_file& f, const std::string& name, ind
 }
 template <class T>
 bd::any_projection<T> load_side(const safetensors_file& f, const nlohmann::json& side, const std::string& w,
-                                const std::string& b, index_t dm, index_t heads, index_t d) {
+                                const std::string& b, index_t dm, index_t heads, index_t d, int version) {
   BASISATTN_REQUIRE(side.is_object() && side.contains("bd") && side["bd"].is_boolean(), io,
                     "BD checkpoint: bad side record for '", w, "'");
   if (!side["bd"].get<bool>()) {
@@ -128,22 +135,30 @@ bd::any_projection<T> load_side(const safetensors_file& f, const nlohmann::json&
     return p;
   }
   const tensor_info& bt = f.get(w + ".bd_basis");
-  BASISATTN_REQUIRE(bt.type == tensor_type::i32 && bt.shape == std::vector<std::uint64_t>{std::uint64_t(d)}, io,
-                    "BD checkpoint: '", w, ".bd_basis' must be I32 [", d, "]");
+  const bool grouped = version >= 2 && bt.shape.size() == 2;
+  const std::uint64_t Q = grouped ? bt.shape[0] : 1;
+  // The rank first: a scalar tensor has no last extent.
+  BASISATTN_REQUIRE(bt.type == tensor_type::i32 && bt.shape.size() == (grouped ? 2u : 1u) &&
+                        bt.shape.back() == std::uint64_t(d) && Q >= 1 && std::uint64_t(heads) % Q == 0,
+                    io, "BD checkpoint: '", w, ".bd_basis' must be I32 [", d, "]",
+                    version >= 2 ? " or I32 [groups, d] with groups dividing the kv heads" : "", ", it is ",
+                    to_string(bt.type), " ", nlohmann::json(bt.shape).dump());
   bd::bd_projection<T> p;
-  p.in_dim = dm, p.rank = d, p.heads = heads;
-  std::vector<bool> used(static_cast<std::size_t>(dm), false);
-  for (index_t i = 0; i < d; ++i) {
-    std::int32_t v;
-    std::memcpy(&v, f.bytes.data() + bt.offset + 4 * std::uint64_t(i), 4);
-    BASISATTN_REQUIRE(v >= 0 && v < dm && !used[std::size_t(v)] && (i == 0 || v > p.basis.back()), io,
-                      "BD checkpoint: '", w, ".bd_basis' entry ", i, " = ", v,
-                      " is out of range, repeated or not ascending");
-    used[std::size_t(v)] = true;
-    p.basis.push_back(v);
+  p.in_dim = dm, p.rank = d, p.heads = heads, p.groups = static_cast<index_t>(Q);
+  for (index_t q = 0; q < p.groups; ++q) {
+    std::vector<bool> used(static_cast<std::size_t>(dm), false);
+    for (index_t i = 0; i < d; ++i) {
+      std::int32_t v;
+      std::memcpy(&v, f.bytes.data() + bt.offset + 4 * std::uint64_t(q * d + i), 4);
+      BASISATTN_REQUIRE(v >= 0 && v < dm && !used[std::size_t(v)] && (i == 0 || v > p.basis.back()), io,
+                        "BD checkpoint: '", w, ".bd_basis' group ", q, " entry ", i, " = ", v,
+                        " is out of range, repeated or not ascending");
+      used[std::size_t(v)] = true;
+      p.basis.push_back(v);
+    }
+    for (index_t i = 0; i < dm; ++i)
+      if (!used[std::size_t(i)]) p.rest.push_back(i);
   }
-  for (index_t i = 0; i < dm; ++i)
-    if (!used[std::size_t(i)]) p.rest.push_back(i);
   p.coeff = load_weight<T>(f, w + ".bd_coeff", heads * d, dm - d, false);
   p.bias = load_bias<T>(f, b, heads * d);
   p.report.used = bd::strategy::shared_pivot;
@@ -184,8 +199,8 @@ bd::mha_layer<T> load_bd_layer(const safetensors_file& f, index_t layer, bd::mha
   L.q.bias = detail::load_bias<T>(f, name("bq"), qd);
   L.o.weight = detail::load_weight<T>(f, name("wo"), dm, qd);
   L.o.bias = detail::load_bias<T>(f, name("bo"), dm);
-  L.k = detail::load_side<T>(f, r["qk"], name("wk"), name("bk"), dm, a.n_kv_heads, a.head_dim);
-  L.v = detail::load_side<T>(f, r["vo"], name("wv"), name("bv"), dm, a.n_kv_heads, a.head_dim);
+  L.k = detail::load_side<T>(f, r["qk"], name("wk"), name("bk"), dm, a.n_kv_heads, a.head_dim, info.version);
+  L.v = detail::load_side<T>(f, r["vo"], name("wv"), name("bv"), dm, a.n_kv_heads, a.head_dim, info.version);
   BASISATTN_REQUIRE(!(bd::is_bd(L.k) && L.config.use_rope), invalid_argument,
                     "load_bd_layer: the checkpoint has BD on Q/K, which is not exact with RoPE (settings.use_rope)");
   return L;

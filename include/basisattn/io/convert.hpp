@@ -8,7 +8,7 @@
 //   io::write_conversion("model.bd.safetensors", out);      // safetensors + metadata
 //   bd::mha_layer<Eigen::half> L = io::load_bd_layer<Eigen::half>(io::read_safetensors(p), 3, cfg);
 //
-// The output is a BD checkpoint ("bd/1"): the format, and io::read_bd_info / io::load_bd_layer that
+// The output is a BD checkpoint ("bd/1", or "bd/2" with per-kv-head bases): the format, and io::read_bd_info / io::load_bd_layer that
 // read it back, are in io/bd_checkpoint.hpp; io::checkpoint and the open_* readers of the sources
 // are in io/architectures.hpp. This header includes both.
 // Errors: errc::io for files that are not what they claim, errc::unsupported for architectures the
@@ -49,6 +49,8 @@ struct convert_options {
   bool bd_qk = true;                    ///< BD on Q/K where it is exact (not with RoPE)
   bool bd_vo = true;                    ///< BD on V/O
   bd::prepare_options prepare = {};
+  /// Shared or per-kv-head bases per side (bd::mha_options::grouping; automatic by default).
+  bd::basis_grouping grouping = bd::basis_grouping::automatic;
   /// Called after each layer: (layers done, layers in all).
   std::function<void(index_t, index_t)> progress;
 };
@@ -56,8 +58,9 @@ struct convert_options {
 /// What happened to one side (Q/K or V/O) of one layer.
 struct side_report {
   bool bd = false;
-  std::string why_dense;  ///< "RoPE", "disabled" when not BD
-  std::vector<index_t> basis;
+  std::string why_dense;       ///< "RoPE", "disabled" when not BD
+  std::vector<index_t> basis;  ///< groups x head_dim: each basis group's channels
+  index_t groups = 1;          ///< basis groups (1: shared by all kv heads; n_kv_heads: one per kv head)
   double min_rcond = 0, max_abs_coeff = 0, error_growth = 0;
   double error = 0, dense_error = 0;  ///< relative product errors (bd/measure.hpp)
 };
@@ -99,6 +102,7 @@ inline nlohmann::json side_json(const side_report& s) {
   if (!s.bd) j["why_dense"] = s.why_dense;
   if (s.bd) {
     j["basis"] = s.basis;
+    j["basis_groups"] = s.groups;
     j["min_rcond"] = s.min_rcond;
     j["max_abs_coeff"] = s.max_abs_coeff;
     j["error_growth"] = s.error_growth;
@@ -124,6 +128,7 @@ void convert_layer(const checkpoint& c, const attention_names& n, const convert_
   mo.bd_qk = o.bd_qk && !a.use_rope;
   mo.bd_vo = o.bd_vo;
   mo.prepare = o.prepare;
+  mo.grouping = o.grouping;
   const bd::mha_layer<T> L = bd::prepare_mha<T>(w, a, mo);
   const bd::product_errors e = bd::measure_product_errors(w, L);
   rep.names = n;
@@ -134,11 +139,14 @@ void convert_layer(const checkpoint& c, const attention_names& n, const convert_
     if (const auto* bp = std::get_if<bd::bd_projection<T>>(&p)) {
       s.bd = true;
       s.basis = bp->basis;
+      s.groups = bp->groups;
       s.min_rcond = bp->report.min_rcond, s.max_abs_coeff = bp->report.max_abs_coeff,
       s.error_growth = bp->report.error_growth;
       wt.push_back(typed_tensor<T>(wname + ".bd_coeff", bp->coeff.view(), o.type));
       safetensors_tensor bt;
-      bt.name = wname + ".bd_basis", bt.type = tensor_type::i32, bt.shape = {std::uint64_t(d)};
+      bt.name = wname + ".bd_basis", bt.type = tensor_type::i32;
+      bt.shape = bp->groups == 1 ? std::vector<std::uint64_t>{std::uint64_t(d)}
+                                 : std::vector<std::uint64_t>{std::uint64_t(bp->groups), std::uint64_t(d)};
       for (index_t i : bp->basis)
         for (int k = 0; k < 4; ++k) bt.data.push_back(static_cast<unsigned char>(std::uint32_t(i) >> (8 * k)));
       wt.push_back(std::move(bt));
@@ -217,7 +225,8 @@ conversion convert_as(const checkpoint& c, const convert_options& o) {
                         {"rope", a.use_rope},
                         {"dtype", to_string(o.type)},
                         {"strategy", bd::to_string(o.prepare.select)},
-                        {"rounding", bd::to_string(o.prepare.round)}};
+                        {"rounding", bd::to_string(o.prepare.round)},
+                        {"grouping", bd::to_string(o.grouping)}};
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& r : cv.layers)
     layers.push_back({{"wq", r.names.wq},
@@ -230,7 +239,10 @@ conversion convert_as(const checkpoint& c, const convert_options& o) {
                       {"bo", r.names.bo},
                       {"qk", side_json(r.qk)},
                       {"vo", side_json(r.vo)}});
-  cv.metadata["basisattn.format"] = "bd/1";
+  // bd/2 only where a side has several basis groups, so that files bd/1 readers can read stay bd/1.
+  bool grouped = false;
+  for (const auto& r : cv.layers) grouped = grouped || r.qk.groups > 1 || r.vo.groups > 1;
+  cv.metadata["basisattn.format"] = grouped ? "bd/2" : "bd/1";
   cv.metadata["basisattn.config"] = cfg.dump();
   cv.metadata["basisattn.layers"] = layers.dump();
   cv.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
