@@ -17,6 +17,13 @@
 //   bd_fp32_ms, bd_ms (bf16), ratio_fp32 = bd_fp32_ms / bd_ms, bd_peak (against the fp32 peak), and
 //   bf16_dot = 1 when the binary uses the AVX512_BF16 GEMM (detail::bf16_dot_available), 0 when it
 //   converts to float around the float GEMM.
+// BM_gqa_kv_projection/<shape>/<tokens>/<threads>: a GQA K (or V) projection, fp32, random weights:
+//   shape 0 SmolLM2-135M (d_model 576 -> 3 kv heads x 64), shape 1 Llama-3-8B (4096 -> 8 x 128).
+//   Contestants, alternating: our dense projection, the bare GEMMs (as above), BD with one basis for
+//   all kv heads (one gather + GEMM) and BD with a basis per kv head (one gather + GEMM per kv head:
+//   what basis_grouping::automatic chooses on the real models). Counters: <name>_ms, <name>_peak,
+//   ratio_shared and ratio_per_head = fastest dense / BD (FLOP limit d_model / (d_model - head_dim)),
+//   per_head_cost = per-head ms / shared ms (the price of per-kv-head bases).
 // BM_prepare_model<T>/<threads>/<error_aware>: BD preparation of all 27 MLA layers of a
 //   DeepSeek-V2-Lite shaped model (random weights of the right shapes; K-nope and V sides, one basis
 //   each per layer, absorbed into q_proj and o_proj; storage T), layers prepared in parallel on
@@ -207,6 +214,86 @@ void BM_kv_up_projection_bf16(benchmark::State& state) {
   set_threads(1);
 }
 
+void BM_gqa_kv_projection(benchmark::State& state) {
+  struct shape {
+    index_t dm, kv_heads, d;
+  };
+  static const shape shapes[] = {{576, 3, 64}, {4096, 8, 128}};
+  const shape sh = shapes[state.range(0)];
+  const index_t tokens = state.range(1);
+  const int threads = static_cast<int>(state.range(2));
+  // Prepared once per shape (the factorization of 4096 x 1024 takes a while).
+  struct prepared {
+    bd::dense_projection<float> dense;
+    bd::bd_projection<float> shared, per_head;
+  };
+  static std::map<index_t, prepared> cache;
+  set_threads(2);
+  if (!cache.count(state.range(0))) {
+    std::mt19937 g(11);
+    std::normal_distribution<float> nd;
+    matrix<float> w(sh.dm, sh.kv_heads * sh.d);
+    for (index_t i = 0; i < w.size(); ++i) w.data()[i] = nd(g);
+    std::vector<matrix_view<const float>> heads;
+    std::vector<bd::shared_basis> each;
+    for (index_t h = 0; h < sh.kv_heads; ++h) {
+      heads.push_back(w.view().block(0, h * sh.d, sh.dm, sh.d));
+      each.push_back(bd::factorize<float>(std::vector<matrix_view<const float>>{heads.back()}));
+    }
+    prepared p;
+    p.dense = bd::make_dense_projection<float>(w.view());
+    p.shared = bd::make_bd_projection<float>(bd::factorize<float>(heads));
+    p.per_head = bd::make_bd_projection<float>(each);
+    cache.emplace(state.range(0), std::move(p));
+  }
+  const prepared& p = cache.at(state.range(0));
+  set_threads(threads);
+  const double peak = peak_gflops(threads);
+  const index_t out = sh.kv_heads * sh.d;
+  matrix<float> x(tokens, sh.dm), y(tokens, out);
+  std::mt19937 g(7);
+  std::normal_distribution<float> nd;
+  for (index_t i = 0; i < x.size(); ++i) x.data()[i] = nd(g);
+  std::vector<unsigned char> ws(
+      std::max({bd::workspace_bytes(cpu{}, p.dense, tokens), bd::workspace_bytes(cpu{}, p.shared, tokens),
+                bd::workspace_bytes(cpu{}, p.per_head, tokens)}) +
+      64);
+  bd::project_options po;
+  po.check_finite = false;
+  using rm = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Map<const rm> xm(x.data(), tokens, sh.dm), wm(p.dense.weight.data(), sh.dm, out);
+  Eigen::Map<rm> ym(y.data(), tokens, out);
+  std::vector<std::pair<std::string, std::function<void()>>> c;
+  c.push_back({"dense", [&] { bd::project(cpu{}, p.dense, x.view(), y.view(), ws.data(), ws.size(), po); }});
+  c.push_back({"gemm", [&] { ym.noalias() = xm * wm; }});
+#if defined(BASISATTN_WITH_ONEDNN) && BASISATTN_WITH_ONEDNN
+  c.push_back({"onednn", [&] {
+                 dnnl_sgemm('N', 'N', tokens, out, sh.dm, 1.f, x.data(), sh.dm, p.dense.weight.data(), out, 0.f,
+                            y.data(), out);
+               }});
+#endif
+  const std::size_t n_dense = c.size();
+  c.push_back({"bd_shared", [&] { bd::project(cpu{}, p.shared, x.view(), y.view(), ws.data(), ws.size(), po); }});
+  c.push_back({"bd_per_head", [&] { bd::project(cpu{}, p.per_head, x.view(), y.view(), ws.data(), ws.size(), po); }});
+  std::vector<std::function<void()>> runs;
+  for (auto& e : c) runs.push_back(e.second);
+  const std::vector<double> med = time_alternating(state, runs);
+  const double dense_flop = 2.0 * double(tokens) * double(sh.dm) * double(out);
+  const double bd_flop = 2.0 * double(tokens) * double(sh.dm - sh.d) * double(out);
+  state.counters["peak_GFLOPs"] = peak;
+  double fastest_dense = 1e300;
+  for (std::size_t i = 0; i < c.size(); ++i) {
+    const double flop = i < n_dense ? dense_flop : bd_flop;
+    if (i < n_dense) fastest_dense = std::min(fastest_dense, med[i]);
+    state.counters[c[i].first + "_ms"] = med[i] * 1e3;
+    state.counters[c[i].first + "_peak"] = flop / med[i] * 1e-9 / peak;
+  }
+  state.counters["ratio_shared"] = fastest_dense / med[n_dense];
+  state.counters["ratio_per_head"] = fastest_dense / med[n_dense + 1];
+  state.counters["per_head_cost"] = med[n_dense + 1] / med[n_dense];
+  set_threads(1);
+}
+
 void BM_kv_up_projection(benchmark::State& s) { run_projection(s, true); }
 void BM_kv_up_projection_gather(benchmark::State& s) { run_projection(s, false); }
 
@@ -275,6 +362,11 @@ BENCHMARK(BM_kv_up_projection)
 BENCHMARK(BM_kv_up_projection_gather)
     ->ArgNames({"tokens", "threads"})
     ->Args({4096, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_gqa_kv_projection)
+    ->ArgNames({"shape", "tokens", "threads"})
+    ->ArgsProduct({{0, 1}, {16, 4096}, {1, 2}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_kv_up_projection_bf16)
