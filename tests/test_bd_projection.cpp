@@ -8,6 +8,7 @@
 #include "test_util.hpp"
 
 #include <optional>
+#include <utility>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -52,6 +53,27 @@ struct bd_shape {
   index_t G, m, r;
 };
 
+/// The stored-value reference of a BD projection in double: want = x_S + x_rest C_g + b'_g per head
+/// (each with its group's channels) and mag, the same sums of absolute values (project_bound's).
+template <class T>
+std::pair<Eigen::MatrixXd, Eigen::MatrixXd> stored_sums(const bd::bd_projection<T>& p, const Eigen::MatrixXd& xd) {
+  const index_t r = p.rank, nr = p.in_dim - r, G = p.heads;
+  const Eigen::MatrixXd cd = test::to_double(p.coeff);
+  Eigen::MatrixXd want(xd.rows(), G * r), mag(xd.rows(), G * r), xs(xd.rows(), r), xr(xd.rows(), nr);
+  for (index_t g = 0; g < G; ++g) {
+    for (index_t i = 0; i < r; ++i) xs.col(i) = xd.col(p.basis_of(g)[i]);
+    for (index_t l = 0; l < nr; ++l) xr.col(l) = xd.col(p.rest_of(g)[l]);
+    want.middleCols(g * r, r) = xr * cd.middleCols(g * r, r) + xs;
+    mag.middleCols(g * r, r) = xr.cwiseAbs() * cd.middleCols(g * r, r).cwiseAbs() + xs.cwiseAbs();
+    for (index_t j = 0; j < r && !p.bias.empty(); ++j) {
+      const double bj = static_cast<double>(detail::to_compute<compute_t<T>>(p.bias[std::size_t(g * r + j)]));
+      want.col(g * r + j).array() += bj;
+      mag.col(g * r + j).array() += std::abs(bj);
+    }
+  }
+  return {want, mag};
+}
+
 template <class T>
 void bd_projection_case(bool with_bias, index_t tokens, int threads, bd_shape shape = {3, 40, 8}) {
   set_threads(threads);
@@ -78,21 +100,10 @@ void bd_projection_case(bool with_bias, index_t tokens, int threads, bd_shape sh
 
   // Reference from the stored numbers: y_g = x_S + x_rest C_g + b'_g in double, with C_g and b'_g as
   // stored in T (p.coeff, p.bias), so that only the runtime's arithmetic separates the two.
-  const Eigen::MatrixXd xd = test::to_double(x), cd = test::to_double(p.coeff);
-  Eigen::MatrixXd xs(tokens, r), xr(tokens, nr);
-  for (index_t i = 0; i < r; ++i) xs.col(i) = xd.col(p.basis[i]);
+  const Eigen::MatrixXd xd = test::to_double(x);
+  Eigen::MatrixXd xr(tokens, nr);  // the rest channels (the oracle's error terms below)
   for (index_t l = 0; l < nr; ++l) xr.col(l) = xd.col(p.rest[l]);
-  Eigen::MatrixXd want = xr * cd, mag = xr.cwiseAbs() * cd.cwiseAbs();
-  for (index_t g = 0; g < G; ++g) {
-    want.middleCols(g * r, r) += xs;
-    mag.middleCols(g * r, r) += xs.cwiseAbs();
-    if (with_bias)
-      for (index_t j = 0; j < r; ++j) {
-        const double bj = static_cast<double>(detail::to_compute<compute_t<T>>(p.bias[std::size_t(g * r + j)]));
-        want.col(g * r + j).array() += bj;
-        mag.col(g * r + j).array() += std::abs(bj);
-      }
-  }
+  const auto [want, mag] = stored_sums(p, xd);
   // Each entry is one sum of m - r products, the basis channel and (with a bias) b': see project_bound.
   const Eigen::MatrixXd bound = project_bound<T>(want, mag, nr + 1 + (with_bias ? 1 : 0));
 
@@ -250,20 +261,7 @@ void grouped_projection_case(bool with_bias, index_t tokens, int threads, index_
         0.0);
   }
   const auto x = test::random_matrix<T>(tokens, m);
-  const Eigen::MatrixXd xd = test::to_double(x), cd = test::to_double(p.coeff);
-  Eigen::MatrixXd want(tokens, G * r), mag(tokens, G * r), xs(tokens, r), xr(tokens, nr);
-  for (index_t g = 0; g < G; ++g) {
-    for (index_t i = 0; i < r; ++i) xs.col(i) = xd.col(p.basis_of(g)[i]);
-    for (index_t l = 0; l < nr; ++l) xr.col(l) = xd.col(p.rest_of(g)[l]);
-    want.middleCols(g * r, r) = xr * cd.middleCols(g * r, r) + xs;
-    mag.middleCols(g * r, r) = xr.cwiseAbs() * cd.middleCols(g * r, r).cwiseAbs() + xs.cwiseAbs();
-    if (with_bias)
-      for (index_t j = 0; j < r; ++j) {
-        const double bj = static_cast<double>(detail::to_compute<compute_t<T>>(p.bias[std::size_t(g * r + j)]));
-        want.col(g * r + j).array() += bj;
-        mag.col(g * r + j).array() += std::abs(bj);
-      }
-  }
+  const auto [want, mag] = stored_sums(p, test::to_double(x));
   const Eigen::MatrixXd bound = project_bound<T>(want, mag, nr + 1 + (with_bias ? 1 : 0));
   matrix<T> y(tokens, G * r);
   test::poison(y);
