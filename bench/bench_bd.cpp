@@ -18,7 +18,8 @@
 //   bf16_dot = 1 when the binary uses the AVX512_BF16 GEMM (detail::bf16_dot_available), 0 when it
 //   converts to float around the float GEMM.
 // BM_gqa_kv_projection/<shape>/<tokens>/<threads>: a GQA K (or V) projection, fp32, random weights:
-//   shape 0 SmolLM2-135M (d_model 576 -> 3 kv heads x 64), shape 1 Llama-3-8B (4096 -> 8 x 128).
+//   shape 0 SmolLM2-135M (d_model 576 -> 3 kv heads x 64), shape 1 Llama-3-8B (4096 -> 8 x 128),
+//   shape 2 all-MiniLM-L6-v2 (MHA: 384 -> 12 x 32).
 //   Contestants, alternating: our dense projection, the bare GEMMs (as above), BD with one basis for
 //   all kv heads (one gather + GEMM) and BD with a basis per kv head (one gather + GEMM per kv head:
 //   what basis_grouping::automatic chooses on the real models). Counters: <name>_ms, <name>_peak,
@@ -218,7 +219,7 @@ void BM_gqa_kv_projection(benchmark::State& state) {
   struct shape {
     index_t dm, kv_heads, d;
   };
-  static const shape shapes[] = {{576, 3, 64}, {4096, 8, 128}};
+  static const shape shapes[] = {{576, 3, 64}, {4096, 8, 128}, {384, 12, 32}};
   const shape sh = shapes[state.range(0)];
   const index_t tokens = state.range(1);
   const int threads = static_cast<int>(state.range(2));
@@ -366,7 +367,7 @@ BENCHMARK(BM_kv_up_projection_gather)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_gqa_kv_projection)
     ->ArgNames({"shape", "tokens", "threads"})
-    ->ArgsProduct({{0, 1}, {16, 4096}, {1, 2}})
+    ->ArgsProduct({{0, 1, 2}, {16, 4096}, {1, 2}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_kv_up_projection_bf16)

@@ -49,16 +49,23 @@ COLUMNS = [
     ("onednn_ms", "oneDNN GEMM ms", "%.3f"),
     ("bd_fp32_ms", "fp32 BD ms", "%.3f"),
     ("bd_ms", "BD ms", "%.3f"),
+    ("bd_shared_ms", "BD one basis ms", "%.3f"),
+    ("bd_per_head_ms", "BD basis per kv head ms", "%.3f"),
     ("dense_peak", "dense / peak", "%.0f%%"),
     ("gemm_peak", "Eigen GEMM / peak", "%.0f%%"),
     ("onednn_peak", "oneDNN GEMM / peak", "%.0f%%"),
     ("bd_fp32_peak", "fp32 BD / peak", "%.0f%%"),
     ("bd_peak", "BD / peak", "%.0f%%"),
+    ("bd_shared_peak", "BD one basis / peak", "%.0f%%"),
+    ("bd_per_head_peak", "BD per kv head / peak", "%.0f%%"),
     ("median_GFLOPs", "GFLOP/s", "%.1f"),
     ("peak_frac", "/ peak", "%.0f%%"),
     ("ratio", "dense / BD", "%.3f"),
     ("ratio_fastest", "fastest dense / BD", "%.3f"),
     ("ratio_fp32", "fp32 BD / BD", "%.3f"),
+    ("ratio_shared", "fastest dense / BD one basis", "%.3f"),
+    ("ratio_per_head", "fastest dense / BD per kv head", "%.3f"),
+    ("per_head_cost", "per kv head / one basis (time)", "%.3f"),
 ]
 
 
@@ -104,7 +111,8 @@ def main():
     except ImportError:
         print("perf-table: matplotlib not installed, no plot (pip install matplotlib)")
         return
-    keys = [k for k in ("dense_peak", "gemm_peak", "onednn_peak", "bd_fp32_peak", "bd_peak", "peak_frac") if any(k in r for r in rows)]
+    keys = [k for k in ("dense_peak", "gemm_peak", "onednn_peak", "bd_fp32_peak", "bd_peak", "bd_shared_peak",
+                        "bd_per_head_peak", "peak_frac") if any(k in r for r in rows)]
     if not keys:
         return
     names = [re.sub(r"/(min_time:[0-9.]+|manual_time|real_time|iterations:[0-9]+)", "", r["name"]) for r in rows]

@@ -140,19 +140,23 @@ void write_markdown(std::ostream& md, const std::vector<row>& rows) {
     md << " |\n";
   }
   md << "\n\\* the default grouping (automatic) gave this side a basis per kv head: its shared basis's estimated "
-        "error growth was more than 1.1x theirs (bd::mha_options::per_head_gain). 'one basis' forces one basis shared "
-        "by all kv heads (one GEMM per projection instead of one gather + GEMM per kv head).\n";
+        "error growth was more than 1.1x theirs (bd::mha_options::per_head_gain; the report lifts the refusal limit "
+        "max_error_growth, so where the library would refuse one grouping it keeps the other, and the choice can "
+        "differ). The nearest column makes the same choice. first_r and residual_min, the paper's rules, and 'one "
+        "basis' share one basis by all kv heads (one GEMM per projection instead of one gather + GEMM per kv "
+        "head).\n";
 }
 
 void write_csv(const std::string& path, const std::vector<row>& rows) {
   std::ofstream csv(path);
-  csv << "model,layer,side,strategy,dtype,bd_error,dense_error,ratio\n";
+  csv << "model,layer,side,strategy,dtype,bd_error,dense_error,ratio,basis_groups\n";
   for (const auto& r : rows)
     for (int si = 0; si < n_strategies; ++si)
       for (int ti = 0; ti < 3; ++ti)
         csv << r.model << "," << r.layer << "," << r.side << "," << strategy_names[si] << "," << type_names[ti] << ","
             << fmt("%.6e", r.bd[si][ti]) << "," << fmt("%.6e", r.dense[ti]) << ","
-            << fmt("%.4f", r.bd[si][ti] / r.dense[ti]) << "\n";
+            << fmt("%.4f", r.bd[si][ti] / r.dense[ti]) << "," << (si == 2 || si == 3 ? r.groups[ti] : index_t(1))
+            << "\n";
 }
 
 /// ratio_f16.png: BD / dense FP16 error per layer and side, one panel-free log plot per strategy.
@@ -258,8 +262,8 @@ int main(int argc, char** argv) {
        << "). Product error ||A'B' - AB|| / ||AB|| per layer side (bd/measure.hpp); FP32 columns are the relative "
           "error, "
           "16-bit columns the ratio to the error of storing the dense weights in that type. All strategies use the "
-          "default "
-          "error-aware rounding unless marked 'nearest'.\n";
+          "default error-aware rounding unless marked 'nearest'. first_r and res_min share one basis by all kv heads "
+          "of a side; pivot columns use the default grouping (automatic) unless marked 'one basis'.\n";
     if (!skipped.str().empty()) md << "\n" << skipped.str();
     write_markdown(md, rows);
     write_csv(out + "/fidelity.csv", rows);

@@ -15,7 +15,8 @@
 // build enables it, see <basisattn/cpu/gemm.hpp>), then one pass over the chunk while it is in cache
 // adds the r basis channels into every head's slot (BD) and the bias. Adding after the GEMM rather
 // than handing the GEMM a prefilled y measured 1.26 -> 1.29x BD over oneDNN's dense GEMM on Zen 4
-// (bench_bd, 4096 tokens). The two projections differ only in the GEMM's inner dimension.
+// (bench_bd, 4096 tokens). The two projections differ only in the GEMM's inner dimension (and BD's
+// number of basis groups).
 // Options: check_finite (default on) scans x for NaN/Inf first (errc::non_finite).
 #pragma once
 

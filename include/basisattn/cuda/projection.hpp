@@ -24,7 +24,7 @@
 // schemes in the compute type (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE; none at all is always allowed).
 // cuda_project_options::check_finite is not offered: the data are on the device; scan them yourself.
 //
-// How the BD projection runs (all heads in one pass):
+// How the BD projection runs (all heads of a basis group in one pass):
 //   With several basis groups (bd_projection::groups, e.g. a basis per kv head) steps 1 and 2 run
 //   once per group, on its heads' columns of coeff and y (one gather buffer, reused in stream order).
 //   1. input layout: when p.basis_leading() (basis = channels 0..r-1, as prepare_mla arranges by

@@ -8,9 +8,10 @@
 //   io::write_conversion("model.bd.safetensors", out);      // safetensors + metadata
 //   bd::mha_layer<Eigen::half> L = io::load_bd_layer<Eigen::half>(io::read_safetensors(p), 3, cfg);
 //
-// The output is a BD checkpoint ("bd/1", or "bd/2" with per-kv-head bases): the format, and io::read_bd_info / io::load_bd_layer that
-// read it back, are in io/bd_checkpoint.hpp; io::checkpoint and the open_* readers of the sources
-// are in io/architectures.hpp. This header includes both.
+// The output is a BD checkpoint ("bd/1", or "bd/2" with per-kv-head bases): the format, and
+// io::read_bd_info / io::load_bd_layer that read it back, are in io/bd_checkpoint.hpp;
+// io::checkpoint and the open_* readers of the sources are in io/architectures.hpp. This header
+// includes both.
 // Errors: errc::io for files that are not what they claim, errc::unsupported for architectures the
 // converter does not know, errc::invalid_argument for bad options.
 #pragma once
