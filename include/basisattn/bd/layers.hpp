@@ -307,8 +307,7 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     const bool per_head = bases.size() > 1;
     auto basis_of = [&](index_t g) -> const shared_basis& { return bases[per_head ? static_cast<std::size_t>(g) : 0]; };
     auto index_in = [&](index_t g) { return per_head ? index_t(0) : g; };
-    bd_projection<T> p = per_head ? make_bd_projection<T>(bases, detail::head_pointers(ba, Hkv, d))
-                                  : make_bd_projection<T>(bases.front(), detail::head_pointers(ba, Hkv, d));
+    bd_projection<T> p = make_bd_projection<T>(bases, detail::head_pointers(ba, Hkv, d));
     if (opt.prepare.round == rounding::error_aware) {
       // B_g: for the V/O pair the rows of W_O of the group's query heads; for Q/K the transposed
       // W_Q columns of the group's heads (and their biases, as extra columns: b_Q A_S^T is one more

@@ -327,15 +327,16 @@ void project(cpu, const bd_projection<T>& p, matrix_view<const ::basisattn::deta
   const T* bias = p.bias.empty() ? nullptr : p.bias.data();
   // The rest channels of each group as runs of consecutive channels (source channel, length): the
   // gather copies runs (contiguous, vectorizable) instead of one indexed element at a time. A
-  // complement of r ascending channels has at most r + 1 runs; any order has at most m - r.
+  // complement of r ascending channels has at most r + 1 runs (a leading basis: one, r..m-1); any
+  // order has at most m - r.
   index_t* runs = ar.template take_elems<index_t>(l.runs);
   if (!in_place) {
     for (index_t q = 0; q < Q; ++q) {
-      const index_t* rest = lead ? nullptr : p.rest.data() + q * nr;
+      const index_t* rest = p.rest.data() + q * nr;
       index_t* rq = runs + q * (2 * nr + 1) + 1;
       index_t k = 0;
       for (index_t l2 = 0; l2 < nr; ++l2) {
-        const index_t c = lead ? r + l2 : rest[l2];
+        const index_t c = rest[l2];
         if (k > 0 && rq[2 * (k - 1)] + rq[2 * (k - 1) + 1] == c)
           ++rq[2 * (k - 1) + 1];
         else

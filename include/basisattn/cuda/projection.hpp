@@ -469,6 +469,9 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
   }
   const bool tf32 = std::is_same_v<T, float> && opt.allow_tf32;
   bool lt = opt.epilogue != cuda_epilogue::prefill;
+  BASISATTN_REQUIRE(!lt || static_cast<index_t>(p.caches.size()) == Q, invalid_argument,
+                    "project(cuda, bd): the device projection has ", p.caches.size(), " plan caches for ", Q,
+                    " basis groups (made by bd::upload?)");
   index_t lt_groups = 0;  // groups that ran the cuBLASLt epilogue
   for (index_t q = 0; q < Q; ++q) {
     // 1. input with the basis leading: x itself, or x[:, basis_q ++ rest_q] gathered into the workspace.
@@ -502,9 +505,6 @@ cuda_epilogue project(const cuda_context& ctx, const device_bd_projection<T>& p,
       pr.align_b = detail::common_alignment({detail::byte_offset(xs + r), es * ldx});
       pr.align_c = detail::common_alignment({detail::byte_offset(xs), es * ldx});
       pr.align_d = detail::common_alignment({detail::byte_offset(y.data), es * y.row_stride, es * r, es * nq});
-      BASISATTN_REQUIRE(static_cast<index_t>(p.caches.size()) == Q, invalid_argument,
-                        "project(cuda, bd): the device projection has ", p.caches.size(), " plan caches for ", Q,
-                        " basis groups (made by bd::upload?)");
       if (detail::lt_run_cached(*p.caches[static_cast<std::size_t>(q)], ctx, pr, coeff, xs + r, xs, yq, ws)) {
         ++lt_groups;
         continue;
