@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include "bd_test_util.hpp"
+#include "expect_error.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -263,6 +264,64 @@ TEST_CASE("error refinement: no single swap lowers sum_g ||C_g||_F^2 by 0.1%, an
       best_swap = std::min(best_swap, total(b));
     }
   CHECK(best_swap >= best * (1 - 1e-3) - 1e-9);
+}
+
+TEST_CASE("error refinement with pair Grams: no single swap lowers the weighted error estimate by 0.1%") {
+  // B's rows on very different scales, so that the product rows ||A_j B||^2 that weigh the basis
+  // rows differ by orders of magnitude.
+  const index_t G = 3, m = 60, r = 8, n = 12;
+  auto f = make_heads<double>(G, m, r, n, 1e-2, 33);
+  for (auto& b : f.b)
+    for (index_t k = 0; k < r; ++k)
+      for (index_t j = 0; j < n; ++j) b(k, j) *= std::pow(10.0, double(k % 4) - 1.5);
+  std::vector<Eigen::MatrixXd> grams;
+  for (const auto& b : f.b) grams.push_back(bd::pair_gram(std::vector<matrix_view<const double>>{b.view()}));
+  bd::prepare_options o;
+  const auto sb = bd::factorize<double>(f.views(), o, grams);
+  const auto plain = bd::factorize<double>(f.views(), o);
+  o.refine_error = false;
+  const auto mv = bd::factorize<double>(f.views(), o, grams);
+  // Independent: C by a solve, the weights from the explicit product A B in double.
+  auto estimate = [&](const std::vector<index_t>& basis) {
+    std::vector<char> in(m, 0);
+    for (index_t s : basis) in[static_cast<std::size_t>(s)] = 1;
+    double e = 0;
+    for (index_t g = 0; g < G; ++g) {
+      const Eigen::MatrixXd a = test::to_double(f.views()[static_cast<std::size_t>(g)]);
+      const Eigen::MatrixXd w = (a * test::to_double(f.b[static_cast<std::size_t>(g)].view())).rowwise().squaredNorm();
+      Eigen::MatrixXd as(r, r), an(m - r, r);
+      Eigen::VectorXd wb(r);
+      index_t bi = 0, ni = 0;
+      for (index_t j = 0; j < m; ++j) {
+        if (in[static_cast<std::size_t>(j)]) wb(bi) = w(j, 0);
+        (in[static_cast<std::size_t>(j)] ? as.row(bi++) : an.row(ni++)) = a.row(j);
+      }
+      const Eigen::MatrixXd c = as.transpose().fullPivLu().solve(an.transpose()).transpose();
+      for (index_t k = 0; k < r; ++k) e += wb(k) * (1.0 + 2.0 * c.col(k).squaredNorm());
+    }
+    return e;
+  };
+  const double best = estimate(sb.basis());
+  CHECK(best <= estimate(mv.basis()));
+  CHECK(best <= estimate(plain.basis()) * (1 + 1e-3));
+  double best_swap = INFINITY;
+  for (index_t i = 0; i < r; ++i)
+    for (index_t j : sb.rest()) {
+      std::vector<index_t> b = sb.basis();
+      b[static_cast<std::size_t>(i)] = j;
+      best_swap = std::min(best_swap, estimate(b));
+    }
+  CHECK(best_swap >= best * (1 - 1e-3));
+  // Bad Grams are refused.
+  using test::expect_error;
+  expect_error([&] { bd::factorize<double>(f.views(), o, {grams[0]}); }, errc::shape_mismatch,
+               "1 pair Gram matrices for 3 heads");
+  std::vector<Eigen::MatrixXd> bad = grams;
+  bad[1] = Eigen::MatrixXd::Identity(r + 1, r + 1);
+  expect_error([&] { bd::factorize<double>(f.views(), o, bad); }, errc::shape_mismatch, "pair Gram 1 is 9x9");
+  bad[1] = grams[1];
+  bad[2](0, 1) = NAN;
+  expect_error([&] { bd::factorize<double>(f.views(), o, bad); }, errc::non_finite, "pair Gram 2");
 }
 
 namespace {

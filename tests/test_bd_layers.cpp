@@ -140,7 +140,7 @@ double shard_rounding(const std::vector<Eigen::MatrixXd>& parts, const Eigen::Ma
 
 template <class T>
 void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved,
-              bd::basis_grouping grouping = bd::basis_grouping::automatic) {
+              bd::basis_grouping grouping = bd::basis_grouping::automatic, bool weigh_by_product = false) {
   test::seed(1000 + 10 * H + Hkv + 100 * rope);
   const index_t dm = 64, d = 16, n = 37;
   const double s = 0.25;
@@ -177,6 +177,7 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved,
   bd::mha_options bd_opt;
   bd_opt.bd_qk = !rope;
   bd_opt.grouping = grouping;
+  bd_opt.prepare.weigh_by_product = weigh_by_product;
   const auto Ld = bd::prepare_mha<T>(w, cfg, dense_opt);
   const auto Lb = bd::prepare_mha<T>(w, cfg, bd_opt);
   CHECK(bd::is_bd(Lb.k) == !rope);
@@ -245,7 +246,7 @@ void mha_case(index_t H, index_t Hkv, bool rope, bool interleaved,
 }
 
 template <class T>
-void mla_case(bd::basis_sharing sharing) {
+void mla_case(bd::basis_sharing sharing, bool weigh_by_product = false) {
   test::seed(2000 + static_cast<int>(sharing));
   const index_t dm = 96, H = 4, Lr = 48, dn = 16, dr = 8, dv = 16, n = 29;
   const double s = 0.2;
@@ -290,6 +291,7 @@ void mla_case(bd::basis_sharing sharing) {
   dense_opt.bd = false;
   bd::mla_options bd_opt;
   bd_opt.sharing = sharing;
+  bd_opt.prepare.weigh_by_product = weigh_by_product;
   const auto Ld = bd::prepare_mla<T>(w, cfg, dense_opt);
   const auto Lb = bd::prepare_mla<T>(w, cfg, bd_opt);
   REQUIRE(bd::is_bd(Lb.k_up));
@@ -354,6 +356,7 @@ TEMPLATE_TEST_CASE("MHA layer: BD on Q/K and V/O equals dense and the double ref
   mha_case<TestType>(4, 4, false, true);
   mha_case<TestType>(4, 4, false, true, bd::basis_grouping::shared);
   mha_case<TestType>(4, 4, false, true, bd::basis_grouping::per_kv_head);
+  mha_case<TestType>(4, 4, false, true, bd::basis_grouping::automatic, true);  // weighed by W_Q / W_O
 }
 
 TEMPLATE_TEST_CASE("GQA and MQA layers with RoPE: BD on V/O equals dense and the double reference", "", float, double,
@@ -363,12 +366,14 @@ TEMPLATE_TEST_CASE("GQA and MQA layers with RoPE: BD on V/O equals dense and the
   mha_case<TestType>(6, 3, false, true);
   mha_case<TestType>(8, 2, true, true, bd::basis_grouping::per_kv_head);
   mha_case<TestType>(6, 3, false, true, bd::basis_grouping::per_kv_head);
+  mha_case<TestType>(6, 3, false, true, bd::basis_grouping::shared, true);
 }
 
 TEMPLATE_TEST_CASE("MLA layer: BD on K-nope and V equals dense and the double reference", "", float, double,
                    Eigen::half, Eigen::bfloat16) {
   mla_case<TestType>(bd::basis_sharing::joint);
   mla_case<TestType>(bd::basis_sharing::per_side);
+  mla_case<TestType>(bd::basis_sharing::joint, true);
 }
 
 TEST_CASE("bd::basis_block maps a BD V projection's basis coordinates back to the dense head output") {

@@ -13,14 +13,15 @@
 
 // EXT is `extern` for the declarations and empty for the definitions; T the storage type, TI the
 // type of the weights it is prepared from.
-#define BASISATTN_TEST_PREPARE_INSTANCES(EXT, T, TI)                                                    \
-  EXT template ::basisattn::bd::shared_basis basisattn::bd::factorize<T, TI>(                           \
-      const std::vector<::basisattn::matrix_view<const TI>>&, const ::basisattn::bd::prepare_options&); \
-  EXT template ::basisattn::bd::mha_layer<T> basisattn::bd::prepare_mha<T, TI>(                         \
-      const ::basisattn::bd::mha_weights<TI>&, const ::basisattn::bd::mha_config&,                      \
-      const ::basisattn::bd::mha_options&);                                                             \
-  EXT template ::basisattn::bd::mla_layer<T> basisattn::bd::prepare_mla<T, TI>(                         \
-      const ::basisattn::bd::mla_weights<TI>&, const ::basisattn::bd::mla_config&,                      \
+#define BASISATTN_TEST_PREPARE_INSTANCES(EXT, T, TI)                                                   \
+  EXT template ::basisattn::bd::shared_basis basisattn::bd::factorize<T, TI>(                          \
+      const std::vector<::basisattn::matrix_view<const TI>>&, const ::basisattn::bd::prepare_options&, \
+      const std::vector<Eigen::MatrixXd>&);                                                            \
+  EXT template ::basisattn::bd::mha_layer<T> basisattn::bd::prepare_mha<T, TI>(                        \
+      const ::basisattn::bd::mha_weights<TI>&, const ::basisattn::bd::mha_config&,                     \
+      const ::basisattn::bd::mha_options&);                                                            \
+  EXT template ::basisattn::bd::mla_layer<T> basisattn::bd::prepare_mla<T, TI>(                        \
+      const ::basisattn::bd::mla_weights<TI>&, const ::basisattn::bd::mla_config&,                     \
       const ::basisattn::bd::mla_options&);
 
 #define BASISATTN_TEST_RUN_INSTANCES(EXT, T)                                                                         \

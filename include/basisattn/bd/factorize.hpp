@@ -1,8 +1,13 @@
 // basisattn/bd/factorize.hpp - shared-basis BD factorization of a group of heads (CPU, double).
 //
-//   bd::shared_basis bd::factorize<TS>(heads, options)
+//   bd::shared_basis bd::factorize<TS>(heads, options, pair_grams = {})
 //     heads: G matrices A_g (m x r, any storage type, any strides) that will share one basis S.
 //     TS:    the storage type the results will be rounded to (used by strategy::residual_min).
+//     pair_grams: optional, G matrices B_g B_g^T (r x r, double; bd::pair_gram forms them) of the
+//            factors the heads are paired with (A_g B_g is what the model uses). With them,
+//            shared_pivot's error refinement weighs each basis row j by ||A_g[j, :] B_g||^2, the
+//            row of the product B' = A_S B_g it becomes, so the basis is chosen by the estimated
+//            rounded product error (bd/options.hpp); without, by sum_g ||C_g||_F^2 alone.
 //   Picks S (bd/options.hpp explains the strategies), then computes, in double, for each head
 //   A_S = A_g[S, :], its LU factorization and condition estimate, and C_g = A_g[~S, :] A_S^-1.
 //   It never forms an m x n product. A singular or near-singular basis (rcond < min_rcond, or an
@@ -105,7 +110,31 @@ struct rounded_pair {
 class shared_basis;
 /// Choose a basis shared by all heads and factor every head (see the top of this header).
 template <class TS, class TI>
-shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt = {});
+shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt = {},
+                       const std::vector<Eigen::MatrixXd>& pair_grams = {});
+
+/// sum_k B_k B_k^T over the blocks B_k (each r x n_k, any storage type and strides): the Gram of the
+/// factor B = [B_1 | B_2 | ...] paired with one head, as factorize's pair_grams take it. Computed in
+/// float (it only weighs the basis choice), returned in double.
+template <class TI>
+Eigen::MatrixXd pair_gram(const std::vector<matrix_view<const TI>>& blocks) {
+  BASISATTN_REQUIRE(!blocks.empty(), invalid_argument, "pair_gram: no blocks given");
+  const index_t r = blocks[0].rows;
+  Eigen::MatrixXf g = Eigen::MatrixXf::Zero(r, r);
+  for (const auto& b : blocks) {
+    BASISATTN_REQUIRE(b.rows == r && b.data != nullptr, shape_mismatch, "pair_gram: a block has ", b.rows,
+                      " rows, the first has ", r);
+    if (b.rows_contiguous() || b.row_stride != 1) {
+      const auto bf = ::basisattn::detail::to_dense<float>(b);
+      g.noalias() += bf * bf.transpose();
+    } else {  // a transposed view of contiguous rows: copy it as stored
+      const auto xf = ::basisattn::detail::to_dense<float>(b.t());
+      g.noalias() += xf.transpose() * xf;
+    }
+  }
+  g.triangularView<Eigen::StrictlyUpper>() = g.transpose();  // exactly symmetric
+  return g.cast<double>();
+}
 
 /// The shared basis of a group of heads and everything needed to transform their paired weights.
 class shared_basis {
@@ -223,7 +252,8 @@ class shared_basis {
   }
 
   template <class TS, class TI>
-  friend shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt);
+  friend shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt,
+                                const std::vector<Eigen::MatrixXd>& pair_grams);
 
  private:
   /// The work of round_pair for 16-bit and float TO, in working precision W.
@@ -329,7 +359,8 @@ class shared_basis {
 };
 
 template <class TS, class TI>
-shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt) {
+shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const prepare_options& opt,
+                       const std::vector<Eigen::MatrixXd>& pair_grams) {
   static_assert(is_storage_type_v<TS> && is_storage_type_v<TI>,
                 "storage types: float, double, Eigen::half, Eigen::bfloat16");
   using detail::dmat;
@@ -342,6 +373,14 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
                     "factorize: min_rcond must be >= 0, swap_gain > 1 and max_error_growth > 0 (got ", opt.min_rcond,
                     ", ", opt.swap_gain, ", ", opt.max_error_growth, ")");
   const index_t G = static_cast<index_t>(heads.size());
+  BASISATTN_REQUIRE(pair_grams.empty() || static_cast<index_t>(pair_grams.size()) == G, shape_mismatch,
+                    "factorize: ", pair_grams.size(), " pair Gram matrices for ", G,
+                    " heads (give one per head or none)");
+  for (std::size_t g = 0; g < pair_grams.size(); ++g) {
+    BASISATTN_REQUIRE(pair_grams[g].rows() == r && pair_grams[g].cols() == r, shape_mismatch, "factorize: pair Gram ",
+                      g, " is ", pair_grams[g].rows(), "x", pair_grams[g].cols(), ", expected ", r, "x", r);
+    BASISATTN_REQUIRE(pair_grams[g].allFinite(), non_finite, "factorize: pair Gram ", g, " has NaN or Inf");
+  }
   std::vector<dmat> a(static_cast<std::size_t>(G));
   for (index_t g = 0; g < G; ++g) {
     const auto& h = heads[static_cast<std::size_t>(g)];
@@ -458,14 +497,26 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
         swap_rows(j, i);
         ++swaps;
       }
-      // Step 3: swaps that lower the error estimate sum_g ||M_g||_F^2 = sum_g (r + ||C_g||_F^2)
-      // (M_g = A_g A_S^-1), i.e. A-optimal rather than D-optimal exchanges. For a swap of basis
-      // position i with rest row j, M' = M - M e_i (M_j - e_i)^T / C_ji, so with G = I + C^T C,
-      // P = C G and n_j = ||C_j||^2 the change is (G_ii (n_j + 1) - 2 C_ji P_ji) / C_ji^2 per head.
+      // Step 3: swaps that lower the estimated rounded product error, A-optimal rather than
+      // D-optimal exchanges. With M_g = A_g A_S^-1 = [I; C_g] and B'_g = A_S B_g, whose row k is the
+      // product row w_k = ||A_g[s_k, :] B_g||^2 of basis row s_k, rounding B' costs
+      // sum_k ||M_:k||^2 w_k and rounding C costs sum_k ||C_:k||^2 w_k (relative rounding, in units
+      // of u^2 / 3): E = sum_g sum_k w_k (2 G_kk - 1), G = M^T M = I + C^T C. For a swap of basis
+      // position i with rest row j, M' = M - M e_i (M_j - e_i)^T / C_ji: column i becomes
+      // M_:i / C_ji and column k loses (C_jk / C_ji) M_:i. So with W = diag(w over the basis),
+      // P = C W G, n_j = sum_k w_k C_jk^2 and the rest row's weight v_j, the change of E is
+      // 2 (G_ii (n_j + v_j) - 2 C_ji P_ji) / C_ji^2 - (v_j - w_i) per head. Without pair Grams every
+      // w is 1 and E falls with sum_g ||M_g||_F^2 = sum_g (r + ||C_g||_F^2), whose change is
+      // (G_ii (n_j + 1) - 2 C_ji (C G)_ji) / C_ji^2 (n_j = ||C_j||^2): that objective is used then.
       index_t refine_swaps = 0;
       if (opt.refine_error && converged) {
         Eigen::MatrixXd delta(m - r, r), gram(r, r), p(m - r, r);
-        Eigen::VectorXd n2(m - r);
+        Eigen::VectorXd n2(m - r), wb(r), wn(m - r);
+        // Row weights w_g[j] = ||A_g[j, :] B_g||^2.
+        const bool weighted = !pair_grams.empty();
+        std::vector<Eigen::VectorXd> wrow(weighted ? static_cast<std::size_t>(G) : 0);
+        for (std::size_t g = 0; g < wrow.size(); ++g)
+          wrow[g] = (a[g] * pair_grams[g]).cwiseProduct(a[g]).rowwise().sum();
         while (refine_swaps < max_swaps) {
           delta.setZero();
           double total = 0;
@@ -474,13 +525,28 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
             gram.setIdentity();
             gram.selfadjointView<Eigen::Lower>().rankUpdate(cg.transpose());
             gram.triangularView<Eigen::StrictlyUpper>() = gram.transpose();
-            p.noalias() = cg * gram;
-            n2 = cg.rowwise().squaredNorm();
-            total += double(r) + n2.sum();
+            if (!weighted) {
+              p.noalias() = cg * gram;
+              n2 = cg.rowwise().squaredNorm();
+              total += double(r) + n2.sum();
+              for (index_t k = 0; k < r; ++k)
+                for (index_t l = 0; l < m - r; ++l) {
+                  const double piv = cg(l, k);
+                  delta(l, k) += (gram(k, k) * (n2(l) + 1.0) - 2.0 * piv * p(l, k)) / (piv * piv);
+                }
+              continue;
+            }
+            const Eigen::VectorXd& wg = wrow[static_cast<std::size_t>(g)];
+            for (index_t k = 0; k < r; ++k) wb(k) = wg(basis[static_cast<std::size_t>(k)]);
+            for (index_t l = 0; l < m - r; ++l) wn(l) = wg(rest[static_cast<std::size_t>(l)]);
+            p.noalias() = cg * (wb.asDiagonal() * gram);
+            n2.noalias() = cg.cwiseAbs2() * wb;
+            total += (wb.array() * (2.0 * gram.diagonal().array() - 1.0)).sum();
             for (index_t k = 0; k < r; ++k)
               for (index_t l = 0; l < m - r; ++l) {
                 const double piv = cg(l, k);
-                delta(l, k) += (gram(k, k) * (n2(l) + 1.0) - 2.0 * piv * p(l, k)) / (piv * piv);
+                delta(l, k) +=
+                    2.0 * (gram(k, k) * (n2(l) + wn(l)) - 2.0 * piv * p(l, k)) / (piv * piv) - (wn(l) - wb(k));
               }
           }
           index_t j = 0, i = 0;
@@ -575,7 +641,10 @@ pair_factorization<T> factorize_pair(matrix_view<TA> a_in, matrix_view<TB> b_in,
   BASISATTN_REQUIRE(b.rows == a.cols, shape_mismatch, "factorize_pair: A is ", a.rows, "x", a.cols, " but B is ",
                     b.rows, "x", b.cols, " (B must have A's column count as rows)");
   if (opt.check_finite) ::basisattn::detail::require_finite(b, "B");
-  shared_basis sb = factorize<T>(std::vector<matrix_view<const std::remove_const_t<TA>>>{a}, opt);
+  std::vector<Eigen::MatrixXd> gram;  // read only by shared_pivot's error refinement
+  if (opt.select == strategy::shared_pivot && opt.refine_error && opt.weigh_by_product)
+    gram.push_back(pair_gram(std::vector<matrix_view<const std::remove_const_t<TB>>>{b}));
+  shared_basis sb = factorize<T>(std::vector<matrix_view<const std::remove_const_t<TA>>>{a}, opt, gram);
   pair_factorization<T> out;
   out.basis = sb.basis();
   out.rest = sb.rest();

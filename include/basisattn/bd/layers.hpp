@@ -192,27 +192,30 @@ inline double rms_growth(const std::vector<shared_basis>& bases) {
 /// automatic, both are factorized (the per-head ones in parallel: the factorization's cost about
 /// doubles), and a grouping whose factorization raises (a refusal: errc::singular_basis,
 /// rank_deficient, error growth over the limit) loses to the other; when both raise, the shared
-/// one's error is raised. Built without exceptions, a refusal aborts as everywhere else.
+/// one's error is raised. Built without exceptions, a refusal aborts as everywhere else. grams: one
+/// pair Gram per kv head (factorize's pair_grams).
 template <class TS, class TI>
 std::vector<shared_basis> choose_bases(const std::vector<matrix_view<const TI>>& heads, const prepare_options& prep,
-                                       const mha_options& opt) {
+                                       const mha_options& opt, const std::vector<Eigen::MatrixXd>& grams) {
   BASISATTN_REQUIRE(opt.per_head_gain >= 1 && std::isfinite(opt.per_head_gain), invalid_argument,
                     "prepare_mha: per_head_gain ", opt.per_head_gain, " must be finite and >= 1");
   const index_t G = static_cast<index_t>(heads.size());
   auto per_head = [&] {
     std::vector<shared_basis> b(static_cast<std::size_t>(G));
     ::basisattn::detail::parallel_for(G, [&](index_t g) {
-      b[static_cast<std::size_t>(g)] = factorize<TS>(std::vector<matrix_view<const TI>>{heads[std::size_t(g)]}, prep);
+      b[static_cast<std::size_t>(g)] = factorize<TS>(
+          std::vector<matrix_view<const TI>>{heads[std::size_t(g)]}, prep,
+          grams.empty() ? std::vector<Eigen::MatrixXd>{} : std::vector<Eigen::MatrixXd>{grams[std::size_t(g)]});
     });
     return b;
   };
-  if (G == 1 || opt.grouping == basis_grouping::shared) return {factorize<TS>(heads, prep)};
+  if (G == 1 || opt.grouping == basis_grouping::shared) return {factorize<TS>(heads, prep, grams)};
   if (opt.grouping == basis_grouping::per_kv_head) return per_head();
   std::vector<shared_basis> shared, each;
 #if BASISATTN_HAS_EXCEPTIONS
   std::exception_ptr shared_error;
   try {
-    shared = {factorize<TS>(heads, prep)};
+    shared = {factorize<TS>(heads, prep, grams)};
   } catch (const ::basisattn::error&) {
     shared_error = std::current_exception();
   }
@@ -224,7 +227,7 @@ std::vector<shared_basis> choose_bases(const std::vector<matrix_view<const TI>>&
   }
 #else  // a refusal aborts (core/error.hpp): no fallback to the other grouping
   const bool shared_error = false;
-  shared = {factorize<TS>(heads, prep)};
+  shared = {factorize<TS>(heads, prep, grams)};
   each = per_head();
 #endif
   if (shared_error || rms_growth(shared) > opt.per_head_gain * rms_growth(each)) return each;
@@ -293,6 +296,8 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
   }
   prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
   scanned.check_finite = false;
+  // Only shared_pivot's error refinement reads the paired factors' Grams, and only when asked to.
+  const bool weigh_basis = scanned.select == strategy::shared_pivot && scanned.refine_error && scanned.weigh_by_product;
   mha_layer<T> L;
   L.config = cfg;
   L.q = make_dense_projection<T>(w.wq, w.bq, false);
@@ -302,33 +307,42 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
     if (!bd) return make_dense_projection<T>(wa, ba, false);
     std::vector<matrix_view<const TI>> heads;
     for (index_t g = 0; g < Hkv; ++g) heads.push_back(wa.block(0, g * d, dm, d));
-    const std::vector<shared_basis> bases = detail::choose_bases<T>(heads, scanned, opt);
+    // B_g, the factor paired with kv head g: for the V/O pair the rows of W_O of the group's query
+    // heads; for Q/K the transposed W_Q columns of the group's heads (and their biases, as extra
+    // columns: b_Q A_S^T is one more row of W_Q A_S^T). Its Gram weighs the basis choice.
+    auto paired = [&](index_t g) {
+      std::vector<matrix_view<const TI>> src;
+      for (index_t h = g * grp; h < (g + 1) * grp; ++h) {
+        if (absorb_into_q) {
+          src.push_back(w.wq.block(0, h * d, dm, d).t());
+          if (w.bq) src.push_back(matrix_view<const TI>(w.bq + h * d, 1, d).t());
+        } else {
+          src.push_back(w.wo.block(h * d, 0, d, dm));
+        }
+      }
+      return src;
+    };
+    std::vector<Eigen::MatrixXd> grams(weigh_basis ? static_cast<std::size_t>(Hkv) : 0);
+    ::basisattn::detail::parallel_for(static_cast<index_t>(grams.size()),
+                                      [&](index_t g) { grams[static_cast<std::size_t>(g)] = pair_gram(paired(g)); });
+    const std::vector<shared_basis> bases = detail::choose_bases<T>(heads, scanned, opt, grams);
     // Head g's basis and its index in it.
     const bool per_head = bases.size() > 1;
     auto basis_of = [&](index_t g) -> const shared_basis& { return bases[per_head ? static_cast<std::size_t>(g) : 0]; };
     auto index_in = [&](index_t g) { return per_head ? index_t(0) : g; };
     bd_projection<T> p = make_bd_projection<T>(bases, detail::head_pointers(ba, Hkv, d));
     if (opt.prepare.round == rounding::error_aware) {
-      // B_g: for the V/O pair the rows of W_O of the group's query heads; for Q/K the transposed
-      // W_Q columns of the group's heads (and their biases, as extra columns: b_Q A_S^T is one more
-      // row of W_Q A_S^T).
       ::basisattn::detail::parallel_for(Hkv, [&](index_t g) {
-        std::vector<matrix_view<const TI>> src;
-        std::vector<matrix_view<T>> dst;
+        std::vector<matrix_view<T>> dst;  // in the order of paired(g)
         for (index_t h = g * grp; h < (g + 1) * grp; ++h) {
           if (absorb_into_q) {
-            src.push_back(w.wq.block(0, h * d, dm, d).t());
             dst.push_back(L.q.weight.view().block(0, h * d, dm, d).t());
-            if (w.bq) {
-              src.push_back(matrix_view<const TI>(w.bq + h * d, 1, d).t());
-              dst.push_back(matrix_view<T>(L.q.bias.data() + h * d, 1, d).t());
-            }
+            if (w.bq) dst.push_back(matrix_view<T>(L.q.bias.data() + h * d, 1, d).t());
           } else {
-            src.push_back(w.wo.block(h * d, 0, d, dm));
             dst.push_back(L.o.weight.view().block(h * d, 0, d, dm));
           }
         }
-        detail::round_head(basis_of(g), index_in(g), src, dst, p.coeff.view().block(0, g * d, dm - d, d));
+        detail::round_head(basis_of(g), index_in(g), paired(g), dst, p.coeff.view().block(0, g * d, dm - d, d));
       });
       return p;
     }
@@ -464,6 +478,7 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   }
   prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
   scanned.check_finite = false;
+  const bool weigh_basis = scanned.select == strategy::shared_pivot && scanned.refine_error && scanned.weigh_by_product;
   mla_layer<T> out;
   out.config = cfg;
   out.kv_a_norm.resize(static_cast<std::size_t>(L));
@@ -493,17 +508,31 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   // Factorize.
   std::vector<matrix_view<const TI>> kh, vh;
   for (index_t h = 0; h < H; ++h) kh.push_back(k_head(h)), vh.push_back(v_head(h));
+  // The paired factors' Grams (K: the nope columns of q_proj, transposed; V: the rows of o_proj)
+  // weigh the basis choice (factorize's pair_grams).
+  const index_t qd = dn + dr;
+  std::vector<Eigen::MatrixXd> kg(weigh_basis ? static_cast<std::size_t>(H) : 0), vg(kg.size());
+  ::basisattn::detail::parallel_for(static_cast<index_t>(2 * kg.size()), [&](index_t i) {
+    if (i < H)
+      kg[static_cast<std::size_t>(i)] =
+          pair_gram(std::vector<matrix_view<const TI>>{w.wq.block(0, i * qd, dm, dn).t()});
+    else
+      vg[static_cast<std::size_t>(i - H)] =
+          pair_gram(std::vector<matrix_view<const TI>>{w.wo.block((i - H) * dv, 0, dv, dm)});
+  });
   shared_basis sk, sv;
   bd_projection<T> pk, pv;
   if (opt.sharing == basis_sharing::joint) {
     std::vector<matrix_view<const TI>> all = kh;
     all.insert(all.end(), vh.begin(), vh.end());
-    sk = factorize<T>(all, scanned);
+    std::vector<Eigen::MatrixXd> ag = kg;
+    ag.insert(ag.end(), vg.begin(), vg.end());
+    sk = factorize<T>(all, scanned, ag);
     pk = make_bd_projection<T, TI>(sk, {}, 0, H);
     pv = make_bd_projection<T, TI>(sk, {}, H, H);
   } else {
-    sk = factorize<T>(kh, scanned);
-    sv = factorize<T>(vh, scanned);
+    sk = factorize<T>(kh, scanned, kg);
+    sv = factorize<T>(vh, scanned, vg);
     pk = make_bd_projection<T, TI>(sk);
     pv = make_bd_projection<T, TI>(sv);
   }
@@ -537,7 +566,6 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   remap(pv);
   // Absorb A_S into the nope columns of q (K side) and the rows of o (V side); q's rope columns are
   // copied as they are.
-  const index_t qd = dn + dr;
   out.q.weight = matrix<T>(dm, H * qd);
   out.o.weight = matrix<T>(H * dv, dm);
   // With error-aware rounding, each head's C and absorbed block are rounded together (C replaces the
