@@ -374,6 +374,7 @@ TEMPLATE_TEST_CASE("MLA layer: BD on K-nope and V equals dense and the double re
   mla_case<TestType>(bd::basis_sharing::joint);
   mla_case<TestType>(bd::basis_sharing::per_side);
   mla_case<TestType>(bd::basis_sharing::joint, true);
+  mla_case<TestType>(bd::basis_sharing::per_side, true);
 }
 
 TEST_CASE("bd::basis_block maps a BD V projection's basis coordinates back to the dense head output") {

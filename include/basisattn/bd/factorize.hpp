@@ -3,11 +3,14 @@
 //   bd::shared_basis bd::factorize<TS>(heads, options, pair_grams = {})
 //     heads: G matrices A_g (m x r, any storage type, any strides) that will share one basis S.
 //     TS:    the storage type the results will be rounded to (used by strategy::residual_min).
-//     pair_grams: optional, G matrices B_g B_g^T (r x r, double; bd::pair_gram forms them) of the
-//            factors the heads are paired with (A_g B_g is what the model uses). With them,
-//            shared_pivot's error refinement weighs each basis row j by ||A_g[j, :] B_g||^2, the
-//            row of the product B' = A_S B_g it becomes, so the basis is chosen by the estimated
-//            rounded product error (bd/options.hpp); without, by sum_g ||C_g||_F^2 alone.
+//     pair_grams: optional, G matrices B_g B_g^T (r x r, double, positive semidefinite;
+//            bd::pair_gram forms them) of the factors the heads are paired with (A_g B_g is what the
+//            model uses). Given, shared_pivot's error refinement (refine_error) weighs each basis
+//            row j by ||A_g[j, :] B_g||^2, the row of the product B' = A_S B_g it becomes, so the
+//            basis is chosen by the estimated rounded product error (bd/options.hpp), whatever
+//            options.weigh_by_product says (that flag tells the prepared layers and factorize_pair
+//            to form the Grams); without, by sum_g ||C_g||_F^2 alone. Other strategies, or
+//            refine_error off, check and ignore them.
 //   Picks S (bd/options.hpp explains the strategies), then computes, in double, for each head
 //   A_S = A_g[S, :], its LU factorization and condition estimate, and C_g = A_g[~S, :] A_S^-1.
 //   It never forms an m x n product. A singular or near-singular basis (rcond < min_rcond, or an
@@ -114,26 +117,25 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
                        const std::vector<Eigen::MatrixXd>& pair_grams = {});
 
 /// sum_k B_k B_k^T over the blocks B_k (each r x n_k, any storage type and strides): the Gram of the
-/// factor B = [B_1 | B_2 | ...] paired with one head, as factorize's pair_grams take it. Computed in
-/// float (it only weighs the basis choice), returned in double.
+/// factor B = [B_1 | B_2 | ...] paired with one head, as factorize's pair_grams take it (in double).
 template <class TI>
 Eigen::MatrixXd pair_gram(const std::vector<matrix_view<const TI>>& blocks) {
   BASISATTN_REQUIRE(!blocks.empty(), invalid_argument, "pair_gram: no blocks given");
   const index_t r = blocks[0].rows;
-  Eigen::MatrixXf g = Eigen::MatrixXf::Zero(r, r);
+  Eigen::MatrixXd g = Eigen::MatrixXd::Zero(r, r);
   for (const auto& b : blocks) {
-    BASISATTN_REQUIRE(b.rows == r && b.data != nullptr, shape_mismatch, "pair_gram: a block has ", b.rows,
-                      " rows, the first has ", r);
+    BASISATTN_REQUIRE(b.data != nullptr, invalid_argument, "pair_gram: a block has no data");
+    BASISATTN_REQUIRE(b.rows == r, shape_mismatch, "pair_gram: a block has ", b.rows, " rows, the first has ", r);
     if (b.rows_contiguous() || b.row_stride != 1) {
-      const auto bf = ::basisattn::detail::to_dense<float>(b);
-      g.noalias() += bf * bf.transpose();
+      const auto bd = ::basisattn::detail::to_dense<double>(b);
+      g.noalias() += bd * bd.transpose();
     } else {  // a transposed view of contiguous rows: copy it as stored
-      const auto xf = ::basisattn::detail::to_dense<float>(b.t());
-      g.noalias() += xf.transpose() * xf;
+      const auto xd = ::basisattn::detail::to_dense<double>(b.t());
+      g.noalias() += xd.transpose() * xd;
     }
   }
   g.triangularView<Eigen::StrictlyUpper>() = g.transpose();  // exactly symmetric
-  return g.cast<double>();
+  return g;
 }
 
 /// The shared basis of a group of heads and everything needed to transform their paired weights.
@@ -380,6 +382,8 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
     BASISATTN_REQUIRE(pair_grams[g].rows() == r && pair_grams[g].cols() == r, shape_mismatch, "factorize: pair Gram ",
                       g, " is ", pair_grams[g].rows(), "x", pair_grams[g].cols(), ", expected ", r, "x", r);
     BASISATTN_REQUIRE(pair_grams[g].allFinite(), non_finite, "factorize: pair Gram ", g, " has NaN or Inf");
+    BASISATTN_REQUIRE(pair_grams[g].diagonal().minCoeff() >= 0, invalid_argument, "factorize: pair Gram ", g,
+                      " has a negative diagonal entry (a Gram B B^T is positive semidefinite)");
   }
   std::vector<dmat> a(static_cast<std::size_t>(G));
   for (index_t g = 0; g < G; ++g) {
@@ -516,7 +520,7 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
         const bool weighted = !pair_grams.empty();
         std::vector<Eigen::VectorXd> wrow(weighted ? static_cast<std::size_t>(G) : 0);
         for (std::size_t g = 0; g < wrow.size(); ++g)
-          wrow[g] = (a[g] * pair_grams[g]).cwiseProduct(a[g]).rowwise().sum();
+          wrow[g] = (a[g] * pair_grams[g]).cwiseProduct(a[g]).rowwise().sum().cwiseMax(0.0);
         while (refine_swaps < max_swaps) {
           delta.setZero();
           double total = 0;
@@ -545,8 +549,9 @@ shared_basis factorize(const std::vector<matrix_view<const TI>>& heads, const pr
             for (index_t k = 0; k < r; ++k)
               for (index_t l = 0; l < m - r; ++l) {
                 const double piv = cg(l, k);
-                delta(l, k) +=
+                const double d =
                     2.0 * (gram(k, k) * (n2(l) + wn(l)) - 2.0 * piv * p(l, k)) / (piv * piv) - (wn(l) - wb(k));
+                delta(l, k) += std::isnan(d) ? std::numeric_limits<double>::infinity() : d;  // 0/0: no swap
               }
           }
           index_t j = 0, i = 0;

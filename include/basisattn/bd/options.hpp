@@ -86,17 +86,19 @@ struct prepare_options {
   double swap_gain = 1.01;
   /// shared_pivot: at most this many swaps (-1: 4 r).
   index_t max_swaps = -1;
-  /// shared_pivot: after the volume swaps, swap further while a swap lowers the estimated rounded
-  /// product error by at least 0.1% (at most max_swaps more swaps; see strategy::shared_pivot).
+  /// shared_pivot: after the volume swaps, swap further while a swap lowers sum_g ||C_g||_F^2 (or,
+  /// with weigh_by_product, the estimated rounded product error) by at least 0.1% (at most
+  /// max_swaps more swaps; see strategy::shared_pivot).
   bool refine_error = true;
-  /// shared_pivot with refine_error, in prepare_mha / prepare_mla / factorize_pair: weigh the
-  /// refinement by the paired factors (factorize's pair_grams), i.e. choose the basis by the
+  /// shared_pivot with refine_error, in prepare_mha / prepare_mla / factorize_pair: form the paired
+  /// factors' Grams and weigh the refinement by them (factorize's pair_grams; factorize itself
+  /// weighs whenever it is given Grams), i.e. choose the basis by the
   /// estimated rounded product error ||A'B' - AB||_F instead of sum_g ||C_g||_F^2. Off by default:
   /// on the real models it lowers that product error by 2-7% (MiniLM 1.13x -> 1.06x the dense bf16
   /// rounding, SmolLM2 1.52x -> 1.47x), but it moved SmolLM2's bf16 perplexity by +0.061% (vs
   /// -0.007% without) and stories260K's by +0.129% (vs +0.096%): the Frobenius product error does
   /// not weigh the input channels as the activations do. It also costs the Grams (about 20% more
-  /// nearest-rounded preparation time on the DeepSeek-V2-Lite shape).
+  /// nearest-rounded preparation time on the DeepSeek-V2-Lite shape, Zen 4).
   bool weigh_by_product = false;
   /// Rounding of the prepared layers' BD weights (prepare_mha, prepare_mla).
   rounding round = rounding::error_aware;
