@@ -569,6 +569,34 @@ TEST_CASE("absorbing transforms match explicit products in double") {
   }
 }
 
+TEMPLATE_TEST_CASE("absorbing into 16-bit storage (worked in float) stays within one rounding of the double product",
+                   "", Eigen::half, Eigen::bfloat16) {
+  const index_t r = 24;
+  const auto f = make_heads<float>(1, 60, r, 40, 0.0, 17);
+  const auto sb = bd::factorize<TestType>(f.views());
+  Eigen::MatrixXd a_s(r, r);
+  for (index_t i = 0; i < r; ++i) a_s.row(i) = test::to_double(f.a[0]).row(sb.basis()[std::size_t(i)]);
+  const Eigen::MatrixXd bd = test::to_double(f.b[0]);
+  // Float's r-term sums are within gamma_r(float) |A_S||B| of the exact product (Higham eq. 3.13);
+  // rounding that to TestType adds u_T of its value, plus eta_T near zero.
+  const double u16 = test::u<TestType>(), gf = test::gamma<float>(r);
+  const double tiny = test::eta<TestType>();
+  const Eigen::MatrixXd want = a_s * bd, mag = a_s.cwiseAbs() * bd.cwiseAbs();
+  const Eigen::MatrixXd bound = (u16 * (want.cwiseAbs() + gf * mag) + gf * mag).array() + tiny;
+  const double e_rows =
+      test::max_error_ratio(test::to_double(sb.template absorb_rows<TestType>(0, f.b[0].view())), want, bound);
+  INFO("A_S B in 16 bits: worst entry at " << e_rows << " of its bound");
+  CHECK(e_rows <= 1);
+  const auto w = test::random_matrix<float>(7, r);
+  const Eigen::MatrixXd wd = test::to_double(w), want_c = wd * a_s.transpose(),
+                        mag_c = wd.cwiseAbs() * a_s.cwiseAbs().transpose();
+  const Eigen::MatrixXd bound_c = (u16 * (want_c.cwiseAbs() + gf * mag_c) + gf * mag_c).array() + tiny;
+  const double e_cols =
+      test::max_error_ratio(test::to_double(sb.template absorb_cols<TestType>(0, w.view())), want_c, bound_c);
+  INFO("W A_S^T in 16 bits: worst entry at " << e_cols << " of its bound");
+  CHECK(e_cols <= 1);
+}
+
 TEST_CASE("factorize_pair gives x A B = (x[S] + x[rest] C) B' for a single pair") {
   test::seed(21);
   const auto a = test::random_matrix<float>(48, 12);

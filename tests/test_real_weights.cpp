@@ -454,8 +454,8 @@ TEST_CASE(
   c.min_blocks = 32;
   // Over 8 rounding realizations (fp16 perplexity change, the per-token mean to first order; Zen 4;
   // this code's own, the target in float, 6 seeded perturbations): -2.6e-5, +1.5e-4, +8.8e-5, +8.5e-5,
-  // +3.0e-5, +1.1e-4, -2.7e-5, +1.2e-4: SD 6.6e-5 (check_bd_perplexity).
-  c.realization_sd = 6.6e-5;
+  // +3.0e-5, +1.1e-4, -2.7e-5, +1.2e-4: SD 6.7e-5 (check_bd_perplexity).
+  c.realization_sd = 6.7e-5;
   check_bd_perplexity("stories260K", r, sequence_blocks(r.dense32), c);
 }
 
@@ -509,7 +509,8 @@ TEST_CASE(
   c.g = worst_product_error_ratio(m16bd.attn,
                                   [&](index_t l) { return slm_attention(s.layers[std::size_t(l)], s.n_embd); });
   c.min_blocks = 32;
-  // Over 7 rounding realizations (as for stories260K): +7.7e-6 to +2.0e-5, SD 3.9e-6.
+  // Over 7 rounding realizations (as for stories260K, without the float-target draw): +7.7e-6 to
+  // +2.0e-5, SD 3.9e-6.
   c.realization_sd = 3.9e-6;
   check_bd_perplexity("slm4096", r, sequence_blocks(r.dense32), c);
 }

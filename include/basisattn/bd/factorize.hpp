@@ -18,7 +18,8 @@
 //   rank < r at the input's precision raises errc::rank_deficient, NaN/Inf raises
 //   errc::non_finite, r >= m or mismatched heads raise invalid_argument / shape_mismatch.
 //
-//   The result transforms the matrices paired with each head, in double, rounding once to TO:
+//   The result transforms the matrices paired with each head, in double (float for a 16-bit TO from
+//   non-double weights: detail::absorb_t), rounding once to TO:
 //     absorb_rows<TO>(g, B)   = A_S B      (B: r x n; e.g. W_O^h for the V/O pair)
 //     absorb_cols<TO>(g, W)   = W A_S^T    (W: n x r; e.g. W_Q^h in y = x W form for the Q/K pair)
 //     inverse_bias<TO>(g, b)  = b A_S^-1   (b: length r; a K or V bias)
@@ -101,16 +102,17 @@ inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis,
 
 template <class T>
 constexpr bool is_16bit_v = std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>;
-/// Working type of shared_basis's absorbing products (A_S B, W A_S^T): float for a 16-bit TO from
-/// weights that are not double (float's rounding of an r-term sum, about sqrt(r) 2^-24 relative, is
-/// four orders below the 16-bit grid: it can only move a value that lies that close to a rounding
-/// boundary, by one step), double otherwise.
+/// Working type of shared_basis's absorbing products (A_S B, W A_S^T): float for a 16-bit TO when
+/// the paired weights are not double, double otherwise. Float's rounding of an r-term sum, about
+/// sqrt(r) 2^-24 relative to sum |a_i||b_i|, is about three orders below the fp16 grid (four for
+/// bf16): it can only move a value that close to a rounding boundary, by one step. (A_S is cast to
+/// float too: exact when the heads were float or 16-bit, as in the prepared layers.)
 template <class TO, class TI>
 using absorb_t = std::conditional_t<is_16bit_v<TO> && !std::is_same_v<std::remove_const_t<TI>, double>, float, double>;
 
 /// lsum += sum_g log|c_g| entrywise, taken as the logs of products of up to 8 heads' |c| (an eighth
-/// of the logs); an entry whose partial product leaves the normal range (a zero, an underflow, an
-/// overflow) takes its logs one by one.
+/// of the logs); an entry whose product is not normal (a zero, an underflow, an overflow) takes its
+/// logs one by one.
 inline void add_log_abs_products(const std::vector<Eigen::MatrixXd>& c, Eigen::MatrixXd& lsum) {
   const std::size_t G = c.size();
   Eigen::ArrayXXd prod(lsum.rows(), lsum.cols()), lp(lsum.rows(), lsum.cols());
@@ -298,10 +300,11 @@ class shared_basis {
                      int alternations, bool with_error, rounded_pair<TO>& out) const {
     using wm = detail::wmat<W>;
     using wr = detail::wrmat<W>;
-    // B' = rows S of A B (rows rest are C ps, never formed): in double, rounded once to W.
-    // In double, rounded once to W. (Computed in float, the target moves by ~1e-7 relative, which
-    // leaves the product error as it is but makes the descent land on another of its near-equal
-    // optima: stories260K's fp16 perplexity change moved from -0.0026% to +0.015% that way.)
+    // B' = rows S of A B (rows rest are C ps, never formed): in double, rounded once to W. (In
+    // float the target moves by ~1e-7 relative: the product error stays, but the descent lands on
+    // another of its near-equal optima, an equally likely rounding realization; stories260K's fp16
+    // perplexity change moved from -0.0026% to +0.015%, within its spread over realizations, SD
+    // 0.0067%. Double keeps the documented figures reproducible.)
     const wr ps = (f.a_s * b.template cast<double>()).template cast<W>();
     round_into(f.coeff, out.coeff.view());  // the overflow checks
     round_into(ps, out.b_prime.view());
@@ -374,7 +377,7 @@ class shared_basis {
     BASISATTN_REQUIRE(g >= 0 && g < heads(), invalid_argument, "head ", g, " out of range [0, ", heads(), ")");
     return f_[static_cast<std::size_t>(g)];
   }
-  /// Round a double matrix once into dst (raising singular_basis if a value overflows TO).
+  /// Round a double or float matrix once into dst (raising singular_basis if a value overflows TO).
   template <class TO, class X>
   static void round_into(const Eigen::MatrixBase<X>& x, matrix_view<TO> dst) {
     const double mx = x.size() ? x.cwiseAbs().maxCoeff() : 0.0;
