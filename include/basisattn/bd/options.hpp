@@ -95,7 +95,7 @@ struct prepare_options {
   /// weighs whenever it is given Grams), i.e. choose the basis by the
   /// estimated rounded product error ||A'B' - AB||_F instead of sum_g ||C_g||_F^2. Off by default:
   /// on the real models it lowers that product error by 2-7% (MiniLM 1.13x -> 1.06x the dense bf16
-  /// rounding, SmolLM2 1.52x -> 1.47x), yet stories260K's bf16 perplexity change came out at
+  /// rounding, SmolLM2 1.53x -> 1.50x, worst sides), yet stories260K's bf16 perplexity change came out at
   /// +0.129%, outside the +0.069..+0.099% spread of the default over rounding realizations (8
   /// draws), perhaps because the Frobenius product error does not weigh the input channels as the
   /// activations do; SmolLM2's, +0.061% vs -0.007%, is within its default's spread (-0.060% ..
