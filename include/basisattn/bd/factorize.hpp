@@ -100,6 +100,12 @@ inline head_factor factor_head(const dmat& a, const std::vector<index_t>& basis,
   return f;
 }
 
+/// Whether the prepared layers and factorize_pair form the paired factors' Grams for factorize:
+/// only shared_pivot's error refinement reads them, and only when weigh_by_product asks.
+inline bool forms_pair_grams(const prepare_options& o) {
+  return o.select == strategy::shared_pivot && o.refine_error && o.weigh_by_product;
+}
+
 template <class T>
 constexpr bool is_16bit_v = std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>;
 /// Working type of shared_basis's absorbing products (A_S B, W A_S^T): float for a 16-bit TO when
@@ -687,8 +693,8 @@ pair_factorization<T> factorize_pair(matrix_view<TA> a_in, matrix_view<TB> b_in,
   BASISATTN_REQUIRE(b.rows == a.cols, shape_mismatch, "factorize_pair: A is ", a.rows, "x", a.cols, " but B is ",
                     b.rows, "x", b.cols, " (B must have A's column count as rows)");
   if (opt.check_finite) ::basisattn::detail::require_finite(b, "B");
-  std::vector<Eigen::MatrixXd> gram;  // read only by shared_pivot's error refinement
-  if (opt.select == strategy::shared_pivot && opt.refine_error && opt.weigh_by_product)
+  std::vector<Eigen::MatrixXd> gram;
+  if (detail::forms_pair_grams(opt))
     gram.push_back(pair_gram(std::vector<matrix_view<const std::remove_const_t<TB>>>{b}));
   shared_basis sb = factorize<T>(std::vector<matrix_view<const std::remove_const_t<TA>>>{a}, opt, gram);
   pair_factorization<T> out;

@@ -296,8 +296,7 @@ mha_layer<T> prepare_mha(const mha_weights<TI>& w, const mha_config& cfg, const 
   }
   prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
   scanned.check_finite = false;
-  // Only shared_pivot's error refinement reads the paired factors' Grams, and only when asked to.
-  const bool weigh_basis = scanned.select == strategy::shared_pivot && scanned.refine_error && scanned.weigh_by_product;
+  const bool weigh_basis = detail::forms_pair_grams(scanned);
   mha_layer<T> L;
   L.config = cfg;
   L.q = make_dense_projection<T>(w.wq, w.bq, false);
@@ -478,7 +477,7 @@ mla_layer<T> prepare_mla(const mla_weights<TI>& w, const mla_config& cfg, const 
   }
   prepare_options scanned = opt.prepare;  // the arguments were scanned above: not again per head
   scanned.check_finite = false;
-  const bool weigh_basis = scanned.select == strategy::shared_pivot && scanned.refine_error && scanned.weigh_by_product;
+  const bool weigh_basis = detail::forms_pair_grams(scanned);
   mla_layer<T> out;
   out.config = cfg;
   out.kv_a_norm.resize(static_cast<std::size_t>(L));
